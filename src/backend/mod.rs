@@ -1,0 +1,49 @@
+//! Backends run a job's program somewhere and stream its output into the job core.
+//!
+//! A backend is two small traits: [`Backend::start`] launches (errors here mean nothing ran),
+//! and [`Execution::run`] streams output until the program and everything it started are gone,
+//! stopping it when told to.
+
+pub mod local;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::Error,
+    job::{JobOutput, JobSpec},
+};
+
+/// Somewhere jobs run.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Name shown in events, Status and Health.
+    fn name(&self) -> &'static str;
+
+    /// Launches the job. An error means nothing is running and no event was emitted.
+    async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, Error>;
+}
+
+/// A launched job.
+#[async_trait]
+pub trait Execution: Send {
+    /// Local process id of the job's leader, where there is one.
+    fn pid(&self) -> Option<u32>;
+
+    /// Streams all output into `out` and returns how the job ended. When `stop` is cancelled,
+    /// the backend stops the job (gracefully, then forcibly) and still delivers the output
+    /// produced until then. Returns only once nothing of the job is left running.
+    async fn run(self: Box<Self>, out: &mut JobOutput, stop: CancellationToken) -> Outcome;
+}
+
+/// How a job's program ended, as the backend saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The program ended: with an exit code, or killed by a signal.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// The backend lost track of the job; the message says why.
+    Failed(String),
+}

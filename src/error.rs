@@ -1,0 +1,40 @@
+//! The service's one error type. Each variant says what went wrong in words a caller can act on;
+//! `grpc::error` maps every variant to a gRPC code in one place.
+
+use std::time::Duration;
+
+/// Why a request could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; the message names the field and the problem.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// No job with this id is known (never existed, or finished and was forgotten).
+    #[error("job {0:?} not found (unknown, or finished longer ago than this server remembers)")]
+    JobNotFound(String),
+
+    /// The concurrent-job limit is reached.
+    #[error("too many running jobs (limit {limit}); retry when some finish")]
+    TooManyJobs { limit: u32 },
+
+    /// The requested timeout is above the server's maximum.
+    #[error("timeout {requested:?} exceeds the server maximum of {max:?}")]
+    TimeoutTooLong { requested: Duration, max: Duration },
+
+    /// The server is draining for shutdown.
+    #[error("server is shutting down and accepts no new jobs; retry on another instance")]
+    ShuttingDown,
+
+    /// The program could not be started (not found, not executable, ...).
+    #[error("cannot start {program:?}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The caller presented no valid credentials.
+    #[error("missing or invalid bearer token")]
+    Unauthenticated,
+}

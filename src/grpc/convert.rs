@@ -1,0 +1,361 @@
+//! Request validation and every conversion between protobuf messages and domain types. The job
+//! core never sees a protobuf type; handlers never build one by hand.
+
+use std::time::{Duration, SystemTime};
+
+use crate::{
+    error::Error,
+    job::{
+        EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSnapshot, JobSpec, JobState, Program,
+        StreamKind,
+    },
+    proto as pb,
+};
+
+/// Longest task, session or sandbox id.
+const MAX_ID_BYTES: usize = 256;
+/// Longest single argument (Linux refuses longer ones: MAX_ARG_STRLEN).
+const MAX_ARG_BYTES: usize = 128 * 1024;
+const MAX_ARGV_LEN: usize = 4096;
+const MAX_ENV_VARS: usize = 1024;
+const MAX_PATH_BYTES: usize = 4096;
+
+/// Validates an Exec request and turns it into a job spec.
+pub fn job_spec(req: pb::ExecRequest) -> Result<JobSpec, Error> {
+    let meta = JobMeta {
+        task_id: label("task_id", req.task_id)?,
+        session_id: label("session_id", req.session_id)?,
+        sandbox_id: label("sandbox_id", req.sandbox_id)?,
+    };
+    let program = match (req.command.is_empty(), req.argv.is_empty()) {
+        (false, false) => return invalid("set exactly one of command and argv, not both"),
+        (true, true) => {
+            return invalid("set exactly one of command (a shell command line) or argv");
+        }
+        (false, true) => {
+            if req.command.trim().is_empty() {
+                return invalid("command is blank");
+            }
+            text("command", &req.command, MAX_ARG_BYTES)?;
+            Program::Shell(req.command)
+        }
+        (true, false) => {
+            if req.argv.len() > MAX_ARGV_LEN {
+                return invalid(format!(
+                    "argv has {} entries; at most {MAX_ARGV_LEN}",
+                    req.argv.len()
+                ));
+            }
+            if req.argv[0].is_empty() {
+                return invalid("argv[0] (the program) is empty");
+            }
+            for (i, arg) in req.argv.iter().enumerate() {
+                text(&format!("argv[{i}]"), arg, MAX_ARG_BYTES)?;
+            }
+            Program::Argv(req.argv)
+        }
+    };
+    let cwd = if req.cwd.is_empty() {
+        None
+    } else {
+        text("cwd", &req.cwd, MAX_PATH_BYTES)?;
+        Some(req.cwd)
+    };
+    if req.env.len() > MAX_ENV_VARS {
+        return invalid(format!(
+            "env has {} variables; at most {MAX_ENV_VARS}",
+            req.env.len()
+        ));
+    }
+    for (name, value) in &req.env {
+        if name.is_empty() {
+            return invalid("env has a variable with an empty name");
+        }
+        if name.contains('=') {
+            return invalid(format!("env name {name:?} contains '='"));
+        }
+        text("env name", name, MAX_ARG_BYTES)?;
+        // The value itself is never echoed: it may be a secret.
+        if value.contains('\0') {
+            return invalid(format!("env value of {name:?} contains a NUL byte"));
+        }
+        if value.len() > MAX_ARG_BYTES {
+            return invalid(format!(
+                "env value of {name:?} is longer than {MAX_ARG_BYTES} bytes"
+            ));
+        }
+    }
+    let timeout = match req.timeout {
+        None => None,
+        Some(t) => match Duration::try_from(t) {
+            Ok(d) if !d.is_zero() => Some(d),
+            _ => return invalid("timeout must be positive"),
+        },
+    };
+    Ok(JobSpec {
+        meta,
+        program,
+        cwd,
+        env: req.env.into_iter().collect(),
+        timeout,
+    })
+}
+
+/// Parses a job id from Cancel or Status.
+pub fn job_id(raw: String) -> Result<JobId, Error> {
+    if raw.is_empty() {
+        return invalid("job_id is empty");
+    }
+    text("job_id", &raw, MAX_ID_BYTES)?;
+    Ok(JobId::from_caller(raw))
+}
+
+fn label(field: &str, value: String) -> Result<String, Error> {
+    text(field, &value, MAX_ID_BYTES)?;
+    if value.chars().any(char::is_control) {
+        return invalid(format!("{field} contains control characters"));
+    }
+    Ok(value)
+}
+
+fn text(field: &str, value: &str, max_bytes: usize) -> Result<(), Error> {
+    if value.contains('\0') {
+        return invalid(format!("{field} contains a NUL byte"));
+    }
+    if value.len() > max_bytes {
+        return invalid(format!("{field} is longer than {max_bytes} bytes"));
+    }
+    Ok(())
+}
+
+fn invalid<T>(message: impl Into<String>) -> Result<T, Error> {
+    Err(Error::InvalidArgument(message.into()))
+}
+
+/// One job event as sent on the Exec stream.
+pub fn exec_event(job_id: &JobId, event: JobEvent) -> pb::ExecEvent {
+    let kind = match event.kind {
+        EventKind::Started { backend, pid } => pb::exec_event::Kind::Started(pb::Started {
+            backend: backend.to_owned(),
+            pid: pid.unwrap_or(0),
+        }),
+        EventKind::Output {
+            stream,
+            offset,
+            data,
+        } => pb::exec_event::Kind::Output(pb::Output {
+            stream: output_stream(stream) as i32,
+            offset,
+            data,
+        }),
+        EventKind::Exited(summary) => pb::exec_event::Kind::Exited(exited(summary)),
+    };
+    pb::ExecEvent {
+        job_id: job_id.to_string(),
+        seq: event.seq,
+        time: Some(event.time.into()),
+        kind: Some(kind),
+    }
+}
+
+fn exited(summary: ExitSummary) -> pb::Exited {
+    pb::Exited {
+        state: job_state(summary.state) as i32,
+        exit_code: summary.exit_code,
+        signal: summary.signal,
+        duration: Some(duration(summary.duration)),
+        stdout_bytes: summary.stdout_bytes,
+        stderr_bytes: summary.stderr_bytes,
+        message: summary.message,
+    }
+}
+
+fn output_stream(stream: StreamKind) -> pb::OutputStream {
+    match stream {
+        StreamKind::Stdout => pb::OutputStream::Stdout,
+        StreamKind::Stderr => pb::OutputStream::Stderr,
+    }
+}
+
+pub fn job_state(state: JobState) -> pb::JobState {
+    match state {
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+        JobState::TimedOut => pb::JobState::TimedOut,
+    }
+}
+
+pub fn cancel_response(job: JobSnapshot) -> pb::CancelResponse {
+    pb::CancelResponse {
+        job_id: job.id.to_string(),
+        state: job_state(job.state) as i32,
+    }
+}
+
+pub fn status_response(job: JobSnapshot) -> pb::StatusResponse {
+    let exit = job.exit.as_ref();
+    pb::StatusResponse {
+        job_id: job.id.to_string(),
+        task_id: job.meta.task_id,
+        session_id: job.meta.session_id,
+        sandbox_id: job.meta.sandbox_id,
+        state: job_state(job.state) as i32,
+        started_at: Some(job.started_at.into()),
+        running_for: job.running_for.map(duration),
+        finished_at: exit.map(|e| e.finished_at.into()),
+        exit_code: exit.and_then(|e| e.exit_code),
+        signal: exit.and_then(|e| e.signal),
+        stdout_bytes: job.stdout_bytes,
+        stderr_bytes: job.stderr_bytes,
+        backend: job.backend.to_owned(),
+        message: exit.map(|e| e.message.clone()).unwrap_or_default(),
+    }
+}
+
+/// What Health reports, gathered by the handler.
+pub struct HealthReport {
+    pub draining: bool,
+    pub active_jobs: usize,
+    pub max_concurrent_jobs: u32,
+    pub backend: &'static str,
+    pub daytona_configured: bool,
+    pub convex_configured: bool,
+    pub sinks: Vec<&'static str>,
+    pub uptime: Duration,
+}
+
+pub fn health_response(report: HealthReport) -> pb::HealthResponse {
+    let status = if report.draining {
+        pb::ServingStatus::Draining
+    } else {
+        pb::ServingStatus::Ok
+    };
+    pb::HealthResponse {
+        status: status as i32,
+        active_jobs: report.active_jobs as u32,
+        max_concurrent_jobs: report.max_concurrent_jobs,
+        backend: report.backend.to_owned(),
+        daytona_configured: report.daytona_configured,
+        convex_configured: report.convex_configured,
+        sinks: report.sinks.into_iter().map(str::to_owned).collect(),
+        time: Some(SystemTime::now().into()),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime: Some(duration(report.uptime)),
+    }
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    // Saturates instead of failing: only durations beyond ~292 billion years overflow.
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 999_999_999,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> pb::ExecRequest {
+        pb::ExecRequest {
+            command: "echo hi".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_a_plain_command_and_argv() {
+        let spec = job_spec(request()).unwrap();
+        assert_eq!(spec.program, Program::Shell("echo hi".into()));
+        let spec = job_spec(pb::ExecRequest {
+            argv: vec!["printf".into(), "%s".into(), "a b".into()],
+            cwd: "/tmp".into(),
+            timeout: Some(prost_types::Duration {
+                seconds: 3,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            spec.program,
+            Program::Argv(vec!["printf".into(), "%s".into(), "a b".into()])
+        );
+        assert_eq!(spec.cwd.as_deref(), Some("/tmp"));
+        assert_eq!(spec.timeout, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn rejects_bad_requests_saying_why() {
+        type Edit = fn(&mut pb::ExecRequest);
+        let cases: &[(&str, Edit)] = &[
+            ("not both", |r| r.argv = vec!["ls".into()]),
+            ("exactly one", |r| r.command.clear()),
+            ("blank", |r| r.command = "  \n".into()),
+            ("NUL", |r| r.command = "echo \0".into()),
+            ("argv[0]", |r| {
+                r.command.clear();
+                r.argv = vec!["".into()];
+            }),
+            ("argv[1] contains a NUL", |r| {
+                r.command.clear();
+                r.argv = vec!["ls".into(), "a\0".into()];
+            }),
+            ("empty name", |r| {
+                r.env.insert("".into(), "v".into());
+            }),
+            ("contains '='", |r| {
+                r.env.insert("A=B".into(), "v".into());
+            }),
+            ("env value of \"A\" contains a NUL", |r| {
+                r.env.insert("A".into(), "x\0y".into());
+            }),
+            ("cwd contains a NUL", |r| r.cwd = "/tmp\0".into()),
+            ("timeout must be positive", |r| {
+                r.timeout = Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 0,
+                })
+            }),
+            ("timeout must be positive", |r| {
+                r.timeout = Some(prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                })
+            }),
+            ("task_id is longer", |r| r.task_id = "x".repeat(300)),
+            ("session_id contains control", |r| {
+                r.session_id = "a\nb".into()
+            }),
+        ];
+        for (needle, edit) in cases {
+            let mut req = request();
+            edit(&mut req);
+            match job_spec(req) {
+                Err(Error::InvalidArgument(msg)) => {
+                    assert!(msg.contains(needle), "{needle}: {msg}")
+                }
+                other => panic!("{needle}: expected InvalidArgument, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn env_values_never_appear_in_errors() {
+        let mut req = request();
+        req.env.insert("SECRET".into(), "hunter2\0".into());
+        let msg = job_spec(req).unwrap_err().to_string();
+        assert!(!msg.contains("hunter2"), "{msg}");
+    }
+
+    #[test]
+    fn job_ids_must_be_present() {
+        assert!(matches!(
+            job_id(String::new()),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(job_id("abc".into()).unwrap().as_str(), "abc");
+    }
+}

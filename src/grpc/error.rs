@@ -1,0 +1,57 @@
+//! The one mapping from the service's errors to gRPC status codes.
+
+use tonic::{Code, Status};
+
+use crate::error::Error;
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        let code = match &err {
+            Error::InvalidArgument(_) | Error::TimeoutTooLong { .. } => Code::InvalidArgument,
+            Error::JobNotFound(_) => Code::NotFound,
+            Error::TooManyJobs { .. } => Code::ResourceExhausted,
+            Error::ShuttingDown => Code::Unavailable,
+            Error::Spawn { .. } => Code::FailedPrecondition,
+            Error::Unauthenticated => Code::Unauthenticated,
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn every_error_has_its_code() {
+        let cases = [
+            (Error::InvalidArgument("x".into()), Code::InvalidArgument),
+            (
+                Error::TimeoutTooLong {
+                    requested: Duration::from_secs(2),
+                    max: Duration::from_secs(1),
+                },
+                Code::InvalidArgument,
+            ),
+            (Error::JobNotFound("j".into()), Code::NotFound),
+            (Error::TooManyJobs { limit: 1 }, Code::ResourceExhausted),
+            (Error::ShuttingDown, Code::Unavailable),
+            (
+                Error::Spawn {
+                    program: "p".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                },
+                Code::FailedPrecondition,
+            ),
+            (Error::Unauthenticated, Code::Unauthenticated),
+        ];
+        for (err, code) in cases {
+            let message = err.to_string();
+            let status = Status::from(err);
+            assert_eq!(status.code(), code, "{message}");
+            assert_eq!(status.message(), message);
+        }
+    }
+}

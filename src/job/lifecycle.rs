@@ -1,0 +1,94 @@
+//! One job from `Started` to its single `Exited`: runs the backend's execution, enforces the
+//! timeout, and decides the final state from how the program ended and why it was stopped.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::info;
+
+use super::{
+    EventKind, ExitSummary, JobOutput, JobState,
+    record::{JobRecord, StopReason},
+};
+use crate::backend::{Execution, Outcome};
+
+/// Runs a started job to the end. `permit` holds the job's slot in the concurrency limit; it is
+/// released as soon as the program is gone, before `Exited` is delivered.
+pub(super) async fn drive(
+    job: Arc<JobRecord>,
+    execution: Box<dyn Execution>,
+    mut out: JobOutput,
+    timeout: Duration,
+    permit: OwnedSemaphorePermit,
+) {
+    out.emit(EventKind::Started {
+        backend: job.backend,
+        pid: execution.pid(),
+    })
+    .await;
+
+    let timer = tokio::spawn({
+        let job = Arc::clone(&job);
+        async move {
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => job.request_stop(StopReason::TimedOut(timeout)),
+                _ = job.stop.cancelled() => {}
+            }
+        }
+    });
+    let outcome = execution.run(&mut out, job.stop.clone()).await;
+    timer.abort();
+    drop(permit);
+
+    let summary = summarize(&job, outcome);
+    info!(
+        state = ?summary.state,
+        exit_code = summary.exit_code,
+        signal = summary.signal,
+        stdout_bytes = summary.stdout_bytes,
+        stderr_bytes = summary.stderr_bytes,
+        duration_ms = summary.duration.as_millis() as u64,
+        "job finished: {}",
+        summary.message
+    );
+    // Recorded before the event goes out, so a Status call made on seeing `Exited` agrees.
+    job.finish(summary.clone());
+    out.emit(EventKind::Exited(summary)).await;
+}
+
+fn summarize(job: &JobRecord, outcome: Outcome) -> ExitSummary {
+    let stop_reason = job.stop_reason();
+    let (exit_code, signal, ended_by_itself, message) = match outcome {
+        Outcome::Exited { code, signal } => {
+            let message = match (code, signal) {
+                (Some(code), _) => format!("exited with code {code}"),
+                (None, Some(signal)) => format!("killed by signal {}", signal_name(signal)),
+                (None, None) => "exited".to_owned(),
+            };
+            (code, signal, code == Some(0), message)
+        }
+        Outcome::Failed(message) => (None, None, false, message),
+    };
+    let (state, message) = match stop_reason {
+        Some(reason) => (reason.final_state(), reason.describe()),
+        None if ended_by_itself => (JobState::Succeeded, message),
+        None => (JobState::Failed, message),
+    };
+    ExitSummary {
+        state,
+        exit_code,
+        signal,
+        duration: job.started.elapsed(),
+        finished_at: std::time::SystemTime::now(),
+        stdout_bytes: job.output_bytes(super::StreamKind::Stdout),
+        stderr_bytes: job.output_bytes(super::StreamKind::Stderr),
+        message,
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    match nix::sys::signal::Signal::try_from(signal) {
+        Ok(sig) => format!("{signal} ({})", sig.as_str()),
+        Err(_) => signal.to_string(),
+    }
+}

@@ -1,0 +1,159 @@
+//! Shared state of one job: read by Status, written by the job's lifecycle task.
+
+use std::{
+    sync::{
+        Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{ExitSummary, JobId, JobMeta, JobState, StreamKind};
+
+/// Why a job was asked to stop before it ended on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// A Cancel call.
+    Cancelled,
+    /// The Exec stream's client went away.
+    ClientGone,
+    /// The job's timeout elapsed.
+    TimedOut(Duration),
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl StopReason {
+    pub(crate) fn final_state(self) -> JobState {
+        match self {
+            StopReason::TimedOut(_) => JobState::TimedOut,
+            StopReason::Cancelled | StopReason::ClientGone | StopReason::Shutdown => {
+                JobState::Cancelled
+            }
+        }
+    }
+
+    pub(crate) fn describe(self) -> String {
+        match self {
+            StopReason::Cancelled => "cancelled by request".into(),
+            StopReason::ClientGone => "cancelled: the client closed the stream".into(),
+            StopReason::TimedOut(after) => {
+                format!("timed out after {}", humantime::format_duration(after))
+            }
+            StopReason::Shutdown => "cancelled: the server is shutting down".into(),
+        }
+    }
+}
+
+/// Point-in-time view of a job, for Status and Cancel.
+#[derive(Debug, Clone)]
+pub struct JobSnapshot {
+    pub id: JobId,
+    pub meta: JobMeta,
+    pub backend: &'static str,
+    pub state: JobState,
+    pub started_at: SystemTime,
+    /// Set while running.
+    pub running_for: Option<Duration>,
+    /// Set once finished.
+    pub exit: Option<ExitSummary>,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+}
+
+pub(crate) struct JobRecord {
+    pub(crate) id: JobId,
+    pub(crate) meta: JobMeta,
+    pub(crate) backend: &'static str,
+    pub(crate) started_at: SystemTime,
+    pub(crate) started: Instant,
+    /// Cancelled to stop the job; a child of the server's root token.
+    pub(crate) stop: CancellationToken,
+    stop_reason: Mutex<Option<StopReason>>,
+    stdout_bytes: AtomicU64,
+    stderr_bytes: AtomicU64,
+    exit: OnceLock<ExitSummary>,
+}
+
+impl JobRecord {
+    pub(crate) fn new(
+        id: JobId,
+        meta: JobMeta,
+        backend: &'static str,
+        stop: CancellationToken,
+    ) -> Self {
+        JobRecord {
+            id,
+            meta,
+            backend,
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            stop,
+            stop_reason: Mutex::new(None),
+            stdout_bytes: AtomicU64::new(0),
+            stderr_bytes: AtomicU64::new(0),
+            exit: OnceLock::new(),
+        }
+    }
+
+    /// Asks the job to stop. The first reason wins; later ones are ignored.
+    pub(crate) fn request_stop(&self, reason: StopReason) {
+        if self.is_finished() {
+            return;
+        }
+        let mut slot = self.stop_reason.lock().expect("stop reason lock poisoned");
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+        drop(slot);
+        self.stop.cancel();
+    }
+
+    /// Why the job was stopped, if it was. A token cancelled with no recorded reason was
+    /// cancelled through the server's root token, i.e. by shutdown.
+    pub(crate) fn stop_reason(&self) -> Option<StopReason> {
+        let recorded = *self.stop_reason.lock().expect("stop reason lock poisoned");
+        recorded.or_else(|| self.stop.is_cancelled().then_some(StopReason::Shutdown))
+    }
+
+    pub(crate) fn add_output(&self, stream: StreamKind, len: u64) {
+        self.counter(stream).fetch_add(len, Ordering::Relaxed);
+    }
+
+    pub(crate) fn output_bytes(&self, stream: StreamKind) -> u64 {
+        self.counter(stream).load(Ordering::Relaxed)
+    }
+
+    fn counter(&self, stream: StreamKind) -> &AtomicU64 {
+        match stream {
+            StreamKind::Stdout => &self.stdout_bytes,
+            StreamKind::Stderr => &self.stderr_bytes,
+        }
+    }
+
+    pub(crate) fn finish(&self, summary: ExitSummary) {
+        // Only the lifecycle task finishes a job, once.
+        let _ = self.exit.set(summary);
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        self.exit.get().is_some()
+    }
+
+    pub(crate) fn snapshot(&self) -> JobSnapshot {
+        let exit = self.exit.get().cloned();
+        JobSnapshot {
+            id: self.id.clone(),
+            meta: self.meta.clone(),
+            backend: self.backend,
+            state: exit.as_ref().map_or(JobState::Running, |e| e.state),
+            started_at: self.started_at,
+            running_for: exit.is_none().then(|| self.started.elapsed()),
+            stdout_bytes: self.output_bytes(StreamKind::Stdout),
+            stderr_bytes: self.output_bytes(StreamKind::Stderr),
+            exit,
+        }
+    }
+}

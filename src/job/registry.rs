@@ -1,0 +1,251 @@
+//! The table of running and recently finished jobs, the concurrency limit, and draining.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::Stream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, info, info_span};
+
+use super::{
+    JobEvent, JobId, JobOutput, JobSpec, lifecycle,
+    record::{JobRecord, JobSnapshot, StopReason},
+};
+use crate::{backend::Backend, error::Error, sink::Sinks};
+
+/// Limits of the job core.
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    pub max_concurrent: u32,
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+    /// Events buffered between a job and its Exec caller.
+    pub stream_buffer: usize,
+    pub finished_ttl: Duration,
+    pub finished_capacity: usize,
+}
+
+/// All jobs of this server.
+pub struct Jobs {
+    backend: Arc<dyn Backend>,
+    sinks: Sinks,
+    config: JobsConfig,
+    permits: Arc<Semaphore>,
+    table: Mutex<Table>,
+    /// Parent of every job's stop token; cancelled when draining runs out of time.
+    root: CancellationToken,
+    tracker: TaskTracker,
+    draining: AtomicBool,
+}
+
+#[derive(Default)]
+struct Table {
+    jobs: HashMap<JobId, Arc<JobRecord>>,
+    /// Finished jobs, oldest first, for forgetting them.
+    finished: VecDeque<(Instant, JobId)>,
+}
+
+impl Jobs {
+    pub fn new(backend: Arc<dyn Backend>, sinks: Sinks, config: JobsConfig) -> Arc<Self> {
+        Arc::new(Jobs {
+            backend,
+            sinks,
+            permits: Arc::new(Semaphore::new(config.max_concurrent as usize)),
+            config,
+            table: Mutex::new(Table::default()),
+            root: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts a job and returns its event stream. Dropping the stream cancels the job.
+    pub async fn start(self: &Arc<Self>, spec: JobSpec) -> Result<JobStream, Error> {
+        if self.is_draining() {
+            return Err(Error::ShuttingDown);
+        }
+        let timeout = match spec.timeout {
+            Some(t) if t > self.config.max_timeout => {
+                return Err(Error::TimeoutTooLong {
+                    requested: t,
+                    max: self.config.max_timeout,
+                });
+            }
+            Some(t) => t,
+            None => self.config.default_timeout,
+        };
+        let permit =
+            Arc::clone(&self.permits)
+                .try_acquire_owned()
+                .map_err(|_| Error::TooManyJobs {
+                    limit: self.config.max_concurrent,
+                })?;
+
+        let id = JobId::generate();
+        let span = info_span!(
+            "job",
+            id = %id,
+            task_id = %spec.meta.task_id,
+            session_id = %spec.meta.session_id,
+            sandbox_id = %spec.meta.sandbox_id,
+            backend = self.backend.name(),
+        );
+        let execution = self
+            .backend
+            .start(&spec)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| span.in_scope(|| info!(error = %e, "job did not start")))?;
+        span.in_scope(|| {
+            // Names only: env values may be secrets.
+            let env_names: Vec<&str> = spec.env.keys().map(String::as_str).collect();
+            info!(pid = execution.pid(), ?env_names, cwd = ?spec.cwd, "job started");
+        });
+
+        let record = Arc::new(JobRecord::new(
+            id.clone(),
+            spec.meta.clone(),
+            self.backend.name(),
+            self.root.child_token(),
+        ));
+        let (tx, rx) = mpsc::channel(self.config.stream_buffer);
+        let output = JobOutput::new(Arc::clone(&record), tx, self.sinks.open(&id, &spec));
+        let job = lifecycle::drive(Arc::clone(&record), execution, output, timeout, permit);
+        let jobs = Arc::clone(self);
+        let finished_id = id.clone();
+        let tracked = {
+            let mut table = self.table.lock().expect("job table poisoned");
+            table.jobs.insert(id.clone(), Arc::clone(&record));
+            // Tracked while the lock is held so a concurrent drain cannot miss this job.
+            self.tracker.track_future(async move {
+                job.await;
+                jobs.retire(finished_id);
+            })
+        };
+        tokio::spawn(tracked.instrument(span));
+        Ok(JobStream {
+            job_id: id,
+            events: rx,
+            _stop_on_drop: StopOnDrop(record),
+        })
+    }
+
+    /// Asks a job to stop; returns its state as of now.
+    pub fn cancel(&self, id: &JobId) -> Result<JobSnapshot, Error> {
+        let record = self.lookup(id)?;
+        record.request_stop(StopReason::Cancelled);
+        Ok(record.snapshot())
+    }
+
+    /// Reports a running or recently finished job.
+    pub fn status(&self, id: &JobId) -> Result<JobSnapshot, Error> {
+        Ok(self.lookup(id)?.snapshot())
+    }
+
+    fn lookup(&self, id: &JobId) -> Result<Arc<JobRecord>, Error> {
+        let mut table = self.table.lock().expect("job table poisoned");
+        self.forget_expired(&mut table);
+        table
+            .jobs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::JobNotFound(id.to_string()))
+    }
+
+    fn retire(&self, id: JobId) {
+        let mut table = self.table.lock().expect("job table poisoned");
+        table.finished.push_back((Instant::now(), id));
+        self.forget_expired(&mut table);
+    }
+
+    fn forget_expired(&self, table: &mut Table) {
+        while let Some((finished_at, _)) = table.finished.front() {
+            let too_many = table.finished.len() > self.config.finished_capacity;
+            if !too_many && finished_at.elapsed() < self.config.finished_ttl {
+                break;
+            }
+            let (_, id) = table.finished.pop_front().expect("front exists");
+            table.jobs.remove(&id);
+        }
+    }
+
+    /// Jobs whose program is still running.
+    pub fn active(&self) -> usize {
+        self.config.max_concurrent as usize - self.permits.available_permits()
+    }
+
+    pub fn max_concurrent(&self) -> u32 {
+        self.config.max_concurrent
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub fn sinks(&self) -> &Sinks {
+        &self.sinks
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Stops taking jobs, lets running ones go on for up to `grace`, then cancels the rest and
+    /// waits until every job has sent its `Exited` event (or the caller gives up).
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.store(true, Ordering::SeqCst);
+        {
+            // Taking the lock orders this after any start() that is registering a job.
+            let _table = self.table.lock().expect("job table poisoned");
+            self.tracker.close();
+        }
+        let running = self.tracker.len();
+        if running > 0 {
+            info!(running, grace = ?grace, "draining: waiting for running jobs");
+        }
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            info!(
+                running = self.tracker.len(),
+                "drain grace elapsed; cancelling the remaining jobs"
+            );
+            self.root.cancel();
+            self.tracker.wait().await;
+        }
+    }
+}
+
+/// A job's events for its Exec caller. Dropping it before `Exited` cancels the job.
+pub struct JobStream {
+    pub job_id: JobId,
+    events: mpsc::Receiver<JobEvent>,
+    _stop_on_drop: StopOnDrop,
+}
+
+impl Stream for JobStream {
+    type Item = JobEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<JobEvent>> {
+        self.events.poll_recv(cx)
+    }
+}
+
+struct StopOnDrop(Arc<JobRecord>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        // No-op for a job that already finished.
+        self.0.request_stop(StopReason::ClientGone);
+    }
+}

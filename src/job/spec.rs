@@ -1,0 +1,69 @@
+//! What a caller asked to run, already validated by the gRPC layer.
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+/// Opaque, unique id of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(String);
+
+impl JobId {
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        JobId(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Wraps an id received from a caller (lookups of unknown ids simply miss).
+    pub fn from_caller(id: impl Into<String>) -> Self {
+        JobId(id.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The program to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Program {
+    /// A command line for `/bin/sh -c`.
+    Shell(String),
+    /// An exact argument vector, never non-empty, run without a shell.
+    Argv(Vec<String>),
+}
+
+impl Program {
+    /// Short human description, for errors and logs (never includes env values).
+    pub fn display_name(&self) -> &str {
+        match self {
+            Program::Shell(_) => "/bin/sh",
+            Program::Argv(argv) => argv.first().map(String::as_str).unwrap_or(""),
+        }
+    }
+}
+
+/// The caller's labels for a job, echoed in Status and used by sinks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobMeta {
+    pub task_id: String,
+    pub session_id: String,
+    pub sandbox_id: String,
+}
+
+/// A validated request to run something.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSpec {
+    pub meta: JobMeta,
+    pub program: Program,
+    /// Working directory; `None` means the backend's default.
+    pub cwd: Option<String>,
+    /// Variables to add to the backend's base environment.
+    pub env: BTreeMap<String, String>,
+    /// Requested timeout; `None` means the server default.
+    pub timeout: Option<Duration>,
+}

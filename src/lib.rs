@@ -1,0 +1,28 @@
+//! sandbox-runner: a gRPC service that runs commands in sandboxes and streams their output live.
+//!
+//! # Layout
+//! - [`server`]: `run(listener, config, shutdown)`, the one entry point of `main` and the tests.
+//! - [`config`]: flags and environment, checked once at start.
+//! - [`grpc`]: the thin gRPC layer: handlers, validation and proto conversion, auth, status codes.
+//! - [`job`]: the job core: specs, events, lifecycle, the registry of jobs.
+//! - [`backend`]: where commands run, behind the `Backend` trait (`local`: processes on this host).
+//! - [`sink`]: where copies of job events go, behind the `Sink` trait.
+//! - [`error`]: the service's error type.
+//! - [`proto`]: generated protobuf code.
+//! - [`telemetry`]: logging setup.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod job;
+pub mod proto;
+pub mod server;
+pub mod sink;
+pub mod telemetry;
+
+pub use config::Config;
+pub use server::run;

@@ -1,0 +1,50 @@
+//! The `sandbox-runner` binary: parse configuration, bind, serve until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sandbox_runner::{Config, run, telemetry};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
+use tracing::error;
+
+/// Exit code for a configuration error (EX_USAGE), as is customary for daemons.
+const EXIT_CONFIG: u8 = 64;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    if let Err(e) = config.validate() {
+        eprintln!("sandbox-runner: invalid configuration: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    telemetry::init(config.log_format);
+
+    let addr = config.listen_addr();
+    let listener = match TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            error!(%addr, error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(listener, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = signal(SignalKind::terminate()).expect("cannot install a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("cannot install a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,153 @@
+//! Assembles the service and serves it until shutdown: `run` is the one entry point shared by
+//! `main` and the tests.
+
+use std::{future::Future, sync::Arc, time::Duration, time::Instant};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::{
+    backend::{
+        Backend,
+        local::{LocalBackend, LocalConfig},
+    },
+    config::{BackendKind, Config},
+    grpc::{
+        auth::BearerAuth,
+        service::{InstanceInfo, SandboxApi},
+    },
+    job::{Jobs, JobsConfig},
+    proto::{self as pb, sandbox_service_server::SandboxServiceServer},
+    sink::Sinks,
+};
+
+/// How long connections may take to close once every job has ended, before the server returns
+/// anyway (e.g. a client that stopped reading its stream).
+const CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Ways serving can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot read the listener's address: {0}")]
+    Listener(#[source] std::io::Error),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains: health turns NOT_SERVING, new
+/// jobs are refused, running jobs get `config.drain_grace` and are then cancelled, sinks flush,
+/// connections close.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let addr = listener.local_addr().map_err(ServerError::Listener)?;
+    let auth = BearerAuth::new(&config.auth_tokens);
+    if !auth.is_enabled() && !addr.ip().is_loopback() {
+        warn!(
+            %addr,
+            "NO AUTHENTICATION: anyone who can reach {addr} can run arbitrary commands on this \
+             host. Set SANDBOX_RUNNER_TOKEN, or listen on 127.0.0.1 (--host)."
+        );
+    }
+
+    let backend: Arc<dyn Backend> = match config.backend {
+        BackendKind::Local => Arc::new(LocalBackend::new(LocalConfig {
+            default_cwd: config.default_cwd.clone(),
+            grace: config.cancel_grace,
+            chunk_bytes: config.output_chunk_bytes as usize,
+        })),
+    };
+    let sinks = Sinks::default();
+    let jobs = Jobs::new(
+        backend,
+        sinks.clone(),
+        JobsConfig {
+            max_concurrent: config.max_concurrent_jobs,
+            default_timeout: config.default_timeout,
+            max_timeout: config.max_timeout,
+            stream_buffer: config.stream_buffer_events as usize,
+            finished_ttl: config.finished_job_ttl,
+            finished_capacity: config.finished_job_capacity,
+        },
+    );
+    let api = SandboxApi::new(
+        Arc::clone(&jobs),
+        InstanceInfo {
+            started: Instant::now(),
+            daytona_configured: false,
+            convex_configured: false,
+        },
+    );
+
+    let service_name = <SandboxServiceServer<SandboxApi> as NamedService>::NAME;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(service_name, ServingStatus::Serving)
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_grace = config.drain_grace;
+    // Bounds the drain even if a client never reads its final events.
+    let drain_limit = config.drain_grace + config.cancel_grace * 2 + Duration::from_secs(5);
+    let drain = async move {
+        shutdown.await;
+        info!("shutdown requested: refusing new jobs and reporting NOT_SERVING");
+        health
+            .set_service_status(service_name, ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        if tokio::time::timeout(drain_limit, jobs.drain(drain_grace))
+            .await
+            .is_err()
+        {
+            warn!("jobs did not finish draining in time; exiting anyway");
+        }
+        sinks.flush(drain_grace).await;
+        info!("drained; closing connections");
+        let _ = drained_tx.send(());
+    };
+
+    info!(%addr, backend = config.backend.as_str(), auth = auth.is_enabled(), "listening");
+    let server = tonic::transport::Server::builder()
+        // Detects clients that vanished without closing the connection, so their jobs stop.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(SandboxServiceServer::with_interceptor(api, auth))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        _ = async {
+            if drained_rx.await.is_ok() {
+                tokio::time::sleep(CONNECTION_CLOSE_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => warn!("connections still open {CONNECTION_CLOSE_GRACE:?} after draining; closing them"),
+    }
+    info!("server stopped");
+    Ok(())
+}
