@@ -32,7 +32,7 @@ pub enum LogFormat {
 
 /// Everything the service can be told at start.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "sandbox-runner", version, about)]
+#[command(name = "sandbox-runner", version, about, args_override_self = true)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "HOST", default_value = "0.0.0.0")]

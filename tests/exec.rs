@@ -46,13 +46,21 @@ async fn exit_codes_and_signals_are_reported() {
         let run = run(&mut client, shell(command)).await;
         assert_eq!(run.exited.exit_code, Some(code), "{command}");
         assert_eq!(run.state(), state, "{command}");
-        assert!(run.exited.message.contains(&code.to_string()), "{:?}", run.exited.message);
+        assert!(
+            run.exited.message.contains(&code.to_string()),
+            "{:?}",
+            run.exited.message
+        );
     }
     let run = run(&mut client, shell("kill -9 $$")).await;
     assert_eq!(run.exited.exit_code, None);
     assert_eq!(run.exited.signal, Some(9));
     assert_eq!(run.state(), JobState::Failed);
-    assert!(run.exited.message.contains("SIGKILL"), "{}", run.exited.message);
+    assert!(
+        run.exited.message.contains("SIGKILL"),
+        "{}",
+        run.exited.message
+    );
     server.stop().await;
 }
 
@@ -60,7 +68,15 @@ async fn exit_codes_and_signals_are_reported() {
 async fn argv_runs_without_a_shell() {
     let server = common::start(&[]).await;
     let mut client = server.client().await;
-    let tricky = ["a b", "'quoted'", "\"dq\"", "$HOME", "`id`", "; echo injected", ""];
+    let tricky = [
+        "a b",
+        "'quoted'",
+        "\"dq\"",
+        "$HOME",
+        "`id`",
+        "; echo injected",
+        "",
+    ];
     let mut args = vec!["printf", "[%s]\\n"];
     args.extend(tricky);
     let run = run(&mut client, argv(&args)).await;
@@ -76,9 +92,14 @@ async fn env_and_cwd_are_applied_exactly() {
     let mut client = server.client().await;
     let dir = std::env::temp_dir().join(format!("sr-cwd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut req = argv(&["sh", "-c", "pwd; printf '%s|' \"$GREETING\" \"$EMPTY\" \"${SANDBOX_RUNNER_TOKEN-unset}\""]);
+    let mut req = argv(&[
+        "sh",
+        "-c",
+        "pwd; printf '%s|' \"$GREETING\" \"$EMPTY\" \"${SANDBOX_RUNNER_TOKEN-unset}\"",
+    ]);
     req.cwd = dir.to_string_lossy().into_owned();
-    req.env.insert("GREETING".into(), "hello 'world' $x\nline2".into());
+    req.env
+        .insert("GREETING".into(), "hello 'world' $x\nline2".into());
     req.env.insert("EMPTY".into(), "".into());
     let run = run(&mut client, req).await;
     let canonical = dir.canonicalize().unwrap();
@@ -113,7 +134,11 @@ async fn fifty_mib_of_random_bytes_arrive_identical() {
     assert!(run.stderr.is_empty());
     assert_eq!(run.state(), JobState::Succeeded);
     // Large chunks, not one event per line or per 4 KiB.
-    assert!(run.chunks.len() < 50 * 1024 / 16, "{} chunks", run.chunks.len());
+    assert!(
+        run.chunks.len() < 50 * 1024 / 16,
+        "{} chunks",
+        run.chunks.len()
+    );
     server.stop().await;
 }
 
@@ -127,7 +152,9 @@ async fn interleaved_bulk_output_keeps_both_streams_whole() {
     )
     .await;
     let expect = |tag: &str| -> Vec<u8> {
-        (1..=20000).flat_map(|i| format!("{tag} {i}\n").into_bytes()).collect()
+        (1..=20000)
+            .flat_map(|i| format!("{tag} {i}\n").into_bytes())
+            .collect()
     };
     assert_eq!(run.stdout, expect("out"));
     assert_eq!(run.stderr, expect("err"));
@@ -148,22 +175,59 @@ async fn bad_requests_get_invalid_argument_with_a_reason() {
         (shell("   "), "blank"),
         (with(|r| r.argv = vec!["ls".into()]), "not both"),
         (shell("echo \0"), "NUL"),
-        (with(|r| { r.env.insert("A=B".into(), "x".into()); }), "'='"),
-        (with(|r| { r.env.insert("".into(), "x".into()); }), "empty name"),
-        (with(|r| r.cwd = "/definitely/missing".into()), "/definitely/missing"),
+        (
+            with(|r| {
+                r.env.insert("A=B".into(), "x".into());
+            }),
+            "'='",
+        ),
+        (
+            with(|r| {
+                r.env.insert("".into(), "x".into());
+            }),
+            "empty name",
+        ),
+        (
+            with(|r| r.cwd = "/definitely/missing".into()),
+            "/definitely/missing",
+        ),
         (with(|r| r.cwd = "/etc/hostname".into()), "not a directory"),
-        (with(|r| r.timeout = Some(prost_types::Duration { seconds: 0, nanos: 0 })), "positive"),
-        (with(|r| r.timeout = Some(prost_types::Duration { seconds: 10_000_000, nanos: 0 })), "maximum"),
+        (
+            with(|r| {
+                r.timeout = Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 0,
+                })
+            }),
+            "positive",
+        ),
+        (
+            with(|r| {
+                r.timeout = Some(prost_types::Duration {
+                    seconds: 10_000_000,
+                    nanos: 0,
+                })
+            }),
+            "maximum",
+        ),
     ];
     for (req, needle) in cases {
         let err = client.exec(req.clone()).await.expect_err(needle);
         assert_eq!(err.code(), Code::InvalidArgument, "{needle}: {err:?}");
-        assert!(err.message().contains(needle), "{needle}: {}", err.message());
+        assert!(
+            err.message().contains(needle),
+            "{needle}: {}",
+            err.message()
+        );
     }
     // A program that does not exist is a clear error, not a hang.
     let err = client.exec(argv(&["/no/such/program"])).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("/no/such/program"), "{}", err.message());
+    assert!(
+        err.message().contains("/no/such/program"),
+        "{}",
+        err.message()
+    );
     // The server still works.
     let run = run(&mut client, shell("echo ok")).await;
     assert_eq!(run.stdout, b"ok\n");

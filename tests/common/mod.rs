@@ -112,66 +112,135 @@ impl Run {
     }
 }
 
-/// Reads the first event, which must be `Started`; returns the job id and pid.
-pub async fn started(stream: &mut Streaming<pb::ExecEvent>) -> (String, u32) {
-    let event = stream.message().await.unwrap().expect("a first event");
-    assert_eq!(event.seq, 0);
-    match event.kind {
-        Some(Kind::Started(s)) => (event.job_id, s.pid),
-        other => panic!("first event is not Started: {other:?}"),
+/// A job being read, checking the stream contract on every event: seq starts at 0 and has no
+/// gaps, Started first, Exited last and once, offsets contiguous per stream, totals match.
+pub struct Job {
+    stream: Streaming<pb::ExecEvent>,
+    pub job_id: String,
+    pub pid: u32,
+    next_seq: u64,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    chunks: Vec<(OutputStream, Vec<u8>)>,
+    exited: Option<pb::Exited>,
+}
+
+impl Job {
+    /// Starts a job and reads its `Started` event.
+    pub async fn start(client: &mut SandboxServiceClient<Channel>, req: pb::ExecRequest) -> Job {
+        let stream = client.exec(req).await.expect("Exec accepted").into_inner();
+        Job::from_stream(stream).await
     }
-}
 
-/// Reads a stream to its end, checking: seq starts at 0 and has no gaps, Started first, Exited
-/// last and once, offsets contiguous per stream, byte totals match.
-pub async fn collect(mut stream: Streaming<pb::ExecEvent>) -> Run {
-    let (job_id, pid) = started(&mut stream).await;
-    collect_rest(stream, job_id, pid).await
-}
+    pub async fn from_stream(mut stream: Streaming<pb::ExecEvent>) -> Job {
+        let event = stream.message().await.unwrap().expect("a first event");
+        assert_eq!(event.seq, 0);
+        let pid = match event.kind {
+            Some(Kind::Started(s)) => s.pid,
+            other => panic!("first event is not Started: {other:?}"),
+        };
+        Job {
+            stream,
+            job_id: event.job_id,
+            pid,
+            next_seq: 1,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            chunks: Vec::new(),
+            exited: None,
+        }
+    }
 
-pub async fn collect_rest(mut stream: Streaming<pb::ExecEvent>, job_id: String, pid: u32) -> Run {
-    let mut next_seq = 1;
-    let (mut stdout, mut stderr, mut chunks) = (Vec::new(), Vec::new(), Vec::new());
-    let mut exited = None;
-    while let Some(event) = stream.message().await.expect("stream ends cleanly") {
-        assert!(exited.is_none(), "event after Exited: {event:?}");
-        assert_eq!(event.seq, next_seq, "seq gap");
-        assert_eq!(event.job_id, job_id);
+    /// Reads one event; false at the end of the stream.
+    pub async fn step(&mut self) -> bool {
+        let Some(event) = self.stream.message().await.expect("stream ends cleanly") else {
+            return false;
+        };
+        assert!(self.exited.is_none(), "event after Exited: {event:?}");
+        assert_eq!(event.seq, self.next_seq, "seq gap");
+        assert_eq!(event.job_id, self.job_id);
         assert!(event.time.is_some());
-        next_seq += 1;
+        self.next_seq += 1;
         match event.kind.expect("event has a kind") {
             Kind::Started(_) => panic!("second Started"),
             Kind::Output(out) => {
                 let stream = OutputStream::try_from(out.stream).unwrap();
                 let buf = match stream {
-                    OutputStream::Stdout => &mut stdout,
-                    OutputStream::Stderr => &mut stderr,
+                    OutputStream::Stdout => &mut self.stdout,
+                    OutputStream::Stderr => &mut self.stderr,
                     OutputStream::Unspecified => panic!("unspecified stream"),
                 };
-                assert_eq!(out.offset, buf.len() as u64, "offset mismatch on {stream:?}");
+                assert_eq!(
+                    out.offset,
+                    buf.len() as u64,
+                    "offset mismatch on {stream:?}"
+                );
                 assert!(!out.data.is_empty(), "empty output chunk");
                 buf.extend_from_slice(&out.data);
-                chunks.push((stream, out.data.to_vec()));
+                self.chunks.push((stream, out.data.to_vec()));
             }
-            Kind::Exited(e) => exited = Some(e),
+            Kind::Exited(e) => self.exited = Some(e),
+        }
+        true
+    }
+
+    /// Reads until at least `n` bytes of stdout arrived.
+    pub async fn read_stdout(&mut self, n: usize) {
+        while self.stdout.len() < n {
+            assert!(self.step().await, "stream ended before {n} stdout bytes");
         }
     }
-    let exited = exited.expect("stream ended without Exited");
-    assert_eq!(exited.stdout_bytes, stdout.len() as u64);
-    assert_eq!(exited.stderr_bytes, stderr.len() as u64);
-    Run {
-        job_id,
-        pid,
-        stdout,
-        stderr,
-        chunks,
-        exited,
+
+    /// Drops the stream, as a client that goes away does.
+    pub fn disconnect(self) -> (String, u32) {
+        (self.job_id, self.pid)
+    }
+
+    /// Reads to the end.
+    pub async fn finish(mut self) -> Run {
+        while self.step().await {}
+        let exited = self.exited.expect("stream ended without Exited");
+        assert_eq!(exited.stdout_bytes, self.stdout.len() as u64);
+        assert_eq!(exited.stderr_bytes, self.stderr.len() as u64);
+        Run {
+            job_id: self.job_id,
+            pid: self.pid,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            chunks: self.chunks,
+            exited,
+        }
     }
 }
 
 pub async fn run(client: &mut SandboxServiceClient<Channel>, req: pb::ExecRequest) -> Run {
-    let stream = client.exec(req).await.expect("Exec accepted").into_inner();
-    collect(stream).await
+    Job::start(client, req).await.finish().await
+}
+
+pub async fn cancel(
+    client: &mut SandboxServiceClient<Channel>,
+    job_id: &str,
+) -> pb::CancelResponse {
+    client
+        .cancel(pb::CancelRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .expect("Cancel succeeds")
+        .into_inner()
+}
+
+pub async fn status(
+    client: &mut SandboxServiceClient<Channel>,
+    job_id: &str,
+) -> pb::StatusResponse {
+    client
+        .status(pb::StatusRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .expect("Status succeeds")
+        .into_inner()
 }
 
 /// Pids of live (non-zombie) processes whose process group is `pgid`.
@@ -216,13 +285,7 @@ pub async fn wait_finished(
     job_id: &str,
 ) -> pb::StatusResponse {
     for _ in 0..400 {
-        let status = client
-            .status(pb::StatusRequest {
-                job_id: job_id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let status = status(client, job_id).await;
         if status.state != JobState::Running as i32 {
             return status;
         }
