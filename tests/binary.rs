@@ -1,0 +1,167 @@
+//! The real `sandbox-runner` binary: configuration errors, secrets kept from jobs, and graceful
+//! shutdown on SIGTERM with no process left behind.
+
+mod common;
+
+use std::{process::Stdio, time::Duration};
+
+use common::{JobState, shell};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use sandbox_runner::proto::sandbox_service_client::SandboxServiceClient;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::mpsc,
+};
+use tonic::{Request, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sandbox-runner");
+const TOKEN: &str = "binary-test-token";
+
+struct Running {
+    child: Child,
+    addr: String,
+    logs: mpsc::UnboundedReceiver<String>,
+}
+
+async fn spawn_server(extra: &[&str]) -> Running {
+    let mut child = Command::new(BIN)
+        .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
+        .args(extra)
+        .env("SANDBOX_RUNNER_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (tx, mut logs) = mpsc::unbounded_channel();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), logs.recv())
+            .await
+            .expect("server logs 'listening' in time")
+            .expect("server exited before listening");
+        let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+        if entry["fields"]["message"] == "listening" {
+            break entry["fields"]["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    Running { child, addr, logs }
+}
+
+fn authorized<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
+    let mut server = spawn_server(&["--drain-grace", "1s", "--cancel-grace", "500ms"]).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = SandboxServiceClient::new(channel.clone());
+
+    // The service's own secrets never reach jobs.
+    let stream = client
+        .exec(authorized(shell(
+            "printf '%s' \"${SANDBOX_RUNNER_TOKEN-unset}\"",
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    let run = common::Job::from_stream(stream).await.finish().await;
+    assert_eq!(run.stdout, b"unset");
+
+    let stream = client
+        .exec(authorized(shell("sleep 1000 & sleep 1000; wait")))
+        .await
+        .unwrap()
+        .into_inner();
+    let job = common::Job::from_stream(stream).await;
+    let pgid = job.pid;
+
+    kill(
+        Pid::from_raw(server.child.id().unwrap() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut saw_not_serving = false;
+    for _ in 0..100 {
+        match health
+            .check(HealthCheckRequest {
+                service: "sandbox.v1.SandboxService".into(),
+            })
+            .await
+        {
+            Ok(reply) if reply.get_ref().status == ServingStatus::NotServing as i32 => {
+                saw_not_serving = true;
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(e) => panic!("health failed during drain: {e}"),
+        }
+    }
+    assert!(
+        saw_not_serving,
+        "health never reported NOT_SERVING during the drain"
+    );
+
+    let run = job.finish().await;
+    assert_eq!(run.state(), JobState::Cancelled);
+    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+        .await
+        .expect("server exits after draining")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    common::assert_group_gone(pgid).await;
+
+    let mut logs = String::new();
+    while let Ok(line) = server.logs.try_recv() {
+        logs.push_str(&line);
+        logs.push('\n');
+    }
+    assert!(logs.contains("server stopped"), "{logs}");
+    assert!(!logs.contains(TOKEN), "token leaked into logs:\n{logs}");
+}
+
+#[tokio::test]
+async fn bad_configuration_fails_fast_with_a_reason() {
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["--default-timeout", "2h", "--max-timeout", "1h"],
+            64,
+            "must not exceed",
+        ),
+        (
+            &["--default-cwd", "/definitely/missing"],
+            64,
+            "not a directory",
+        ),
+        (&["--port", "not-a-port"], 2, "not-a-port"),
+        (&["--backend", "nowhere"], 2, "nowhere"),
+    ];
+    for (args, code, needle) in cases {
+        let output = Command::new(BIN).args(*args).output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(*code), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
