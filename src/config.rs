@@ -34,8 +34,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "sandbox-runner", version, about, args_override_self = true)]
 pub struct Config {
+    // LISTEN_HOST rather than HOST: zsh sets HOST to the machine name.
     /// Address to listen on.
-    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    #[arg(long, env = "LISTEN_HOST", default_value = "0.0.0.0")]
     pub host: std::net::IpAddr,
 
     /// Port to listen on (0 picks a free one).
