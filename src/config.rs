@@ -10,6 +10,8 @@ use clap::{Parser, ValueEnum};
 pub enum BackendKind {
     /// Processes on this host, one process group per job (needs nothing else).
     Local,
+    /// Process sessions in Daytona sandboxes (needs DAYTONA_API_KEY; requests name the sandbox).
+    Daytona,
 }
 
 impl BackendKind {
@@ -17,6 +19,7 @@ impl BackendKind {
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Local => "local",
+            BackendKind::Daytona => "daytona",
         }
     }
 }
@@ -105,7 +108,42 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+
+    /// Daytona API key; required by `--backend daytona`. Never logged.
+    #[arg(long, env = "DAYTONA_API_KEY", hide_env_values = true)]
+    pub daytona_api_key: Option<String>,
+
+    /// Daytona API base URL [default: https://app.daytona.io/api].
+    #[arg(long, env = "DAYTONA_API_URL")]
+    pub daytona_api_url: Option<String>,
+
+    /// Deprecated name of DAYTONA_API_URL, used only when that is unset.
+    #[arg(long, env = "DAYTONA_SERVER_URL", hide = true)]
+    pub daytona_server_url: Option<String>,
+
+    /// Daytona target region (informational: sandboxes already live in their region).
+    #[arg(long, env = "DAYTONA_TARGET")]
+    pub daytona_target: Option<String>,
+
+    /// Start a stopped sandbox instead of failing the job with FAILED_PRECONDITION.
+    #[arg(long, env = "DAYTONA_AUTO_START")]
+    pub daytona_auto_start: bool,
+
+    /// How long to wait for a sandbox being started to reach `started`.
+    #[arg(long, env = "DAYTONA_START_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub daytona_start_timeout: Duration,
+
+    /// Timeout of each call to the Daytona API.
+    #[arg(long, env = "DAYTONA_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub daytona_request_timeout: Duration,
+
+    /// How often to poll a command's exit code and log when its log stream is unavailable.
+    #[arg(long, env = "DAYTONA_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
+    pub daytona_poll_interval: Duration,
 }
+
+/// Default Daytona API, as in Daytona's SDKs.
+pub const DEFAULT_DAYTONA_API_URL: &str = "https://app.daytona.io/api";
 
 /// A configuration that parsed but makes no sense.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +156,10 @@ pub enum ConfigError {
     DefaultCwd(PathBuf),
     #[error("SANDBOX_RUNNER_TOKEN contains an empty token (check for stray commas)")]
     EmptyToken,
+    #[error("--backend daytona needs DAYTONA_API_KEY (or --daytona-api-key)")]
+    MissingDaytonaKey,
+    #[error("Daytona API URL {0:?} must start with http:// or https://")]
+    DaytonaUrl(String),
 }
 
 impl Config {
@@ -146,7 +188,39 @@ impl Config {
         if self.auth_tokens.iter().any(|t| t.trim().is_empty()) {
             return Err(ConfigError::EmptyToken);
         }
+        if self.backend == BackendKind::Daytona && !self.daytona_configured() {
+            return Err(ConfigError::MissingDaytonaKey);
+        }
+        let url = self.daytona_api_url();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::DaytonaUrl(url.to_owned()));
+        }
+        for (flag, value) in [
+            ("--daytona-start-timeout", self.daytona_start_timeout),
+            ("--daytona-request-timeout", self.daytona_request_timeout),
+            ("--daytona-poll-interval", self.daytona_poll_interval),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Zero { flag });
+            }
+        }
         Ok(())
+    }
+
+    /// True when a Daytona API key is present.
+    pub fn daytona_configured(&self) -> bool {
+        self.daytona_api_key
+            .as_deref()
+            .is_some_and(|k| !k.trim().is_empty())
+    }
+
+    /// The Daytona API URL: DAYTONA_API_URL, else the deprecated DAYTONA_SERVER_URL, else the
+    /// public API.
+    pub fn daytona_api_url(&self) -> &str {
+        self.daytona_api_url
+            .as_deref()
+            .or(self.daytona_server_url.as_deref())
+            .unwrap_or(DEFAULT_DAYTONA_API_URL)
     }
 
     /// Address to bind.
@@ -195,11 +269,29 @@ mod tests {
             ),
             (&["--auth-tokens", "a,,b"], "empty token"),
             (&["--backend", "cloud"], "cloud"),
+            (&["--backend", "daytona"], "DAYTONA_API_KEY"),
+            (&["--daytona-api-url", "ftp://x"], "http"),
         ];
         for (args, needle) in cases {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             assert!(err.contains(needle), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn daytona_url_prefers_the_current_name() {
+        let cfg = parse(&["--backend", "daytona", "--daytona-api-key", "k"]).unwrap();
+        assert_eq!(cfg.daytona_api_url(), DEFAULT_DAYTONA_API_URL);
+        let cfg = parse(&["--daytona-server-url", "http://old"]).unwrap();
+        assert_eq!(cfg.daytona_api_url(), "http://old");
+        let cfg = parse(&[
+            "--daytona-server-url",
+            "http://old",
+            "--daytona-api-url",
+            "http://new",
+        ])
+        .unwrap();
+        assert_eq!(cfg.daytona_api_url(), "http://new");
     }
 
     #[test]

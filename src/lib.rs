@@ -5,11 +5,13 @@
 //! - [`config`]: flags and environment, checked once at start.
 //! - [`grpc`]: the thin gRPC layer: handlers, validation and proto conversion, auth, status codes.
 //! - [`job`]: the job core: specs, events, lifecycle, the registry of jobs.
-//! - [`backend`]: where commands run, behind the `Backend` trait (`local`: processes on this host).
+//! - [`backend`]: where commands run, behind the `Backend` trait (`local`: processes on this
+//!   host; `daytona`: process sessions in Daytona sandboxes).
 //! - [`sink`]: where copies of job events go, behind the `Sink` trait.
 //! - [`error`]: the service's error type.
 //! - [`proto`]: generated protobuf code.
 //! - [`telemetry`]: logging setup.
+//! - `testing` (feature `testing`): fakes of Daytona for tests and benchmarks.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -23,6 +25,8 @@ pub mod proto;
 pub mod server;
 pub mod sink;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::Config;
 pub use server::run;

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::{
     backend::{
         Backend,
+        daytona::{DaytonaBackend, DaytonaConfig},
         local::{LocalBackend, LocalConfig},
     },
     config::{BackendKind, Config},
@@ -37,6 +38,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot set up the backend: {0}")]
+    Backend(String),
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: health turns NOT_SERVING, new
@@ -57,13 +60,9 @@ pub async fn run(
         );
     }
 
-    let backend: Arc<dyn Backend> = match config.backend {
-        BackendKind::Local => Arc::new(LocalBackend::new(LocalConfig {
-            default_cwd: config.default_cwd.clone(),
-            grace: config.cancel_grace,
-            chunk_bytes: config.output_chunk_bytes as usize,
-        })),
-    };
+    // One TLS crypto provider for every HTTPS/WSS client (ring; see Cargo.toml).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let backend = backend(&config)?;
     let sinks = Sinks::default();
     let jobs = Jobs::new(
         backend,
@@ -81,7 +80,7 @@ pub async fn run(
         Arc::clone(&jobs),
         InstanceInfo {
             started: Instant::now(),
-            daytona_configured: false,
+            daytona_configured: config.daytona_configured(),
             convex_configured: false,
         },
     );
@@ -150,4 +149,30 @@ pub async fn run(
     }
     info!("server stopped");
     Ok(())
+}
+
+fn backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
+    Ok(match config.backend {
+        BackendKind::Local => Arc::new(LocalBackend::new(LocalConfig {
+            default_cwd: config.default_cwd.clone(),
+            grace: config.cancel_grace,
+            chunk_bytes: config.output_chunk_bytes as usize,
+        })),
+        BackendKind::Daytona => {
+            if config.daytona_api_url.is_none() && config.daytona_server_url.is_some() {
+                warn!("DAYTONA_SERVER_URL is deprecated; set DAYTONA_API_URL instead");
+            }
+            Arc::new(
+                DaytonaBackend::new(DaytonaConfig {
+                    api_url: config.daytona_api_url().to_owned(),
+                    api_key: config.daytona_api_key.clone().unwrap_or_default(),
+                    auto_start: config.daytona_auto_start,
+                    start_timeout: config.daytona_start_timeout,
+                    request_timeout: config.daytona_request_timeout,
+                    poll_interval: config.daytona_poll_interval,
+                })
+                .map_err(ServerError::Backend)?,
+            )
+        }
+    })
 }

@@ -35,7 +35,7 @@ use crate::{
 };
 
 /// Variables of the service's own environment that jobs never inherit: they are its secrets.
-const WITHHELD_ENV: &[&str] = &[
+pub(crate) const WITHHELD_ENV: &[&str] = &[
     "SANDBOX_RUNNER_TOKEN",
     "DAYTONA_API_KEY",
     "CONVEX_INGEST_SECRET",

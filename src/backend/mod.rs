@@ -4,6 +4,7 @@
 //! and [`Execution::run`] streams output until the program and everything it started are gone,
 //! stopping it when told to.
 
+pub mod daytona;
 pub mod local;
 
 use async_trait::async_trait;

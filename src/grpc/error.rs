@@ -12,6 +12,12 @@ impl From<Error> for Status {
             Error::TooManyJobs { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
             Error::Spawn { .. } => Code::FailedPrecondition,
+            Error::SandboxNotFound(_) => Code::NotFound,
+            Error::SandboxNotReady { .. } => Code::FailedPrecondition,
+            // The caller's credentials are fine; this service's are not.
+            Error::BackendMisconfigured(_) => Code::FailedPrecondition,
+            Error::BackendUnavailable(_) => Code::Unavailable,
+            Error::BackendFailed(_) => Code::Internal,
             Error::Unauthenticated => Code::Unauthenticated,
         };
         Status::new(code, err.to_string())
@@ -46,6 +52,20 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (Error::Unauthenticated, Code::Unauthenticated),
+            (Error::SandboxNotFound("s".into()), Code::NotFound),
+            (
+                Error::SandboxNotReady {
+                    sandbox_id: "s".into(),
+                    state: "stopped".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::BackendMisconfigured("401".into()),
+                Code::FailedPrecondition,
+            ),
+            (Error::BackendUnavailable("down".into()), Code::Unavailable),
+            (Error::BackendFailed("odd".into()), Code::Internal),
         ];
         for (err, code) in cases {
             let message = err.to_string();

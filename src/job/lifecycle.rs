@@ -58,18 +58,23 @@ pub(super) async fn drive(
 
 fn summarize(job: &JobRecord, outcome: Outcome) -> ExitSummary {
     let stop_reason = job.stop_reason();
-    let (exit_code, signal, ended_by_itself, message) = match outcome {
+    let (exit_code, signal, ended_by_itself, message, failure) = match outcome {
         Outcome::Exited { code, signal } => {
             let message = match (code, signal) {
                 (Some(code), _) => format!("exited with code {code}"),
                 (None, Some(signal)) => format!("killed by signal {}", signal_name(signal)),
                 (None, None) => "exited".to_owned(),
             };
-            (code, signal, code == Some(0), message)
+            (code, signal, code == Some(0), message, false)
         }
-        Outcome::Failed(message) => (None, None, false, message),
+        Outcome::Failed(message) => (None, None, false, message, true),
     };
     let (state, message) = match stop_reason {
+        // A backend failure says something the stop reason does not; keep both.
+        Some(reason) if failure => (
+            reason.final_state(),
+            format!("{}; {message}", reason.describe()),
+        ),
         Some(reason) => (reason.final_state(), reason.describe()),
         None if ended_by_itself => (JobState::Succeeded, message),
         None => (JobState::Failed, message),

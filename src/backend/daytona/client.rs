@@ -1,0 +1,390 @@
+//! HTTP client for the Daytona API and a sandbox's toolbox (research/daytona-api.md).
+//!
+//! One pooled `reqwest` client with a timeout on every call. Idempotent GETs retry transient
+//! failures (connect errors, timeouts, 502/503/504) with jittered exponential backoff; nothing
+//! else is retried, since a repeated POST could run a command twice.
+
+use std::time::Duration;
+
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use reqwest::{Method, StatusCode, header};
+use serde::{Deserialize, de::DeserializeOwned};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{self, client::IntoClientRequest},
+};
+use tracing::debug;
+
+/// Version sent in `X-Daytona-SDK-Version`. Daemons switch behaviour on it: from 0.167.0 log
+/// markers are kept and plain log GETs answer JSON, which is what the demultiplexer expects.
+pub const SDK_VERSION: &str = "0.190.0";
+const SOURCE: &str = "sandbox-runner";
+const GET_ATTEMPTS: u32 = 4;
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+
+/// Characters escaped in a path segment, so ids can never add segments or queries.
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'?')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'\\');
+
+fn segment(s: &str) -> String {
+    utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+/// What went wrong talking to Daytona.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("Daytona rejected our credentials (HTTP {0}); check DAYTONA_API_KEY")]
+    Unauthorized(StatusCode),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("Daytona is unreachable or failing: {0}")]
+    Unavailable(String),
+    #[error("Daytona answered HTTP {status}: {message}")]
+    Unexpected { status: StatusCode, message: String },
+}
+
+/// The parts of a SandboxDto we use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sandbox {
+    pub id: String,
+    pub state: String,
+    #[serde(default)]
+    pub toolbox_proxy_url: Option<String>,
+}
+
+/// A sandbox's toolbox base URL: `{toolboxProxyUrl}/{sandboxId}`.
+#[derive(Debug, Clone)]
+pub struct Toolbox(String);
+
+impl Toolbox {
+    pub fn new(proxy_url: &str, sandbox_id: &str) -> Self {
+        Toolbox(format!(
+            "{}/{}",
+            proxy_url.trim_end_matches('/'),
+            segment(sandbox_id)
+        ))
+    }
+
+    fn session(&self, session_id: &str) -> String {
+        format!("{}/process/session/{}", self.0, segment(session_id))
+    }
+
+    fn command(&self, session_id: &str, command_id: &str) -> String {
+        format!(
+            "{}/command/{}",
+            self.session(session_id),
+            segment(command_id)
+        )
+    }
+}
+
+/// Log follower over WebSocket.
+pub type LogSocket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Client of one Daytona API.
+pub struct DaytonaClient {
+    http: reqwest::Client,
+    api_url: String,
+    api_key: String,
+    request_timeout: Duration,
+}
+
+impl DaytonaClient {
+    pub fn new(api_url: &str, api_key: &str, request_timeout: Duration) -> Result<Self, String> {
+        let mut headers = header::HeaderMap::new();
+        let mut auth =
+            header::HeaderValue::from_str(&format!("Bearer {api_key}")).map_err(|_| {
+                "DAYTONA_API_KEY contains characters not allowed in a header".to_owned()
+            })?;
+        auth.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, auth);
+        headers.insert(
+            "x-daytona-sdk-version",
+            header::HeaderValue::from_static(SDK_VERSION),
+        );
+        headers.insert("x-daytona-source", header::HeaderValue::from_static(SOURCE));
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(concat!("sandbox-runner/", env!("CARGO_PKG_VERSION")))
+            .timeout(request_timeout)
+            .connect_timeout(request_timeout.min(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| format!("cannot build the Daytona HTTP client: {e}"))?;
+        Ok(DaytonaClient {
+            http,
+            api_url: api_url.trim_end_matches('/').to_owned(),
+            api_key: api_key.to_owned(),
+            request_timeout,
+        })
+    }
+
+    pub async fn sandbox(&self, id: &str) -> Result<Sandbox, ApiError> {
+        self.get_json(&format!("{}/sandbox/{}", self.api_url, segment(id)))
+            .await
+    }
+
+    pub async fn start_sandbox(&self, id: &str) -> Result<Sandbox, ApiError> {
+        let url = format!("{}/sandbox/{}/start", self.api_url, segment(id));
+        let response = self.send(self.http.post(url)).await?;
+        json(response).await
+    }
+
+    /// For APIs whose SandboxDto predates `toolboxProxyUrl`.
+    pub async fn toolbox_proxy_url(&self, id: &str) -> Result<String, ApiError> {
+        #[derive(Deserialize)]
+        struct Url {
+            url: String,
+        }
+        let url = format!("{}/sandbox/{}/toolbox-proxy-url", self.api_url, segment(id));
+        Ok(self.get_json::<Url>(&url).await?.url)
+    }
+
+    pub async fn create_session(
+        &self,
+        toolbox: &Toolbox,
+        session_id: &str,
+    ) -> Result<(), ApiError> {
+        let url = format!("{}/process/session", toolbox.0);
+        let body = serde_json::json!({ "sessionId": session_id });
+        self.send(self.http.post(url).json(&body)).await?;
+        Ok(())
+    }
+
+    /// Starts `command` asynchronously in the session; returns the command id.
+    pub async fn exec_async(
+        &self,
+        toolbox: &Toolbox,
+        session_id: &str,
+        command: &str,
+    ) -> Result<String, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Started {
+            cmd_id: String,
+        }
+        let url = format!("{}/exec", toolbox.session(session_id));
+        let body = serde_json::json!({ "command": command, "runAsync": true });
+        let response = self.send(self.http.post(url).json(&body)).await?;
+        Ok(json::<Started>(response).await?.cmd_id)
+    }
+
+    /// The command's exit code, or `None` while it runs (Daytona omits the field until then).
+    pub async fn exit_code(
+        &self,
+        toolbox: &Toolbox,
+        session_id: &str,
+        command_id: &str,
+    ) -> Result<Option<i32>, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Command {
+            #[serde(default)]
+            exit_code: Option<i32>,
+        }
+        let url = toolbox.command(session_id, command_id);
+        Ok(self.get_json::<Command>(&url).await?.exit_code)
+    }
+
+    /// The command's whole log so far, markers included.
+    pub async fn logs(
+        &self,
+        toolbox: &Toolbox,
+        session_id: &str,
+        command_id: &str,
+    ) -> Result<Vec<u8>, ApiError> {
+        #[derive(Deserialize)]
+        struct Logs {
+            output: Option<String>,
+        }
+        let url = format!("{}/logs", toolbox.command(session_id, command_id));
+        let response = self.get_with_retry(&url).await?;
+        let is_json = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let body = response.bytes().await.map_err(transport)?;
+        if is_json {
+            let logs: Logs = serde_json::from_slice(&body).map_err(|e| ApiError::Unexpected {
+                status: StatusCode::OK,
+                message: format!("unreadable log JSON: {e}"),
+            })?;
+            Ok(logs.output.unwrap_or_default().into_bytes())
+        } else {
+            Ok(body.to_vec())
+        }
+    }
+
+    /// Opens the WebSocket that replays the command's log from the start and then follows it.
+    pub async fn follow_logs(
+        &self,
+        toolbox: &Toolbox,
+        session_id: &str,
+        command_id: &str,
+    ) -> Result<LogSocket, ApiError> {
+        let url = format!(
+            "{}/logs?follow=true",
+            toolbox.command(session_id, command_id)
+        );
+        let ws_url = if let Some(rest) = url.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else {
+            url
+        };
+        let mut request = ws_url
+            .into_client_request()
+            .map_err(|e| ApiError::Unexpected {
+                status: StatusCode::BAD_REQUEST,
+                message: format!("bad log URL: {e}"),
+            })?;
+        let headers = request.headers_mut();
+        let mut auth = header::HeaderValue::from_str(&format!("Bearer {}", self.api_key))
+            .expect("checked when the client was built");
+        auth.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, auth);
+        headers.insert(
+            "x-daytona-sdk-version",
+            header::HeaderValue::from_static(SDK_VERSION),
+        );
+        headers.insert("x-daytona-source", header::HeaderValue::from_static(SOURCE));
+        let connect = tokio_tungstenite::connect_async(request);
+        match tokio::time::timeout(self.request_timeout, connect).await {
+            Err(_) => Err(ApiError::Unavailable(
+                "timed out opening the log stream".into(),
+            )),
+            Ok(Ok((socket, _))) => Ok(socket),
+            Ok(Err(tungstenite::Error::Http(response))) => Err(status_error(
+                StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
+                "log stream".into(),
+            )),
+            Ok(Err(e)) => Err(ApiError::Unavailable(format!("log stream: {e}"))),
+        }
+    }
+
+    /// Deletes the session, which kills every process it started. Deleting a session that is
+    /// already gone is not an error.
+    pub async fn delete_session(
+        &self,
+        toolbox: &Toolbox,
+        session_id: &str,
+    ) -> Result<(), ApiError> {
+        match self
+            .send(
+                self.http
+                    .request(Method::DELETE, toolbox.session(session_id)),
+            )
+            .await
+        {
+            Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, url: &str) -> Result<T, ApiError> {
+        json(self.get_with_retry(url).await?).await
+    }
+
+    async fn get_with_retry(&self, url: &str) -> Result<reqwest::Response, ApiError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.send(self.http.get(url)).await {
+                Err(ApiError::Unavailable(reason)) if attempt < GET_ATTEMPTS => {
+                    let backoff = BACKOFF_BASE * 2u32.pow(attempt - 1);
+                    let jittered = backoff.mul_f64(0.5 + fastrand::f64());
+                    debug!(url, attempt, %reason, ?jittered, "transient Daytona error; retrying");
+                    tokio::time::sleep(jittered).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
+        let response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.text().await.unwrap_or_default();
+        Err(status_error(status, error_message(&body)))
+    }
+}
+
+fn status_error(status: StatusCode, message: String) -> ApiError {
+    match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ApiError::Unauthorized(status),
+        StatusCode::NOT_FOUND => ApiError::NotFound(message),
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+            ApiError::Unavailable(format!("HTTP {status}: {message}"))
+        }
+        _ => ApiError::Unexpected { status, message },
+    }
+}
+
+fn transport(e: reqwest::Error) -> ApiError {
+    // Never include the URL's credentials: reqwest errors carry the URL, which has none here.
+    ApiError::Unavailable(e.without_url().to_string())
+}
+
+/// The `message` of Daytona's error bodies, else the body itself (truncated).
+fn error_message(body: &str) -> String {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        message: serde_json::Value,
+    }
+    match serde_json::from_str::<ErrorBody>(body) {
+        Ok(ErrorBody {
+            message: serde_json::Value::String(m),
+        }) => m,
+        Ok(ErrorBody { message }) => message.to_string(),
+        Err(_) => body.chars().take(300).collect(),
+    }
+}
+
+async fn json<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, ApiError> {
+    let status = response.status();
+    let body = response.bytes().await.map_err(transport)?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::Unexpected {
+        status,
+        message: format!("unreadable response: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_cannot_escape_their_path_segment() {
+        let tb = Toolbox::new("http://proxy/toolbox/", "../x?y#z");
+        assert_eq!(tb.0, "http://proxy/toolbox/..%2Fx%3Fy%23z");
+        assert_eq!(
+            tb.session("a/b"),
+            "http://proxy/toolbox/..%2Fx%3Fy%23z/process/session/a%2Fb"
+        );
+    }
+
+    #[test]
+    fn error_bodies_are_summarised() {
+        assert_eq!(
+            error_message(r#"{"statusCode":404,"message":"Sandbox with ID or name x not found"}"#),
+            "Sandbox with ID or name x not found"
+        );
+        assert_eq!(error_message("plain text"), "plain text");
+    }
+}

@@ -1,0 +1,449 @@
+//! The Daytona backend: each job runs in its own process session inside a Daytona sandbox.
+//!
+//! Flow: resolve the sandbox (optionally start it), create a session, run the command in it
+//! asynchronously, follow its log over a WebSocket and demultiplex stdout/stderr, then read the
+//! exit code and reconcile the log tail with one plain GET (the follower can close early and
+//! lose the last bytes), and delete the session. Stopping a job deletes its session, which
+//! kills everything the command started. Every way a job ends deletes its session.
+
+mod client;
+mod demux;
+mod script;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use client::{ApiError, DaytonaClient, SDK_VERSION, Toolbox};
+use demux::Demux;
+
+use super::{Backend, Execution, Outcome};
+use crate::{
+    error::Error,
+    job::{JobOutput, JobSpec, StreamKind},
+};
+
+/// Settings of the Daytona backend.
+#[derive(Debug, Clone)]
+pub struct DaytonaConfig {
+    pub api_url: String,
+    pub api_key: String,
+    /// Start stopped sandboxes instead of refusing the job.
+    pub auto_start: bool,
+    /// How long to wait for a sandbox to reach `started`.
+    pub start_timeout: Duration,
+    /// Timeout of each HTTP call.
+    pub request_timeout: Duration,
+    /// Interval of log/exit-code polling when the follower is unavailable or has ended.
+    pub poll_interval: Duration,
+}
+
+/// Most log bytes gathered into one output event.
+const MAX_EVENT_BYTES: usize = 256 * 1024;
+
+/// Runs jobs in Daytona sandboxes.
+pub struct DaytonaBackend {
+    client: Arc<DaytonaClient>,
+    config: DaytonaConfig,
+}
+
+impl DaytonaBackend {
+    pub fn new(config: DaytonaConfig) -> Result<Self, String> {
+        let client = DaytonaClient::new(&config.api_url, &config.api_key, config.request_timeout)?;
+        Ok(DaytonaBackend {
+            client: Arc::new(client),
+            config,
+        })
+    }
+
+    /// The sandbox's toolbox, once the sandbox is `started`.
+    async fn toolbox(&self, sandbox_id: &str) -> Result<Toolbox, Error> {
+        let on_sandbox = |e| api_error(e, &format!("sandbox {sandbox_id:?}"));
+        let mut sandbox = self.client.sandbox(sandbox_id).await.map_err(on_sandbox)?;
+        if sandbox.state != "started" {
+            if !self.config.auto_start {
+                return Err(Error::SandboxNotReady {
+                    sandbox_id: sandbox_id.to_owned(),
+                    state: sandbox.state,
+                });
+            }
+            info!(sandbox_id, state = %sandbox.state, "starting the sandbox");
+            let deadline = Instant::now() + self.config.start_timeout;
+            sandbox = self
+                .client
+                .start_sandbox(sandbox_id)
+                .await
+                .map_err(on_sandbox)?;
+            while sandbox.state != "started" {
+                if Instant::now() >= deadline {
+                    return Err(Error::SandboxNotReady {
+                        sandbox_id: sandbox_id.to_owned(),
+                        state: format!(
+                            "{} after waiting {:?} for it to start",
+                            sandbox.state, self.config.start_timeout
+                        ),
+                    });
+                }
+                tokio::time::sleep(self.config.poll_interval).await;
+                sandbox = self.client.sandbox(sandbox_id).await.map_err(on_sandbox)?;
+            }
+        }
+        let proxy = match sandbox.toolbox_proxy_url {
+            Some(url) if !url.is_empty() => url,
+            _ => self
+                .client
+                .toolbox_proxy_url(sandbox_id)
+                .await
+                .map_err(on_sandbox)?,
+        };
+        Ok(Toolbox::new(&proxy, &sandbox.id))
+    }
+}
+
+#[async_trait]
+impl Backend for DaytonaBackend {
+    fn name(&self) -> &'static str {
+        "daytona"
+    }
+
+    async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, Error> {
+        let sandbox_id = spec.meta.sandbox_id.as_str();
+        if sandbox_id.is_empty() {
+            return Err(Error::InvalidArgument(
+                "sandbox_id is required with the daytona backend".into(),
+            ));
+        }
+        let toolbox = self.toolbox(sandbox_id).await?;
+        let session_id = format!("sandbox-runner-{}", uuid::Uuid::new_v4());
+        self.client
+            .create_session(&toolbox, &session_id)
+            .await
+            .map_err(|e| api_error(e, &format!("sandbox {sandbox_id:?}")))?;
+        // From here on the session must be deleted whatever happens, including this future
+        // being dropped because the caller went away.
+        let session = Session::new(Arc::clone(&self.client), toolbox, session_id);
+        let command_id = self
+            .client
+            .exec_async(&session.toolbox, &session.id, &script::command_line(spec))
+            .await
+            .map_err(|e| api_error(e, &format!("session in sandbox {sandbox_id:?}")))?;
+        info!(sandbox_id, session_id = %session.id, command_id, "command started in Daytona");
+        Ok(Box::new(DaytonaExecution {
+            client: Arc::clone(&self.client),
+            session,
+            command_id,
+            poll_interval: self.config.poll_interval,
+        }))
+    }
+}
+
+fn api_error(e: ApiError, what: &str) -> Error {
+    match e {
+        ApiError::NotFound(message) => Error::SandboxNotFound(format!("{what}: {message}")),
+        ApiError::Unauthorized(_) => Error::BackendMisconfigured(e.to_string()),
+        ApiError::Unavailable(_) => Error::BackendUnavailable(e.to_string()),
+        ApiError::Unexpected { .. } => Error::BackendFailed(format!("{what}: {e}")),
+    }
+}
+
+/// A Daytona session owned by one job; deleted on drop if the job did not delete it.
+struct Session {
+    client: Arc<DaytonaClient>,
+    toolbox: Toolbox,
+    id: String,
+    deleted: bool,
+}
+
+impl Session {
+    fn new(client: Arc<DaytonaClient>, toolbox: Toolbox, id: String) -> Self {
+        Session {
+            client,
+            toolbox,
+            id,
+            deleted: false,
+        }
+    }
+
+    async fn delete(&mut self) {
+        if let Err(e) = self.client.delete_session(&self.toolbox, &self.id).await {
+            warn!(session_id = %self.id, error = %e, "could not delete the Daytona session");
+        }
+        self.deleted = true;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.deleted {
+            return;
+        }
+        let (client, toolbox, id) = (
+            Arc::clone(&self.client),
+            self.toolbox.clone(),
+            self.id.clone(),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = client.delete_session(&toolbox, &id).await {
+                    warn!(session_id = %id, error = %e, "could not delete an abandoned Daytona session");
+                }
+            });
+        }
+    }
+}
+
+struct DaytonaExecution {
+    client: Arc<DaytonaClient>,
+    session: Session,
+    command_id: String,
+    poll_interval: Duration,
+}
+
+/// Where reading the log got to.
+struct LogReader {
+    demux: Demux,
+    /// Raw log bytes consumed so far (markers included): the follower replays from byte 0, so
+    /// a plain GET's bytes past this offset are the ones still missing.
+    consumed: usize,
+}
+
+impl LogReader {
+    async fn feed(&mut self, raw: &[u8], out: &mut JobOutput) {
+        self.consumed += raw.len();
+        emit(self.demux.feed(raw), out).await;
+    }
+
+    /// Feeds whatever part of a full log snapshot has not been seen yet.
+    async fn catch_up(&mut self, log: &[u8], out: &mut JobOutput) {
+        if log.len() > self.consumed {
+            let fresh = log[self.consumed..].to_vec();
+            self.feed(&fresh, out).await;
+        }
+    }
+}
+
+async fn emit(pieces: Vec<(StreamKind, Vec<u8>)>, out: &mut JobOutput) {
+    for (stream, data) in pieces {
+        out.output(stream, Bytes::from(data)).await;
+    }
+}
+
+/// How following the command ended.
+enum Followed {
+    /// The command finished with this exit status (as `$?` in the session shell).
+    Exit(i32),
+    /// The job was told to stop.
+    Stopped,
+    /// Daytona failed in a way that loses track of the command.
+    Lost(String),
+}
+
+#[async_trait]
+impl Execution for DaytonaExecution {
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+
+    async fn run(mut self: Box<Self>, out: &mut JobOutput, stop: CancellationToken) -> Outcome {
+        let mut reader = LogReader {
+            demux: Demux::new(),
+            consumed: 0,
+        };
+        let log_stream_ended = self.follow(&mut reader, out, &stop).await;
+        let followed = if stop.is_cancelled() {
+            Followed::Stopped
+        } else {
+            self.poll_until_exit(&mut reader, out, &stop).await
+        };
+        // Deleting the session kills whatever the command left running (or all of it, when
+        // stopping), and frees the sandbox's memory of it.
+        self.session.delete().await;
+        emit(reader.demux.finish(), out).await;
+
+        match followed {
+            Followed::Exit(status) => exit_outcome(status),
+            // Said either way: a command that never gets an exit code (its session shell died,
+            // a known Daytona bug) only ends by timeout or cancel, and this is the clue.
+            Followed::Stopped if log_stream_ended => Outcome::Failed(
+                "Daytona reported no exit code although the command's log had ended \
+                 (its session shell may have died)"
+                    .into(),
+            ),
+            Followed::Stopped => Outcome::Failed(
+                "Daytona had reported no exit code when the job was stopped; its session \
+                 was deleted, which kills the command"
+                    .into(),
+            ),
+            Followed::Lost(reason) => Outcome::Failed(reason),
+        }
+    }
+}
+
+impl DaytonaExecution {
+    /// Streams the log over the WebSocket until it closes, fails or the job is stopped.
+    /// Returns true when the stream ended on Daytona's side.
+    async fn follow(
+        &self,
+        reader: &mut LogReader,
+        out: &mut JobOutput,
+        stop: &CancellationToken,
+    ) -> bool {
+        let toolbox = &self.session.toolbox;
+        let opened = tokio::select! {
+            opened = self.client.follow_logs(toolbox, &self.session.id, &self.command_id) => opened,
+            _ = stop.cancelled() => return false,
+        };
+        let mut socket = match opened {
+            Ok(socket) => socket,
+            Err(e) => {
+                warn!(error = %e, "Daytona refused the log stream; polling the log instead");
+                return false;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                message = socket.next() => message,
+                _ = stop.cancelled() => return false,
+            };
+            let mut batch = match message {
+                Some(Ok(Message::Binary(data))) => data.to_vec(),
+                Some(Ok(Message::Text(text))) => text.as_bytes().to_vec(),
+                Some(Ok(Message::Close(_))) | None => return true,
+                Some(Ok(_)) => continue, // ping/pong: tungstenite answers pings itself
+                Some(Err(e)) => {
+                    warn!(error = %e, "the log stream failed; polling the log instead");
+                    return true;
+                }
+            };
+            // Frames carry at most 1 KiB: gather those already here into one event.
+            let mut closed = false;
+            while batch.len() < MAX_EVENT_BYTES {
+                match socket.next().now_or_never() {
+                    Some(Some(Ok(Message::Binary(data)))) => batch.extend_from_slice(&data),
+                    Some(Some(Ok(Message::Text(text)))) => batch.extend_from_slice(text.as_bytes()),
+                    Some(Some(Ok(Message::Close(_)))) | Some(None) | Some(Some(Err(_))) => {
+                        closed = true;
+                        break;
+                    }
+                    Some(Some(Ok(_))) => {}
+                    None => break,
+                }
+            }
+            reader.feed(&batch, out).await;
+            if closed {
+                return true;
+            }
+        }
+    }
+
+    /// Polls the exit code, and the log for anything the follower missed, until the command
+    /// has exited; then takes the log once more so the tail is complete.
+    async fn poll_until_exit(
+        &self,
+        reader: &mut LogReader,
+        out: &mut JobOutput,
+        stop: &CancellationToken,
+    ) -> Followed {
+        let (toolbox, session, command) =
+            (&self.session.toolbox, &self.session.id, &self.command_id);
+        loop {
+            // Exit code first, then the log: a log read after the exit is complete.
+            let exit = tokio::select! {
+                exit = self.client.exit_code(toolbox, session, command) => exit,
+                _ = stop.cancelled() => return Followed::Stopped,
+            };
+            let exit = match exit {
+                Ok(exit) => exit,
+                Err(e) => return Followed::Lost(format!("lost track of the command: {e}")),
+            };
+            let log = tokio::select! {
+                log = self.client.logs(toolbox, session, command) => log,
+                _ = stop.cancelled() => return Followed::Stopped,
+            };
+            match log {
+                Ok(log) => reader.catch_up(&log, out).await,
+                Err(e) => return Followed::Lost(format!("cannot read the command's log: {e}")),
+            }
+            if let Some(status) = exit {
+                return Followed::Exit(status);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.poll_interval) => {}
+                _ = stop.cancelled() => return Followed::Stopped,
+            }
+        }
+    }
+}
+
+/// Daytona reports `$?` of the session shell, where a process killed by signal N shows as
+/// 128+N. Statuses 129..=159 are therefore reported as that signal. A program that *exits* with
+/// such a status on purpose is indistinguishable and is reported the same way.
+fn exit_outcome(status: i32) -> Outcome {
+    match status {
+        129..=159 => Outcome::Exited {
+            code: None,
+            signal: Some(status - 128),
+        },
+        code => Outcome::Exited {
+            code: Some(code),
+            signal: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_statuses_above_128_are_signals() {
+        assert_eq!(
+            exit_outcome(0),
+            Outcome::Exited {
+                code: Some(0),
+                signal: None
+            }
+        );
+        assert_eq!(
+            exit_outcome(42),
+            Outcome::Exited {
+                code: Some(42),
+                signal: None
+            }
+        );
+        assert_eq!(
+            exit_outcome(137),
+            Outcome::Exited {
+                code: None,
+                signal: Some(9)
+            }
+        );
+        assert_eq!(
+            exit_outcome(143),
+            Outcome::Exited {
+                code: None,
+                signal: Some(15)
+            }
+        );
+        assert_eq!(
+            exit_outcome(128),
+            Outcome::Exited {
+                code: Some(128),
+                signal: None
+            }
+        );
+        assert_eq!(
+            exit_outcome(-1),
+            Outcome::Exited {
+                code: Some(-1),
+                signal: None
+            }
+        );
+    }
+}

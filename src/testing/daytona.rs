@@ -1,0 +1,629 @@
+//! A fake Daytona API for tests and benchmarks: a real HTTP + WebSocket server on loopback that
+//! follows research/daytona-api.md section 6 and really runs the commands it is given, as local
+//! processes, so output, exit codes and timing are real.
+//!
+//! Reproduced: the `/api` and `/toolbox/{sandboxId}` surfaces with Bearer auth; sandbox states
+//! and start; session create (201, 409 duplicate, 400 `entrypoint`) and delete (204, kills the
+//! command's group); async exec (202 with a uuid `cmdId`); `exitCode` absent while running;
+//! per-line `01 01 01`/`02 02 02` log markers with a newline added to a final partial line; a
+//! JSON plain log GET; a WebSocket follower that replays from byte 0 in binary frames of at
+//! most 1 KiB and closes with 1000 shortly after the exit. Fault switches cover the known
+//! failure modes.
+
+// Handlers return ready-made error responses through `Result`; their size does not matter here.
+#![allow(clippy::result_large_err)]
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    process::Stdio,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::{
+        Path, Request, State,
+        ws::{
+            CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+        },
+    },
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    net::TcpListener,
+    process::Command,
+};
+
+/// Switches that make the fake misbehave the way Daytona is known to.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Every request gets 401 (a revoked API key).
+    pub unauthorized: AtomicBool,
+    /// WebSocket upgrades of the log follower get 502 (seen behind some proxies).
+    pub refuse_log_stream: AtomicBool,
+    /// The follower closes right after the exit without sending the last bytes of the log.
+    pub lose_log_tail: AtomicBool,
+    /// Log frames get odd sizes so markers are split across frames.
+    pub split_frames: AtomicBool,
+    /// Exec answers 202 but the session shell is dead: nothing runs, no exit code ever appears.
+    pub dead_shell: AtomicBool,
+    /// Extra delay before every API answer, in milliseconds.
+    pub api_delay_ms: AtomicU64,
+    /// The next N GETs answer 503 (transient failures that a client should retry).
+    pub transient_get_failures: AtomicUsize,
+}
+
+/// A running fake.
+pub struct FakeDaytona {
+    /// Base URL of the API, as `DAYTONA_API_URL` (`http://127.0.0.1:PORT/api`).
+    pub api_url: String,
+    pub api_key: String,
+    state: Arc<Fake>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeDaytona {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+struct Fake {
+    api_key: String,
+    base: String,
+    faults: Faults,
+    sandboxes: Mutex<HashMap<String, Sandbox>>,
+    created_sessions: Mutex<Vec<String>>,
+    deleted_sessions: Mutex<Vec<String>>,
+}
+
+#[derive(Default)]
+struct Sandbox {
+    state: String,
+    sessions: HashMap<String, HashMap<String, Arc<CommandRun>>>,
+}
+
+struct CommandRun {
+    command: String,
+    log: Mutex<Vec<u8>>,
+    exit: Mutex<Option<i32>>,
+    pgid: Mutex<Option<u32>>,
+    /// Set when its session is deleted: followers close.
+    gone: AtomicBool,
+}
+
+impl FakeDaytona {
+    /// Starts the fake on 127.0.0.1:0 with one API key.
+    pub async fn start(api_key: &str) -> FakeDaytona {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake Daytona");
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let state = Arc::new(Fake {
+            api_key: api_key.to_owned(),
+            base: format!("http://{addr}"),
+            faults: Faults::default(),
+            sandboxes: Mutex::new(HashMap::new()),
+            created_sessions: Mutex::new(Vec::new()),
+            deleted_sessions: Mutex::new(Vec::new()),
+        });
+        let toolbox = "/toolbox/{sandbox}/process/session";
+        let app = Router::new()
+            .route("/api/sandbox/{sandbox}", get(get_sandbox))
+            .route("/api/sandbox/{sandbox}/start", post(start_sandbox))
+            .route(
+                "/api/sandbox/{sandbox}/toolbox-proxy-url",
+                get(toolbox_proxy_url),
+            )
+            .route(toolbox, post(create_session))
+            .route(
+                &format!("{toolbox}/{{session}}"),
+                get(get_session).delete(delete_session),
+            )
+            .route(&format!("{toolbox}/{{session}}/exec"), post(exec))
+            .route(
+                &format!("{toolbox}/{{session}}/command/{{command}}"),
+                get(get_command),
+            )
+            .route(
+                &format!("{toolbox}/{{session}}/command/{{command}}/logs"),
+                get(logs),
+            )
+            .layer(middleware::from_fn_with_state(
+                Arc::clone(&state),
+                auth_and_faults,
+            ))
+            .with_state(Arc::clone(&state));
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .await
+                .expect("fake Daytona serves");
+        });
+        FakeDaytona {
+            api_url: format!("http://{addr}/api"),
+            api_key: api_key.to_owned(),
+            state,
+            server,
+        }
+    }
+
+    /// Adds (or resets) a sandbox in `state` ("started", "stopped", ...).
+    pub fn add_sandbox(&self, id: &str, state: &str) {
+        self.state.sandboxes.lock().unwrap().insert(
+            id.to_owned(),
+            Sandbox {
+                state: state.to_owned(),
+                sessions: HashMap::new(),
+            },
+        );
+    }
+
+    pub fn sandbox_state(&self, id: &str) -> Option<String> {
+        self.state
+            .sandboxes
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|s| s.state.clone())
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    /// Session ids created so far, in order.
+    pub fn created_sessions(&self) -> Vec<String> {
+        self.state.created_sessions.lock().unwrap().clone()
+    }
+
+    /// Session ids deleted so far, in order.
+    pub fn deleted_sessions(&self) -> Vec<String> {
+        self.state.deleted_sessions.lock().unwrap().clone()
+    }
+
+    /// Sessions that exist now, across sandboxes.
+    pub fn live_sessions(&self) -> usize {
+        self.state
+            .sandboxes
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.sessions.len())
+            .sum()
+    }
+
+    /// Commands the fake was asked to run, in no particular order.
+    pub fn commands(&self) -> Vec<String> {
+        let sandboxes = self.state.sandboxes.lock().unwrap();
+        sandboxes
+            .values()
+            .flat_map(|s| s.sessions.values())
+            .flat_map(|cmds| cmds.values().map(|c| c.command.clone()))
+            .collect()
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    let body = json!({ "statusCode": status.as_u16(), "message": message, "error": status.canonical_reason() });
+    (status, Json(body)).into_response()
+}
+
+async fn auth_and_faults(State(fake): State<Arc<Fake>>, request: Request, next: Next) -> Response {
+    let delay = fake.faults.api_delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let expected = format!("Bearer {}", fake.api_key);
+    let authorized = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .is_some_and(|v| v.as_bytes() == expected.as_bytes());
+    if !authorized || fake.faults.unauthorized.load(Ordering::Relaxed) {
+        return error(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    if request.method() == axum::http::Method::GET
+        && fake
+            .faults
+            .transient_get_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "try again");
+    }
+    next.run(request).await
+}
+
+fn sandbox_dto(fake: &Fake, id: &str, state: &str) -> Value {
+    json!({
+        "id": id, "name": id, "organizationId": "org", "state": state, "desiredState": "started",
+        "toolboxProxyUrl": format!("{}/toolbox", fake.base),
+    })
+}
+
+async fn get_sandbox(State(fake): State<Arc<Fake>>, Path(id): Path<String>) -> Response {
+    match fake.sandboxes.lock().unwrap().get(&id) {
+        Some(s) => Json(sandbox_dto(&fake, &id, &s.state)).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            &format!("Sandbox with ID or name {id} not found"),
+        ),
+    }
+}
+
+async fn start_sandbox(State(fake): State<Arc<Fake>>, Path(id): Path<String>) -> Response {
+    let mut sandboxes = fake.sandboxes.lock().unwrap();
+    let Some(sandbox) = sandboxes.get_mut(&id) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("Sandbox with ID or name {id} not found"),
+        );
+    };
+    if sandbox.state != "started" {
+        // Starting takes a moment; sessions do not survive a stop/start.
+        sandbox.state = "starting".into();
+        sandbox.sessions.clear();
+        let fake = Arc::clone(&fake);
+        let id = id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Some(s) = fake.sandboxes.lock().unwrap().get_mut(&id) {
+                s.state = "started".into();
+            }
+        });
+    }
+    Json(sandbox_dto(&fake, &id, &sandbox.state)).into_response()
+}
+
+async fn toolbox_proxy_url(State(fake): State<Arc<Fake>>, Path(id): Path<String>) -> Response {
+    if !fake.sandboxes.lock().unwrap().contains_key(&id) {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("Sandbox with ID or name {id} not found"),
+        );
+    }
+    Json(json!({ "url": format!("{}/toolbox", fake.base) })).into_response()
+}
+
+/// Runs `f` on a started sandbox, or answers like Daytona's runner does for others.
+fn with_sandbox<T>(
+    fake: &Fake,
+    id: &str,
+    f: impl FnOnce(&mut Sandbox) -> Result<T, Response>,
+) -> Result<T, Response> {
+    let mut sandboxes = fake.sandboxes.lock().unwrap();
+    let Some(sandbox) = sandboxes.get_mut(id) else {
+        return Err(error(StatusCode::NOT_FOUND, "sandbox not found"));
+    };
+    if sandbox.state != "started" {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad request: Is the Sandbox started?",
+        ));
+    }
+    f(sandbox)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateSession {
+    session_id: String,
+}
+
+async fn create_session(
+    State(fake): State<Arc<Fake>>,
+    Path(sandbox): Path<String>,
+    Json(body): Json<CreateSession>,
+) -> Response {
+    let result = with_sandbox(&fake, &sandbox, |s| {
+        if body.session_id == "entrypoint" {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad request: session ID 'entrypoint' is reserved",
+            ));
+        }
+        if s.sessions.contains_key(&body.session_id) {
+            return Err(error(
+                StatusCode::CONFLICT,
+                "conflict: session already exists",
+            ));
+        }
+        s.sessions.insert(body.session_id.clone(), HashMap::new());
+        Ok(())
+    });
+    match result {
+        Ok(()) => {
+            fake.created_sessions.lock().unwrap().push(body.session_id);
+            StatusCode::CREATED.into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+async fn get_session(
+    State(fake): State<Arc<Fake>>,
+    Path((sandbox, session)): Path<(String, String)>,
+) -> Response {
+    let result = with_sandbox(&fake, &sandbox, |s| {
+        let commands = s
+            .sessions
+            .get(&session)
+            .ok_or_else(|| error(StatusCode::NOT_FOUND, "not found: session not found"))?;
+        Ok(commands
+            .iter()
+            .map(|(id, c)| command_dto(id, c))
+            .collect::<Vec<_>>())
+    });
+    match result {
+        Ok(commands) => Json(json!({ "sessionId": session, "commands": commands })).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn delete_session(
+    State(fake): State<Arc<Fake>>,
+    Path((sandbox, session)): Path<(String, String)>,
+) -> Response {
+    let result = with_sandbox(&fake, &sandbox, |s| {
+        s.sessions
+            .remove(&session)
+            .ok_or_else(|| error(StatusCode::NOT_FOUND, "not found: session not found"))
+    });
+    match result {
+        Ok(commands) => {
+            for command in commands.values() {
+                command.gone.store(true, Ordering::SeqCst);
+                if let Some(pgid) = *command.pgid.lock().unwrap() {
+                    kill_group(pgid);
+                }
+            }
+            fake.deleted_sessions.lock().unwrap().push(session);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+/// SIGTERM to the group, SIGKILL a second later, like the daemon's termination grace.
+fn kill_group(pgid: u32) {
+    use nix::sys::signal::{Signal, killpg};
+    let group = nix::unistd::Pid::from_raw(pgid as i32);
+    let _ = killpg(group, Signal::SIGTERM);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = killpg(group, Signal::SIGKILL);
+    });
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Exec {
+    command: String,
+    #[serde(default)]
+    run_async: bool,
+    #[serde(default, rename = "async")]
+    legacy_async: bool,
+}
+
+async fn exec(
+    State(fake): State<Arc<Fake>>,
+    Path((sandbox, session)): Path<(String, String)>,
+    Json(body): Json<Exec>,
+) -> Response {
+    if body.command.trim().is_empty() {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    let command_id = uuid::Uuid::new_v4().to_string();
+    let run = Arc::new(CommandRun {
+        command: body.command.clone(),
+        log: Mutex::new(Vec::new()),
+        exit: Mutex::new(None),
+        pgid: Mutex::new(None),
+        gone: AtomicBool::new(false),
+    });
+    let registered = with_sandbox(&fake, &sandbox, |s| match s.sessions.get_mut(&session) {
+        Some(commands) => {
+            commands.insert(command_id.clone(), Arc::clone(&run));
+            Ok(())
+        }
+        // Daemons of the researched version wrap "session not found" into a 500.
+        None => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "failed to execute command: not found: session not found",
+        )),
+    });
+    if let Err(response) = registered {
+        return response;
+    }
+    if !fake.faults.dead_shell.load(Ordering::Relaxed) {
+        let runner = tokio::spawn(run_command(Arc::clone(&run)));
+        if !(body.run_async || body.legacy_async) {
+            let _ = runner.await;
+            let log = run.log.lock().unwrap().clone();
+            let exit = *run.exit.lock().unwrap();
+            return Json(json!({
+                "cmdId": command_id, "output": String::from_utf8_lossy(&log),
+                "stdout": null, "stderr": null, "exitCode": exit,
+            }))
+            .into_response();
+        }
+    }
+    let body = json!({ "cmdId": command_id, "output": null, "stdout": null, "stderr": null, "exitCode": null });
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+/// Runs the command as the session shell would, logging each line with its stream's marker.
+async fn run_command(run: Arc<CommandRun>) {
+    let spawned = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&run.command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(_) => {
+            *run.exit.lock().unwrap() = Some(127);
+            return;
+        }
+    };
+    *run.pgid.lock().unwrap() = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let out = tokio::spawn(copy_lines(stdout, [1, 1, 1], Arc::clone(&run)));
+    let err = tokio::spawn(copy_lines(stderr, [2, 2, 2], Arc::clone(&run)));
+    let status = child.wait().await;
+    let _ = tokio::join!(out, err);
+    use std::os::unix::process::ExitStatusExt;
+    let code = match status {
+        Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+        Err(_) => 1,
+    };
+    *run.exit.lock().unwrap() = Some(code);
+}
+
+async fn copy_lines(pipe: impl AsyncRead + Unpin, marker: [u8; 3], run: Arc<CommandRun>) {
+    let mut reader = BufReader::with_capacity(64 * 1024, pipe);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if line.last() != Some(&b'\n') {
+                    line.push(b'\n');
+                }
+                let mut log = run.log.lock().unwrap();
+                log.extend_from_slice(&marker);
+                log.extend_from_slice(&line);
+            }
+        }
+    }
+}
+
+fn command_dto(id: &str, run: &CommandRun) -> Value {
+    let mut dto = json!({ "id": id, "command": run.command });
+    if let Some(code) = *run.exit.lock().unwrap() {
+        dto["exitCode"] = json!(code);
+    }
+    dto
+}
+
+fn find_command(
+    fake: &Fake,
+    sandbox: &str,
+    session: &str,
+    command: &str,
+) -> Result<Arc<CommandRun>, Response> {
+    with_sandbox(fake, sandbox, |s| {
+        let commands = s
+            .sessions
+            .get(session)
+            .ok_or_else(|| error(StatusCode::NOT_FOUND, "not found: session not found"))?;
+        commands
+            .get(command)
+            .cloned()
+            .ok_or_else(|| error(StatusCode::NOT_FOUND, "not found: command not found"))
+    })
+}
+
+async fn get_command(
+    State(fake): State<Arc<Fake>>,
+    Path((sandbox, session, command)): Path<(String, String, String)>,
+) -> Response {
+    match find_command(&fake, &sandbox, &session, &command) {
+        Ok(run) => Json(command_dto(&command, &run)).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn logs(
+    State(fake): State<Arc<Fake>>,
+    Path((sandbox, session, command)): Path<(String, String, String)>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let run = match find_command(&fake, &sandbox, &session, &command) {
+        Ok(run) => run,
+        Err(response) => return response,
+    };
+    match upgrade {
+        Ok(_) if fake.faults.refuse_log_stream.load(Ordering::Relaxed) => {
+            error(StatusCode::BAD_GATEWAY, "Bad Gateway")
+        }
+        Ok(upgrade) => upgrade.on_upgrade(move |socket| follow(socket, run, fake)),
+        Err(_) => {
+            // SDK version >= 0.167.0: JSON with the raw log (markers kept) in `output`.
+            let log = run.log.lock().unwrap().clone();
+            Json(json!({ "output": String::from_utf8_lossy(&log), "stdout": "", "stderr": "" }))
+                .into_response()
+        }
+    }
+}
+
+/// Replays the log from byte 0, then tails it; closes 1000 after the exit (or deletion).
+async fn follow(mut socket: WebSocket, run: Arc<CommandRun>, fake: Arc<Fake>) {
+    let mut sent = 0;
+    let mut frame_no = 0usize;
+    loop {
+        let (pending, exited) = {
+            let log = run.log.lock().unwrap();
+            (log[sent..].to_vec(), run.exit.lock().unwrap().is_some())
+        };
+        let gone = run.gone.load(Ordering::SeqCst);
+        let lose_tail = exited && fake.faults.lose_log_tail.load(Ordering::Relaxed);
+        // The closer/writer race of the real daemon: the last bytes never go out.
+        let sendable = if lose_tail {
+            pending.len().saturating_sub(64)
+        } else {
+            pending.len()
+        };
+        let mut offset = 0;
+        while offset < sendable {
+            let size = if fake.faults.split_frames.load(Ordering::Relaxed) {
+                1 + (frame_no * 7) % 13
+            } else {
+                1024
+            };
+            frame_no += 1;
+            let end = (offset + size).min(sendable);
+            if socket
+                .send(Message::Binary(Bytes::copy_from_slice(
+                    &pending[offset..end],
+                )))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            offset = end;
+        }
+        sent += sendable;
+        if gone || (exited && (sent == run.log.lock().unwrap().len() || lose_tail)) {
+            if !gone {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code: 1000,
+                    reason: "".into(),
+                })))
+                .await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
