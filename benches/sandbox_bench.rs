@@ -56,6 +56,29 @@ enum Bench {
     SlowReader(SlowReaderArgs),
     /// The Convex mirror against a local ingest receiver: throughput cost, requests/MiB, lag.
     Mirror(MirrorArgs),
+    /// Two server binaries (before/after a change) interleaved: latency and throughput.
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct CompareArgs {
+    /// The server binary before the change.
+    #[arg(long)]
+    before: PathBuf,
+    /// The server binary after the change (default: the current one).
+    #[arg(long)]
+    after: Option<PathBuf>,
+    /// Extra server flags for the "after" server (e.g. to try a setting).
+    #[arg(long, allow_hyphen_values = true, num_args = 1..)]
+    after_args: Vec<String>,
+    /// Sequential latency runs of each.
+    #[arg(long, default_value_t = 300)]
+    runs: usize,
+    /// Bytes per throughput run.
+    #[arg(long, default_value_t = 1 << 30)]
+    bytes: u64,
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 #[derive(clap::Args, Clone)]
@@ -132,6 +155,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Concurrency(a) => concurrency(a).await,
             Bench::SlowReader(a) => slow_reader(a).await,
             Bench::Mirror(a) => mirror(a).await,
+            Bench::Compare(a) => compare(a).await,
         }
     })
 }
@@ -234,7 +258,15 @@ struct Server {
 
 impl Server {
     async fn spawn(extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Server> {
-        let mut child = Command::new(server_bin())
+        Server::spawn_bin(&server_bin(), extra, env).await
+    }
+
+    async fn spawn_bin(
+        bin: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Server> {
+        let mut child = Command::new(bin)
             .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
             .args(extra)
             .envs(env.iter().copied())
@@ -1002,5 +1034,94 @@ async fn mirror(a: MirrorArgs) -> anyhow::Result<()> {
     );
     plain.stop().await;
     mirrored.stop().await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Before/after a change, in the same run.
+
+async fn compare(a: CompareArgs) -> anyhow::Result<()> {
+    let after_bin = a.after.clone().unwrap_or_else(server_bin);
+    let after_args: Vec<&str> = a.after_args.iter().map(String::as_str).collect();
+    let before = Server::spawn_bin(&a.before, &[], &[]).await?;
+    let after = Server::spawn_bin(&after_bin, &after_args, &[]).await?;
+    let servers = [&before, &after];
+    let mut clients = Vec::new();
+    for s in servers {
+        clients.push((s.client(false).await?, s.client(true).await?));
+    }
+    let names = [
+        "Exec `true` → Exited, p50 ms",
+        "Exec `echo hi` → first Output, p50 ms",
+    ];
+    let mut lat: Vec<[Samples; 2]> = names
+        .iter()
+        .map(|n| [Samples::new(*n), Samples::new(*n)])
+        .collect();
+    let mut tput_default = [Samples::new("default"), Samples::new("default")];
+    let mut tput_tuned = [Samples::new("tuned"), Samples::new("tuned")];
+    for (c, _) in &mut clients {
+        exec(c, request("true", None), false).await?;
+    }
+    for i in 0..a.runs {
+        if i % 100 == 0 {
+            eprintln!("compare latency {i}/{}", a.runs);
+        }
+        for (k, (c, _)) in clients.iter_mut().enumerate() {
+            let r = exec(c, request("true", None), false).await?;
+            lat[0][k].push(ms(r.exited.expect("checked")));
+            let r = exec(c, request("echo hi", None), false).await?;
+            lat[1][k].push(ms(r.first_output.expect("echo writes")));
+        }
+    }
+    let command = format!("head -c {} /dev/zero", a.bytes);
+    for round in 0..a.rounds {
+        eprintln!("compare throughput {}/{}", round + 1, a.rounds);
+        for (k, (d, t)) in clients.iter_mut().enumerate() {
+            let start = Instant::now();
+            let r = exec(d, request(&command, None), false).await?;
+            tput_default[k].push(gbps(r.bytes, start.elapsed()));
+            let start = Instant::now();
+            let r = exec(t, request(&command, None), false).await?;
+            tput_tuned[k].push(gbps(r.bytes, start.elapsed()));
+        }
+    }
+    println!(
+        "### Before/after, interleaved: before = {}, after = {} {}\n",
+        a.before.display(),
+        after_bin.display(),
+        a.after_args.join(" ")
+    );
+    println!("| measure | before | after | after/before |\n|---|---|---|---|");
+    for [b, f] in &lat {
+        println!(
+            "| {} (p99) | {:.2} ({:.2}) | {:.2} ({:.2}) | {:.2}x |",
+            b.name,
+            b.median(),
+            b.pct(99.0),
+            f.median(),
+            f.pct(99.0),
+            f.median() / b.median()
+        );
+    }
+    for ([b, f], name) in [
+        (&tput_default, "throughput, default client, GB/s (min..max)"),
+        (&tput_tuned, "throughput, tuned client, GB/s (min..max)"),
+    ] {
+        let (bs, fs) = (b.sorted(), f.sorted());
+        println!(
+            "| {name} | {:.2} ({:.2}..{:.2}) | {:.2} ({:.2}..{:.2}) | {:.2}x |",
+            b.median(),
+            bs[0],
+            bs[bs.len() - 1],
+            f.median(),
+            fs[0],
+            fs[fs.len() - 1],
+            f.median() / b.median()
+        );
+    }
+    println!();
+    before.stop().await;
+    after.stop().await;
     Ok(())
 }
