@@ -68,9 +68,9 @@ struct CompareArgs {
     /// The server binary after the change (default: the current one).
     #[arg(long)]
     after: Option<PathBuf>,
-    /// Extra server flags for the "after" server (e.g. to try a setting).
-    #[arg(long, allow_hyphen_values = true, num_args = 1..)]
-    after_args: Vec<String>,
+    /// Extra server flags for the "after" server, as one string (e.g. to try a setting).
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    after_args: String,
     /// Sequential latency runs of each.
     #[arg(long, default_value_t = 300)]
     runs: usize,
@@ -1042,7 +1042,7 @@ async fn mirror(a: MirrorArgs) -> anyhow::Result<()> {
 
 async fn compare(a: CompareArgs) -> anyhow::Result<()> {
     let after_bin = a.after.clone().unwrap_or_else(server_bin);
-    let after_args: Vec<&str> = a.after_args.iter().map(String::as_str).collect();
+    let after_args: Vec<&str> = a.after_args.split_whitespace().collect();
     let before = Server::spawn_bin(&a.before, &[], &[]).await?;
     let after = Server::spawn_bin(&after_bin, &after_args, &[]).await?;
     let servers = [&before, &after];
@@ -1090,7 +1090,7 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         "### Before/after, interleaved: before = {}, after = {} {}\n",
         a.before.display(),
         after_bin.display(),
-        a.after_args.join(" ")
+        a.after_args
     );
     println!("| measure | before | after | after/before |\n|---|---|---|---|");
     for [b, f] in &lat {
