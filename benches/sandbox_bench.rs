@@ -720,6 +720,9 @@ async fn latency(a: LatencyArgs) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // 3. Concurrency.
 
+/// Peak fds of this process (client, and the Daytona fake with its jobs' pipes).
+static BENCH_FDS_PEAK: AtomicU64 = AtomicU64::new(0);
+
 /// Samples the server's RSS and fds until stopped; returns (peak RSS KiB, peak fds).
 fn watch(server: &Server) -> (tokio::task::JoinHandle<(u64, usize)>, Arc<AtomicU64>) {
     let stop = Arc::new(AtomicU64::new(0));
@@ -729,6 +732,8 @@ fn watch(server: &Server) -> (tokio::task::JoinHandle<(u64, usize)>, Arc<AtomicU
         async move {
             let (mut rss, mut fds) = (0, 0);
             while stop.load(Ordering::Relaxed) == 0 {
+                let own = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+                BENCH_FDS_PEAK.fetch_max(own as u64, Ordering::Relaxed);
                 let text =
                     std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
                 rss = rss.max(status_field(&text, "VmRSS").unwrap_or(0));
@@ -795,7 +800,14 @@ async fn concurrency_run(
     // VmHWM: the true peak between samples (this server ran nothing bigger before).
     let peak_rss = peak_rss.max(server.memory().1);
     if !failed.is_empty() {
-        eprintln!("  {} failed, e.g. {}", failed.len(), failed[0]);
+        println!(
+            "\n{} failed, e.g. {}; this process (client + fake) peaked at {} fds of its limit {}\n",
+            failed.len(),
+            failed[0],
+            BENCH_FDS_PEAK.load(Ordering::Relaxed),
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(0, |l| l.0)
+        );
     }
     println!(
         "| {name} | {jobs} | {ok}/{jobs} | {:.2} s | {:.1} → {:.1} MiB | {:.1} KiB | {idle_fds} → {peak_fds} | {:.2} |",

@@ -28,6 +28,9 @@ use crate::{
 /// anyway (e.g. a client that stopped reading its stream).
 const CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// Client→server HTTP/2 connection window; see its use.
+const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// Ways serving can fail.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -129,6 +132,11 @@ pub async fn run(
         // Detects clients that vanished without closing the connection, so their jobs stop.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // h2 closes a connection (GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames") once unread
+        // small DATA frames exceed half the connection window: with hyper's 1 MiB, ~2,400 Exec
+        // requests started at once on one connection. Requests are tiny, so a larger window
+        // costs nothing; 16 MiB allows ~38,000.
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
