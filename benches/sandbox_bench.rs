@@ -71,6 +71,9 @@ struct CompareArgs {
     /// Extra server flags for the "after" server, as one string (e.g. to try a setting).
     #[arg(long, allow_hyphen_values = true, default_value = "")]
     after_args: String,
+    /// Extra environment of the "after" server, as `K=V K2=V2`.
+    #[arg(long, default_value = "")]
+    after_env: String,
     /// Sequential latency runs of each.
     #[arg(long, default_value_t = 300)]
     runs: usize,
@@ -319,6 +322,11 @@ impl Server {
         )
     }
 
+    /// CPU seconds (user, system) the server has used so far.
+    fn cpu(&self) -> (f64, f64) {
+        cpu_of(&format!("/proc/{}/stat", self.pid))
+    }
+
     fn fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid)).map_or(0, |d| d.count())
     }
@@ -517,6 +525,21 @@ impl Samples {
     }
 }
 
+/// (user, system) CPU seconds from a /proc stat file (USER_HZ is 100 on Linux).
+fn cpu_of(path: &str) -> (f64, f64) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    if f.len() < 13 {
+        return (0.0, 0.0);
+    }
+    (f[11] / 100.0, f[12] / 100.0)
+}
+
 fn gbps(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / took.as_secs_f64() / 1e9
 }
@@ -576,6 +599,8 @@ async fn throughput(a: ThroughputArgs) -> anyhow::Result<()> {
     let mut exec_mixed = Samples::new("Exec, stdout+stderr interleaved, tuned client");
     let mut pipe_lines = Samples::new("pipe: 128-byte lines → reader (no service)");
     let mut daytona = Samples::new("Exec via Daytona backend + fake API, tuned client");
+    // CPU seconds during the tuned runs: server user, server sys, client user, client sys.
+    let mut cpu = [0f64; 4];
     for round in 0..a.rounds {
         eprintln!("throughput round {}/{}", round + 1, a.rounds);
         let t = Instant::now();
@@ -594,10 +619,16 @@ async fn throughput(a: ThroughputArgs) -> anyhow::Result<()> {
         let r = exec(&mut default_client, request(&command, None), false).await?;
         exec_default.push(gbps(r.bytes, t.elapsed()));
 
+        let (server0, client0) = (server.cpu(), cpu_of("/proc/self/stat"));
         let t = Instant::now();
         let r = exec(&mut tuned_client, request(&command, None), false).await?;
         anyhow::ensure!(r.bytes == a.bytes);
         exec_tuned.push(gbps(r.bytes, t.elapsed()));
+        let (server1, client1) = (server.cpu(), cpu_of("/proc/self/stat"));
+        cpu[0] += server1.0 - server0.0;
+        cpu[1] += server1.1 - server0.1;
+        cpu[2] += client1.0 - client0.0;
+        cpu[3] += client1.1 - client0.1;
 
         let t = Instant::now();
         let r = exec(&mut tuned_client, request(&interleaved, None), false).await?;
@@ -632,6 +663,15 @@ async fn throughput(a: ThroughputArgs) -> anyhow::Result<()> {
     }
     pipe_lines.rate_row(None, None);
     daytona.rate_row(Some(&pipe_lines), None);
+    let gib = (a.bytes * a.rounds as u64) as f64 / (1u64 << 30) as f64;
+    println!(
+        "\nCPU per GiB in the tuned runs: server {:.2} s user + {:.2} s sys, client {:.2} s user + \
+         {:.2} s sys (the job's `head` and the kernel's pipe/TCP work for it are not included).",
+        cpu[0] / gib,
+        cpu[1] / gib,
+        cpu[2] / gib,
+        cpu[3] / gib
+    );
     println!();
     server.stop().await;
     dserver.stop().await;
@@ -1056,7 +1096,12 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
     let after_bin = a.after.clone().unwrap_or_else(server_bin);
     let after_args: Vec<&str> = a.after_args.split_whitespace().collect();
     let before = Server::spawn_bin(&a.before, &[], &[]).await?;
-    let after = Server::spawn_bin(&after_bin, &after_args, &[]).await?;
+    let after_env: Vec<(&str, &str)> = a
+        .after_env
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    let after = Server::spawn_bin(&after_bin, &after_args, &after_env).await?;
     let servers = [&before, &after];
     let mut clients = Vec::new();
     for s in servers {
@@ -1099,10 +1144,11 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         }
     }
     println!(
-        "### Before/after, interleaved: before = {}, after = {} {}\n",
+        "### Before/after, interleaved: before = {}, after = {} {} {}\n",
         a.before.display(),
         after_bin.display(),
-        a.after_args
+        a.after_args,
+        a.after_env
     );
     println!("| measure | before | after | after/before |\n|---|---|---|---|");
     for [b, f] in &lat {
