@@ -207,6 +207,24 @@ fn ensure_server_built() -> anyhow::Result<()> {
             "--bin",
             "sandbox-runner",
         ]);
+        // `cargo run` exports these to us; passed on, some build scripts (ring's tracks
+        // CARGO_MANIFEST_DIR) would see a changed environment and rebuild half the tree.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p))
+                || name == "OUT_DIR"
+            {
+                cmd.env_remove(name.as_ref());
+            }
+        }
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
