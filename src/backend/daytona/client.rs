@@ -366,6 +366,15 @@ async fn json<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, Api
     })
 }
 
+/// Settings of the log follower's WebSocket. tungstenite's default 128 KiB read buffer is
+/// zero-filled up front, which made each running job cost ~160 KiB of server memory; Daytona's
+/// log frames are small, so 16 KiB reads lose nothing. We only ever send control frames.
+fn ws_config() -> tungstenite::protocol::WebSocketConfig {
+    tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,13 +397,4 @@ mod tests {
         );
         assert_eq!(error_message("plain text"), "plain text");
     }
-}
-
-/// Settings of the log follower's WebSocket. tungstenite's default 128 KiB read buffer is
-/// zero-filled up front, which made each running job cost ~160 KiB of server memory; Daytona's
-/// log frames are small, so 16 KiB reads lose nothing. We only ever send control frames.
-fn ws_config() -> tungstenite::protocol::WebSocketConfig {
-    tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
-        .write_buffer_size(0)
 }
