@@ -610,7 +610,7 @@ async fn throughput(a: ThroughputArgs) -> anyhow::Result<()> {
     let dserver = daytona_server(&fake, &[]).await?;
     let mut dclient = dserver.client(true).await?;
 
-    let mut shell = Samples::new("shell pipe: `head -c N /dev/zero | cat >/dev/null`");
+    let mut shell = Samples::new("shell pipe: `head -c N /dev/zero \\| cat >/dev/null`");
     let mut pipe = Samples::new("pipe → reader in this process (1 MiB pipe and reads)");
     let mut exec_default = Samples::new("Exec, default tonic client");
     let mut exec_tuned = Samples::new("Exec, tuned client (1 MiB frames, 16/32 MiB windows)");
