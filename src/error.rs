@@ -56,6 +56,21 @@ pub enum Error {
     #[error("the backend failed: {0}")]
     BackendFailed(String),
 
+    /// The job id is not one this service issued.
+    #[error("job {id:?} not found: {reason}")]
+    InvalidJobId {
+        id: String,
+        reason: crate::job::JobIdError,
+    },
+
+    /// The job belongs to another replica and cannot be reached from this one.
+    #[error("job {job_id:?} {detail} on replica {replica:?}; call that replica")]
+    JobElsewhere {
+        job_id: String,
+        replica: String,
+        detail: &'static str,
+    },
+
     /// The caller presented no valid credentials.
     #[error("missing or invalid bearer token")]
     Unauthenticated,

@@ -20,7 +20,7 @@ use crate::{
         auth::BearerAuth,
         service::{InstanceInfo, SandboxApi},
     },
-    job::{Jobs, JobsConfig},
+    job::{JobIdCodec, Jobs, JobsConfig},
     proto::{self as pb, sandbox_service_server::SandboxServiceServer},
     sink::Sinks,
 };
@@ -40,6 +40,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("cannot set up the backend: {0}")]
     Backend(String),
+    #[error("no OS randomness for the job-id signing key: {0}")]
+    Randomness(String),
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: health turns NOT_SERVING, new
@@ -64,8 +66,22 @@ pub async fn run(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let backend = backend(&config)?;
     let sinks = Sinks::default();
+    let replica = config.replica();
+    let signing_key = match &config.job_id_signing_key {
+        Some(key) => key.as_bytes().to_vec(),
+        None => {
+            info!(
+                "JOB_ID_SIGNING_KEY is unset: job ids are signed with a random key and only this \
+                 process can serve them; set the same key on every replica"
+            );
+            let mut key = vec![0u8; 32];
+            getrandom::fill(&mut key).map_err(|e| ServerError::Randomness(e.to_string()))?;
+            key
+        }
+    };
     let jobs = Jobs::new(
         backend,
+        JobIdCodec::new(&signing_key, &replica),
         sinks.clone(),
         JobsConfig {
             max_concurrent: config.max_concurrent_jobs,
@@ -125,8 +141,15 @@ pub async fn run(
         let _ = drained_tx.send(());
     };
 
-    info!(%addr, backend = config.backend.as_str(), auth = auth.is_enabled(), "listening");
-    let server = tonic::transport::Server::builder()
+    info!(%addr, backend = config.backend.as_str(), auth = auth.is_enabled(), %replica, "listening");
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(age) = config.max_connection_age {
+        // Streams still open when the age is reached get this long to finish.
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(config.max_timeout);
+    }
+    let server = builder
         // Detects clients that vanished without closing the connection, so their jobs stop.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

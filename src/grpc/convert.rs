@@ -19,6 +19,8 @@ const MAX_ARG_BYTES: usize = 128 * 1024;
 const MAX_ARGV_LEN: usize = 4096;
 const MAX_ENV_VARS: usize = 1024;
 const MAX_PATH_BYTES: usize = 4096;
+/// Longest job id: a signed id carries the caller's labels and the backend's handle.
+const MAX_JOB_ID_BYTES: usize = 4096;
 
 /// Validates an Exec request and turns it into a job spec.
 pub fn job_spec(req: pb::ExecRequest) -> Result<JobSpec, Error> {
@@ -106,7 +108,7 @@ pub fn job_id(raw: String) -> Result<JobId, Error> {
     if raw.is_empty() {
         return invalid("job_id is empty");
     }
-    text("job_id", &raw, MAX_ID_BYTES)?;
+    text("job_id", &raw, MAX_JOB_ID_BYTES)?;
     Ok(JobId::from_caller(raw))
 }
 

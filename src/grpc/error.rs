@@ -18,6 +18,9 @@ impl From<Error> for Status {
             Error::BackendMisconfigured(_) => Code::FailedPrecondition,
             Error::BackendUnavailable(_) => Code::Unavailable,
             Error::BackendFailed(_) => Code::Internal,
+            // Like any unknown id: forged and malformed ids name no job.
+            Error::InvalidJobId { .. } => Code::NotFound,
+            Error::JobElsewhere { .. } => Code::FailedPrecondition,
             Error::Unauthenticated => Code::Unauthenticated,
         };
         Status::new(code, err.to_string())
@@ -66,6 +69,21 @@ mod tests {
             ),
             (Error::BackendUnavailable("down".into()), Code::Unavailable),
             (Error::BackendFailed("odd".into()), Code::Internal),
+            (
+                Error::InvalidJobId {
+                    id: "x".into(),
+                    reason: crate::job::JobIdError::Signature,
+                },
+                Code::NotFound,
+            ),
+            (
+                Error::JobElsewhere {
+                    job_id: "j".into(),
+                    replica: "r".into(),
+                    detail: "runs",
+                },
+                Code::FailedPrecondition,
+            ),
         ];
         for (err, code) in cases {
             let message = err.to_string();

@@ -53,7 +53,7 @@ impl SandboxService for SandboxApi {
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
         let id = convert::job_id(request.into_inner().job_id)?;
-        let job = self.jobs.cancel(&id)?;
+        let job = self.jobs.cancel(&id).await?;
         Ok(Response::new(convert::cancel_response(job)))
     }
 
@@ -62,7 +62,7 @@ impl SandboxService for SandboxApi {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let id = convert::job_id(request.into_inner().job_id)?;
-        let job = self.jobs.status(&id)?;
+        let job = self.jobs.status(&id).await?;
         Ok(Response::new(convert::status_response(job)))
     }
 

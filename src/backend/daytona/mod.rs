@@ -23,7 +23,7 @@ use tracing::{info, warn};
 pub use client::{ApiError, DaytonaClient, SDK_VERSION, Toolbox};
 use demux::Demux;
 
-use super::{Backend, Execution, Outcome};
+use super::{Backend, Execution, Outcome, RemoteState};
 use crate::{
     error::Error,
     job::{JobOutput, JobSpec, StreamKind},
@@ -62,6 +62,17 @@ impl DaytonaBackend {
         })
     }
 
+    /// The toolbox of a sandbox that is started now, without starting it.
+    async fn toolbox_if_started(&self, sandbox_id: &str) -> Result<Option<Toolbox>, Error> {
+        let on_sandbox = |e| api_error(e, &format!("sandbox {sandbox_id:?}"));
+        let sandbox = match self.client.sandbox(sandbox_id).await {
+            Ok(sandbox) if sandbox.state == "started" => sandbox,
+            Ok(_) | Err(ApiError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(on_sandbox(e)),
+        };
+        self.toolbox_of(sandbox).await.map(Some)
+    }
+
     /// The sandbox's toolbox, once the sandbox is `started`.
     async fn toolbox(&self, sandbox_id: &str) -> Result<Toolbox, Error> {
         let on_sandbox = |e| api_error(e, &format!("sandbox {sandbox_id:?}"));
@@ -94,13 +105,18 @@ impl DaytonaBackend {
                 sandbox = self.client.sandbox(sandbox_id).await.map_err(on_sandbox)?;
             }
         }
+        self.toolbox_of(sandbox).await
+    }
+
+    /// The toolbox URL from the sandbox DTO, or from the older dedicated endpoint.
+    async fn toolbox_of(&self, sandbox: client::Sandbox) -> Result<Toolbox, Error> {
         let proxy = match sandbox.toolbox_proxy_url {
             Some(url) if !url.is_empty() => url,
             _ => self
                 .client
-                .toolbox_proxy_url(sandbox_id)
+                .toolbox_proxy_url(&sandbox.id)
                 .await
-                .map_err(on_sandbox)?,
+                .map_err(|e| api_error(e, &format!("sandbox {:?}", sandbox.id)))?,
         };
         Ok(Toolbox::new(&proxy, &sandbox.id))
     }
@@ -110,6 +126,39 @@ impl DaytonaBackend {
 impl Backend for DaytonaBackend {
     fn name(&self) -> &'static str {
         "daytona"
+    }
+
+    async fn remote_state(&self, handle: &str) -> Result<RemoteState, Error> {
+        let handle = Handle::parse(handle)?;
+        let toolbox = match self.toolbox_if_started(&handle.sandbox_id).await? {
+            Some(toolbox) => toolbox,
+            // A stopped sandbox has no sessions left.
+            None => return Ok(RemoteState::Gone),
+        };
+        match self
+            .client
+            .exit_code(&toolbox, &handle.session_id, &handle.command_id)
+            .await
+        {
+            Ok(None) => Ok(RemoteState::Running),
+            Ok(Some(status)) => {
+                let (code, signal) = split_status(status);
+                Ok(RemoteState::Exited { code, signal })
+            }
+            Err(ApiError::NotFound(_)) => Ok(RemoteState::Gone),
+            Err(e) => Err(api_error(e, &format!("sandbox {:?}", handle.sandbox_id))),
+        }
+    }
+
+    async fn remote_cancel(&self, handle: &str) -> Result<(), Error> {
+        let handle = Handle::parse(handle)?;
+        if let Some(toolbox) = self.toolbox_if_started(&handle.sandbox_id).await? {
+            self.client
+                .delete_session(&toolbox, &handle.session_id)
+                .await
+                .map_err(|e| api_error(e, &format!("sandbox {:?}", handle.sandbox_id)))?;
+        }
+        Ok(())
     }
 
     async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, Error> {
@@ -134,7 +183,13 @@ impl Backend for DaytonaBackend {
             .await
             .map_err(|e| api_error(e, &format!("session in sandbox {sandbox_id:?}")))?;
         info!(sandbox_id, session_id = %session.id, command_id, "command started in Daytona");
+        let handle = Handle {
+            sandbox_id: sandbox_id.to_owned(),
+            session_id: session.id.clone(),
+            command_id: command_id.clone(),
+        };
         Ok(Box::new(DaytonaExecution {
+            handle,
             client: Arc::clone(&self.client),
             session,
             command_id,
@@ -198,7 +253,27 @@ impl Drop for Session {
     }
 }
 
+/// What any replica needs to reach a job: carried, signed, in its job id.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Handle {
+    #[serde(rename = "sandbox")]
+    sandbox_id: String,
+    #[serde(rename = "session")]
+    session_id: String,
+    #[serde(rename = "command")]
+    command_id: String,
+}
+
+impl Handle {
+    fn parse(raw: &str) -> Result<Handle, Error> {
+        // Only reachable with a verified id, so a bad handle is our bug, not the caller's.
+        serde_json::from_str(raw)
+            .map_err(|e| Error::BackendFailed(format!("unreadable Daytona job handle: {e}")))
+    }
+}
+
 struct DaytonaExecution {
+    handle: Handle,
     client: Arc<DaytonaClient>,
     session: Session,
     command_id: String,
@@ -242,12 +317,19 @@ enum Followed {
     Stopped,
     /// Daytona failed in a way that loses track of the command.
     Lost(String),
+    /// The session disappeared under the job: deleted by a Cancel on another replica, or the
+    /// sandbox stopped.
+    Vanished,
 }
 
 #[async_trait]
 impl Execution for DaytonaExecution {
     fn pid(&self) -> Option<u32> {
         None
+    }
+
+    fn handle(&self) -> Option<String> {
+        Some(serde_json::to_string(&self.handle).expect("handle serialises"))
     }
 
     async fn run(mut self: Box<Self>, out: &mut JobOutput, stop: CancellationToken) -> Outcome {
@@ -267,7 +349,10 @@ impl Execution for DaytonaExecution {
         emit(reader.demux.finish(), out).await;
 
         match followed {
-            Followed::Exit(status) => exit_outcome(status),
+            Followed::Exit(status) => {
+                let (code, signal) = split_status(status);
+                Outcome::Exited { code, signal }
+            }
             // Said either way: a command that never gets an exit code (its session shell died,
             // a known Daytona bug) only ends by timeout or cancel, and this is the clue.
             Followed::Stopped if log_stream_ended => Outcome::Failed(
@@ -281,6 +366,11 @@ impl Execution for DaytonaExecution {
                     .into(),
             ),
             Followed::Lost(reason) => Outcome::Failed(reason),
+            Followed::Vanished => Outcome::Cancelled(
+                "cancelled: the Daytona session was deleted outside this replica (a Cancel \
+                 on another replica, or the sandbox stopped)"
+                    .into(),
+            ),
         }
     }
 }
@@ -360,6 +450,7 @@ impl DaytonaExecution {
             };
             let exit = match exit {
                 Ok(exit) => exit,
+                Err(ApiError::NotFound(_)) => return Followed::Vanished,
                 Err(e) => return Followed::Lost(format!("lost track of the command: {e}")),
             };
             let log = tokio::select! {
@@ -368,6 +459,7 @@ impl DaytonaExecution {
             };
             match log {
                 Ok(log) => reader.catch_up(&log, out).await,
+                Err(ApiError::NotFound(_)) => return Followed::Vanished,
                 Err(e) => return Followed::Lost(format!("cannot read the command's log: {e}")),
             }
             if let Some(status) = exit {
@@ -384,16 +476,11 @@ impl DaytonaExecution {
 /// Daytona reports `$?` of the session shell, where a process killed by signal N shows as
 /// 128+N. Statuses 129..=159 are therefore reported as that signal. A program that *exits* with
 /// such a status on purpose is indistinguishable and is reported the same way.
-fn exit_outcome(status: i32) -> Outcome {
+/// Returns (exit code, signal).
+fn split_status(status: i32) -> (Option<i32>, Option<i32>) {
     match status {
-        129..=159 => Outcome::Exited {
-            code: None,
-            signal: Some(status - 128),
-        },
-        code => Outcome::Exited {
-            code: Some(code),
-            signal: None,
-        },
+        129..=159 => (None, Some(status - 128)),
+        code => (Some(code), None),
     }
 }
 
@@ -403,47 +490,11 @@ mod tests {
 
     #[test]
     fn shell_statuses_above_128_are_signals() {
-        assert_eq!(
-            exit_outcome(0),
-            Outcome::Exited {
-                code: Some(0),
-                signal: None
-            }
-        );
-        assert_eq!(
-            exit_outcome(42),
-            Outcome::Exited {
-                code: Some(42),
-                signal: None
-            }
-        );
-        assert_eq!(
-            exit_outcome(137),
-            Outcome::Exited {
-                code: None,
-                signal: Some(9)
-            }
-        );
-        assert_eq!(
-            exit_outcome(143),
-            Outcome::Exited {
-                code: None,
-                signal: Some(15)
-            }
-        );
-        assert_eq!(
-            exit_outcome(128),
-            Outcome::Exited {
-                code: Some(128),
-                signal: None
-            }
-        );
-        assert_eq!(
-            exit_outcome(-1),
-            Outcome::Exited {
-                code: Some(-1),
-                signal: None
-            }
-        );
+        assert_eq!(split_status(0), (Some(0), None));
+        assert_eq!(split_status(42), (Some(42), None));
+        assert_eq!(split_status(137), (None, Some(9)));
+        assert_eq!(split_status(143), (None, Some(15)));
+        assert_eq!(split_status(128), (Some(128), None));
+        assert_eq!(split_status(-1), (Some(-1), None));
     }
 }
