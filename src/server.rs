@@ -21,7 +21,6 @@ use crate::{
     },
     job::{Jobs, JobsConfig},
     proto::{self as pb, sandbox_service_server::SandboxServiceServer},
-    sink::Sinks,
 };
 
 /// How long connections may take to close once every job has ended, before the server returns
@@ -35,6 +34,8 @@ pub enum ServerError {
     Listener(#[source] std::io::Error),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot set up the Convex mirror: {0}")]
+    Sink(#[from] crate::sink::convex::SinkSetupError),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -64,7 +65,7 @@ pub async fn run(
             chunk_bytes: config.output_chunk_bytes as usize,
         })),
     };
-    let sinks = Sinks::default();
+    let sinks = crate::sink::convex::sinks(&config.convex)?;
     let jobs = Jobs::new(
         backend,
         sinks.clone(),
@@ -82,7 +83,7 @@ pub async fn run(
         InstanceInfo {
             started: Instant::now(),
             daytona_configured: false,
-            convex_configured: false,
+            convex_configured: config.convex.is_configured(),
         },
     );
 
