@@ -297,7 +297,7 @@ async fn failing_then_hanging_ingest_recovers_with_every_record_once_in_order() 
     let mut client = server.client().await;
 
     fake.set_fault(Fault::Status(500));
-    let script = "for i in $(seq 1 40); do echo out$i; echo err$i >&2; done; echo end";
+    let script = "for i in $(seq 1 20); do echo out$i; echo err$i >&2; sleep 0.02; done; echo end";
     let started = Instant::now();
     let run = common::run(&mut client, mirrored(common::shell(script), "s-faults")).await;
     let exec_done = started.elapsed();
@@ -601,4 +601,42 @@ async fn wait_log(
             return entry;
         }
     }
+}
+
+#[tokio::test]
+async fn the_binary_refuses_half_a_convex_configuration_and_hides_the_secret() {
+    let bin = env!("CARGO_BIN_EXE_sandbox-runner");
+    for (name, value, needle) in [
+        (
+            "CONVEX_SITE_URL",
+            "https://x.convex.site",
+            "CONVEX_INGEST_SECRET is not",
+        ),
+        (
+            "CONVEX_INGEST_SECRET",
+            SECRET,
+            "CONVEX_SITE_URL (--convex-site-url) is not",
+        ),
+    ] {
+        let output = tokio::process::Command::new(bin)
+            .env_remove("CONVEX_SITE_URL")
+            .env_remove("CONVEX_INGEST_SECRET")
+            .env(name, value)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{name}: {stderr}");
+        assert!(stderr.contains(needle), "{name}: {stderr}");
+        assert!(!stderr.contains(SECRET), "{stderr}");
+    }
+    let help = tokio::process::Command::new(bin)
+        .arg("--help")
+        .env("CONVEX_INGEST_SECRET", SECRET)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("CONVEX_INGEST_SECRET"), "{text}");
+    assert!(!text.contains(SECRET), "{text}");
 }

@@ -25,6 +25,9 @@ const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest error text from the server kept for logs and Status.
 const MAX_REASON: usize = 200;
+/// Requests in flight to Convex at once, over all jobs: Convex runs at most 64 HTTP actions and
+/// 16 mutations at once on its smaller plans, and each request here is one of each.
+const MAX_IN_FLIGHT: usize = 16;
 
 /// One record exactly as the ingest route reads it.
 #[derive(Debug, Serialize)]
@@ -112,6 +115,7 @@ pub(crate) struct Ingest {
     url: Url,
     secret: HeaderValue,
     retry_for: Duration,
+    in_flight: tokio::sync::Semaphore,
 }
 
 /// The HTTP client cannot be built (e.g. no usable TLS roots).
@@ -140,6 +144,7 @@ impl Ingest {
             url: settings.ingest_url.clone(),
             secret,
             retry_for: settings.retry_for,
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         })
     }
 
@@ -180,6 +185,7 @@ impl Ingest {
     }
 
     async fn post(&self, body: Bytes) -> Attempt {
+        let _permit = self.in_flight.acquire().await.expect("never closed");
         let response = self
             .http
             .post(self.url.clone())
@@ -340,6 +346,18 @@ mod tests {
         let gap = json(&Item::Gap { bytes: 42, ts: 7 });
         assert_eq!(gap["stream"], "stderr");
         assert_eq!(gap["data"], "\n[... 42 bytes not mirrored ...]\n");
+    }
+
+    #[tokio::test]
+    async fn an_https_client_builds_with_the_ring_provider() {
+        let settings = ConvexSettings {
+            ingest_url: Url::parse("https://example.convex.site/daytona-ingest").unwrap(),
+            secret: String::from("k").into(),
+            queue_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(1),
+            retry_for: Duration::from_secs(1),
+        };
+        assert!(Ingest::new(&settings).is_ok());
     }
 
     #[test]
