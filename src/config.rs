@@ -91,6 +91,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(4096..=(2 << 20)))]
     pub output_chunk_bytes: u32,
 
+    /// The Convex mirror sink (off unless CONVEX_SITE_URL and CONVEX_INGEST_SECRET are set).
+    #[command(flatten)]
+    pub convex: crate::sink::convex::ConvexArgs,
+
     /// Working directory of jobs whose request sets none (default: the service's own).
     #[arg(long, env = "DEFAULT_CWD")]
     pub default_cwd: Option<PathBuf>,
@@ -168,6 +172,8 @@ pub enum ConfigError {
     DefaultAboveMax { default: Duration, max: Duration },
     #[error("{flag} must be greater than zero")]
     Zero { flag: &'static str },
+    #[error(transparent)]
+    Convex(#[from] crate::sink::convex::ConvexConfigError),
     #[error("--default-cwd {0} is not a directory")]
     DefaultCwd(PathBuf),
     #[error("SANDBOX_RUNNER_TOKEN contains an empty token (check for stray commas)")]
@@ -208,6 +214,7 @@ impl Config {
         {
             return Err(ConfigError::DefaultCwd(cwd.clone()));
         }
+        self.convex.settings()?;
         if self.auth_tokens.iter().any(|t| t.trim().is_empty()) {
             return Err(ConfigError::EmptyToken);
         }
@@ -327,6 +334,10 @@ mod tests {
             (&["--job-id-signing-key", "short"], "at least 32"),
             (&["--replica-name", "has space"], "replica-name"),
             (&["--max-connection-age", "0s"], "--max-connection-age"),
+            (
+                &["--convex-site-url", "https://x.convex.site"],
+                "CONVEX_INGEST_SECRET is not",
+            ),
         ];
         for (args, needle) in cases {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));

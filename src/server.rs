@@ -22,7 +22,6 @@ use crate::{
     },
     job::{JobIdCodec, Jobs, JobsConfig},
     proto::{self as pb, sandbox_service_server::SandboxServiceServer},
-    sink::Sinks,
 };
 
 /// How long connections may take to close once every job has ended, before the server returns
@@ -36,6 +35,8 @@ pub enum ServerError {
     Listener(#[source] std::io::Error),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot set up the Convex mirror: {0}")]
+    Sink(#[from] crate::sink::convex::SinkSetupError),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("cannot set up the backend: {0}")]
@@ -65,7 +66,7 @@ pub async fn run(
     // One TLS crypto provider for every HTTPS/WSS client (ring; see Cargo.toml).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let backend = backend(&config)?;
-    let sinks = Sinks::default();
+    let sinks = crate::sink::convex::sinks(&config.convex)?;
     let replica = config.replica();
     let signing_key = match &config.job_id_signing_key {
         Some(key) => key.as_bytes().to_vec(),
@@ -97,7 +98,7 @@ pub async fn run(
         InstanceInfo {
             started: Instant::now(),
             daytona_configured: config.daytona_configured(),
-            convex_configured: false,
+            convex_configured: config.convex.is_configured(),
         },
     );
 

@@ -10,6 +10,7 @@ use crate::{
         StreamKind,
     },
     proto as pb,
+    sink::{DeliveryProgress, SinkHealth},
 };
 
 /// Longest task, session or sandbox id.
@@ -213,6 +214,22 @@ pub fn status_response(job: JobSnapshot) -> pb::StatusResponse {
         stderr_bytes: job.stderr_bytes,
         backend: job.backend.to_owned(),
         message: exit.map(|e| e.message.clone()).unwrap_or_default(),
+        mirrored: job.mirror.is_some(),
+        mirror: job.mirror.map(mirror_status),
+    }
+}
+
+fn mirror_status(progress: DeliveryProgress) -> pb::MirrorStatus {
+    pb::MirrorStatus {
+        records_delivered: progress.records_delivered,
+        bytes_delivered: progress.bytes_delivered,
+        bytes_dropped: progress.bytes_dropped,
+        bytes_pending: progress.bytes_pending,
+        invalid_bytes: progress.invalid_bytes,
+        retries: progress.retries,
+        ambiguous_retries: progress.ambiguous_retries,
+        complete: progress.complete,
+        last_error: progress.last_error.unwrap_or_default(),
     }
 }
 
@@ -224,6 +241,8 @@ pub struct HealthReport {
     pub backend: &'static str,
     pub daytona_configured: bool,
     pub convex_configured: bool,
+    /// Health of the Convex sink; `None` when it is not configured.
+    pub convex_health: Option<SinkHealth>,
     pub sinks: Vec<&'static str>,
     pub uptime: Duration,
 }
@@ -241,6 +260,11 @@ pub fn health_response(report: HealthReport) -> pb::HealthResponse {
         backend: report.backend.to_owned(),
         daytona_configured: report.daytona_configured,
         convex_configured: report.convex_configured,
+        convex_healthy: report.convex_health.as_ref().is_some_and(|h| h.healthy),
+        convex_error: report
+            .convex_health
+            .and_then(|h| h.error)
+            .unwrap_or_default(),
         sinks: report.sinks.into_iter().map(str::to_owned).collect(),
         time: Some(SystemTime::now().into()),
         version: env!("CARGO_PKG_VERSION").to_owned(),

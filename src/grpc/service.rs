@@ -77,6 +77,7 @@ impl SandboxService for SandboxApi {
             backend: self.jobs.backend_name(),
             daytona_configured: self.info.daytona_configured,
             convex_configured: self.info.convex_configured,
+            convex_health: self.jobs.sinks().health(crate::sink::convex::NAME),
             sinks: self.jobs.sinks().names(),
             uptime: self.info.started.elapsed(),
         };

@@ -8,7 +8,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::{Semaphore, mpsc};
@@ -17,7 +17,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, info_span};
 
 use super::{
-    ExitSummary, JobEvent, JobId, JobIdCodec, JobLocation, JobOutput, JobSpec, JobState, lifecycle,
+    EventKind, ExitSummary, JobEvent, JobId, JobIdCodec, JobLocation, JobOutput, JobSpec, JobState,
+    lifecycle,
     record::{JobRecord, JobSnapshot, StopReason},
 };
 use crate::{
@@ -109,12 +110,15 @@ impl Jobs {
             sandbox_id = %spec.meta.sandbox_id,
             backend = self.backend.name(),
         );
-        let execution = self
-            .backend
-            .start(&spec)
-            .instrument(span.clone())
-            .await
-            .inspect_err(|e| span.in_scope(|| info!(error = %e, "job did not start")))?;
+        let execution = match self.backend.start(&spec).instrument(span.clone()).await {
+            Ok(execution) => execution,
+            Err(e) => {
+                span.in_scope(|| info!(error = %e, "job did not start"));
+                let (id, _) = self.ids.issue(&spec.meta, self.backend.name(), None);
+                self.report_failed_start(&id, &spec, &e);
+                return Err(e);
+            }
+        };
         let (id, _) = self
             .ids
             .issue(&spec.meta, self.backend.name(), execution.handle());
@@ -125,14 +129,17 @@ impl Jobs {
             info!(pid = execution.pid(), ?env_names, cwd = ?spec.cwd, "job started");
         });
 
+        let sinks = self.sinks.open(&id, &spec);
+        let mirror = sinks.iter().find_map(|s| s.progress());
         let record = Arc::new(JobRecord::new(
             id.clone(),
             spec.meta.clone(),
             self.backend.name(),
             self.root.child_token(),
+            mirror,
         ));
         let (tx, rx) = mpsc::channel(self.config.stream_buffer);
-        let output = JobOutput::new(Arc::clone(&record), tx, self.sinks.open(&id, &spec));
+        let output = JobOutput::new(Arc::clone(&record), tx, sinks);
         let job = lifecycle::drive(Arc::clone(&record), execution, output, timeout, permit);
         let jobs = Arc::clone(self);
         let finished_id = id.clone();
@@ -151,6 +158,29 @@ impl Jobs {
             events: rx,
             _stop_on_drop: StopOnDrop(record),
         })
+    }
+
+    /// A job that could not start still ends its copy in the sinks: they see one `Exited`
+    /// (FAILED, with the reason) and nothing else. The Exec caller gets the error itself.
+    fn report_failed_start(&self, id: &JobId, spec: &JobSpec, error: &Error) {
+        let now = SystemTime::now();
+        let event = JobEvent {
+            seq: 0,
+            time: now,
+            kind: EventKind::Exited(ExitSummary {
+                state: JobState::Failed,
+                exit_code: None,
+                signal: None,
+                duration: Duration::ZERO,
+                finished_at: now,
+                stdout_bytes: 0,
+                stderr_bytes: 0,
+                message: error.to_string(),
+            }),
+        };
+        for mut sink in self.sinks.open(id, spec) {
+            sink.event(&event);
+        }
     }
 
     /// Asks a job to stop; returns its state as of now. Jobs started by other replicas are
@@ -263,6 +293,8 @@ impl Jobs {
             }),
             stdout_bytes: 0,
             stderr_bytes: 0,
+            // Mirror delivery, too, is tracked by the replica that ran the job.
+            mirror: None,
         })
     }
 
