@@ -113,6 +113,11 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
 
+    /// Check the configuration (flags and environment), print a summary and exit without
+    /// serving: exit 0 when valid, 64 when not.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// Name of this replica, written into the job ids it issues [default: the hostname, which is
     /// the pod name on Kubernetes].
     #[arg(long, env = "REPLICA_NAME")]

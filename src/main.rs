@@ -20,6 +20,15 @@ async fn main() -> ExitCode {
         eprintln!("sandbox-runner: invalid configuration: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    if config.check_config {
+        println!(
+            "configuration OK: backend {}, listening on {}, replica {}",
+            config.backend.as_str(),
+            config.listen_addr(),
+            config.replica()
+        );
+        return ExitCode::SUCCESS;
+    }
     telemetry::init(config.log_format);
 
     let addr = config.listen_addr();

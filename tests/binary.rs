@@ -142,6 +142,53 @@ async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
     assert!(!logs.contains(TOKEN), "token leaked into logs:\n{logs}");
 }
 
+/// A rollout: on SIGTERM readiness turns NOT_SERVING while the listener still answers, new jobs
+/// are refused, and a stream in flight runs to its natural end within the drain grace.
+#[tokio::test]
+async fn sigterm_lets_in_flight_streams_finish_within_the_grace() {
+    let mut server = spawn_server(&["--drain-grace", "30s"]).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = SandboxServiceClient::new(channel.clone());
+    let stream = client
+        .exec(authorized(shell("echo begin; sleep 1; echo end")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut job = common::Job::from_stream(stream).await;
+    job.read_stdout(6).await;
+
+    kill(Pid::from_raw(server.child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut not_serving = false;
+    for _ in 0..100 {
+        let reply = health
+            .check(HealthCheckRequest { service: "sandbox.v1.SandboxService".into() })
+            .await
+            .expect("the listener stays open while draining");
+        if reply.get_ref().status == ServingStatus::NotServing as i32 {
+            not_serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(not_serving);
+    let refused = client.exec(authorized(shell("true"))).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+
+    let run = job.finish().await;
+    assert_eq!(run.state(), JobState::Succeeded, "{:?}", run.exited);
+    assert_eq!(run.stdout, b"begin\nend\n");
+    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+        .await
+        .expect("server exits once the stream is done")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
 #[tokio::test]
 async fn bad_configuration_fails_fast_with_a_reason() {
     let cases: &[(&[&str], i32, &str)] = &[
