@@ -17,9 +17,6 @@ use tokio::{
     sync::mpsc,
 };
 use tonic::{Request, transport::Channel};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sandbox-runner");
 const TOKEN: &str = "binary-test-token";
@@ -102,27 +99,7 @@ async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
         Signal::SIGTERM,
     )
     .unwrap();
-    let mut health = HealthClient::new(channel);
-    let mut saw_not_serving = false;
-    for _ in 0..100 {
-        match health
-            .check(HealthCheckRequest {
-                service: "sandbox.v1.SandboxService".into(),
-            })
-            .await
-        {
-            Ok(reply) if reply.get_ref().status == ServingStatus::NotServing as i32 => {
-                saw_not_serving = true;
-                break;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(e) => panic!("health failed during drain: {e}"),
-        }
-    }
-    assert!(
-        saw_not_serving,
-        "health never reported NOT_SERVING during the drain"
-    );
+    common::wait_not_serving(&channel).await;
 
     let run = job.finish().await;
     assert_eq!(run.state(), JobState::Cancelled);
@@ -161,21 +138,12 @@ async fn sigterm_lets_in_flight_streams_finish_within_the_grace() {
     let mut job = common::Job::from_stream(stream).await;
     job.read_stdout(6).await;
 
-    kill(Pid::from_raw(server.child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
-    let mut health = HealthClient::new(channel);
-    let mut not_serving = false;
-    for _ in 0..100 {
-        let reply = health
-            .check(HealthCheckRequest { service: "sandbox.v1.SandboxService".into() })
-            .await
-            .expect("the listener stays open while draining");
-        if reply.get_ref().status == ServingStatus::NotServing as i32 {
-            not_serving = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(not_serving);
+    kill(
+        Pid::from_raw(server.child.id().unwrap() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    common::wait_not_serving(&channel).await;
     let refused = client.exec(authorized(shell("true"))).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable);
 

@@ -150,11 +150,10 @@ async fn records_equal_the_output_with_the_echo_first_and_one_final_record() {
     common::cancel(&mut client, &job.job_id).await;
     let cancelled = job.finish().await;
     assert_eq!(cancelled.state(), JobState::Cancelled);
-    let mut req = mirrored(common::shell("exec sleep 30"), "s-timeout");
-    req.timeout = Some(prost_types::Duration {
-        seconds: 1,
-        nanos: 0,
-    });
+    let req = common::with_timeout(
+        mirrored(common::shell("exec sleep 30"), "s-timeout"),
+        Duration::from_millis(1000),
+    );
     let timed_out = common::run(&mut client, req).await;
     assert_eq!(timed_out.state(), JobState::TimedOut);
 

@@ -181,11 +181,7 @@ async fn cancel_disconnect_and_timeout_delete_the_session() {
     let status = wait_finished(&mut client, &job_id).await;
     assert_eq!(status.state, JobState::Cancelled as i32);
 
-    let mut req = in_sandbox(shell("sleep 1000"));
-    req.timeout = Some(prost_types::Duration {
-        seconds: 0,
-        nanos: 300_000_000,
-    });
+    let req = common::with_timeout(in_sandbox(shell("sleep 1000")), Duration::from_millis(300));
     let run = common::run(&mut client, req).await;
     assert_eq!(run.state(), JobState::TimedOut);
     assert!(
@@ -299,11 +295,10 @@ async fn a_dead_session_shell_ends_by_timeout_with_a_clear_message() {
     let (fake, server) = setup(&[]).await;
     let mut client = server.client().await;
     fake.faults().dead_shell.store(true, Ordering::SeqCst);
-    let mut req = in_sandbox(shell("echo never runs"));
-    req.timeout = Some(prost_types::Duration {
-        seconds: 0,
-        nanos: 500_000_000,
-    });
+    let req = common::with_timeout(
+        in_sandbox(shell("echo never runs")),
+        Duration::from_millis(500),
+    );
     let run = common::run(&mut client, req).await;
     assert_eq!(run.state(), JobState::TimedOut);
     assert!(

@@ -11,9 +11,7 @@ use std::{
 
 use clap::CommandFactory;
 use sandbox_runner::{
-    Config,
-    grpc::service::SandboxApi,
-    proto::sandbox_service_server::SandboxServiceServer,
+    Config, grpc::service::SandboxApi, proto::sandbox_service_server::SandboxServiceServer,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -39,8 +37,16 @@ fn read_docs(path: &Path) -> Vec<Value> {
 
 /// Renders a kustomization with `kubectl kustomize`, when kubectl is installed.
 fn render_with_kubectl(dir: &str) -> Option<Vec<Value>> {
-    let out = Command::new("kubectl").arg("kustomize").arg(root().join(dir)).output().ok()?;
-    assert!(out.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root().join(dir))
+        .output()
+        .ok()?;
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(parse_docs(&String::from_utf8(out.stdout).unwrap()))
 }
 
@@ -63,11 +69,21 @@ fn render(dir: &str) -> Vec<Value> {
         let patch = &read_docs(&path.join(patch["path"].as_str().unwrap()))[0];
         let deployment = docs
             .iter_mut()
-            .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == patch["metadata"]["name"])
+            .find(|d| {
+                d["kind"] == "Deployment" && d["metadata"]["name"] == patch["metadata"]["name"]
+            })
             .expect("patch targets a deployment");
-        for patched in patch["spec"]["template"]["spec"]["containers"].as_array().unwrap() {
-            let containers = deployment["spec"]["template"]["spec"]["containers"].as_array_mut().unwrap();
-            let container = containers.iter_mut().find(|c| c["name"] == patched["name"]).unwrap();
+        for patched in patch["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+        {
+            let containers = deployment["spec"]["template"]["spec"]["containers"]
+                .as_array_mut()
+                .unwrap();
+            let container = containers
+                .iter_mut()
+                .find(|c| c["name"] == patched["name"])
+                .unwrap();
             for (key, value) in patched.as_object().unwrap() {
                 if key == "env" {
                     let env = container["env"].as_array_mut().unwrap();
@@ -142,7 +158,10 @@ fn check_deployment(docs: &[Value], backend: &str) {
     // Every variable is one the binary reads, and together they form a valid configuration.
     let known = known_env();
     for name in env.keys() {
-        assert!(known.contains(name), "manifest sets {name}, which the binary does not read");
+        assert!(
+            known.contains(name),
+            "manifest sets {name}, which the binary does not read"
+        );
     }
     let args: Vec<String> = container["args"]
         .as_array()
@@ -156,14 +175,29 @@ fn check_deployment(docs: &[Value], backend: &str) {
         .output()
         .unwrap();
     let summary = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "binary rejects the manifest's config: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "binary rejects the manifest's config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(summary.contains(&format!("backend {backend}")), "{summary}");
 
     // Secrets come from Secrets, never from literals.
-    for secret in ["SANDBOX_RUNNER_TOKEN", "JOB_ID_SIGNING_KEY", "CONVEX_INGEST_SECRET"] {
-        let var = container["env"].as_array().unwrap().iter().find(|v| v["name"] == secret);
+    for secret in [
+        "SANDBOX_RUNNER_TOKEN",
+        "JOB_ID_SIGNING_KEY",
+        "CONVEX_INGEST_SECRET",
+    ] {
+        let var = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == secret);
         let var = var.unwrap_or_else(|| panic!("{secret} missing"));
-        assert!(var["valueFrom"]["secretKeyRef"].is_object(), "{secret} must come from a Secret");
+        assert!(
+            var["valueFrom"]["secretKeyRef"].is_object(),
+            "{secret} must come from a Secret"
+        );
     }
 
     // One port everywhere.
@@ -178,25 +212,44 @@ fn check_deployment(docs: &[Value], backend: &str) {
     for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
         assert_eq!(container[probe]["grpc"]["port"], port, "{probe} port");
     }
-    assert_eq!(container["readinessProbe"]["grpc"]["service"], SERVICE, "readiness must follow draining");
-    let liveness_service = container["livenessProbe"]["grpc"]["service"].as_str().unwrap_or("");
+    assert_eq!(
+        container["readinessProbe"]["grpc"]["service"], SERVICE,
+        "readiness must follow draining"
+    );
+    let liveness_service = container["livenessProbe"]["grpc"]["service"]
+        .as_str()
+        .unwrap_or("");
     assert!(liveness_service.is_empty() || liveness_service == SERVICE);
 
     // Kubernetes must not SIGKILL before the service's bounded drain is over.
     let drain = parse_duration_secs(&env["DRAIN_GRACE"]);
     let cancel = parse_duration_secs(&env["CANCEL_GRACE"]);
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(grace > drain + 2 * cancel + 5, "terminationGracePeriodSeconds {grace} too short");
+    assert!(
+        grace > drain + 2 * cancel + 5,
+        "terminationGracePeriodSeconds {grace} too short"
+    );
 
     // Locked down.
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     let security = &container["securityContext"];
     assert_eq!(security["allowPrivilegeEscalation"], false);
     assert_eq!(security["readOnlyRootFilesystem"], true);
-    assert!(security["capabilities"]["drop"].as_array().unwrap().contains(&"ALL".into()));
+    assert!(
+        security["capabilities"]["drop"]
+            .as_array()
+            .unwrap()
+            .contains(&"ALL".into())
+    );
     for key in ["requests", "limits"] {
-        assert!(container["resources"][key]["cpu"].is_string(), "resources.{key}.cpu");
-        assert!(container["resources"][key]["memory"].is_string(), "resources.{key}.memory");
+        assert!(
+            container["resources"][key]["cpu"].is_string(),
+            "resources.{key}.cpu"
+        );
+        assert!(
+            container["resources"][key]["memory"].is_string(),
+            "resources.{key}.memory"
+        );
     }
     // The writable paths the image relies on are volumes.
     let mounts: Vec<&str> = container["volumeMounts"]
@@ -205,17 +258,31 @@ fn check_deployment(docs: &[Value], backend: &str) {
         .iter()
         .map(|m| m["mountPath"].as_str().unwrap())
         .collect();
-    assert!(mounts.contains(&env["DEFAULT_CWD"].as_str()) && mounts.contains(&"/tmp"), "{mounts:?}");
+    assert!(
+        mounts.contains(&env["DEFAULT_CWD"].as_str()) && mounts.contains(&"/tmp"),
+        "{mounts:?}"
+    );
 
     for name in ["sandbox-runner", "sandbox-runner-headless"] {
         let service = one(docs, "Service", name);
         let ports = service["spec"]["ports"].as_array().unwrap();
-        assert!(ports.iter().all(|p| p["appProtocol"] == "grpc" && p["targetPort"] == "grpc"), "{name}");
+        assert!(
+            ports
+                .iter()
+                .all(|p| p["appProtocol"] == "grpc" && p["targetPort"] == "grpc"),
+            "{name}"
+        );
     }
-    assert_eq!(one(docs, "Service", "sandbox-runner-headless")["spec"]["clusterIP"], "None");
+    assert_eq!(
+        one(docs, "Service", "sandbox-runner-headless")["spec"]["clusterIP"],
+        "None"
+    );
     one(docs, "PodDisruptionBudget", "sandbox-runner");
     let hpa = one(docs, "HorizontalPodAutoscaler", "sandbox-runner");
-    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], deployment["metadata"]["name"]);
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        deployment["metadata"]["name"]
+    );
 }
 
 /// Both renderings, so the check runs where kubectl is missing and agrees with it where not.
@@ -243,7 +310,12 @@ fn check_daytona_overlay(docs: &[Value]) {
     check_deployment(docs, "daytona");
     let deployment = one(docs, "Deployment", "sandbox-runner");
     let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
-    let key = env.as_array().unwrap().iter().find(|v| v["name"] == "DAYTONA_API_KEY").expect("DAYTONA_API_KEY");
+    let key = env
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "DAYTONA_API_KEY")
+        .expect("DAYTONA_API_KEY");
     assert!(key["valueFrom"]["secretKeyRef"].is_object());
 }
 
@@ -253,11 +325,16 @@ fn dockerfile_matches_the_binary() {
     let default_port = Config::command()
         .get_arguments()
         .find(|a| a.get_id() == "port")
-        .and_then(|a| a.get_default_values().first().map(|v| v.to_string_lossy().into_owned()))
+        .and_then(|a| {
+            a.get_default_values()
+                .first()
+                .map(|v| v.to_string_lossy().into_owned())
+        })
         .unwrap();
     let mut env_names = Vec::new();
     let mut lines = dockerfile.lines().peekable();
-    let (mut exposed, mut stop_signal, mut user, mut builds_with_script) = (None, None, None, false);
+    let (mut exposed, mut stop_signal, mut user, mut builds_with_script) =
+        (None, None, None, false);
     while let Some(line) = lines.next() {
         let line = line.trim();
         if let Some(port) = line.strip_prefix("EXPOSE ") {
@@ -277,14 +354,30 @@ fn dockerfile_matches_the_binary() {
             env_names.push(first.split('=').next().unwrap().to_owned());
         }
     }
-    assert_eq!(exposed.as_deref(), Some(default_port.as_str()), "EXPOSE vs the default PORT");
+    assert_eq!(
+        exposed.as_deref(),
+        Some(default_port.as_str()),
+        "EXPOSE vs the default PORT"
+    );
     assert_eq!(stop_signal.as_deref(), Some("SIGTERM"));
-    let uid: u32 = user.unwrap().split(':').next().unwrap().parse().expect("numeric USER");
+    let uid: u32 = user
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("numeric USER");
     assert_ne!(uid, 0, "image must not run as root");
-    assert!(builds_with_script, "the image must build with deploy/build.sh, which CI runs");
+    assert!(
+        builds_with_script,
+        "the image must build with deploy/build.sh, which CI runs"
+    );
     let known = known_env();
     for name in &env_names {
-        assert!(known.contains(name), "Dockerfile sets {name}, which the binary does not read");
+        assert!(
+            known.contains(name),
+            "Dockerfile sets {name}, which the binary does not read"
+        );
     }
     assert!(env_names.iter().any(|n| n == "PORT"), "{env_names:?}");
 }

@@ -78,11 +78,7 @@ async fn dropping_the_stream_cancels_the_job() {
 async fn timeout_ends_timed_out() {
     let server = common::start(&[]).await;
     let mut client = server.client().await;
-    let mut req = shell(TREE);
-    req.timeout = Some(prost_types::Duration {
-        seconds: 0,
-        nanos: 300_000_000,
-    });
+    let req = common::with_timeout(shell(TREE), Duration::from_millis(300));
     let run = common::run(&mut client, req).await;
     assert_eq!(run.state(), JobState::TimedOut);
     assert!(

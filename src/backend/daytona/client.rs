@@ -97,7 +97,8 @@ pub type LogSocket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 pub struct DaytonaClient {
     http: reqwest::Client,
     api_url: String,
-    api_key: String,
+    /// Sent on every request, the log WebSocket's included.
+    headers: header::HeaderMap,
     request_timeout: Duration,
 }
 
@@ -116,7 +117,7 @@ impl DaytonaClient {
         );
         headers.insert("x-daytona-source", header::HeaderValue::from_static(SOURCE));
         let http = reqwest::Client::builder()
-            .default_headers(headers)
+            .default_headers(headers.clone())
             .user_agent(concat!("sandbox-runner/", env!("CARGO_PKG_VERSION")))
             .timeout(request_timeout)
             .connect_timeout(request_timeout.min(Duration::from_secs(10)))
@@ -125,7 +126,7 @@ impl DaytonaClient {
         Ok(DaytonaClient {
             http,
             api_url: api_url.trim_end_matches('/').to_owned(),
-            api_key: api_key.to_owned(),
+            headers,
             request_timeout,
         })
     }
@@ -251,16 +252,7 @@ impl DaytonaClient {
                 status: StatusCode::BAD_REQUEST,
                 message: format!("bad log URL: {e}"),
             })?;
-        let headers = request.headers_mut();
-        let mut auth = header::HeaderValue::from_str(&format!("Bearer {}", self.api_key))
-            .expect("checked when the client was built");
-        auth.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, auth);
-        headers.insert(
-            "x-daytona-sdk-version",
-            header::HeaderValue::from_static(SDK_VERSION),
-        );
-        headers.insert("x-daytona-source", header::HeaderValue::from_static(SOURCE));
+        request.headers_mut().extend(self.headers.clone());
         let connect = tokio_tungstenite::connect_async(request);
         match tokio::time::timeout(self.request_timeout, connect).await {
             Err(_) => Err(ApiError::Unavailable(
