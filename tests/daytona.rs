@@ -251,6 +251,37 @@ async fn request_and_sandbox_errors_map_to_codes() {
 }
 
 #[tokio::test]
+async fn older_apis_without_toolbox_proxy_url_in_the_dto_still_work() {
+    let (fake, server) = setup(&[]).await;
+    fake.faults()
+        .legacy_sandbox_dto
+        .store(true, Ordering::SeqCst);
+    let mut client = server.client().await;
+    let run = common::run(&mut client, in_sandbox(shell("echo via-fallback"))).await;
+    assert_eq!(run.stdout, b"via-fallback\n");
+    assert_sessions_cleaned(&fake).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_deletes_the_sessions_of_running_jobs() {
+    let (fake, server) = setup(&["--drain-grace", "100ms"]).await;
+    let mut client = server.client().await;
+    let mut job = Job::start(&mut client, in_sandbox(shell("echo up; sleep 1000"))).await;
+    job.read_stdout(3).await;
+    let stop = tokio::spawn(server.stop());
+    let run = job.finish().await;
+    assert_eq!(run.state(), JobState::Cancelled);
+    assert!(
+        run.exited.message.contains("shutting down"),
+        "{}",
+        run.exited.message
+    );
+    stop.await.unwrap();
+    assert_sessions_cleaned(&fake).await;
+}
+
+#[tokio::test]
 async fn stopped_sandboxes_start_when_auto_start_is_on() {
     let (fake, server) = setup(&["--daytona-auto-start"]).await;
     fake.add_sandbox(SANDBOX, "stopped");

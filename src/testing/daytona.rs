@@ -63,6 +63,8 @@ pub struct Faults {
     pub api_delay_ms: AtomicU64,
     /// The next N GETs answer 503 (transient failures that a client should retry).
     pub transient_get_failures: AtomicUsize,
+    /// Sandbox DTOs lack `toolboxProxyUrl`, as from APIs older than v0.148.
+    pub legacy_sandbox_dto: AtomicBool,
 }
 
 /// A running fake.
@@ -246,10 +248,13 @@ async fn auth_and_faults(State(fake): State<Arc<Fake>>, request: Request, next: 
 }
 
 fn sandbox_dto(fake: &Fake, id: &str, state: &str) -> Value {
-    json!({
+    let mut dto = json!({
         "id": id, "name": id, "organizationId": "org", "state": state, "desiredState": "started",
-        "toolboxProxyUrl": format!("{}/toolbox", fake.base),
-    })
+    });
+    if !fake.faults.legacy_sandbox_dto.load(Ordering::Relaxed) {
+        dto["toolboxProxyUrl"] = json!(format!("{}/toolbox", fake.base));
+    }
+    dto
 }
 
 async fn get_sandbox(State(fake): State<Arc<Fake>>, Path(id): Path<String>) -> Response {
