@@ -339,9 +339,39 @@ async fn read_next(reader: Option<&mut PipeReader>) -> Option<Bytes> {
     }
 }
 
+/// Whether any process of the group still runs. Zombies do not count: once a job's leader
+/// dies, its orphans are reaped by init, which may take a while (and a zombie holds no pipe).
 fn group_alive(pgid: u32) -> bool {
-    // Signal 0 checks for existence; EPERM would mean someone else's process, not ours.
-    killpg(Pid::from_raw(pgid as i32), None).is_ok()
+    // Signal 0 checks for existence cheaply; EPERM would mean someone else's process, not ours.
+    if killpg(Pid::from_raw(pgid as i32), None).is_err() {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true; // cannot tell zombies apart; assume alive
+    };
+    entries.flatten().any(|entry| {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            return false;
+        };
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .is_some_and(|stat| is_live_member(&stat, pgid))
+    })
+}
+
+/// Parses `/proc/<pid>/stat`: fields after the parenthesised command are state, ppid, pgrp.
+fn is_live_member(stat: &str, pgid: u32) -> bool {
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    let state = fields.next();
+    let pgrp = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+    pgrp == Some(pgid) && state != Some("Z") && state != Some("X")
 }
 
 /// SIGTERM to the whole group, up to `grace` for it to empty, then SIGKILL.
@@ -372,6 +402,15 @@ pub(crate) async fn terminate_group(pgid: u32, grace: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zombies_are_not_live_group_members() {
+        let stat = |state: &str| format!("123 (sleep (x) 1) {state} 1 4242 4242 0 -1 4194560");
+        assert!(is_live_member(&stat("S"), 4242));
+        assert!(!is_live_member(&stat("Z"), 4242));
+        assert!(!is_live_member(&stat("S"), 4243));
+        assert!(!is_live_member("garbage", 4242));
+    }
 
     #[test]
     fn cwd_must_be_an_existing_directory() {
