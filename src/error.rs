@@ -71,6 +71,13 @@ pub enum Error {
         detail: &'static str,
     },
 
+    /// The job's stream ended without its `Exited` event: the caller did not read the stopped
+    /// job's output in time, or the server stopped first.
+    #[error(
+        "the stream of job {0:?} was cut before its end (the client did not read the stopped job's output in time, or the server stopped); its final state is in Status"
+    )]
+    StreamAbandoned(String),
+
     /// The caller presented no valid credentials.
     #[error("missing or invalid bearer token")]
     Unauthenticated,

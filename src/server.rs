@@ -91,6 +91,7 @@ pub async fn run(
             stream_buffer: config.stream_buffer_events as usize,
             finished_ttl: config.finished_job_ttl,
             finished_capacity: config.finished_job_capacity,
+            stopped_client_grace: config.cancel_grace,
         },
     );
     let api = SandboxApi::new(
@@ -121,7 +122,9 @@ pub async fn run(
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_grace = config.drain_grace;
     // Bounds the drain even if a client never reads its final events.
-    let drain_limit = config.drain_grace + config.cancel_grace * 2 + Duration::from_secs(5);
+    // A stopped local job may take 3 cancel graces: TERM->KILL, then as long again for
+    // leftovers holding its pipes (see backend::local).
+    let drain_limit = config.drain_grace + config.cancel_grace * 3 + Duration::from_secs(5);
     let drain = async move {
         shutdown.await;
         info!("shutdown requested: refusing new jobs and reporting NOT_SERVING");

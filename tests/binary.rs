@@ -110,8 +110,11 @@ async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
     assert!(status.success(), "exit status {status}");
     common::assert_group_gone(pgid).await;
 
+    // The process is gone; read its log to the end (the reader task may still be catching up).
     let mut logs = String::new();
-    while let Ok(line) = server.logs.try_recv() {
+    while let Ok(Some(line)) =
+        tokio::time::timeout(Duration::from_secs(10), server.logs.recv()).await
+    {
         logs.push_str(&line);
         logs.push('\n');
     }

@@ -322,6 +322,26 @@ async fn log_stream_faults_lose_no_output() {
 }
 
 #[tokio::test]
+async fn invalid_utf8_survives_tail_reconciliation_byte_for_byte() {
+    let (fake, server) = setup(&[]).await;
+    let mut client = server.client().await;
+    // Invalid UTF-8 and a multi-byte character; the tail is what reconciliation must supply.
+    let command = r"printf 'head\377\376 mid \342\202\254\n'; printf 'tail \377 end\n' >&2";
+    for fault in [
+        &fake.faults().lose_log_tail,
+        &fake.faults().refuse_log_stream,
+    ] {
+        fault.store(true, Ordering::SeqCst);
+        let run = common::run(&mut client, in_sandbox(shell(command))).await;
+        fault.store(false, Ordering::SeqCst);
+        assert_eq!(run.stdout, b"head\xff\xfe mid \xe2\x82\xac\n");
+        assert_eq!(run.stderr, b"tail \xff end\n");
+    }
+    assert_sessions_cleaned(&fake).await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_dead_session_shell_ends_by_timeout_with_a_clear_message() {
     let (fake, server) = setup(&[]).await;
     let mut client = server.client().await;

@@ -226,7 +226,7 @@ fn check_deployment(docs: &[Value], backend: &str) {
     let cancel = parse_duration_secs(&env["CANCEL_GRACE"]);
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
-        grace > drain + 2 * cancel + 5,
+        grace > (drain + 3 * cancel + 5) + drain + 5,
         "terminationGracePeriodSeconds {grace} too short"
     );
 

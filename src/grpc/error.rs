@@ -21,6 +21,8 @@ impl From<Error> for Status {
             // Like any unknown id: forged and malformed ids name no job.
             Error::InvalidJobId { .. } => Code::NotFound,
             Error::JobElsewhere { .. } => Code::FailedPrecondition,
+            // Output the caller did not read is gone.
+            Error::StreamAbandoned(_) => Code::DataLoss,
             Error::Unauthenticated => Code::Unauthenticated,
         };
         Status::new(code, err.to_string())
@@ -55,6 +57,7 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (Error::Unauthenticated, Code::Unauthenticated),
+            (Error::StreamAbandoned("j".into()), Code::DataLoss),
             (Error::SandboxNotFound("s".into()), Code::NotFound),
             (
                 Error::SandboxNotReady {

@@ -44,7 +44,11 @@ impl SandboxService for SandboxApi {
         let spec = convert::job_spec(request.into_inner())?;
         let events = self.jobs.start(spec).await?;
         let job_id = events.job_id.clone();
-        let stream = events.map(move |event| Ok(convert::exec_event(&job_id, event)));
+        let stream = events.map(move |event| {
+            event
+                .map(|event| convert::exec_event(&job_id, event))
+                .map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -37,6 +37,9 @@ pub struct JobsConfig {
     pub stream_buffer: usize,
     pub finished_ttl: Duration,
     pub finished_capacity: usize,
+    /// Once a job is stopped, how long its caller may take to make room for each event before
+    /// the rest of its stream is dropped (a stuck reader must not hold the job open).
+    pub stopped_client_grace: Duration,
 }
 
 /// All jobs of this server.
@@ -110,6 +113,9 @@ impl Jobs {
             sandbox_id = %spec.meta.sandbox_id,
             backend = self.backend.name(),
         );
+        // Counts as a running job while the backend starts (Daytona: seconds), so a drain that
+        // begins meanwhile waits for it and cancels it rather than missing it.
+        let starting = self.tracker.token();
         let execution = match self.backend.start(&spec).instrument(span.clone()).await {
             Ok(execution) => execution,
             Err(e) => {
@@ -139,7 +145,12 @@ impl Jobs {
             mirror,
         ));
         let (tx, rx) = mpsc::channel(self.config.stream_buffer);
-        let output = JobOutput::new(Arc::clone(&record), tx, sinks);
+        let output = JobOutput::new(
+            Arc::clone(&record),
+            tx,
+            sinks,
+            self.config.stopped_client_grace,
+        );
         let job = lifecycle::drive(Arc::clone(&record), execution, output, timeout, permit);
         let jobs = Arc::clone(self);
         let finished_id = id.clone();
@@ -153,9 +164,11 @@ impl Jobs {
             })
         };
         tokio::spawn(tracked.instrument(span));
+        drop(starting);
         Ok(JobStream {
             job_id: id,
             events: rx,
+            exited: false,
             _stop_on_drop: StopOnDrop(record),
         })
     }
@@ -374,14 +387,26 @@ enum Found {
 pub struct JobStream {
     pub job_id: JobId,
     events: mpsc::Receiver<JobEvent>,
+    /// Whether `Exited` came through; a stream that ends without it ends with an error.
+    exited: bool,
     _stop_on_drop: StopOnDrop,
 }
 
 impl Stream for JobStream {
-    type Item = JobEvent;
+    type Item = Result<JobEvent, Error>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<JobEvent>> {
-        self.events.poll_recv(cx)
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.events.poll_recv(cx) {
+            Poll::Ready(Some(event)) => {
+                self.exited |= matches!(event.kind, super::EventKind::Exited(_));
+                Poll::Ready(Some(Ok(event)))
+            }
+            Poll::Ready(None) if !self.exited => {
+                self.exited = true; // report once, then end
+                Poll::Ready(Some(Err(Error::StreamAbandoned(self.job_id.to_string()))))
+            }
+            other => other.map(|e| e.map(Ok)),
+        }
     }
 }
 

@@ -18,7 +18,12 @@ use tracing::debug;
 /// Version sent in `X-Daytona-SDK-Version`. Daemons switch behaviour on it: from 0.167.0 log
 /// markers are kept and plain log GETs answer JSON, which is what the demultiplexer expects.
 pub const SDK_VERSION: &str = "0.190.0";
+/// Sent on plain log GETs only: daemons below 0.167.0 answer those with the raw log bytes
+/// (markers kept) instead of JSON text, which would turn invalid UTF-8 into U+FFFD and so
+/// break the byte offsets the follower's bytes are reconciled with.
+const RAW_LOG_SDK_VERSION: &str = "0.166.0";
 const SOURCE: &str = "sandbox-runner";
+/// Attempts of an idempotent request (GET, DELETE) before a transient failure is final.
 const GET_ATTEMPTS: u32 = 4;
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 
@@ -210,7 +215,13 @@ impl DaytonaClient {
             output: Option<String>,
         }
         let url = format!("{}/logs", toolbox.command(session_id, command_id));
-        let response = self.get_with_retry(&url).await?;
+        let response = self
+            .retrying(|| {
+                self.http
+                    .get(&url)
+                    .header("x-daytona-sdk-version", RAW_LOG_SDK_VERSION)
+            })
+            .await?;
         let is_json = response
             .headers()
             .get(header::CONTENT_TYPE)
@@ -274,11 +285,10 @@ impl DaytonaClient {
         toolbox: &Toolbox,
         session_id: &str,
     ) -> Result<(), ApiError> {
+        let url = toolbox.session(session_id);
+        // DELETE is idempotent, so transient failures are retried like GETs.
         match self
-            .send(
-                self.http
-                    .request(Method::DELETE, toolbox.session(session_id)),
-            )
+            .retrying(|| self.http.request(Method::DELETE, &url))
             .await
         {
             Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
@@ -291,14 +301,22 @@ impl DaytonaClient {
     }
 
     async fn get_with_retry(&self, url: &str) -> Result<reqwest::Response, ApiError> {
+        self.retrying(|| self.http.get(url)).await
+    }
+
+    /// Sends an idempotent request, retrying transient failures with jittered backoff.
+    async fn retrying(
+        &self,
+        request: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ApiError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.send(self.http.get(url)).await {
+            match self.send(request()).await {
                 Err(ApiError::Unavailable(reason)) if attempt < GET_ATTEMPTS => {
                     let backoff = BACKOFF_BASE * 2u32.pow(attempt - 1);
                     let jittered = backoff.mul_f64(0.5 + fastrand::f64());
-                    debug!(url, attempt, %reason, ?jittered, "transient Daytona error; retrying");
+                    debug!(attempt, %reason, ?jittered, "transient Daytona error; retrying");
                     tokio::time::sleep(jittered).await;
                 }
                 other => return other,
@@ -321,9 +339,10 @@ fn status_error(status: StatusCode, message: String) -> ApiError {
     match status {
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ApiError::Unauthorized(status),
         StatusCode::NOT_FOUND => ApiError::NotFound(message),
-        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
-            ApiError::Unavailable(format!("HTTP {status}: {message}"))
-        }
+        StatusCode::TOO_MANY_REQUESTS
+        | StatusCode::BAD_GATEWAY
+        | StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::GATEWAY_TIMEOUT => ApiError::Unavailable(format!("HTTP {status}: {message}")),
         _ => ApiError::Unexpected { status, message },
     }
 }

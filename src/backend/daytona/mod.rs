@@ -44,6 +44,9 @@ pub struct DaytonaConfig {
     pub poll_interval: Duration,
 }
 
+/// How often a follower that delivers nothing checks that the command is still running.
+const LIVENESS_CHECK: Duration = Duration::from_secs(5);
+
 /// Most log bytes gathered into one output event.
 const MAX_EVENT_BYTES: usize = 256 * 1024;
 
@@ -84,13 +87,17 @@ impl DaytonaBackend {
                     state: sandbox.state,
                 });
             }
-            info!(sandbox_id, state = %sandbox.state, "starting the sandbox");
             let deadline = Instant::now() + self.config.start_timeout;
-            sandbox = self
-                .client
-                .start_sandbox(sandbox_id)
-                .await
-                .map_err(on_sandbox)?;
+            // Only a resting sandbox is started; one already changing state (starting,
+            // restoring, ...) is waited for, as a second start would be refused with 409.
+            if matches!(sandbox.state.as_str(), "stopped" | "archived" | "paused") {
+                info!(sandbox_id, state = %sandbox.state, "starting the sandbox");
+                sandbox = self
+                    .client
+                    .start_sandbox(sandbox_id)
+                    .await
+                    .map_err(on_sandbox)?;
+            }
             while sandbox.state != "started" {
                 if Instant::now() >= deadline {
                     return Err(Error::SandboxNotReady {
@@ -163,6 +170,11 @@ impl Backend for DaytonaBackend {
 
     async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, Error> {
         let sandbox_id = spec.meta.sandbox_id.as_str();
+        if sandbox_id == "." || sandbox_id == ".." {
+            return Err(Error::InvalidArgument(format!(
+                "sandbox_id {sandbox_id:?} is not a sandbox id"
+            )));
+        }
         if sandbox_id.is_empty() {
             return Err(Error::InvalidArgument(
                 "sandbox_id is required with the daytona backend".into(),
@@ -170,13 +182,14 @@ impl Backend for DaytonaBackend {
         }
         let toolbox = self.toolbox(sandbox_id).await?;
         let session_id = format!("sandbox-runner-{}", uuid::Uuid::new_v4());
+        // The guard exists before the session does: if this future is dropped while the
+        // create call is in flight, or the call times out after Daytona made the session, the
+        // guard still deletes it (deleting a session that does not exist is not an error).
+        let session = Session::new(Arc::clone(&self.client), toolbox, session_id);
         self.client
-            .create_session(&toolbox, &session_id)
+            .create_session(&session.toolbox, &session.id)
             .await
             .map_err(|e| api_error(e, &format!("sandbox {sandbox_id:?}")))?;
-        // From here on the session must be deleted whatever happens, including this future
-        // being dropped because the caller went away.
-        let session = Session::new(Arc::clone(&self.client), toolbox, session_id);
         let command_id = self
             .client
             .exec_async(&session.toolbox, &session.id, &script::command_line(spec))
@@ -226,10 +239,13 @@ impl Session {
     }
 
     async fn delete(&mut self) {
-        if let Err(e) = self.client.delete_session(&self.toolbox, &self.id).await {
-            warn!(session_id = %self.id, error = %e, "could not delete the Daytona session");
+        match self.client.delete_session(&self.toolbox, &self.id).await {
+            Ok(()) => self.deleted = true,
+            // Not marked deleted: dropping the guard tries once more in the background.
+            Err(e) => {
+                warn!(session_id = %self.id, error = %e, "could not delete the Daytona session")
+            }
         }
-        self.deleted = true;
     }
 }
 
@@ -396,10 +412,28 @@ impl DaytonaExecution {
                 return false;
             }
         };
+        // A silently dead connection would otherwise wait for the job's timeout: now and then,
+        // check whether the command has exited; if it has and the follower still has not
+        // closed a check later, stop following and let polling take the tail.
+        let mut liveness =
+            tokio::time::interval_at(Instant::now() + LIVENESS_CHECK, LIVENESS_CHECK);
+        let mut exit_seen = false;
         loop {
             let message = tokio::select! {
                 message = socket.next() => message,
                 _ = stop.cancelled() => return false,
+                _ = liveness.tick() => {
+                    let exited = matches!(
+                        self.client.exit_code(toolbox, &self.session.id, &self.command_id).await,
+                        Ok(Some(_)) | Err(ApiError::NotFound(_))
+                    );
+                    if exited && exit_seen {
+                        warn!("the log stream stayed open after the command exited; polling the log instead");
+                        return true;
+                    }
+                    exit_seen = exited;
+                    continue;
+                }
             };
             let mut batch = match message {
                 Some(Ok(Message::Binary(data))) => data.to_vec(),
@@ -408,7 +442,7 @@ impl DaytonaExecution {
                 Some(Ok(_)) => continue, // ping/pong: tungstenite answers pings itself
                 Some(Err(e)) => {
                     warn!(error = %e, "the log stream failed; polling the log instead");
-                    return true;
+                    return false;
                 }
             };
             // Frames carry at most 1 KiB: gather those already here into one event.
