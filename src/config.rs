@@ -91,6 +91,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(4096..=(2 << 20)))]
     pub output_chunk_bytes: u32,
 
+    /// The Convex mirror sink (off unless CONVEX_SITE_URL and CONVEX_INGEST_SECRET are set).
+    #[command(flatten)]
+    pub convex: crate::sink::convex::ConvexArgs,
+
     /// Working directory of jobs whose request sets none (default: the service's own).
     #[arg(long, env = "DEFAULT_CWD")]
     pub default_cwd: Option<PathBuf>,
@@ -108,6 +112,27 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+
+    /// Check the configuration (flags and environment), print a summary and exit without
+    /// serving: exit 0 when valid, 64 when not.
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// Name of this replica, written into the job ids it issues [default: the hostname, which is
+    /// the pod name on Kubernetes].
+    #[arg(long, env = "REPLICA_NAME")]
+    pub replica_name: Option<String>,
+
+    /// Key that signs job ids; give every replica the same one so any replica can verify and
+    /// serve ids issued by another. Unset: a random key, valid for this process only. Never
+    /// logged.
+    #[arg(long, env = "JOB_ID_SIGNING_KEY", hide_env_values = true)]
+    pub job_id_signing_key: Option<String>,
+
+    /// Close client connections gracefully after this age so load rebalances across replicas
+    /// (streams in flight finish first; clients reconnect). Unset: connections live on.
+    #[arg(long, env = "MAX_CONNECTION_AGE", value_parser = parse_duration)]
+    pub max_connection_age: Option<Duration>,
 
     /// Daytona API key; required by `--backend daytona`. Never logged.
     #[arg(long, env = "DAYTONA_API_KEY", hide_env_values = true)]
@@ -152,6 +177,8 @@ pub enum ConfigError {
     DefaultAboveMax { default: Duration, max: Duration },
     #[error("{flag} must be greater than zero")]
     Zero { flag: &'static str },
+    #[error(transparent)]
+    Convex(#[from] crate::sink::convex::ConvexConfigError),
     #[error("--default-cwd {0} is not a directory")]
     DefaultCwd(PathBuf),
     #[error("SANDBOX_RUNNER_TOKEN contains an empty token (check for stray commas)")]
@@ -160,7 +187,14 @@ pub enum ConfigError {
     MissingDaytonaKey,
     #[error("Daytona API URL {0:?} must start with http:// or https://")]
     DaytonaUrl(String),
+    #[error("JOB_ID_SIGNING_KEY must be at least {MIN_SIGNING_KEY_BYTES} bytes")]
+    ShortSigningKey,
+    #[error("--replica-name must be 1 to 253 characters without whitespace")]
+    ReplicaName,
 }
+
+/// Shortest accepted job-id signing key.
+pub const MIN_SIGNING_KEY_BYTES: usize = 32;
 
 impl Config {
     /// Checks what clap cannot: relations between flags and the state of the host.
@@ -185,6 +219,7 @@ impl Config {
         {
             return Err(ConfigError::DefaultCwd(cwd.clone()));
         }
+        self.convex.settings()?;
         if self.auth_tokens.iter().any(|t| t.trim().is_empty()) {
             return Err(ConfigError::EmptyToken);
         }
@@ -194,6 +229,25 @@ impl Config {
         let url = self.daytona_api_url();
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ConfigError::DaytonaUrl(url.to_owned()));
+        }
+        if self
+            .job_id_signing_key
+            .as_ref()
+            .is_some_and(|k| k.len() < MIN_SIGNING_KEY_BYTES)
+        {
+            return Err(ConfigError::ShortSigningKey);
+        }
+        if let Some(name) = &self.replica_name
+            && (name.is_empty()
+                || name.len() > 253
+                || name.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(ConfigError::ReplicaName);
+        }
+        if self.max_connection_age.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::Zero {
+                flag: "--max-connection-age",
+            });
         }
         for (flag, value) in [
             ("--daytona-start-timeout", self.daytona_start_timeout),
@@ -221,6 +275,17 @@ impl Config {
             .as_deref()
             .or(self.daytona_server_url.as_deref())
             .unwrap_or(DEFAULT_DAYTONA_API_URL)
+    }
+
+    /// This replica's name: `--replica-name`, else the hostname.
+    pub fn replica(&self) -> String {
+        self.replica_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "sandbox-runner".to_owned())
+        })
     }
 
     /// Address to bind.
@@ -271,6 +336,13 @@ mod tests {
             (&["--backend", "cloud"], "cloud"),
             (&["--backend", "daytona"], "DAYTONA_API_KEY"),
             (&["--daytona-api-url", "ftp://x"], "http"),
+            (&["--job-id-signing-key", "short"], "at least 32"),
+            (&["--replica-name", "has space"], "replica-name"),
+            (&["--max-connection-age", "0s"], "--max-connection-age"),
+            (
+                &["--convex-site-url", "https://x.convex.site"],
+                "CONVEX_INGEST_SECRET is not",
+            ),
         ];
         for (args, needle) in cases {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));

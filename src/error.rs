@@ -56,6 +56,28 @@ pub enum Error {
     #[error("the backend failed: {0}")]
     BackendFailed(String),
 
+    /// The job id is not one this service issued.
+    #[error("job {id:?} not found: {reason}")]
+    InvalidJobId {
+        id: String,
+        reason: crate::job::JobIdError,
+    },
+
+    /// The job belongs to another replica and cannot be reached from this one.
+    #[error("job {job_id:?} {detail} on replica {replica:?}; call that replica")]
+    JobElsewhere {
+        job_id: String,
+        replica: String,
+        detail: &'static str,
+    },
+
+    /// The job's stream ended without its `Exited` event: the caller did not read the stopped
+    /// job's output in time, or the server stopped first.
+    #[error(
+        "the stream of job {0:?} was cut before its end (the client did not read the stopped job's output in time, or the server stopped); its final state is in Status"
+    )]
+    StreamAbandoned(String),
+
     /// The caller presented no valid credentials.
     #[error("missing or invalid bearer token")]
     Unauthenticated,

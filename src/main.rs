@@ -20,7 +20,21 @@ async fn main() -> ExitCode {
         eprintln!("sandbox-runner: invalid configuration: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    if config.check_config {
+        println!(
+            "configuration OK: backend {}, listening on {}, replica {}",
+            config.backend.as_str(),
+            config.listen_addr(),
+            config.replica()
+        );
+        return ExitCode::SUCCESS;
+    }
     telemetry::init(config.log_format);
+    // Jobs run as our uid; without this they could read our secrets from /proc/<ppid>/environ
+    // (and ptrace us). Non-dumpable processes' /proc entries are root-only.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "could not make the process non-dumpable");
+    }
 
     let addr = config.listen_addr();
     let listener = match TcpListener::bind(addr).await {

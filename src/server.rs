@@ -19,9 +19,8 @@ use crate::{
         auth::BearerAuth,
         service::{InstanceInfo, SandboxApi},
     },
-    job::{Jobs, JobsConfig},
+    job::{JobIdCodec, Jobs, JobsConfig},
     proto::{self as pb, sandbox_service_server::SandboxServiceServer},
-    sink::Sinks,
 };
 
 /// How long connections may take to close once every job has ended, before the server returns
@@ -38,10 +37,14 @@ pub enum ServerError {
     Listener(#[source] std::io::Error),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot set up the Convex mirror: {0}")]
+    Sink(#[from] crate::sink::convex::SinkSetupError),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("cannot set up the backend: {0}")]
     Backend(String),
+    #[error("no OS randomness for the job-id signing key: {0}")]
+    Randomness(String),
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: health turns NOT_SERVING, new
@@ -65,9 +68,23 @@ pub async fn run(
     // One TLS crypto provider for every HTTPS/WSS client (ring; see Cargo.toml).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let backend = backend(&config)?;
-    let sinks = Sinks::default();
+    let sinks = crate::sink::convex::sinks(&config.convex)?;
+    let replica = config.replica();
+    let signing_key = match &config.job_id_signing_key {
+        Some(key) => key.as_bytes().to_vec(),
+        None => {
+            info!(
+                "JOB_ID_SIGNING_KEY is unset: job ids are signed with a random key and only this \
+                 process can serve them; set the same key on every replica"
+            );
+            let mut key = vec![0u8; 32];
+            getrandom::fill(&mut key).map_err(|e| ServerError::Randomness(e.to_string()))?;
+            key
+        }
+    };
     let jobs = Jobs::new(
         backend,
+        JobIdCodec::new(&signing_key, &replica),
         sinks.clone(),
         JobsConfig {
             max_concurrent: config.max_concurrent_jobs,
@@ -76,6 +93,7 @@ pub async fn run(
             stream_buffer: config.stream_buffer_events as usize,
             finished_ttl: config.finished_job_ttl,
             finished_capacity: config.finished_job_capacity,
+            stopped_client_grace: config.cancel_grace,
         },
     );
     let api = SandboxApi::new(
@@ -83,7 +101,7 @@ pub async fn run(
         InstanceInfo {
             started: Instant::now(),
             daytona_configured: config.daytona_configured(),
-            convex_configured: false,
+            convex_configured: config.convex.is_configured(),
         },
     );
 
@@ -106,7 +124,9 @@ pub async fn run(
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_grace = config.drain_grace;
     // Bounds the drain even if a client never reads its final events.
-    let drain_limit = config.drain_grace + config.cancel_grace * 2 + Duration::from_secs(5);
+    // A stopped local job may take 3 cancel graces: TERM->KILL, then as long again for
+    // leftovers holding its pipes (see backend::local).
+    let drain_limit = config.drain_grace + config.cancel_grace * 3 + Duration::from_secs(5);
     let drain = async move {
         shutdown.await;
         info!("shutdown requested: refusing new jobs and reporting NOT_SERVING");
@@ -127,8 +147,15 @@ pub async fn run(
         let _ = drained_tx.send(());
     };
 
-    info!(%addr, backend = config.backend.as_str(), auth = auth.is_enabled(), "listening");
-    let server = tonic::transport::Server::builder()
+    info!(%addr, backend = config.backend.as_str(), auth = auth.is_enabled(), %replica, "listening");
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(age) = config.max_connection_age {
+        // Streams still open when the age is reached get this long to finish.
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(config.max_timeout);
+    }
+    let server = builder
         // Detects clients that vanished without closing the connection, so their jobs stop.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

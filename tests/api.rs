@@ -195,23 +195,7 @@ async fn draining_refuses_new_jobs_and_flips_health() {
     let job = common::Job::start(&mut client, shell("sleep 1")).await;
     let stop = tokio::spawn(server.stop());
 
-    let mut health = HealthClient::new(channel);
-    let mut flipped = false;
-    for _ in 0..100 {
-        let reply = health
-            .check(HealthCheckRequest {
-                service: SERVICE.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if reply.status == ServingStatus::NotServing as i32 {
-            flipped = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert!(flipped, "health never turned NOT_SERVING");
+    common::wait_not_serving(&channel).await;
     let err = client.exec(shell("true")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     let report = client

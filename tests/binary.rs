@@ -17,9 +17,6 @@ use tokio::{
     sync::mpsc,
 };
 use tonic::{Request, transport::Channel};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sandbox-runner");
 const TOKEN: &str = "binary-test-token";
@@ -102,27 +99,7 @@ async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
         Signal::SIGTERM,
     )
     .unwrap();
-    let mut health = HealthClient::new(channel);
-    let mut saw_not_serving = false;
-    for _ in 0..100 {
-        match health
-            .check(HealthCheckRequest {
-                service: "sandbox.v1.SandboxService".into(),
-            })
-            .await
-        {
-            Ok(reply) if reply.get_ref().status == ServingStatus::NotServing as i32 => {
-                saw_not_serving = true;
-                break;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(e) => panic!("health failed during drain: {e}"),
-        }
-    }
-    assert!(
-        saw_not_serving,
-        "health never reported NOT_SERVING during the drain"
-    );
+    common::wait_not_serving(&channel).await;
 
     let run = job.finish().await;
     assert_eq!(run.state(), JobState::Cancelled);
@@ -133,13 +110,54 @@ async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
     assert!(status.success(), "exit status {status}");
     common::assert_group_gone(pgid).await;
 
+    // The process is gone; read its log to the end (the reader task may still be catching up).
     let mut logs = String::new();
-    while let Ok(line) = server.logs.try_recv() {
+    while let Ok(Some(line)) =
+        tokio::time::timeout(Duration::from_secs(10), server.logs.recv()).await
+    {
         logs.push_str(&line);
         logs.push('\n');
     }
     assert!(logs.contains("server stopped"), "{logs}");
     assert!(!logs.contains(TOKEN), "token leaked into logs:\n{logs}");
+}
+
+/// A rollout: on SIGTERM readiness turns NOT_SERVING while the listener still answers, new jobs
+/// are refused, and a stream in flight runs to its natural end within the drain grace.
+#[tokio::test]
+async fn sigterm_lets_in_flight_streams_finish_within_the_grace() {
+    let mut server = spawn_server(&["--drain-grace", "30s"]).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = SandboxServiceClient::new(channel.clone());
+    let stream = client
+        .exec(authorized(shell("echo begin; sleep 1; echo end")))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut job = common::Job::from_stream(stream).await;
+    job.read_stdout(6).await;
+
+    kill(
+        Pid::from_raw(server.child.id().unwrap() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    common::wait_not_serving(&channel).await;
+    let refused = client.exec(authorized(shell("true"))).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+
+    let run = job.finish().await;
+    assert_eq!(run.state(), JobState::Succeeded, "{:?}", run.exited);
+    assert_eq!(run.stdout, b"begin\nend\n");
+    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+        .await
+        .expect("server exits once the stream is done")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
 }
 
 #[tokio::test]

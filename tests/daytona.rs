@@ -181,11 +181,7 @@ async fn cancel_disconnect_and_timeout_delete_the_session() {
     let status = wait_finished(&mut client, &job_id).await;
     assert_eq!(status.state, JobState::Cancelled as i32);
 
-    let mut req = in_sandbox(shell("sleep 1000"));
-    req.timeout = Some(prost_types::Duration {
-        seconds: 0,
-        nanos: 300_000_000,
-    });
+    let req = common::with_timeout(in_sandbox(shell("sleep 1000")), Duration::from_millis(300));
     let run = common::run(&mut client, req).await;
     assert_eq!(run.state(), JobState::TimedOut);
     assert!(
@@ -255,6 +251,37 @@ async fn request_and_sandbox_errors_map_to_codes() {
 }
 
 #[tokio::test]
+async fn older_apis_without_toolbox_proxy_url_in_the_dto_still_work() {
+    let (fake, server) = setup(&[]).await;
+    fake.faults()
+        .legacy_sandbox_dto
+        .store(true, Ordering::SeqCst);
+    let mut client = server.client().await;
+    let run = common::run(&mut client, in_sandbox(shell("echo via-fallback"))).await;
+    assert_eq!(run.stdout, b"via-fallback\n");
+    assert_sessions_cleaned(&fake).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_deletes_the_sessions_of_running_jobs() {
+    let (fake, server) = setup(&["--drain-grace", "100ms"]).await;
+    let mut client = server.client().await;
+    let mut job = Job::start(&mut client, in_sandbox(shell("echo up; sleep 1000"))).await;
+    job.read_stdout(3).await;
+    let stop = tokio::spawn(server.stop());
+    let run = job.finish().await;
+    assert_eq!(run.state(), JobState::Cancelled);
+    assert!(
+        run.exited.message.contains("shutting down"),
+        "{}",
+        run.exited.message
+    );
+    stop.await.unwrap();
+    assert_sessions_cleaned(&fake).await;
+}
+
+#[tokio::test]
 async fn stopped_sandboxes_start_when_auto_start_is_on() {
     let (fake, server) = setup(&["--daytona-auto-start"]).await;
     fake.add_sandbox(SANDBOX, "stopped");
@@ -295,15 +322,34 @@ async fn log_stream_faults_lose_no_output() {
 }
 
 #[tokio::test]
+async fn invalid_utf8_survives_tail_reconciliation_byte_for_byte() {
+    let (fake, server) = setup(&[]).await;
+    let mut client = server.client().await;
+    // Invalid UTF-8 and a multi-byte character; the tail is what reconciliation must supply.
+    let command = r"printf 'head\377\376 mid \342\202\254\n'; printf 'tail \377 end\n' >&2";
+    for fault in [
+        &fake.faults().lose_log_tail,
+        &fake.faults().refuse_log_stream,
+    ] {
+        fault.store(true, Ordering::SeqCst);
+        let run = common::run(&mut client, in_sandbox(shell(command))).await;
+        fault.store(false, Ordering::SeqCst);
+        assert_eq!(run.stdout, b"head\xff\xfe mid \xe2\x82\xac\n");
+        assert_eq!(run.stderr, b"tail \xff end\n");
+    }
+    assert_sessions_cleaned(&fake).await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_dead_session_shell_ends_by_timeout_with_a_clear_message() {
     let (fake, server) = setup(&[]).await;
     let mut client = server.client().await;
     fake.faults().dead_shell.store(true, Ordering::SeqCst);
-    let mut req = in_sandbox(shell("echo never runs"));
-    req.timeout = Some(prost_types::Duration {
-        seconds: 0,
-        nanos: 500_000_000,
-    });
+    let req = common::with_timeout(
+        in_sandbox(shell("echo never runs")),
+        Duration::from_millis(500),
+    );
     let run = common::run(&mut client, req).await;
     assert_eq!(run.state(), JobState::TimedOut);
     assert!(

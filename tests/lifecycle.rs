@@ -78,11 +78,7 @@ async fn dropping_the_stream_cancels_the_job() {
 async fn timeout_ends_timed_out() {
     let server = common::start(&[]).await;
     let mut client = server.client().await;
-    let mut req = shell(TREE);
-    req.timeout = Some(prost_types::Duration {
-        seconds: 0,
-        nanos: 300_000_000,
-    });
+    let req = common::with_timeout(shell(TREE), Duration::from_millis(300));
     let run = common::run(&mut client, req).await;
     assert_eq!(run.state(), JobState::TimedOut);
     assert!(
@@ -265,6 +261,44 @@ async fn concurrency_limit_returns_resource_exhausted_and_recovers() {
     cancel(&mut client, &b.job_id).await;
     b.finish().await;
     server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_cannot_keep_a_timed_out_job_alive() {
+    let server = common::start(&["--stream-buffer-events", "1", "--cancel-grace", "300ms"]).await;
+    let mut client = server.client().await;
+    let req = common::with_timeout(argv(&["cat", "/dev/zero"]), Duration::from_millis(300));
+    let mut stream = client.exec(req).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    // Connected but reading nothing more: the job still ends, and its slot is freed.
+    let status = wait_finished(&mut client, &first.job_id).await;
+    assert_eq!(status.state, JobState::TimedOut as i32);
+    assert_group_gone(status_pid(&first)).await;
+    let health = client
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.active_jobs, 0);
+    // Reading now: what was buffered, then an error instead of a silent end without Exited.
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(event)) => {
+                assert!(!matches!(event.kind, Some(pb::exec_event::Kind::Exited(_))))
+            }
+            Ok(None) => panic!("stream ended without Exited and without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(end.code(), Code::DataLoss, "{end:?}");
+    server.stop().await;
+}
+
+fn status_pid(started: &pb::ExecEvent) -> u32 {
+    match &started.kind {
+        Some(pb::exec_event::Kind::Started(s)) => s.pid,
+        other => panic!("not Started: {other:?}"),
+    }
 }
 
 #[tokio::test]

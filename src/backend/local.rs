@@ -39,6 +39,7 @@ pub(crate) const WITHHELD_ENV: &[&str] = &[
     "SANDBOX_RUNNER_TOKEN",
     "DAYTONA_API_KEY",
     "CONVEX_INGEST_SECRET",
+    "JOB_ID_SIGNING_KEY",
 ];
 
 /// Pipes start at the kernel default (64 KiB); one that fills up is grown to this so bulk
@@ -214,6 +215,7 @@ impl Execution for LocalExecution {
         let mut stdout = Some(PipeReader::new(stdout, chunk_bytes));
         let mut stderr = Some(PipeReader::new(stderr, chunk_bytes));
         let mut status: Option<ExitStatus> = None;
+        let mut wait_error: Option<String> = None;
         let timer = sleep(Duration::MAX / 4);
         tokio::pin!(timer);
         let mut next_step = Some(AfterLeaderExit::StopLeftovers);
@@ -232,8 +234,10 @@ impl Execution for LocalExecution {
                     status = Some(match exit {
                         Ok(s) => s,
                         Err(e) => {
+                            // Not expected; still wait for the pipes, then report the failure.
                             warn!(error = %e, "waiting for the job's process failed");
-                            ExitStatus::from_raw(0x7f00) // exit code 127
+                            wait_error = Some(e.to_string());
+                            ExitStatus::from_raw(0)
                         }
                     });
                     timer.as_mut().reset(Instant::now() + grace);
@@ -260,12 +264,15 @@ impl Execution for LocalExecution {
         }
 
         // The pipes are closed but daemonised leftovers may live on: the job owns them.
-        if group_alive(pid) {
+        if group_alive(pid).await {
             debug!(pid, "stopping processes left in the job's group");
             terminate_group(pid, grace).await;
         }
         signaller.abort();
 
+        if let Some(error) = wait_error {
+            return Outcome::Failed(format!("lost the job's process: {error}"));
+        }
         let status = status.expect("loop ends only after the leader exited");
         Outcome::Exited {
             code: status.code(),
@@ -339,9 +346,46 @@ async fn read_next(reader: Option<&mut PipeReader>) -> Option<Bytes> {
     }
 }
 
-fn group_alive(pgid: u32) -> bool {
-    // Signal 0 checks for existence; EPERM would mean someone else's process, not ours.
-    killpg(Pid::from_raw(pgid as i32), None).is_ok()
+/// Whether any process of the group still runs. Zombies do not count: once a job's leader
+/// dies, its orphans are reaped by init, which may take a while (and a zombie holds no pipe).
+async fn group_alive(pgid: u32) -> bool {
+    // Signal 0 checks for existence cheaply; EPERM would mean someone else's process, not ours.
+    if killpg(Pid::from_raw(pgid as i32), None).is_err() {
+        return false;
+    }
+    // Reading /proc blocks; keep it off the async workers.
+    tokio::task::spawn_blocking(move || has_live_member(pgid))
+        .await
+        .unwrap_or(true)
+}
+
+fn has_live_member(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true; // cannot tell zombies apart; assume alive
+    };
+    entries.flatten().any(|entry| {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            return false;
+        };
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .is_some_and(|stat| is_live_member(&stat, pgid))
+    })
+}
+
+/// Parses `/proc/<pid>/stat`: fields after the parenthesised command are state, ppid, pgrp.
+fn is_live_member(stat: &str, pgid: u32) -> bool {
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    let state = fields.next();
+    let pgrp = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+    pgrp == Some(pgid) && state != Some("Z") && state != Some("X")
 }
 
 /// SIGTERM to the whole group, up to `grace` for it to empty, then SIGKILL.
@@ -354,7 +398,7 @@ pub(crate) async fn terminate_group(pgid: u32, grace: Duration) {
     }
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
-        if !group_alive(pgid) {
+        if !group_alive(pgid).await {
             return;
         }
         sleep_until((Instant::now() + Duration::from_millis(20)).min(deadline)).await;
@@ -372,6 +416,15 @@ pub(crate) async fn terminate_group(pgid: u32, grace: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zombies_are_not_live_group_members() {
+        let stat = |state: &str| format!("123 (sleep (x) 1) {state} 1 4242 4242 0 -1 4194560");
+        assert!(is_live_member(&stat("S"), 4242));
+        assert!(!is_live_member(&stat("Z"), 4242));
+        assert!(!is_live_member(&stat("S"), 4243));
+        assert!(!is_live_member("garbage", 4242));
+    }
 
     #[test]
     fn cwd_must_be_an_existing_directory() {

@@ -23,6 +23,34 @@ pub trait Backend: Send + Sync {
 
     /// Launches the job. An error means nothing is running and no event was emitted.
     async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, Error>;
+
+    /// State of a job another replica started, from its [`Execution::handle`].
+    async fn remote_state(&self, handle: &str) -> Result<RemoteState, Error> {
+        let _ = handle;
+        Err(Error::BackendFailed(
+            "this backend's jobs are node-local".into(),
+        ))
+    }
+
+    /// Stops a job another replica started, from its [`Execution::handle`].
+    async fn remote_cancel(&self, handle: &str) -> Result<(), Error> {
+        let _ = handle;
+        Err(Error::BackendFailed(
+            "this backend's jobs are node-local".into(),
+        ))
+    }
+}
+
+/// What a backend can tell about a job from its handle alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteState {
+    Running,
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// The backend no longer knows the job: it ended and was cleaned up.
+    Gone,
 }
 
 /// A launched job.
@@ -30,6 +58,12 @@ pub trait Backend: Send + Sync {
 pub trait Execution: Send {
     /// Local process id of the job's leader, where there is one.
     fn pid(&self) -> Option<u32>;
+
+    /// A handle from which any replica can reach the job through [`Backend::remote_state`]
+    /// and [`Backend::remote_cancel`]; `None` for jobs only this replica can reach.
+    fn handle(&self) -> Option<String> {
+        None
+    }
 
     /// Streams all output into `out` and returns how the job ended. When `stop` is cancelled,
     /// the backend stops the job (gracefully, then forcibly) and still delivers the output
@@ -47,4 +81,6 @@ pub enum Outcome {
     },
     /// The backend lost track of the job; the message says why.
     Failed(String),
+    /// The job was stopped from outside this replica (e.g. Cancel on another replica).
+    Cancelled(String),
 }

@@ -10,6 +10,7 @@ use crate::{
         StreamKind,
     },
     proto as pb,
+    sink::{DeliveryProgress, SinkHealth},
 };
 
 /// Longest task, session or sandbox id.
@@ -19,6 +20,8 @@ const MAX_ARG_BYTES: usize = 128 * 1024;
 const MAX_ARGV_LEN: usize = 4096;
 const MAX_ENV_VARS: usize = 1024;
 const MAX_PATH_BYTES: usize = 4096;
+/// Longest job id: a signed id carries the caller's labels and the backend's handle.
+const MAX_JOB_ID_BYTES: usize = 4096;
 
 /// Validates an Exec request and turns it into a job spec.
 pub fn job_spec(req: pb::ExecRequest) -> Result<JobSpec, Error> {
@@ -106,7 +109,7 @@ pub fn job_id(raw: String) -> Result<JobId, Error> {
     if raw.is_empty() {
         return invalid("job_id is empty");
     }
-    text("job_id", &raw, MAX_ID_BYTES)?;
+    text("job_id", &raw, MAX_JOB_ID_BYTES)?;
     Ok(JobId::from_caller(raw))
 }
 
@@ -211,6 +214,22 @@ pub fn status_response(job: JobSnapshot) -> pb::StatusResponse {
         stderr_bytes: job.stderr_bytes,
         backend: job.backend.to_owned(),
         message: exit.map(|e| e.message.clone()).unwrap_or_default(),
+        mirrored: job.mirror.is_some(),
+        mirror: job.mirror.map(mirror_status),
+    }
+}
+
+fn mirror_status(progress: DeliveryProgress) -> pb::MirrorStatus {
+    pb::MirrorStatus {
+        records_delivered: progress.records_delivered,
+        bytes_delivered: progress.bytes_delivered,
+        bytes_dropped: progress.bytes_dropped,
+        bytes_pending: progress.bytes_pending,
+        invalid_bytes: progress.invalid_bytes,
+        retries: progress.retries,
+        ambiguous_retries: progress.ambiguous_retries,
+        complete: progress.complete,
+        last_error: progress.last_error.unwrap_or_default(),
     }
 }
 
@@ -222,6 +241,8 @@ pub struct HealthReport {
     pub backend: &'static str,
     pub daytona_configured: bool,
     pub convex_configured: bool,
+    /// Health of the Convex sink; `None` when it is not configured.
+    pub convex_health: Option<SinkHealth>,
     pub sinks: Vec<&'static str>,
     pub uptime: Duration,
 }
@@ -239,6 +260,11 @@ pub fn health_response(report: HealthReport) -> pb::HealthResponse {
         backend: report.backend.to_owned(),
         daytona_configured: report.daytona_configured,
         convex_configured: report.convex_configured,
+        convex_healthy: report.convex_health.as_ref().is_some_and(|h| h.healthy),
+        convex_error: report
+            .convex_health
+            .and_then(|h| h.error)
+            .unwrap_or_default(),
         sinks: report.sinks.into_iter().map(str::to_owned).collect(),
         time: Some(SystemTime::now().into()),
         version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -18,6 +18,11 @@ impl From<Error> for Status {
             Error::BackendMisconfigured(_) => Code::FailedPrecondition,
             Error::BackendUnavailable(_) => Code::Unavailable,
             Error::BackendFailed(_) => Code::Internal,
+            // Like any unknown id: forged and malformed ids name no job.
+            Error::InvalidJobId { .. } => Code::NotFound,
+            Error::JobElsewhere { .. } => Code::FailedPrecondition,
+            // Output the caller did not read is gone.
+            Error::StreamAbandoned(_) => Code::DataLoss,
             Error::Unauthenticated => Code::Unauthenticated,
         };
         Status::new(code, err.to_string())
@@ -52,6 +57,7 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (Error::Unauthenticated, Code::Unauthenticated),
+            (Error::StreamAbandoned("j".into()), Code::DataLoss),
             (Error::SandboxNotFound("s".into()), Code::NotFound),
             (
                 Error::SandboxNotReady {
@@ -66,6 +72,21 @@ mod tests {
             ),
             (Error::BackendUnavailable("down".into()), Code::Unavailable),
             (Error::BackendFailed("odd".into()), Code::Internal),
+            (
+                Error::InvalidJobId {
+                    id: "x".into(),
+                    reason: crate::job::JobIdError::Signature,
+                },
+                Code::NotFound,
+            ),
+            (
+                Error::JobElsewhere {
+                    job_id: "j".into(),
+                    replica: "r".into(),
+                    detail: "runs",
+                },
+                Code::FailedPrecondition,
+            ),
         ];
         for (err, code) in cases {
             let message = err.to_string();

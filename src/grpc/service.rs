@@ -44,7 +44,11 @@ impl SandboxService for SandboxApi {
         let spec = convert::job_spec(request.into_inner())?;
         let events = self.jobs.start(spec).await?;
         let job_id = events.job_id.clone();
-        let stream = events.map(move |event| Ok(convert::exec_event(&job_id, event)));
+        let stream = events.map(move |event| {
+            event
+                .map(|event| convert::exec_event(&job_id, event))
+                .map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -53,7 +57,7 @@ impl SandboxService for SandboxApi {
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
         let id = convert::job_id(request.into_inner().job_id)?;
-        let job = self.jobs.cancel(&id)?;
+        let job = self.jobs.cancel(&id).await?;
         Ok(Response::new(convert::cancel_response(job)))
     }
 
@@ -62,7 +66,7 @@ impl SandboxService for SandboxApi {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let id = convert::job_id(request.into_inner().job_id)?;
-        let job = self.jobs.status(&id)?;
+        let job = self.jobs.status(&id).await?;
         Ok(Response::new(convert::status_response(job)))
     }
 
@@ -77,6 +81,7 @@ impl SandboxService for SandboxApi {
             backend: self.jobs.backend_name(),
             daytona_configured: self.info.daytona_configured,
             convex_configured: self.info.convex_configured,
+            convex_health: self.jobs.sinks().health(crate::sink::convex::NAME),
             sinks: self.jobs.sinks().names(),
             uptime: self.info.started.elapsed(),
         };

@@ -57,27 +57,30 @@ pub(super) async fn drive(
 }
 
 fn summarize(job: &JobRecord, outcome: Outcome) -> ExitSummary {
-    let stop_reason = job.stop_reason();
-    let (exit_code, signal, ended_by_itself, message, failure) = match outcome {
-        Outcome::Exited { code, signal } => {
-            let message = match (code, signal) {
-                (Some(code), _) => format!("exited with code {code}"),
-                (None, Some(signal)) => format!("killed by signal {}", signal_name(signal)),
-                (None, None) => "exited".to_owned(),
-            };
-            (code, signal, code == Some(0), message, false)
+    use JobState::{Cancelled, Failed, Succeeded};
+    let (state, exit_code, signal, message) = match (outcome, job.stop_reason()) {
+        (Outcome::Exited { code, signal }, None) => {
+            let state = if code == Some(0) { Succeeded } else { Failed };
+            (state, code, signal, exit_message(code, signal))
         }
-        Outcome::Failed(message) => (None, None, false, message, true),
-    };
-    let (state, message) = match stop_reason {
+        // Stopped by us: the stop reason explains the exit better than its status does.
+        (Outcome::Exited { code, signal }, Some(reason)) => {
+            (reason.final_state(), code, signal, reason.describe())
+        }
+        (Outcome::Failed(message), None) => (Failed, None, None, message),
         // A backend failure says something the stop reason does not; keep both.
-        Some(reason) if failure => (
+        (Outcome::Failed(message), Some(reason)) => (
             reason.final_state(),
+            None,
+            None,
             format!("{}; {message}", reason.describe()),
         ),
-        Some(reason) => (reason.final_state(), reason.describe()),
-        None if ended_by_itself => (JobState::Succeeded, message),
-        None => (JobState::Failed, message),
+        (Outcome::Cancelled(message), reason) => (
+            reason.map_or(Cancelled, StopReason::final_state),
+            None,
+            None,
+            message,
+        ),
     };
     ExitSummary {
         state,
@@ -88,6 +91,14 @@ fn summarize(job: &JobRecord, outcome: Outcome) -> ExitSummary {
         stdout_bytes: job.output_bytes(super::StreamKind::Stdout),
         stderr_bytes: job.output_bytes(super::StreamKind::Stderr),
         message,
+    }
+}
+
+fn exit_message(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(signal)) => format!("killed by signal {}", signal_name(signal)),
+        (None, None) => "exited".to_owned(),
     }
 }
 

@@ -6,6 +6,7 @@
 //! edge, and backends run the commands behind the `Backend` trait.
 
 mod event;
+mod id;
 mod lifecycle;
 mod output;
 mod record;
@@ -13,6 +14,7 @@ mod registry;
 mod spec;
 
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};
+pub use id::{JobIdCodec, JobIdError, JobLocation};
 pub use output::JobOutput;
 pub use record::JobSnapshot;
 pub use registry::{JobStream, Jobs, JobsConfig};

@@ -1,10 +1,15 @@
 //! The single path every event of a job takes: numbering, offsets, byte counts, the sinks and
 //! the caller's bounded stream.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use super::{EventKind, JobEvent, StreamKind, record::JobRecord};
 use crate::sink::JobSink;
@@ -21,6 +26,10 @@ pub struct JobOutput {
     /// `None` once the caller has gone; events then still reach the sinks and the counters.
     client: Option<mpsc::Sender<JobEvent>>,
     sinks: Vec<Box<dyn JobSink>>,
+    /// The job's stop token: once stopped, a client that does not make room within
+    /// `stopped_client_grace` is dropped, so a stuck reader cannot hold the job open.
+    stop: CancellationToken,
+    stopped_client_grace: Duration,
 }
 
 impl JobOutput {
@@ -28,8 +37,11 @@ impl JobOutput {
         record: Arc<JobRecord>,
         client: mpsc::Sender<JobEvent>,
         sinks: Vec<Box<dyn JobSink>>,
+        stopped_client_grace: Duration,
     ) -> Self {
         JobOutput {
+            stop: record.stop.clone(),
+            stopped_client_grace,
             record,
             next_seq: 0,
             stdout_offset: 0,
@@ -75,10 +87,48 @@ impl JobOutput {
         for sink in &mut self.sinks {
             sink.event(&event);
         }
-        if let Some(client) = &self.client
-            && client.send(event).await.is_err()
-        {
+        let Some(client) = &self.client else {
+            return;
+        };
+        if !deliver(client, event, &self.stop, self.stopped_client_grace).await {
             self.client = None;
+        }
+    }
+}
+
+/// Sends `event` to the caller, waiting for room; false when the caller is gone or, once the
+/// job is stopped, did not make room within `grace`.
+async fn deliver(
+    client: &mpsc::Sender<JobEvent>,
+    event: JobEvent,
+    stop: &CancellationToken,
+    grace: Duration,
+) -> bool {
+    // Waiting for room is what pushes back on the process; a stop bounds the wait.
+    let permit = tokio::select! {
+        biased;
+        permit = client.reserve() => permit.ok(),
+        _ = stop.cancelled() => {
+            tokio::time::timeout(grace, client.reserve())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        }
+    };
+    match permit {
+        Some(permit) => {
+            permit.send(event);
+            true
+        }
+        None => {
+            if !client.is_closed() {
+                warn!(
+                    ?grace,
+                    "the client did not read the stopped job's output in time; \
+                     dropping the rest of its stream"
+                );
+            }
+            false
         }
     }
 }

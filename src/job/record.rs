@@ -2,7 +2,7 @@
 
 use std::{
     sync::{
-        Mutex, OnceLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -11,6 +11,7 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use super::{ExitSummary, JobId, JobMeta, JobState, StreamKind};
+use crate::sink::{DeliveryProgress, DeliveryReport};
 
 /// Why a job was asked to stop before it ended on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +62,8 @@ pub struct JobSnapshot {
     pub exit: Option<ExitSummary>,
     pub stdout_bytes: u64,
     pub stderr_bytes: u64,
+    /// Delivery of the job's copy to the mirror sink; `None` when the job is not mirrored.
+    pub mirror: Option<DeliveryProgress>,
 }
 
 pub(crate) struct JobRecord {
@@ -75,6 +78,7 @@ pub(crate) struct JobRecord {
     stdout_bytes: AtomicU64,
     stderr_bytes: AtomicU64,
     exit: OnceLock<ExitSummary>,
+    mirror: Option<Arc<dyn DeliveryReport>>,
 }
 
 impl JobRecord {
@@ -83,6 +87,7 @@ impl JobRecord {
         meta: JobMeta,
         backend: &'static str,
         stop: CancellationToken,
+        mirror: Option<Arc<dyn DeliveryReport>>,
     ) -> Self {
         JobRecord {
             id,
@@ -95,6 +100,7 @@ impl JobRecord {
             stdout_bytes: AtomicU64::new(0),
             stderr_bytes: AtomicU64::new(0),
             exit: OnceLock::new(),
+            mirror,
         }
     }
 
@@ -154,6 +160,7 @@ impl JobRecord {
             stdout_bytes: self.output_bytes(StreamKind::Stdout),
             stderr_bytes: self.output_bytes(StreamKind::Stderr),
             exit,
+            mirror: self.mirror.as_ref().map(|m| m.report()),
         }
     }
 }

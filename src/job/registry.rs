@@ -8,7 +8,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::{Semaphore, mpsc};
@@ -17,10 +17,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, info_span};
 
 use super::{
-    JobEvent, JobId, JobOutput, JobSpec, lifecycle,
+    EventKind, ExitSummary, JobEvent, JobId, JobIdCodec, JobLocation, JobOutput, JobSpec, JobState,
+    lifecycle,
     record::{JobRecord, JobSnapshot, StopReason},
 };
-use crate::{backend::Backend, error::Error, sink::Sinks};
+use crate::{
+    backend::{Backend, RemoteState},
+    error::Error,
+    sink::Sinks,
+};
 
 /// Limits of the job core.
 #[derive(Debug, Clone)]
@@ -32,11 +37,15 @@ pub struct JobsConfig {
     pub stream_buffer: usize,
     pub finished_ttl: Duration,
     pub finished_capacity: usize,
+    /// Once a job is stopped, how long its caller may take to make room for each event before
+    /// the rest of its stream is dropped (a stuck reader must not hold the job open).
+    pub stopped_client_grace: Duration,
 }
 
 /// All jobs of this server.
 pub struct Jobs {
     backend: Arc<dyn Backend>,
+    ids: JobIdCodec,
     sinks: Sinks,
     config: JobsConfig,
     permits: Arc<Semaphore>,
@@ -55,9 +64,15 @@ struct Table {
 }
 
 impl Jobs {
-    pub fn new(backend: Arc<dyn Backend>, sinks: Sinks, config: JobsConfig) -> Arc<Self> {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        ids: JobIdCodec,
+        sinks: Sinks,
+        config: JobsConfig,
+    ) -> Arc<Self> {
         Arc::new(Jobs {
             backend,
+            ids,
             sinks,
             permits: Arc::new(Semaphore::new(config.max_concurrent as usize)),
             config,
@@ -90,35 +105,52 @@ impl Jobs {
                     limit: self.config.max_concurrent,
                 })?;
 
-        let id = JobId::generate();
         let span = info_span!(
             "job",
-            id = %id,
+            id = tracing::field::Empty,
             task_id = %spec.meta.task_id,
             session_id = %spec.meta.session_id,
             sandbox_id = %spec.meta.sandbox_id,
             backend = self.backend.name(),
         );
-        let execution = self
-            .backend
-            .start(&spec)
-            .instrument(span.clone())
-            .await
-            .inspect_err(|e| span.in_scope(|| info!(error = %e, "job did not start")))?;
+        // Counts as a running job while the backend starts (Daytona: seconds), so a drain that
+        // begins meanwhile waits for it and cancels it rather than missing it.
+        let starting = self.tracker.token();
+        let execution = match self.backend.start(&spec).instrument(span.clone()).await {
+            Ok(execution) => execution,
+            Err(e) => {
+                span.in_scope(|| info!(error = %e, "job did not start"));
+                let (id, _) = self.ids.issue(&spec.meta, self.backend.name(), None);
+                self.report_failed_start(&id, &spec, &e);
+                return Err(e);
+            }
+        };
+        let (id, _) = self
+            .ids
+            .issue(&spec.meta, self.backend.name(), execution.handle());
+        span.record("id", tracing::field::display(&id));
         span.in_scope(|| {
             // Names only: env values may be secrets.
             let env_names: Vec<&str> = spec.env.keys().map(String::as_str).collect();
             info!(pid = execution.pid(), ?env_names, cwd = ?spec.cwd, "job started");
         });
 
+        let sinks = self.sinks.open(&id, &spec);
+        let mirror = sinks.iter().find_map(|s| s.progress());
         let record = Arc::new(JobRecord::new(
             id.clone(),
             spec.meta.clone(),
             self.backend.name(),
             self.root.child_token(),
+            mirror,
         ));
         let (tx, rx) = mpsc::channel(self.config.stream_buffer);
-        let output = JobOutput::new(Arc::clone(&record), tx, self.sinks.open(&id, &spec));
+        let output = JobOutput::new(
+            Arc::clone(&record),
+            tx,
+            sinks,
+            self.config.stopped_client_grace,
+        );
         let job = lifecycle::drive(Arc::clone(&record), execution, output, timeout, permit);
         let jobs = Arc::clone(self);
         let finished_id = id.clone();
@@ -132,33 +164,151 @@ impl Jobs {
             })
         };
         tokio::spawn(tracked.instrument(span));
+        drop(starting);
         Ok(JobStream {
             job_id: id,
             events: rx,
+            exited: false,
             _stop_on_drop: StopOnDrop(record),
         })
     }
 
-    /// Asks a job to stop; returns its state as of now.
-    pub fn cancel(&self, id: &JobId) -> Result<JobSnapshot, Error> {
-        let record = self.lookup(id)?;
-        record.request_stop(StopReason::Cancelled);
-        Ok(record.snapshot())
+    /// A job that could not start still ends its copy in the sinks: they see one `Exited`
+    /// (FAILED, with the reason) and nothing else. The Exec caller gets the error itself.
+    fn report_failed_start(&self, id: &JobId, spec: &JobSpec, error: &Error) {
+        let now = SystemTime::now();
+        let event = JobEvent {
+            seq: 0,
+            time: now,
+            kind: EventKind::Exited(ExitSummary {
+                state: JobState::Failed,
+                exit_code: None,
+                signal: None,
+                duration: Duration::ZERO,
+                finished_at: now,
+                stdout_bytes: 0,
+                stderr_bytes: 0,
+                message: error.to_string(),
+            }),
+        };
+        for mut sink in self.sinks.open(id, spec) {
+            sink.event(&event);
+        }
     }
 
-    /// Reports a running or recently finished job.
-    pub fn status(&self, id: &JobId) -> Result<JobSnapshot, Error> {
-        Ok(self.lookup(id)?.snapshot())
+    /// Asks a job to stop; returns its state as of now. Jobs started by other replicas are
+    /// stopped through the backend when it can reach them.
+    pub async fn cancel(&self, id: &JobId) -> Result<JobSnapshot, Error> {
+        match self.lookup(id)? {
+            Found::Here(record) => {
+                record.request_stop(StopReason::Cancelled);
+                Ok(record.snapshot())
+            }
+            Found::Elsewhere(location, handle) => {
+                let snapshot = self.remote_snapshot(id, &location, &handle).await?;
+                if snapshot.state == JobState::Running {
+                    info!(job_id = %id, replica = %location.replica, "cancelling a job of another replica");
+                    self.backend.remote_cancel(&handle).await?;
+                }
+                Ok(snapshot)
+            }
+        }
     }
 
-    fn lookup(&self, id: &JobId) -> Result<Arc<JobRecord>, Error> {
-        let mut table = self.table.lock().expect("job table poisoned");
-        self.forget_expired(&mut table);
-        table
-            .jobs
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::JobNotFound(id.to_string()))
+    /// Reports a running or recently finished job, here or (where the backend can reach it)
+    /// on another replica.
+    pub async fn status(&self, id: &JobId) -> Result<JobSnapshot, Error> {
+        match self.lookup(id)? {
+            Found::Here(record) => Ok(record.snapshot()),
+            Found::Elsewhere(location, handle) => {
+                self.remote_snapshot(id, &location, &handle).await
+            }
+        }
+    }
+
+    fn lookup(&self, id: &JobId) -> Result<Found, Error> {
+        {
+            let mut table = self.table.lock().expect("job table poisoned");
+            self.forget_expired(&mut table);
+            if let Some(record) = table.jobs.get(id) {
+                return Ok(Found::Here(Arc::clone(record)));
+            }
+        }
+        let location = self.ids.verify(id).map_err(|reason| Error::InvalidJobId {
+            id: id.to_string(),
+            reason,
+        })?;
+        if location.replica == self.ids.replica() {
+            return Err(Error::JobNotFound(id.to_string()));
+        }
+        let detail = match &location.handle {
+            Some(handle) if location.backend == self.backend.name() => {
+                let handle = handle.clone();
+                return Ok(Found::Elsewhere(location, handle));
+            }
+            Some(_) => "runs on another backend",
+            None => "runs on a node-local backend",
+        };
+        Err(Error::JobElsewhere {
+            job_id: id.to_string(),
+            replica: location.replica,
+            detail,
+        })
+    }
+
+    async fn remote_snapshot(
+        &self,
+        id: &JobId,
+        location: &JobLocation,
+        handle: &str,
+    ) -> Result<JobSnapshot, Error> {
+        let (state, exit) = match self.backend.remote_state(handle).await? {
+            RemoteState::Running => (JobState::Running, None),
+            RemoteState::Exited { code, signal } => {
+                let state = if code == Some(0) {
+                    JobState::Succeeded
+                } else {
+                    JobState::Failed
+                };
+                (state, Some((code, signal)))
+            }
+            RemoteState::Gone => {
+                return Err(Error::JobElsewhere {
+                    job_id: id.to_string(),
+                    replica: location.replica.clone(),
+                    detail: "has ended; its final status is kept",
+                });
+            }
+        };
+        let started_at = location.started_at();
+        let now = std::time::SystemTime::now();
+        let age = now.duration_since(started_at).unwrap_or_default();
+        Ok(JobSnapshot {
+            id: id.clone(),
+            meta: location.meta(),
+            backend: self.backend.name(),
+            state,
+            started_at,
+            running_for: exit.is_none().then_some(age),
+            exit: exit.map(|(exit_code, signal)| ExitSummary {
+                state,
+                exit_code,
+                signal,
+                duration: age,
+                finished_at: now,
+                // Byte counts live with the replica that streamed the output.
+                stdout_bytes: 0,
+                stderr_bytes: 0,
+                message: format!(
+                    "reported by the backend; the job ran on replica {}",
+                    location.replica
+                ),
+            }),
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            // Mirror delivery, too, is tracked by the replica that ran the job.
+            mirror: None,
+        })
     }
 
     fn retire(&self, id: JobId) {
@@ -226,18 +376,37 @@ impl Jobs {
     }
 }
 
+/// Where a looked-up job is.
+enum Found {
+    Here(Arc<JobRecord>),
+    /// Started by another replica; reachable through the backend with this handle.
+    Elsewhere(JobLocation, String),
+}
+
 /// A job's events for its Exec caller. Dropping it before `Exited` cancels the job.
 pub struct JobStream {
     pub job_id: JobId,
     events: mpsc::Receiver<JobEvent>,
+    /// Whether `Exited` came through; a stream that ends without it ends with an error.
+    exited: bool,
     _stop_on_drop: StopOnDrop,
 }
 
 impl Stream for JobStream {
-    type Item = JobEvent;
+    type Item = Result<JobEvent, Error>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<JobEvent>> {
-        self.events.poll_recv(cx)
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.events.poll_recv(cx) {
+            Poll::Ready(Some(event)) => {
+                self.exited |= matches!(event.kind, super::EventKind::Exited(_));
+                Poll::Ready(Some(Ok(event)))
+            }
+            Poll::Ready(None) if !self.exited => {
+                self.exited = true; // report once, then end
+                Poll::Ready(Some(Err(Error::StreamAbandoned(self.job_id.to_string()))))
+            }
+            other => other.map(|e| e.map(Ok)),
+        }
     }
 }
 

@@ -7,12 +7,7 @@ use std::{collections::BTreeMap, fmt, time::Duration};
 pub struct JobId(String);
 
 impl JobId {
-    /// A fresh random id.
-    pub fn generate() -> Self {
-        JobId(uuid::Uuid::new_v4().to_string())
-    }
-
-    /// Wraps an id received from a caller (lookups of unknown ids simply miss).
+    /// Wraps an id string (issued by [`super::JobIdCodec`], or received from a caller).
     pub fn from_caller(id: impl Into<String>) -> Self {
         JobId(id.into())
     }

@@ -2,6 +2,8 @@
 //! Convex). A sink must never slow a job down: `JobSink::event` is called on the output path and
 //! must return at once, queueing any slow work on tasks of its own.
 
+pub mod convex;
+
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
@@ -20,12 +22,68 @@ pub trait Sink: Send + Sync {
 
     /// Delivers whatever is still queued, giving up after `deadline`. Called at shutdown.
     async fn flush(&self, deadline: Duration);
+
+    /// Whether deliveries currently succeed, for Health.
+    fn health(&self) -> SinkHealth {
+        SinkHealth::default()
+    }
 }
 
 /// One job's connection to one sink.
 pub trait JobSink: Send {
     /// Receives each event of the job in `seq` order. Must not block.
     fn event(&mut self, event: &JobEvent);
+
+    /// A live view of how far this job's delivery got, for Status; `None` when the sink does
+    /// not track it.
+    fn progress(&self) -> Option<Arc<dyn DeliveryReport>> {
+        None
+    }
+}
+
+/// Reads a job's delivery progress (cheap, lock-light: Status calls it).
+pub trait DeliveryReport: Send + Sync {
+    fn report(&self) -> DeliveryProgress;
+}
+
+/// How far one job's copy got in a sink. Byte counts are of the text sent (UTF-8).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryProgress {
+    /// Records the destination accepted.
+    pub records_delivered: u64,
+    /// Output bytes in accepted records.
+    pub bytes_delivered: u64,
+    /// Output bytes that will never be delivered (queue overflow, rejected, retries exhausted).
+    pub bytes_dropped: u64,
+    /// Output bytes queued or in flight.
+    pub bytes_pending: u64,
+    /// Invalid UTF-8 bytes that were replaced by U+FFFD.
+    pub invalid_bytes: u64,
+    /// Requests that were retried.
+    pub retries: u64,
+    /// Retries after a timeout, where the destination may have stored the record already.
+    pub ambiguous_retries: u64,
+    /// True once delivery of the job ended: its final record was sent, or delivery gave up.
+    pub complete: bool,
+    /// The last delivery error of this job, for humans (never contains secrets).
+    pub last_error: Option<String>,
+}
+
+/// Health of a sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkHealth {
+    pub healthy: bool,
+    /// Why it is unhealthy (never contains secrets).
+    pub error: Option<String>,
+}
+
+impl Default for SinkHealth {
+    fn default() -> Self {
+        SinkHealth {
+            healthy: true,
+            error: None,
+        }
+    }
 }
 
 /// The configured sinks; empty when none is configured, which makes mirroring a no-op.
@@ -39,6 +97,11 @@ impl Sinks {
 
     pub fn names(&self) -> Vec<&'static str> {
         self.0.iter().map(|s| s.name()).collect()
+    }
+
+    /// Health of the sink called `name`, if it is configured.
+    pub fn health(&self, name: &str) -> Option<SinkHealth> {
+        self.0.iter().find(|s| s.name() == name).map(|s| s.health())
     }
 
     pub(crate) fn open(&self, job_id: &JobId, spec: &JobSpec) -> Vec<Box<dyn JobSink>> {

@@ -63,6 +63,8 @@ pub struct Faults {
     pub api_delay_ms: AtomicU64,
     /// The next N GETs answer 503 (transient failures that a client should retry).
     pub transient_get_failures: AtomicUsize,
+    /// Sandbox DTOs lack `toolboxProxyUrl`, as from APIs older than v0.148.
+    pub legacy_sandbox_dto: AtomicBool,
 }
 
 /// A running fake.
@@ -246,10 +248,13 @@ async fn auth_and_faults(State(fake): State<Arc<Fake>>, request: Request, next: 
 }
 
 fn sandbox_dto(fake: &Fake, id: &str, state: &str) -> Value {
-    json!({
+    let mut dto = json!({
         "id": id, "name": id, "organizationId": "org", "state": state, "desiredState": "started",
-        "toolboxProxyUrl": format!("{}/toolbox", fake.base),
-    })
+    });
+    if !fake.faults.legacy_sandbox_dto.load(Ordering::Relaxed) {
+        dto["toolboxProxyUrl"] = json!(format!("{}/toolbox", fake.base));
+    }
+    dto
 }
 
 async fn get_sandbox(State(fake): State<Arc<Fake>>, Path(id): Path<String>) -> Response {
@@ -554,6 +559,7 @@ async fn get_command(
 async fn logs(
     State(fake): State<Arc<Fake>>,
     Path((sandbox, session, command)): Path<(String, String, String)>,
+    headers: axum::http::HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let run = match find_command(&fake, &sandbox, &session, &command) {
@@ -566,11 +572,48 @@ async fn logs(
         }
         Ok(upgrade) => upgrade.on_upgrade(move |socket| follow(socket, run, fake)),
         Err(_) => {
-            // SDK version >= 0.167.0: JSON with the raw log (markers kept) in `output`.
             let log = run.log.lock().unwrap().clone();
-            Json(json!({ "output": String::from_utf8_lossy(&log), "stdout": "", "stderr": "" }))
-                .into_response()
+            let version = headers
+                .get("x-daytona-sdk-version")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            match log_format(version) {
+                // JSON text: invalid UTF-8 turns into U+FFFD, as Go's encoder does.
+                LogFormat::Json => Json(json!({
+                    "output": String::from_utf8_lossy(&log), "stdout": "", "stderr": "",
+                }))
+                .into_response(),
+                LogFormat::Raw => ([(header::CONTENT_TYPE, "text/plain")], log).into_response(),
+                LogFormat::Stripped => {
+                    let stripped: Vec<u8> = log
+                        .split_inclusive(|&b| b == b'\n')
+                        .flat_map(|line| line.get(3..).unwrap_or_default().iter().copied())
+                        .collect();
+                    ([(header::CONTENT_TYPE, "text/plain")], stripped).into_response()
+                }
+            }
         }
+    }
+}
+
+enum LogFormat {
+    Json,
+    Raw,
+    Stripped,
+}
+
+/// The daemon's switch on `X-Daytona-SDK-Version` (research section 3.0): from 0.167.0 (or any
+/// `dev` build) JSON, from 0.27.0 raw text with markers, below or absent the markers stripped.
+fn log_format(version: &str) -> LogFormat {
+    if version.contains("dev") {
+        return LogFormat::Json;
+    }
+    let parts: Vec<u64> = version.split('.').map_while(|p| p.parse().ok()).collect();
+    match parts.as_slice() {
+        [major, minor, ..] if (*major, *minor) >= (0, 167) => LogFormat::Json,
+        [major, minor, ..] if (*major, *minor) >= (0, 27) => LogFormat::Raw,
+        [] if !version.is_empty() => LogFormat::Raw, // unparsable: kept, like the daemon
+        _ => LogFormat::Stripped,
     }
 }
 

@@ -12,6 +12,9 @@ use sandbox_runner::{
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{Streaming, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 pub use pb::{JobState, OutputStream};
 
@@ -297,4 +300,37 @@ pub async fn wait_finished(
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(data).into()
+}
+
+/// `req` with a job timeout.
+pub fn with_timeout(mut req: pb::ExecRequest, timeout: Duration) -> pb::ExecRequest {
+    req.timeout = Some(timeout.try_into().expect("a representable timeout"));
+    req
+}
+
+/// The service name the standard health service reports on.
+pub const SERVICE: &str = "sandbox.v1.SandboxService";
+
+/// `grpc.health.v1` status of `service`.
+pub async fn serving_status(channel: &Channel, service: &str) -> ServingStatus {
+    let reply = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner();
+    ServingStatus::try_from(reply.status).expect("a known status")
+}
+
+/// Waits (bounded) until health reports NOT_SERVING for the service, as it does once draining
+/// starts; the health service must keep answering meanwhile.
+pub async fn wait_not_serving(channel: &Channel) {
+    for _ in 0..500 {
+        if serving_status(channel, SERVICE).await == ServingStatus::NotServing {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("health never reported NOT_SERVING");
 }

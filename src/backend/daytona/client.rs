@@ -18,7 +18,12 @@ use tracing::debug;
 /// Version sent in `X-Daytona-SDK-Version`. Daemons switch behaviour on it: from 0.167.0 log
 /// markers are kept and plain log GETs answer JSON, which is what the demultiplexer expects.
 pub const SDK_VERSION: &str = "0.190.0";
+/// Sent on plain log GETs only: daemons below 0.167.0 answer those with the raw log bytes
+/// (markers kept) instead of JSON text, which would turn invalid UTF-8 into U+FFFD and so
+/// break the byte offsets the follower's bytes are reconciled with.
+const RAW_LOG_SDK_VERSION: &str = "0.166.0";
 const SOURCE: &str = "sandbox-runner";
+/// Attempts of an idempotent request (GET, DELETE) before a transient failure is final.
 const GET_ATTEMPTS: u32 = 4;
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 
@@ -97,7 +102,8 @@ pub type LogSocket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 pub struct DaytonaClient {
     http: reqwest::Client,
     api_url: String,
-    api_key: String,
+    /// Sent on every request, the log WebSocket's included.
+    headers: header::HeaderMap,
     request_timeout: Duration,
 }
 
@@ -116,7 +122,7 @@ impl DaytonaClient {
         );
         headers.insert("x-daytona-source", header::HeaderValue::from_static(SOURCE));
         let http = reqwest::Client::builder()
-            .default_headers(headers)
+            .default_headers(headers.clone())
             .user_agent(concat!("sandbox-runner/", env!("CARGO_PKG_VERSION")))
             .timeout(request_timeout)
             .connect_timeout(request_timeout.min(Duration::from_secs(10)))
@@ -125,7 +131,7 @@ impl DaytonaClient {
         Ok(DaytonaClient {
             http,
             api_url: api_url.trim_end_matches('/').to_owned(),
-            api_key: api_key.to_owned(),
+            headers,
             request_timeout,
         })
     }
@@ -209,7 +215,13 @@ impl DaytonaClient {
             output: Option<String>,
         }
         let url = format!("{}/logs", toolbox.command(session_id, command_id));
-        let response = self.get_with_retry(&url).await?;
+        let response = self
+            .retrying(|| {
+                self.http
+                    .get(&url)
+                    .header("x-daytona-sdk-version", RAW_LOG_SDK_VERSION)
+            })
+            .await?;
         let is_json = response
             .headers()
             .get(header::CONTENT_TYPE)
@@ -251,16 +263,7 @@ impl DaytonaClient {
                 status: StatusCode::BAD_REQUEST,
                 message: format!("bad log URL: {e}"),
             })?;
-        let headers = request.headers_mut();
-        let mut auth = header::HeaderValue::from_str(&format!("Bearer {}", self.api_key))
-            .expect("checked when the client was built");
-        auth.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, auth);
-        headers.insert(
-            "x-daytona-sdk-version",
-            header::HeaderValue::from_static(SDK_VERSION),
-        );
-        headers.insert("x-daytona-source", header::HeaderValue::from_static(SOURCE));
+        request.headers_mut().extend(self.headers.clone());
         let connect =
             tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true);
         match tokio::time::timeout(self.request_timeout, connect).await {
@@ -283,11 +286,10 @@ impl DaytonaClient {
         toolbox: &Toolbox,
         session_id: &str,
     ) -> Result<(), ApiError> {
+        let url = toolbox.session(session_id);
+        // DELETE is idempotent, so transient failures are retried like GETs.
         match self
-            .send(
-                self.http
-                    .request(Method::DELETE, toolbox.session(session_id)),
-            )
+            .retrying(|| self.http.request(Method::DELETE, &url))
             .await
         {
             Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
@@ -300,14 +302,22 @@ impl DaytonaClient {
     }
 
     async fn get_with_retry(&self, url: &str) -> Result<reqwest::Response, ApiError> {
+        self.retrying(|| self.http.get(url)).await
+    }
+
+    /// Sends an idempotent request, retrying transient failures with jittered backoff.
+    async fn retrying(
+        &self,
+        request: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ApiError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.send(self.http.get(url)).await {
+            match self.send(request()).await {
                 Err(ApiError::Unavailable(reason)) if attempt < GET_ATTEMPTS => {
                     let backoff = BACKOFF_BASE * 2u32.pow(attempt - 1);
                     let jittered = backoff.mul_f64(0.5 + fastrand::f64());
-                    debug!(url, attempt, %reason, ?jittered, "transient Daytona error; retrying");
+                    debug!(attempt, %reason, ?jittered, "transient Daytona error; retrying");
                     tokio::time::sleep(jittered).await;
                 }
                 other => return other,
@@ -330,9 +340,10 @@ fn status_error(status: StatusCode, message: String) -> ApiError {
     match status {
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ApiError::Unauthorized(status),
         StatusCode::NOT_FOUND => ApiError::NotFound(message),
-        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
-            ApiError::Unavailable(format!("HTTP {status}: {message}"))
-        }
+        StatusCode::TOO_MANY_REQUESTS
+        | StatusCode::BAD_GATEWAY
+        | StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::GATEWAY_TIMEOUT => ApiError::Unavailable(format!("HTTP {status}: {message}")),
         _ => ApiError::Unexpected { status, message },
     }
 }

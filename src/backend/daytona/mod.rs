@@ -23,7 +23,7 @@ use tracing::{info, warn};
 pub use client::{ApiError, DaytonaClient, SDK_VERSION, Toolbox};
 use demux::Demux;
 
-use super::{Backend, Execution, Outcome};
+use super::{Backend, Execution, Outcome, RemoteState};
 use crate::{
     error::Error,
     job::{JobOutput, JobSpec, StreamKind},
@@ -44,6 +44,9 @@ pub struct DaytonaConfig {
     pub poll_interval: Duration,
 }
 
+/// How often a follower that delivers nothing checks that the command is still running.
+const LIVENESS_CHECK: Duration = Duration::from_secs(5);
+
 /// Most log bytes gathered into one output event.
 const MAX_EVENT_BYTES: usize = 256 * 1024;
 
@@ -62,6 +65,17 @@ impl DaytonaBackend {
         })
     }
 
+    /// The toolbox of a sandbox that is started now, without starting it.
+    async fn toolbox_if_started(&self, sandbox_id: &str) -> Result<Option<Toolbox>, Error> {
+        let on_sandbox = |e| api_error(e, &format!("sandbox {sandbox_id:?}"));
+        let sandbox = match self.client.sandbox(sandbox_id).await {
+            Ok(sandbox) if sandbox.state == "started" => sandbox,
+            Ok(_) | Err(ApiError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(on_sandbox(e)),
+        };
+        self.toolbox_of(sandbox).await.map(Some)
+    }
+
     /// The sandbox's toolbox, once the sandbox is `started`.
     async fn toolbox(&self, sandbox_id: &str) -> Result<Toolbox, Error> {
         let on_sandbox = |e| api_error(e, &format!("sandbox {sandbox_id:?}"));
@@ -73,13 +87,17 @@ impl DaytonaBackend {
                     state: sandbox.state,
                 });
             }
-            info!(sandbox_id, state = %sandbox.state, "starting the sandbox");
             let deadline = Instant::now() + self.config.start_timeout;
-            sandbox = self
-                .client
-                .start_sandbox(sandbox_id)
-                .await
-                .map_err(on_sandbox)?;
+            // Only a resting sandbox is started; one already changing state (starting,
+            // restoring, ...) is waited for, as a second start would be refused with 409.
+            if matches!(sandbox.state.as_str(), "stopped" | "archived" | "paused") {
+                info!(sandbox_id, state = %sandbox.state, "starting the sandbox");
+                sandbox = self
+                    .client
+                    .start_sandbox(sandbox_id)
+                    .await
+                    .map_err(on_sandbox)?;
+            }
             while sandbox.state != "started" {
                 if Instant::now() >= deadline {
                     return Err(Error::SandboxNotReady {
@@ -94,13 +112,18 @@ impl DaytonaBackend {
                 sandbox = self.client.sandbox(sandbox_id).await.map_err(on_sandbox)?;
             }
         }
+        self.toolbox_of(sandbox).await
+    }
+
+    /// The toolbox URL from the sandbox DTO, or from the older dedicated endpoint.
+    async fn toolbox_of(&self, sandbox: client::Sandbox) -> Result<Toolbox, Error> {
         let proxy = match sandbox.toolbox_proxy_url {
             Some(url) if !url.is_empty() => url,
             _ => self
                 .client
-                .toolbox_proxy_url(sandbox_id)
+                .toolbox_proxy_url(&sandbox.id)
                 .await
-                .map_err(on_sandbox)?,
+                .map_err(|e| api_error(e, &format!("sandbox {:?}", sandbox.id)))?,
         };
         Ok(Toolbox::new(&proxy, &sandbox.id))
     }
@@ -112,8 +135,46 @@ impl Backend for DaytonaBackend {
         "daytona"
     }
 
+    async fn remote_state(&self, handle: &str) -> Result<RemoteState, Error> {
+        let handle = Handle::parse(handle)?;
+        let toolbox = match self.toolbox_if_started(&handle.sandbox_id).await? {
+            Some(toolbox) => toolbox,
+            // A stopped sandbox has no sessions left.
+            None => return Ok(RemoteState::Gone),
+        };
+        match self
+            .client
+            .exit_code(&toolbox, &handle.session_id, &handle.command_id)
+            .await
+        {
+            Ok(None) => Ok(RemoteState::Running),
+            Ok(Some(status)) => {
+                let (code, signal) = split_status(status);
+                Ok(RemoteState::Exited { code, signal })
+            }
+            Err(ApiError::NotFound(_)) => Ok(RemoteState::Gone),
+            Err(e) => Err(api_error(e, &format!("sandbox {:?}", handle.sandbox_id))),
+        }
+    }
+
+    async fn remote_cancel(&self, handle: &str) -> Result<(), Error> {
+        let handle = Handle::parse(handle)?;
+        if let Some(toolbox) = self.toolbox_if_started(&handle.sandbox_id).await? {
+            self.client
+                .delete_session(&toolbox, &handle.session_id)
+                .await
+                .map_err(|e| api_error(e, &format!("sandbox {:?}", handle.sandbox_id)))?;
+        }
+        Ok(())
+    }
+
     async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, Error> {
         let sandbox_id = spec.meta.sandbox_id.as_str();
+        if sandbox_id == "." || sandbox_id == ".." {
+            return Err(Error::InvalidArgument(format!(
+                "sandbox_id {sandbox_id:?} is not a sandbox id"
+            )));
+        }
         if sandbox_id.is_empty() {
             return Err(Error::InvalidArgument(
                 "sandbox_id is required with the daytona backend".into(),
@@ -121,20 +182,27 @@ impl Backend for DaytonaBackend {
         }
         let toolbox = self.toolbox(sandbox_id).await?;
         let session_id = format!("sandbox-runner-{}", uuid::Uuid::new_v4());
+        // The guard exists before the session does: if this future is dropped while the
+        // create call is in flight, or the call times out after Daytona made the session, the
+        // guard still deletes it (deleting a session that does not exist is not an error).
+        let session = Session::new(Arc::clone(&self.client), toolbox, session_id);
         self.client
-            .create_session(&toolbox, &session_id)
+            .create_session(&session.toolbox, &session.id)
             .await
             .map_err(|e| api_error(e, &format!("sandbox {sandbox_id:?}")))?;
-        // From here on the session must be deleted whatever happens, including this future
-        // being dropped because the caller went away.
-        let session = Session::new(Arc::clone(&self.client), toolbox, session_id);
         let command_id = self
             .client
             .exec_async(&session.toolbox, &session.id, &script::command_line(spec))
             .await
             .map_err(|e| api_error(e, &format!("session in sandbox {sandbox_id:?}")))?;
         info!(sandbox_id, session_id = %session.id, command_id, "command started in Daytona");
+        let handle = Handle {
+            sandbox_id: sandbox_id.to_owned(),
+            session_id: session.id.clone(),
+            command_id: command_id.clone(),
+        };
         Ok(Box::new(DaytonaExecution {
+            handle,
             client: Arc::clone(&self.client),
             session,
             command_id,
@@ -171,10 +239,13 @@ impl Session {
     }
 
     async fn delete(&mut self) {
-        if let Err(e) = self.client.delete_session(&self.toolbox, &self.id).await {
-            warn!(session_id = %self.id, error = %e, "could not delete the Daytona session");
+        match self.client.delete_session(&self.toolbox, &self.id).await {
+            Ok(()) => self.deleted = true,
+            // Not marked deleted: dropping the guard tries once more in the background.
+            Err(e) => {
+                warn!(session_id = %self.id, error = %e, "could not delete the Daytona session")
+            }
         }
-        self.deleted = true;
     }
 }
 
@@ -198,7 +269,27 @@ impl Drop for Session {
     }
 }
 
+/// What any replica needs to reach a job: carried, signed, in its job id.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Handle {
+    #[serde(rename = "sandbox")]
+    sandbox_id: String,
+    #[serde(rename = "session")]
+    session_id: String,
+    #[serde(rename = "command")]
+    command_id: String,
+}
+
+impl Handle {
+    fn parse(raw: &str) -> Result<Handle, Error> {
+        // Only reachable with a verified id, so a bad handle is our bug, not the caller's.
+        serde_json::from_str(raw)
+            .map_err(|e| Error::BackendFailed(format!("unreadable Daytona job handle: {e}")))
+    }
+}
+
 struct DaytonaExecution {
+    handle: Handle,
     client: Arc<DaytonaClient>,
     session: Session,
     command_id: String,
@@ -242,12 +333,19 @@ enum Followed {
     Stopped,
     /// Daytona failed in a way that loses track of the command.
     Lost(String),
+    /// The session disappeared under the job: deleted by a Cancel on another replica, or the
+    /// sandbox stopped.
+    Vanished,
 }
 
 #[async_trait]
 impl Execution for DaytonaExecution {
     fn pid(&self) -> Option<u32> {
         None
+    }
+
+    fn handle(&self) -> Option<String> {
+        Some(serde_json::to_string(&self.handle).expect("handle serialises"))
     }
 
     async fn run(mut self: Box<Self>, out: &mut JobOutput, stop: CancellationToken) -> Outcome {
@@ -267,7 +365,10 @@ impl Execution for DaytonaExecution {
         emit(reader.demux.finish(), out).await;
 
         match followed {
-            Followed::Exit(status) => exit_outcome(status),
+            Followed::Exit(status) => {
+                let (code, signal) = split_status(status);
+                Outcome::Exited { code, signal }
+            }
             // Said either way: a command that never gets an exit code (its session shell died,
             // a known Daytona bug) only ends by timeout or cancel, and this is the clue.
             Followed::Stopped if log_stream_ended => Outcome::Failed(
@@ -281,6 +382,11 @@ impl Execution for DaytonaExecution {
                     .into(),
             ),
             Followed::Lost(reason) => Outcome::Failed(reason),
+            Followed::Vanished => Outcome::Cancelled(
+                "cancelled: the Daytona session was deleted outside this replica (a Cancel \
+                 on another replica, or the sandbox stopped)"
+                    .into(),
+            ),
         }
     }
 }
@@ -306,10 +412,28 @@ impl DaytonaExecution {
                 return false;
             }
         };
+        // A silently dead connection would otherwise wait for the job's timeout: now and then,
+        // check whether the command has exited; if it has and the follower still has not
+        // closed a check later, stop following and let polling take the tail.
+        let mut liveness =
+            tokio::time::interval_at(Instant::now() + LIVENESS_CHECK, LIVENESS_CHECK);
+        let mut exit_seen = false;
         loop {
             let message = tokio::select! {
                 message = socket.next() => message,
                 _ = stop.cancelled() => return false,
+                _ = liveness.tick() => {
+                    let exited = matches!(
+                        self.client.exit_code(toolbox, &self.session.id, &self.command_id).await,
+                        Ok(Some(_)) | Err(ApiError::NotFound(_))
+                    );
+                    if exited && exit_seen {
+                        warn!("the log stream stayed open after the command exited; polling the log instead");
+                        return true;
+                    }
+                    exit_seen = exited;
+                    continue;
+                }
             };
             let mut batch = match message {
                 Some(Ok(Message::Binary(data))) => data.to_vec(),
@@ -318,7 +442,7 @@ impl DaytonaExecution {
                 Some(Ok(_)) => continue, // ping/pong: tungstenite answers pings itself
                 Some(Err(e)) => {
                     warn!(error = %e, "the log stream failed; polling the log instead");
-                    return true;
+                    return false;
                 }
             };
             // Frames carry at most 1 KiB: gather those already here into one event.
@@ -360,6 +484,7 @@ impl DaytonaExecution {
             };
             let exit = match exit {
                 Ok(exit) => exit,
+                Err(ApiError::NotFound(_)) => return Followed::Vanished,
                 Err(e) => return Followed::Lost(format!("lost track of the command: {e}")),
             };
             let log = tokio::select! {
@@ -368,6 +493,7 @@ impl DaytonaExecution {
             };
             match log {
                 Ok(log) => reader.catch_up(&log, out).await,
+                Err(ApiError::NotFound(_)) => return Followed::Vanished,
                 Err(e) => return Followed::Lost(format!("cannot read the command's log: {e}")),
             }
             if let Some(status) = exit {
@@ -384,16 +510,11 @@ impl DaytonaExecution {
 /// Daytona reports `$?` of the session shell, where a process killed by signal N shows as
 /// 128+N. Statuses 129..=159 are therefore reported as that signal. A program that *exits* with
 /// such a status on purpose is indistinguishable and is reported the same way.
-fn exit_outcome(status: i32) -> Outcome {
+/// Returns (exit code, signal).
+fn split_status(status: i32) -> (Option<i32>, Option<i32>) {
     match status {
-        129..=159 => Outcome::Exited {
-            code: None,
-            signal: Some(status - 128),
-        },
-        code => Outcome::Exited {
-            code: Some(code),
-            signal: None,
-        },
+        129..=159 => (None, Some(status - 128)),
+        code => (Some(code), None),
     }
 }
 
@@ -403,47 +524,11 @@ mod tests {
 
     #[test]
     fn shell_statuses_above_128_are_signals() {
-        assert_eq!(
-            exit_outcome(0),
-            Outcome::Exited {
-                code: Some(0),
-                signal: None
-            }
-        );
-        assert_eq!(
-            exit_outcome(42),
-            Outcome::Exited {
-                code: Some(42),
-                signal: None
-            }
-        );
-        assert_eq!(
-            exit_outcome(137),
-            Outcome::Exited {
-                code: None,
-                signal: Some(9)
-            }
-        );
-        assert_eq!(
-            exit_outcome(143),
-            Outcome::Exited {
-                code: None,
-                signal: Some(15)
-            }
-        );
-        assert_eq!(
-            exit_outcome(128),
-            Outcome::Exited {
-                code: Some(128),
-                signal: None
-            }
-        );
-        assert_eq!(
-            exit_outcome(-1),
-            Outcome::Exited {
-                code: Some(-1),
-                signal: None
-            }
-        );
+        assert_eq!(split_status(0), (Some(0), None));
+        assert_eq!(split_status(42), (Some(42), None));
+        assert_eq!(split_status(137), (None, Some(9)));
+        assert_eq!(split_status(143), (None, Some(15)));
+        assert_eq!(split_status(128), (Some(128), None));
+        assert_eq!(split_status(-1), (Some(-1), None));
     }
 }

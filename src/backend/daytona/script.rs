@@ -30,7 +30,8 @@ pub fn command_line(spec: &JobSpec) -> String {
         words.extend(["cd".into(), "--".into(), quote(cwd), "&&".into()]);
     }
     // `env -` is not used: the sandbox's own environment (PATH, HOME) stays.
-    words.push("env".into());
+    // `--`: a variable name starting with '-' must not be read as an option of `env`.
+    words.extend(["env".into(), "--".into()]);
     for (name, value) in &spec.env {
         words.push(quote(&format!("{name}={value}")));
     }

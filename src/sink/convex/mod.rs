@@ -1,0 +1,415 @@
+//! The Convex mirror: copies each job's output to the deployed `POST /daytona-ingest` route that
+//! fills the `terminalOutput` table, so the existing web terminal keeps working.
+//!
+//! Per job: the output path only decodes and enqueues (`queue`), bounded in bytes; one delivery
+//! task per job sends the records one at a time, in order (`ingest`). A slow or broken Convex
+//! therefore never slows a job; past the bound the oldest output is dropped and marked.
+
+mod config;
+mod ingest;
+mod queue;
+
+use std::{
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+pub use self::{
+    config::{ConvexArgs, ConvexConfigError, ConvexSettings, Secret},
+    ingest::ClientError,
+};
+use self::{
+    ingest::{Ingest, Outcome},
+    queue::{End, Item, Queue, Take},
+};
+use super::{DeliveryProgress, DeliveryReport, JobSink, Sink, SinkHealth};
+use crate::job::{EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSpec, JobState, Program};
+
+/// The sink's name in Health.
+pub const NAME: &str = "convex";
+
+/// Mirrors jobs that carry a task_id and a session_id into Convex.
+pub struct ConvexSink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ingest: Ingest,
+    queue_bytes: usize,
+    /// Delivery tasks, so shutdown can wait for them.
+    tasks: TaskTracker,
+    healthy: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Inner {
+    fn set_healthy(&self) {
+        if !self.healthy.swap(true, Ordering::SeqCst) {
+            info!("Convex ingest accepts records again");
+            *self.last_error.lock().expect("sink lock poisoned") = None;
+        }
+    }
+
+    fn set_unhealthy(&self, reason: &str) {
+        *self.last_error.lock().expect("sink lock poisoned") = Some(reason.to_owned());
+        self.healthy.store(false, Ordering::SeqCst);
+    }
+}
+
+impl ConvexSink {
+    pub fn new(settings: &ConvexSettings) -> Result<Self, ClientError> {
+        info!(url = %settings.ingest_url, queue_bytes = settings.queue_bytes, "mirroring jobs to Convex");
+        Ok(ConvexSink {
+            inner: Arc::new(Inner {
+                ingest: Ingest::new(settings)?,
+                queue_bytes: settings.queue_bytes,
+                tasks: TaskTracker::new(),
+                healthy: AtomicBool::new(true),
+                last_error: Mutex::new(None),
+            }),
+        })
+    }
+}
+
+#[async_trait]
+impl Sink for ConvexSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn open(&self, job_id: &JobId, spec: &JobSpec) -> Option<Box<dyn JobSink>> {
+        // Rows are keyed by task and session in Convex; without them there is nowhere to write.
+        if spec.meta.task_id.is_empty() || spec.meta.session_id.is_empty() {
+            return None;
+        }
+        let mut queue = Queue::new(self.inner.queue_bytes);
+        queue.push_echo(
+            echo_line(&spec.program),
+            epoch_ms(SystemTime::now()),
+            Instant::now(),
+        );
+        let job = Arc::new(JobShared {
+            queue: Mutex::new(queue),
+            wake: Notify::new(),
+        });
+        let span = info_span!("convex_mirror", job_id = %job_id, task_id = %spec.meta.task_id,
+                              session_id = %spec.meta.session_id);
+        self.inner.tasks.spawn(
+            deliver(Arc::clone(&self.inner), Arc::clone(&job), spec.meta.clone()).instrument(span),
+        );
+        Some(Box::new(ConvexJobSink { job }))
+    }
+
+    async fn flush(&self, deadline: Duration) {
+        let tasks = &self.inner.tasks;
+        tasks.close();
+        if tasks.is_empty() {
+            return;
+        }
+        info!(jobs = tasks.len(), "flushing job output to Convex");
+        if tokio::time::timeout(deadline, tasks.wait()).await.is_err() {
+            warn!(
+                jobs = tasks.len(),
+                "Convex mirror not flushed within {deadline:?}; their last records are lost"
+            );
+        }
+    }
+
+    fn health(&self) -> SinkHealth {
+        SinkHealth {
+            healthy: self.inner.healthy.load(Ordering::SeqCst),
+            error: self
+                .inner
+                .last_error
+                .lock()
+                .expect("sink lock poisoned")
+                .clone(),
+        }
+    }
+}
+
+/// State shared by a job's output path and its delivery task.
+struct JobShared {
+    queue: Mutex<Queue>,
+    /// Wakes the delivery task when something was queued.
+    wake: Notify,
+}
+
+impl JobShared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().expect("mirror queue poisoned")
+    }
+}
+
+impl DeliveryReport for JobShared {
+    fn report(&self) -> DeliveryProgress {
+        let q = self.lock();
+        DeliveryProgress {
+            records_delivered: q.stats.records_delivered,
+            bytes_delivered: q.stats.bytes_delivered,
+            bytes_dropped: q.stats.bytes_dropped,
+            bytes_pending: q.pending_bytes(),
+            invalid_bytes: q.stats.invalid_bytes,
+            retries: q.stats.retries,
+            ambiguous_retries: q.stats.ambiguous_retries,
+            complete: q.stats.complete,
+            last_error: q.stats.last_error.clone(),
+        }
+    }
+}
+
+/// The job's end of the mirror: enqueues, never waits (the lock guards in-memory work only).
+struct ConvexJobSink {
+    job: Arc<JobShared>,
+}
+
+impl JobSink for ConvexJobSink {
+    fn event(&mut self, event: &JobEvent) {
+        let ts = epoch_ms(event.time);
+        let now = Instant::now();
+        match &event.kind {
+            EventKind::Started { .. } => return,
+            EventKind::Output { stream, data, .. } => {
+                self.job.lock().push_output(*stream, data, ts, now)
+            }
+            EventKind::Exited(summary) => self.job.lock().push_end(end_of(summary), ts, now),
+        }
+        self.job.wake.notify_one();
+    }
+
+    fn progress(&self) -> Option<Arc<dyn DeliveryReport>> {
+        Some(Arc::clone(&self.job) as Arc<dyn DeliveryReport>)
+    }
+}
+
+impl Drop for ConvexJobSink {
+    fn drop(&mut self) {
+        // The job core always sends Exited; should it not, the record still ends the mirror.
+        let mut queue = self.job.lock();
+        if !queue.is_finished() {
+            queue.push_end(
+                End::Error("the runner lost track of this job".into()),
+                epoch_ms(SystemTime::now()),
+                Instant::now(),
+            );
+            drop(queue);
+            self.job.wake.notify_one();
+        }
+    }
+}
+
+/// What the final record says: the real exit code when the program ended by itself, else why
+/// it did not (the UI shows `[ERROR] <message>`).
+fn end_of(summary: &ExitSummary) -> End {
+    match (summary.state, summary.exit_code) {
+        (JobState::Succeeded | JobState::Failed, Some(code)) => End::ExitCode(code),
+        _ => End::Error(summary.message.clone()),
+    }
+}
+
+/// The line the old runner sent first: `$ <command>` (argv shell-quoted), no newline.
+fn echo_line(program: &Program) -> String {
+    match program {
+        Program::Shell(command) => format!("$ {command}"),
+        Program::Argv(argv) => {
+            let joined =
+                shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| argv.join(" "));
+            format!("$ {joined}")
+        }
+    }
+}
+
+fn epoch_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One job's delivery task: sends its records one at a time, in order, until the final one.
+async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
+    let mut complained = false;
+    let mut ended_at: Option<Instant> = None;
+    while let Some(item) = next_item(&job).await {
+        let is_final = matches!(item, Item::Final { .. });
+        if is_final {
+            ended_at = Some(Instant::now());
+        }
+        let body = ingest::encode(&meta, &item);
+        let outcome = sink
+            .ingest
+            .send(body, |ambiguous, _reason| {
+                let mut q = job.lock();
+                q.stats.retries += 1;
+                q.stats.ambiguous_retries += u64::from(ambiguous);
+            })
+            .await;
+        match outcome {
+            Outcome::Delivered => {
+                job.lock().delivered(item.text_len());
+                sink.set_healthy();
+            }
+            Outcome::Rejected { status, reason } => {
+                sink.set_unhealthy(&reason);
+                let mut q = job.lock();
+                q.lost(&item);
+                q.stats.last_error = Some(reason.clone());
+                // A bad secret, a wrong URL: every later record would be refused the same way.
+                let hopeless = matches!(status, 401 | 403 | 404 | 405);
+                if hopeless {
+                    q.close();
+                }
+                drop(q);
+                if !complained {
+                    warn!(status, %reason, "Convex ingest refused a record; not retrying it{}",
+                          if hopeless { " nor sending the rest of this job" } else { "" });
+                    complained = true;
+                }
+                if hopeless {
+                    break;
+                }
+            }
+            Outcome::GaveUp { reason } => {
+                sink.set_unhealthy(&reason);
+                let mut q = job.lock();
+                q.lost(&item);
+                q.stats.last_error = Some(reason.clone());
+                drop(q);
+                if !complained {
+                    warn!(%reason, "giving up on a record for Convex; it is marked as a gap");
+                    complained = true;
+                }
+            }
+        }
+        if is_final {
+            break;
+        }
+    }
+    let report = {
+        let mut q = job.lock();
+        q.stats.complete = true;
+        q.stats.clone()
+    };
+    info!(
+        records = report.records_delivered,
+        bytes = report.bytes_delivered,
+        dropped_bytes = report.bytes_dropped,
+        invalid_bytes = report.invalid_bytes,
+        retries = report.retries,
+        ambiguous_retries = report.ambiguous_retries,
+        final_record_ms = ended_at.map(|t| t.elapsed().as_millis() as u64),
+        "Convex mirror of the job finished"
+    );
+}
+
+/// Waits for the next record that is ready to send; `None` once the job's mirror is done.
+async fn next_item(job: &JobShared) -> Option<Item> {
+    loop {
+        // Registered before looking, so a push between the look and the wait is not missed.
+        let notified = job.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let take = job.lock().take(Instant::now());
+        match take {
+            Take::Send(item) => return Some(item),
+            Take::Done => return None,
+            Take::Wait(None) => notified.await,
+            Take::Wait(Some(due)) => {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The sinks the configuration asks for.
+pub fn sinks(args: &ConvexArgs) -> Result<super::Sinks, SinkSetupError> {
+    let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
+    if let Some(settings) = args.settings()? {
+        sinks.push(Arc::new(ConvexSink::new(&settings)?));
+    }
+    Ok(super::Sinks::new(sinks))
+}
+
+/// The configured sinks cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkSetupError {
+    #[error(transparent)]
+    Config(#[from] ConvexConfigError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_echo_matches_the_old_runner() {
+        assert_eq!(
+            echo_line(&Program::Shell("ls -l | wc".into())),
+            "$ ls -l | wc"
+        );
+        assert_eq!(
+            echo_line(&Program::Argv(vec![
+                "printf".into(),
+                "%s\n".into(),
+                "a b".into()
+            ])),
+            "$ printf '%s\n' 'a b'"
+        );
+    }
+
+    fn summary(state: JobState, exit_code: Option<i32>, message: &str) -> ExitSummary {
+        ExitSummary {
+            state,
+            exit_code,
+            signal: None,
+            duration: Duration::ZERO,
+            finished_at: SystemTime::now(),
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn the_final_record_carries_the_real_exit_code_or_why() {
+        assert_eq!(
+            end_of(&summary(JobState::Succeeded, Some(0), "")),
+            End::ExitCode(0)
+        );
+        assert_eq!(
+            end_of(&summary(JobState::Failed, Some(3), "")),
+            End::ExitCode(3)
+        );
+        assert_eq!(
+            end_of(&summary(
+                JobState::Cancelled,
+                Some(143),
+                "cancelled by request"
+            )),
+            End::Error("cancelled by request".into())
+        );
+        assert_eq!(
+            end_of(&summary(JobState::TimedOut, None, "timed out after 1s")),
+            End::Error("timed out after 1s".into())
+        );
+        assert_eq!(
+            end_of(&summary(
+                JobState::Failed,
+                None,
+                "killed by signal 9 (SIGKILL)"
+            )),
+            End::Error("killed by signal 9 (SIGKILL)".into())
+        );
+    }
+}

@@ -1,0 +1,282 @@
+//! A fake of the deployed Convex `POST /daytona-ingest` route (research/convex-ingest.md section
+//! 1), served over real HTTP on 127.0.0.1:0, with fault injection. It records every request it
+//! accepts, so tests can compare what reached "Convex" with what the job printed.
+//!
+//! Self-contained (axum, tokio, serde_json) so the benchmark harness can reuse it.
+
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use serde_json::{Value, json};
+use tokio::{sync::watch, task::JoinHandle};
+
+/// What the fake does to requests that pass the flag and secret checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Behave like the deployed server.
+    None,
+    /// Answer with this status without storing anything (e.g. 500: the mutation failed).
+    Status(u16),
+    /// Hold the response until the fault is changed. With `record`, the row is stored first
+    /// (the client cannot tell, and a retry duplicates it); without, nothing is stored and the
+    /// held request finally gets a 503.
+    Hang { record: bool },
+}
+
+#[derive(Default)]
+struct Log {
+    /// Bodies of accepted requests, in arrival order.
+    records: Vec<Value>,
+    /// Every request seen, including refused ones.
+    requests: u64,
+    /// Requests answered by a fault (a status or a hang).
+    faulted: u64,
+    /// Status codes answered by the contract checks (401, 400, 503).
+    refused: Vec<u16>,
+}
+
+struct Shared {
+    secret: String,
+    enabled: Mutex<bool>,
+    fault: watch::Sender<Fault>,
+    log: Mutex<Log>,
+}
+
+/// A running fake ingest server. Dropping it stops it.
+pub struct FakeIngest {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeIngest {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeIngest {
+    /// Starts a fake that accepts `secret`, with `ENABLE_DAYTONA_TERMINAL` on.
+    pub async fn start(secret: &str) -> FakeIngest {
+        let shared = Arc::new(Shared {
+            secret: secret.to_owned(),
+            enabled: Mutex::new(true),
+            fault: watch::Sender::new(Fault::None),
+            log: Mutex::new(Log::default()),
+        });
+        let app = Router::new()
+            .route("/daytona-ingest", post(ingest))
+            .with_state(Arc::clone(&shared));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        FakeIngest { addr, shared, task }
+    }
+
+    /// The value for CONVEX_SITE_URL.
+    pub fn site_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        self.shared.fault.send_replace(fault);
+    }
+
+    /// The deployment's ENABLE_DAYTONA_TERMINAL flag.
+    pub fn set_enabled(&self, enabled: bool) {
+        *self.shared.enabled.lock().unwrap() = enabled;
+    }
+
+    /// Accepted records, in arrival order.
+    pub fn records(&self) -> Vec<Value> {
+        self.shared.log.lock().unwrap().records.clone()
+    }
+
+    /// Accepted records of one session (the runner's job), in arrival order.
+    pub fn session(&self, session_id: &str) -> Vec<Value> {
+        self.records()
+            .into_iter()
+            .filter(|r| r["sessionId"] == session_id)
+            .collect()
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.shared.log.lock().unwrap().requests
+    }
+
+    pub fn faulted(&self) -> u64 {
+        self.shared.log.lock().unwrap().faulted
+    }
+
+    pub fn refused(&self) -> Vec<u16> {
+        self.shared.log.lock().unwrap().refused.clone()
+    }
+
+    /// Polls until `done(records of the session)` holds; panics after `limit` (a bound against
+    /// hanging, not a timing assertion).
+    pub async fn wait_session(
+        &self,
+        session_id: &str,
+        limit: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let records = self.session(session_id);
+            if done(&records) {
+                return records;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "session {session_id}: condition not met within {limit:?}; have {} records",
+                records.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls until the fake answered at least `n` requests with a fault.
+    pub async fn wait_faulted(&self, n: u64, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.faulted() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} faulted requests within {limit:?}",
+                self.faulted()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// The deployed handler's checks, in its order: flag (before auth), secret, JSON, fields.
+async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let refuse = |status: StatusCode, error: &str| {
+        shared.log.lock().unwrap().refused.push(status.as_u16());
+        reply(status, json!({ "error": error }))
+    };
+    shared.log.lock().unwrap().requests += 1;
+    if !*shared.enabled.lock().unwrap() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Daytona terminal is disabled",
+        );
+    }
+    let provided = headers.get("x-ingest-secret").and_then(|v| v.to_str().ok());
+    if shared.secret.is_empty() || provided != Some(shared.secret.as_str()) {
+        return refuse(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+
+    let fault = shared.fault.borrow().clone();
+    match fault {
+        Fault::None => {}
+        Fault::Status(code) => {
+            shared.log.lock().unwrap().faulted += 1;
+            let status = StatusCode::from_u16(code).unwrap();
+            return reply(
+                status,
+                json!({ "error": "Internal error", "details": "injected" }),
+            );
+        }
+        Fault::Hang { record } => {
+            shared.log.lock().unwrap().faulted += 1;
+            if record && let Some(payload) = parse(&body) {
+                shared.log.lock().unwrap().records.push(payload);
+            }
+            let mut changes = shared.fault.subscribe();
+            let _ = changes.wait_for(|f| !matches!(f, Fault::Hang { .. })).await;
+            return if record {
+                reply(StatusCode::OK, json!({ "success": true, "timestamp": 0 }))
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": "held" }))
+            };
+        }
+    }
+
+    let Ok(payload) = serde_json::from_slice::<Value>(&body) else {
+        return refuse(StatusCode::BAD_REQUEST, "Invalid JSON body");
+    };
+    if parse(&body).is_none() {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "Missing required fields: taskId, sessionId, stream, data",
+        );
+    }
+    let timestamp = payload["ts"].as_u64().unwrap_or(0);
+    shared.log.lock().unwrap().records.push(payload);
+    reply(
+        StatusCode::OK,
+        json!({ "success": true, "timestamp": timestamp }),
+    )
+}
+
+/// The body when it passes the deployed validation: JSON with truthy taskId, sessionId and
+/// stream, and a `data` member.
+fn parse(body: &[u8]) -> Option<Value> {
+    let payload: Value = serde_json::from_slice(body).ok()?;
+    let truthy = |v: &Value| match v {
+        Value::Null | Value::Bool(false) => false,
+        Value::String(s) => !s.is_empty(),
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        _ => true,
+    };
+    let ok = ["taskId", "sessionId", "stream"]
+        .iter()
+        .all(|k| payload.get(*k).is_some_and(truthy))
+        && payload.get("data").is_some();
+    ok.then_some(payload)
+}
+
+/// The rows the deployed handler writes for these records: output with non-empty data as is,
+/// a `meta` record with `done` as the stdout row `\n[DONE] Exit code: N` or `\n[ERROR] msg`,
+/// anything else nothing. `(streamType, content)`.
+pub fn rows(records: &[Value]) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    for r in records {
+        let stream = r["stream"].as_str().unwrap_or_default();
+        if stream == "meta" {
+            if r["done"] == true {
+                let content = match r["error"].as_str() {
+                    Some(error) => format!("\n[ERROR] {error}"),
+                    None => format!(
+                        "\n[DONE] Exit code: {}",
+                        r["exitCode"].as_i64().unwrap_or(0)
+                    ),
+                };
+                rows.push(("stdout".to_owned(), content));
+            }
+        } else if let Some(data) = r["data"].as_str().filter(|d| !d.is_empty()) {
+            let stream = if stream == "stderr" {
+                "stderr"
+            } else {
+                "stdout"
+            };
+            rows.push((stream.to_owned(), data.to_owned()));
+        }
+    }
+    rows
+}

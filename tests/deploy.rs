@@ -1,0 +1,383 @@
+//! Drift checks between deploy/ and the binary: the rendered Kubernetes manifests and the
+//! Dockerfile must use ports, probe service names, environment variables and values that the
+//! binary really accepts. Renders with `kubectl kustomize` when it is installed; otherwise
+//! applies the overlay's patch itself (env merged by name), so the check runs everywhere.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    process::Command,
+};
+
+use clap::CommandFactory;
+use sandbox_runner::{
+    Config, grpc::service::SandboxApi, proto::sandbox_service_server::SandboxServiceServer,
+};
+use serde::Deserialize;
+use serde_json::Value;
+use tonic::server::NamedService;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sandbox-runner");
+const SERVICE: &str = <SandboxServiceServer<SandboxApi> as NamedService>::NAME;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn parse_docs(yaml: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|doc| Value::deserialize(doc).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn read_docs(path: &Path) -> Vec<Value> {
+    parse_docs(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
+/// Renders a kustomization with `kubectl kustomize`, when kubectl is installed.
+fn render_with_kubectl(dir: &str) -> Option<Vec<Value>> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root().join(dir))
+        .output()
+        .ok()?;
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(parse_docs(&String::from_utf8(out.stdout).unwrap()))
+}
+
+/// Renders a kustomization without kubectl: base files plus the overlay's strategic-merge patch
+/// of the container (env merged by name, other keys replaced). Enough for these manifests.
+fn render(dir: &str) -> Vec<Value> {
+    let path = root().join(dir);
+    let kustomization = &read_docs(&path.join("kustomization.yaml"))[0];
+    let mut docs = Vec::new();
+    for resource in kustomization["resources"].as_array().unwrap() {
+        let resource = resource.as_str().unwrap();
+        let target = path.join(resource);
+        if target.is_dir() {
+            docs.extend(render(&format!("{dir}/{resource}")));
+        } else {
+            docs.extend(read_docs(&target));
+        }
+    }
+    for patch in kustomization["patches"].as_array().into_iter().flatten() {
+        let patch = &read_docs(&path.join(patch["path"].as_str().unwrap()))[0];
+        let deployment = docs
+            .iter_mut()
+            .find(|d| {
+                d["kind"] == "Deployment" && d["metadata"]["name"] == patch["metadata"]["name"]
+            })
+            .expect("patch targets a deployment");
+        for patched in patch["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+        {
+            let containers = deployment["spec"]["template"]["spec"]["containers"]
+                .as_array_mut()
+                .unwrap();
+            let container = containers
+                .iter_mut()
+                .find(|c| c["name"] == patched["name"])
+                .unwrap();
+            for (key, value) in patched.as_object().unwrap() {
+                if key == "env" {
+                    let env = container["env"].as_array_mut().unwrap();
+                    for var in value.as_array().unwrap() {
+                        env.retain(|e| e["name"] != var["name"]);
+                        env.push(var.clone());
+                    }
+                } else {
+                    container[key] = value.clone();
+                }
+            }
+        }
+    }
+    docs
+}
+
+fn one<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// Environment variable names the binary reads.
+fn known_env() -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = Config::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect();
+    names.insert("RUST_LOG".into());
+    names
+}
+
+/// The container's environment with secrets and field refs replaced by stand-ins.
+fn container_env(container: &Value) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for var in container["env"].as_array().unwrap() {
+        let name = var["name"].as_str().unwrap().to_owned();
+        let value = if let Some(v) = var["value"].as_str() {
+            v.to_owned()
+        } else if var["valueFrom"]["secretKeyRef"].is_object() {
+            // Long enough for every secret's minimum; URLs need a scheme.
+            if name.ends_with("_URL") {
+                "https://example.convex.site".into()
+            } else {
+                "stand-in-secret-value-0123456789abcdef".into()
+            }
+        } else if var["valueFrom"]["fieldRef"].is_object() {
+            "sandbox-runner-0".into()
+        } else {
+            panic!("env {name}: unsupported source {var}");
+        };
+        env.insert(name, value);
+    }
+    env
+}
+
+fn parse_duration_secs(s: &str) -> u64 {
+    humantime::parse_duration(s).unwrap().as_secs()
+}
+
+fn check_deployment(docs: &[Value], backend: &str) {
+    let deployment = one(docs, "Deployment", "sandbox-runner");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "sandbox-runner")
+        .expect("sandbox-runner container");
+    let env = container_env(container);
+
+    // Every variable is one the binary reads, and together they form a valid configuration.
+    let known = known_env();
+    for name in env.keys() {
+        assert!(
+            known.contains(name),
+            "manifest sets {name}, which the binary does not read"
+        );
+    }
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default();
+    let out = Command::new(BIN)
+        .env_clear()
+        .envs(&env)
+        .args(&args)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "binary rejects the manifest's config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(summary.contains(&format!("backend {backend}")), "{summary}");
+
+    // Secrets come from Secrets, never from literals.
+    for secret in [
+        "SANDBOX_RUNNER_TOKEN",
+        "JOB_ID_SIGNING_KEY",
+        "CONVEX_INGEST_SECRET",
+    ] {
+        let var = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == secret);
+        let var = var.unwrap_or_else(|| panic!("{secret} missing"));
+        assert!(
+            var["valueFrom"]["secretKeyRef"].is_object(),
+            "{secret} must come from a Secret"
+        );
+    }
+
+    // One port everywhere.
+    let port: u64 = env["PORT"].parse().unwrap();
+    let container_port = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "grpc")
+        .expect("a port named grpc");
+    assert_eq!(container_port["containerPort"], port);
+    for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+        assert_eq!(container[probe]["grpc"]["port"], port, "{probe} port");
+    }
+    assert_eq!(
+        container["readinessProbe"]["grpc"]["service"], SERVICE,
+        "readiness must follow draining"
+    );
+    let liveness_service = container["livenessProbe"]["grpc"]["service"]
+        .as_str()
+        .unwrap_or("");
+    assert!(liveness_service.is_empty() || liveness_service == SERVICE);
+
+    // Kubernetes must not SIGKILL before the service's bounded drain is over.
+    let drain = parse_duration_secs(&env["DRAIN_GRACE"]);
+    let cancel = parse_duration_secs(&env["CANCEL_GRACE"]);
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > (drain + 3 * cancel + 5) + drain + 5,
+        "terminationGracePeriodSeconds {grace} too short"
+    );
+
+    // Locked down.
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let security = &container["securityContext"];
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert!(
+        security["capabilities"]["drop"]
+            .as_array()
+            .unwrap()
+            .contains(&"ALL".into())
+    );
+    for key in ["requests", "limits"] {
+        assert!(
+            container["resources"][key]["cpu"].is_string(),
+            "resources.{key}.cpu"
+        );
+        assert!(
+            container["resources"][key]["memory"].is_string(),
+            "resources.{key}.memory"
+        );
+    }
+    // The writable paths the image relies on are volumes.
+    let mounts: Vec<&str> = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    assert!(
+        mounts.contains(&env["DEFAULT_CWD"].as_str()) && mounts.contains(&"/tmp"),
+        "{mounts:?}"
+    );
+
+    for name in ["sandbox-runner", "sandbox-runner-headless"] {
+        let service = one(docs, "Service", name);
+        let ports = service["spec"]["ports"].as_array().unwrap();
+        assert!(
+            ports
+                .iter()
+                .all(|p| p["appProtocol"] == "grpc" && p["targetPort"] == "grpc"),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        one(docs, "Service", "sandbox-runner-headless")["spec"]["clusterIP"],
+        "None"
+    );
+    one(docs, "PodDisruptionBudget", "sandbox-runner");
+    let hpa = one(docs, "HorizontalPodAutoscaler", "sandbox-runner");
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        deployment["metadata"]["name"]
+    );
+}
+
+/// Both renderings, so the check runs where kubectl is missing and agrees with it where not.
+fn renderings(dir: &str) -> Vec<Vec<Value>> {
+    let mut all = vec![render(dir)];
+    all.extend(render_with_kubectl(dir));
+    all
+}
+
+#[test]
+fn base_manifests_match_the_binary() {
+    for docs in renderings("deploy/k8s/base") {
+        check_deployment(&docs, "local");
+    }
+}
+
+#[test]
+fn daytona_overlay_matches_the_binary() {
+    for docs in renderings("deploy/k8s/overlays/daytona") {
+        check_daytona_overlay(&docs);
+    }
+}
+
+fn check_daytona_overlay(docs: &[Value]) {
+    check_deployment(docs, "daytona");
+    let deployment = one(docs, "Deployment", "sandbox-runner");
+    let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
+    let key = env
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "DAYTONA_API_KEY")
+        .expect("DAYTONA_API_KEY");
+    assert!(key["valueFrom"]["secretKeyRef"].is_object());
+}
+
+#[test]
+fn dockerfile_matches_the_binary() {
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    let default_port = Config::command()
+        .get_arguments()
+        .find(|a| a.get_id() == "port")
+        .and_then(|a| {
+            a.get_default_values()
+                .first()
+                .map(|v| v.to_string_lossy().into_owned())
+        })
+        .unwrap();
+    let mut env_names = Vec::new();
+    let mut lines = dockerfile.lines().peekable();
+    let (mut exposed, mut stop_signal, mut user, mut builds_with_script) =
+        (None, None, None, false);
+    while let Some(line) = lines.next() {
+        let line = line.trim();
+        if let Some(port) = line.strip_prefix("EXPOSE ") {
+            exposed = Some(port.trim().to_owned());
+        } else if let Some(signal) = line.strip_prefix("STOPSIGNAL ") {
+            stop_signal = Some(signal.trim().to_owned());
+        } else if let Some(u) = line.strip_prefix("USER ") {
+            user = Some(u.trim().to_owned());
+        } else if line.starts_with("RUN deploy/build.sh") {
+            builds_with_script = true;
+        } else if let Some(first) = line.strip_prefix("ENV ") {
+            let mut entry = first.to_owned();
+            while entry.ends_with('\\') {
+                entry = lines.next().unwrap().trim().to_owned();
+                env_names.push(entry.split('=').next().unwrap().to_owned());
+            }
+            env_names.push(first.split('=').next().unwrap().to_owned());
+        }
+    }
+    assert_eq!(
+        exposed.as_deref(),
+        Some(default_port.as_str()),
+        "EXPOSE vs the default PORT"
+    );
+    assert_eq!(stop_signal.as_deref(), Some("SIGTERM"));
+    let uid: u32 = user
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("numeric USER");
+    assert_ne!(uid, 0, "image must not run as root");
+    assert!(
+        builds_with_script,
+        "the image must build with deploy/build.sh, which CI runs"
+    );
+    let known = known_env();
+    for name in &env_names {
+        assert!(
+            known.contains(name),
+            "Dockerfile sets {name}, which the binary does not read"
+        );
+    }
+    assert!(env_names.iter().any(|n| n == "PORT"), "{env_names:?}");
+}
