@@ -382,6 +382,15 @@ async fn connect(addr: &str, tuned: bool) -> anyhow::Result<SandboxServiceClient
     Ok(SandboxServiceClient::new(endpoint.connect().await?).max_decoding_message_size(8 << 20))
 }
 
+/// A request the Convex mirror takes: it keys rows by task and session.
+fn mirrored_request(command: &str) -> pb::ExecRequest {
+    pb::ExecRequest {
+        task_id: "bench-task".into(),
+        session_id: "bench-session".into(),
+        ..request(command, None)
+    }
+}
+
 fn request(command: &str, sandbox: Option<&str>) -> pb::ExecRequest {
     pb::ExecRequest {
         command: command.into(),
@@ -1064,10 +1073,10 @@ async fn mirror(a: MirrorArgs) -> anyhow::Result<()> {
     for round in 0..a.rounds {
         eprintln!("mirror round {}/{}", round + 1, a.rounds);
         let t = Instant::now();
-        let r = exec(&mut plain_client, request(&command, None), false).await?;
+        let r = exec(&mut plain_client, mirrored_request(&command), false).await?;
         off.push(gbps(r.bytes, t.elapsed()));
         let t = Instant::now();
-        let r = exec(&mut mirror_client, request(&command, None), false).await?;
+        let r = exec(&mut mirror_client, mirrored_request(&command), false).await?;
         on.push(gbps(r.bytes, t.elapsed()));
     }
     // Let the sink finish delivering.
@@ -1079,7 +1088,7 @@ async fn mirror(a: MirrorArgs) -> anyhow::Result<()> {
         "for i in $(seq {}); do echo T$(date +%s%N); sleep 0.005; done",
         a.lines
     );
-    exec(&mut mirror_client, request(&lag_cmd, None), false).await?;
+    exec(&mut mirror_client, mirrored_request(&lag_cmd), false).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut lag = Samples::new("write → receipt lag");
     lag.values = ingest.lags_ms.lock().unwrap().clone();
