@@ -55,6 +55,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("Daytona is unreachable or failing: {0}")]
     Unavailable(String),
+    #[error("Daytona is unreachable: {0}")]
+    /// The connection failed before any request was sent, so even a POST may be retried.
+    Unreachable(String),
     #[error("Daytona answered HTTP {status}: {message}")]
     Unexpected { status: StatusCode, message: String },
 }
@@ -143,7 +146,7 @@ impl DaytonaClient {
 
     pub async fn start_sandbox(&self, id: &str) -> Result<Sandbox, ApiError> {
         let url = format!("{}/sandbox/{}/start", self.api_url, segment(id));
-        let response = self.send(self.http.post(url)).await?;
+        let response = self.posting(|| self.http.post(&url)).await?;
         json(response).await
     }
 
@@ -164,7 +167,7 @@ impl DaytonaClient {
     ) -> Result<(), ApiError> {
         let url = format!("{}/process/session", toolbox.0);
         let body = serde_json::json!({ "sessionId": session_id });
-        self.send(self.http.post(url).json(&body)).await?;
+        self.posting(|| self.http.post(&url).json(&body)).await?;
         Ok(())
     }
 
@@ -182,7 +185,7 @@ impl DaytonaClient {
         }
         let url = format!("{}/exec", toolbox.session(session_id));
         let body = serde_json::json!({ "command": command, "runAsync": true });
-        let response = self.send(self.http.post(url).json(&body)).await?;
+        let response = self.posting(|| self.http.post(&url).json(&body)).await?;
         Ok(json::<Started>(response).await?.cmd_id)
     }
 
@@ -310,14 +313,30 @@ impl DaytonaClient {
         &self,
         request: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ApiError> {
+        self.with_retries(request, true).await
+    }
+
+    /// Sends a request that must not run twice, retrying only when it never left this host.
+    async fn posting(
+        &self,
+        request: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ApiError> {
+        self.with_retries(request, false).await
+    }
+
+    async fn with_retries(
+        &self,
+        request: impl Fn() -> reqwest::RequestBuilder,
+        idempotent: bool,
+    ) -> Result<reqwest::Response, ApiError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             match self.send(request()).await {
-                Err(ApiError::Unavailable(reason)) if attempt < GET_ATTEMPTS => {
+                Err(e) if attempt < GET_ATTEMPTS && retryable(&e, idempotent) => {
                     let backoff = BACKOFF_BASE * 2u32.pow(attempt - 1);
                     let jittered = backoff.mul_f64(0.5 + fastrand::f64());
-                    debug!(attempt, %reason, ?jittered, "transient Daytona error; retrying");
+                    debug!(attempt, error = %e, ?jittered, "transient Daytona error; retrying");
                     tokio::time::sleep(jittered).await;
                 }
                 other => return other,
@@ -348,9 +367,25 @@ fn status_error(status: StatusCode, message: String) -> ApiError {
     }
 }
 
+/// A failed connection can always be retried; other transient failures only for idempotent
+/// requests, since the first attempt may have taken effect.
+fn retryable(e: &ApiError, idempotent: bool) -> bool {
+    match e {
+        ApiError::Unreachable(_) => true,
+        ApiError::Unavailable(_) => idempotent,
+        _ => false,
+    }
+}
+
 fn transport(e: reqwest::Error) -> ApiError {
+    let connect = e.is_connect();
     // Never include the URL's credentials: reqwest errors carry the URL, which has none here.
-    ApiError::Unavailable(e.without_url().to_string())
+    let message = e.without_url().to_string();
+    if connect {
+        ApiError::Unreachable(message)
+    } else {
+        ApiError::Unavailable(message)
+    }
 }
 
 /// The `message` of Daytona's error bodies, else the body itself (truncated).

@@ -215,7 +215,9 @@ fn api_error(e: ApiError, what: &str) -> Error {
     match e {
         ApiError::NotFound(message) => Error::SandboxNotFound(format!("{what}: {message}")),
         ApiError::Unauthorized(_) => Error::BackendMisconfigured(e.to_string()),
-        ApiError::Unavailable(_) => Error::BackendUnavailable(e.to_string()),
+        ApiError::Unavailable(_) | ApiError::Unreachable(_) => {
+            Error::BackendUnavailable(e.to_string())
+        }
         ApiError::Unexpected { .. } => Error::BackendFailed(format!("{what}: {e}")),
     }
 }
