@@ -3,58 +3,16 @@
 
 mod common;
 
-use std::{process::Stdio, time::Duration};
-
-use common::{JobState, shell};
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use common::{JobState, ServerProcess, shell};
 use sandbox_runner::proto::sandbox_service_client::SandboxServiceClient;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    sync::mpsc,
-};
-use tonic::{Request, transport::Channel};
+use tokio::process::Command;
+use tonic::Request;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sandbox-runner");
 const TOKEN: &str = "binary-test-token";
 
-struct Running {
-    child: Child,
-    addr: String,
-    logs: mpsc::UnboundedReceiver<String>,
-}
-
-async fn spawn_server(extra: &[&str]) -> Running {
-    let mut child = Command::new(BIN)
-        .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
-        .args(extra)
-        .env("SANDBOX_RUNNER_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let (tx, mut logs) = mpsc::unbounded_channel();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(30), logs.recv())
-            .await
-            .expect("server logs 'listening' in time")
-            .expect("server exited before listening");
-        let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-        if entry["fields"]["message"] == "listening" {
-            break entry["fields"]["addr"].as_str().unwrap().to_owned();
-        }
-    };
-    Running { child, addr, logs }
+async fn spawn_server(extra: &[&str]) -> ServerProcess {
+    ServerProcess::start(extra, &[("SANDBOX_RUNNER_TOKEN", TOKEN)]).await
 }
 
 fn authorized<T>(message: T) -> Request<T> {
@@ -68,11 +26,7 @@ fn authorized<T>(message: T) -> Request<T> {
 #[tokio::test]
 async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
     let mut server = spawn_server(&["--drain-grace", "1s", "--cancel-grace", "500ms"]).await;
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut client = SandboxServiceClient::new(channel.clone());
 
     // The service's own secrets never reach jobs.
@@ -94,30 +48,14 @@ async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
     let job = common::Job::from_stream(stream).await;
     let pgid = job.pid;
 
-    kill(
-        Pid::from_raw(server.child.id().unwrap() as i32),
-        Signal::SIGTERM,
-    )
-    .unwrap();
+    server.sigterm();
     common::wait_not_serving(&channel).await;
 
     let run = job.finish().await;
     assert_eq!(run.state(), JobState::Cancelled);
-    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
-        .await
-        .expect("server exits after draining")
-        .unwrap();
+    let (status, logs) = server.exit().await;
     assert!(status.success(), "exit status {status}");
     common::assert_group_gone(pgid).await;
-
-    // The process is gone; read its log to the end (the reader task may still be catching up).
-    let mut logs = String::new();
-    while let Ok(Some(line)) =
-        tokio::time::timeout(Duration::from_secs(10), server.logs.recv()).await
-    {
-        logs.push_str(&line);
-        logs.push('\n');
-    }
     assert!(logs.contains("server stopped"), "{logs}");
     assert!(!logs.contains(TOKEN), "token leaked into logs:\n{logs}");
 }
@@ -127,11 +65,7 @@ async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
 #[tokio::test]
 async fn sigterm_lets_in_flight_streams_finish_within_the_grace() {
     let mut server = spawn_server(&["--drain-grace", "30s"]).await;
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut client = SandboxServiceClient::new(channel.clone());
     let stream = client
         .exec(authorized(shell("echo begin; sleep 1; echo end")))
@@ -141,11 +75,7 @@ async fn sigterm_lets_in_flight_streams_finish_within_the_grace() {
     let mut job = common::Job::from_stream(stream).await;
     job.read_stdout(6).await;
 
-    kill(
-        Pid::from_raw(server.child.id().unwrap() as i32),
-        Signal::SIGTERM,
-    )
-    .unwrap();
+    server.sigterm();
     common::wait_not_serving(&channel).await;
     let refused = client.exec(authorized(shell("true"))).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable);
@@ -153,10 +83,7 @@ async fn sigterm_lets_in_flight_streams_finish_within_the_grace() {
     let run = job.finish().await;
     assert_eq!(run.state(), JobState::Succeeded, "{:?}", run.exited);
     assert_eq!(run.stdout, b"begin\nend\n");
-    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
-        .await
-        .expect("server exits once the stream is done")
-        .unwrap();
+    let (status, _) = server.exit().await;
     assert!(status.success(), "exit status {status}");
 }
 

@@ -8,10 +8,7 @@ mod common;
 #[path = "common/convex_fake.rs"]
 mod convex_fake;
 
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::{JobState, TestServer};
 use convex_fake::{FakeIngest, Fault, rows};
@@ -514,41 +511,17 @@ async fn a_stalled_ingest_with_a_small_queue_stays_bounded_and_marks_the_gap() {
 
 #[tokio::test]
 async fn sigterm_on_the_binary_flushes_a_finished_jobs_last_records() {
-    use nix::{
-        sys::signal::{Signal, kill},
-        unistd::Pid,
-    };
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
     let fake = FakeIngest::start(SECRET).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandbox-runner"))
-        .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
-        .args(["--drain-grace", "20s", "--convex-request-timeout", "300ms"])
-        .env("CONVEX_SITE_URL", fake.site_url())
-        .env("CONVEX_INGEST_SECRET", SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let (tx, mut logs) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let _ = tx.send(line);
-        }
-    });
-    let mut all_logs = String::new();
-    let addr = wait_log(&mut logs, &mut all_logs, "listening").await["fields"]["addr"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = SandboxServiceClient::new(channel);
+    let site_url = fake.site_url();
+    let mut server = common::ServerProcess::start(
+        &["--drain-grace", "20s", "--convex-request-timeout", "300ms"],
+        &[
+            ("CONVEX_SITE_URL", &site_url),
+            ("CONVEX_INGEST_SECRET", SECRET),
+        ],
+    )
+    .await;
+    let mut client = SandboxServiceClient::new(server.channel().await);
 
     // Convex stalls, the job finishes: its records are queued when SIGTERM arrives.
     fake.set_fault(Fault::Hang { record: false });
@@ -559,47 +532,20 @@ async fn sigterm_on_the_binary_flushes_a_finished_jobs_last_records() {
     .await;
     assert_eq!(run.exited.exit_code, Some(7));
     assert!(fake.session("s-term").is_empty());
-    kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
-    wait_log(&mut logs, &mut all_logs, "flushing job output to Convex").await;
+    server.sigterm();
+    server.wait_log("flushing job output to Convex").await;
     fake.set_fault(Fault::None);
 
-    let status = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .expect("server exits after flushing")
-        .unwrap();
+    let (status, all_logs) = server.exit().await;
     assert!(status.success(), "{status}");
     let records = fake.session("s-term");
     let last = check_records(&records, &run, "$ echo last words; exit 7");
     assert_eq!(last["exitCode"], 7);
-    while let Ok(line) = logs.try_recv() {
-        all_logs.push_str(&line);
-        all_logs.push('\n');
-    }
     assert!(
         all_logs.contains("Convex mirror of the job finished"),
         "{all_logs}"
     );
     assert!(!all_logs.contains(SECRET), "secret in logs:\n{all_logs}");
-}
-
-/// Reads the binary's JSON log lines (keeping them in `all`) until one has this message.
-async fn wait_log(
-    logs: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
-    all: &mut String,
-    message: &str,
-) -> Value {
-    loop {
-        let line = tokio::time::timeout(PATIENCE, logs.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no {message:?} log"))
-            .expect("server exited early");
-        all.push_str(&line);
-        all.push('\n');
-        let entry: Value = serde_json::from_str(&line).expect("JSON log line");
-        if entry["fields"]["message"] == message {
-            return entry;
-        }
-    }
 }
 
 #[tokio::test]
