@@ -30,7 +30,7 @@ pub use self::{
 };
 use self::{
     ingest::{Ingest, Outcome},
-    queue::{Assembler, Batch, End, Item, Queue, Take},
+    queue::{Assembled, Assembler, Batch, End, Item, Queue, Take},
 };
 use super::{DeliveryProgress, DeliveryReport, JobSink, Sink, SinkHealth};
 use crate::job::{EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSpec, JobState, Program};
@@ -239,12 +239,19 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
     let mut ready = VecDeque::new();
     loop {
         let Some(item) = ready.pop_front() else {
-            let Some(batch) = next_batch(&job, &assembler).await else {
+            let Some(batches) = next_batches(&job, &assembler).await else {
                 break;
             };
-            let made = assembler.assemble(batch, &mut ready);
-            if made.invalid > 0 || made.dropped > 0 || made.records == 0 {
-                job.lock().assembled(&made);
+            let mut found = Assembled::default();
+            for batch in batches {
+                found.add(assembler.assemble(batch, &mut ready));
+            }
+            if found.invalid > 0 || found.dropped > 0 || ready.is_empty() {
+                let mut q = job.lock();
+                q.assembled(&found);
+                if ready.is_empty() {
+                    q.settled();
+                }
             }
             continue;
         };
@@ -263,19 +270,24 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
             .await;
         match outcome {
             Outcome::Delivered => {
-                job.lock().delivered(item.text_len());
+                let mut q = job.lock();
+                q.delivered(item.text_len());
+                if ready.is_empty() {
+                    q.settled();
+                }
+                drop(q);
                 sink.set_healthy();
             }
             Outcome::Rejected { status, reason } => {
                 sink.set_unhealthy(&reason);
                 let mut q = job.lock();
-                q.lost(&item);
+                q.lost(&item, &mut ready);
                 q.stats.last_error = Some(reason.clone());
                 // A bad secret, a wrong URL: every later record would be refused the same way.
                 let hopeless = matches!(status, 401 | 403 | 404 | 405);
                 if hopeless {
                     for unsent in ready.drain(..) {
-                        q.lost(&unsent);
+                        q.stats.bytes_dropped += unsent.text_len() as u64;
                     }
                     q.close();
                 }
@@ -292,7 +304,7 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
             Outcome::GaveUp { reason } => {
                 sink.set_unhealthy(&reason);
                 let mut q = job.lock();
-                q.lost(&item);
+                q.lost(&item, &mut ready);
                 q.stats.last_error = Some(reason.clone());
                 drop(q);
                 if !complained {
@@ -323,7 +335,7 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
 }
 
 /// Waits for the next output that is ready to send; `None` once the job's mirror is done.
-async fn next_batch(job: &JobShared, assembler: &Assembler) -> Option<Batch> {
+async fn next_batches(job: &JobShared, assembler: &Assembler) -> Option<Vec<Batch>> {
     loop {
         // Registered before looking, so a push between the look and the wait is not missed.
         let notified = job.wake.notified();
@@ -331,7 +343,7 @@ async fn next_batch(job: &JobShared, assembler: &Assembler) -> Option<Batch> {
         notified.as_mut().enable();
         let take = job.lock().take(Instant::now(), assembler.carried());
         match take {
-            Take::Send(batch) => return Some(batch),
+            Take::Send(batches) => return Some(batches),
             Take::Done => return None,
             Take::Wait(None) => notified.await,
             Take::Wait(Some(due)) => {

@@ -96,8 +96,8 @@ pub(crate) enum Batch {
 /// What the delivery task should do next.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Take {
-    /// Make records of this and send them.
-    Send(Batch),
+    /// Make records of these and send them, in order.
+    Send(Vec<Batch>),
     /// Nothing ready: wait for more output, or until this instant (the front record's linger).
     Wait(Option<Instant>),
     /// The final record was taken (or delivery was abandoned) and nothing remains.
@@ -452,39 +452,89 @@ impl Queue {
         self.items.push_back(Entry::Final { end, ts });
     }
 
-    /// Hands the front of the queue to the delivery task when it is ready. Output is ready once
-    /// something else follows it (a stream switch, a gap, the end), it fills a record, or it
-    /// lingered long enough; then at most one record's worth of it is taken. `carried` is what
-    /// the delivery task's decoders hold per stream (stdout, stderr): it counts toward the
-    /// record's size.
+    /// Hands the front of the queue to the delivery task when it is ready: the echo, the final
+    /// record, or output records. Output is ready once something else follows it (a stream
+    /// switch, the end), it fills a record, or it lingered long enough; a record is at most
+    /// [`MAX_RECORD_BYTES`] including what the decoder carries (`carried`, per stream: stdout,
+    /// stderr). As many ready records are taken at once as fit in the reserve (1 MiB, or an
+    /// eighth of the bound), and a gap marker is taken with the records after it: output the
+    /// delivery task holds is not dropped, so a saturated mirror sends long runs of full records
+    /// between gap markers, not one marker per record.
     pub(crate) fn take(&mut self, now: Instant, carried: [usize; 2]) -> Take {
-        let Some(front) = self.items.front() else {
-            return if self.finished || self.closed {
+        let mut batches = Vec::new();
+        if let Some(Entry::Gap { bytes, ts, cut }) = self.items.front() {
+            batches.push(Batch::Gap {
+                bytes: *bytes,
+                ts: *ts,
+                cut: *cut,
+            });
+            self.items.pop_front();
+        }
+        let mut carried = carried;
+        let mut taken = 0;
+        let mut due = None;
+        while taken < self.reserve() {
+            match self.items.front() {
+                Some(Entry::Output { .. }) => match self.take_record(now, carried) {
+                    Ok((batch, bytes, stream, tail)) => {
+                        taken += bytes;
+                        carried[index(stream)] = tail;
+                        batches.push(batch);
+                    }
+                    Err(lingers) => {
+                        due = Some(lingers);
+                        break;
+                    }
+                },
+                Some(Entry::Echo { .. } | Entry::Final { .. }) if batches.is_empty() => {
+                    match self.items.pop_front() {
+                        Some(Entry::Echo { text, ts }) => {
+                            self.queued_bytes -= text.len();
+                            taken += text.len();
+                            batches.push(Batch::Echo { text, ts });
+                        }
+                        Some(Entry::Final { end, ts }) => batches.push(Batch::Final { end, ts }),
+                        _ => unreachable!("matched above"),
+                    }
+                    break;
+                }
+                _ => break,
+            }
+        }
+        if batches.is_empty() {
+            return if let Some(due) = due {
+                Take::Wait(Some(due))
+            } else if self.items.is_empty() && (self.finished || self.closed) {
                 Take::Done
             } else {
                 Take::Wait(None)
             };
-        };
-        let Entry::Output {
+        }
+        self.stats.in_flight_bytes = taken as u64;
+        Take::Send(batches)
+    }
+
+    /// Output bytes the delivery task may hold at once.
+    fn reserve(&self) -> usize {
+        (self.limit / 8).clamp(MAX_RECORD_BYTES, 1 << 20)
+    }
+
+    /// Takes one record of the stream at the front, or says until when it lingers. Returns the
+    /// batch, its bytes, its stream and what the decoder will carry after it.
+    #[allow(clippy::type_complexity)]
+    fn take_record(
+        &mut self,
+        now: Instant,
+        carried: [usize; 2],
+    ) -> Result<(Batch, usize, StreamKind, usize), Instant> {
+        let Some(Entry::Output {
             stream, first_at, ..
-        } = front
+        }) = self.items.front()
         else {
-            let entry = self.items.pop_front().expect("front exists");
-            return Take::Send(match entry {
-                Entry::Echo { text, ts } => {
-                    self.queued_bytes -= text.len();
-                    self.stats.in_flight_bytes = text.len() as u64;
-                    Batch::Echo { text, ts }
-                }
-                Entry::Gap { bytes, ts, cut } => Batch::Gap { bytes, ts, cut },
-                Entry::Final { end, ts } => Batch::Final { end, ts },
-                Entry::Output { .. } => unreachable!("matched above"),
-            });
+            unreachable!("the caller checked");
         };
         let (stream, first_at) = (*stream, *first_at);
-        let budget = MAX_RECORD_BYTES
-            .saturating_sub(carried[index(stream)])
-            .max(4);
+        let budget = MAX_RECORD_BYTES.saturating_sub(carried[index(stream)]);
         // The run of this stream's output at the front, up to one record.
         let mut run = 0;
         let mut followed = false;
@@ -507,7 +557,7 @@ impl Queue {
         if !followed && run < budget {
             let due = first_at + LINGER;
             if now < due {
-                return Take::Wait(Some(due));
+                return Err(due);
             }
         }
         let mut chunks = Vec::new();
@@ -541,37 +591,51 @@ impl Queue {
             chunks.push(data.into_bytes());
         }
         self.queued_bytes -= taken;
-        self.stats.in_flight_bytes = taken as u64;
-        Take::Send(Batch::Output {
+        let tail = incomplete_tail(&chunks);
+        let batch = Batch::Output {
             stream,
             chunks,
             ts: ts.expect("took output"),
             last: self.finished && self.entries[index(stream)] == 0,
-        })
+        };
+        Ok((batch, taken, stream, tail))
     }
 
-    /// The record taken last was accepted.
+    /// A record taken was accepted.
     pub(crate) fn delivered(&mut self, text_bytes: usize) {
-        self.stats.in_flight_bytes = 0;
+        self.stats.in_flight_bytes = self.stats.in_flight_bytes.saturating_sub(text_bytes as u64);
         self.stats.records_delivered += 1;
         self.stats.bytes_delivered += text_bytes as u64;
     }
 
-    /// The record taken last will never be delivered.
-    pub(crate) fn lost(&mut self, item: &Item) {
-        self.stats.in_flight_bytes = 0;
-        if let Item::Text { text, ts, .. } = item {
-            self.record_gap(text.len() as u64, *ts, None);
+    /// A record taken will never be delivered: it is counted and marked as a gap, in front of
+    /// the records still `ready` (taken with it), else in front of the queue.
+    pub(crate) fn lost(&mut self, item: &Item, ready: &mut VecDeque<Item>) {
+        let Item::Text { text, ts, .. } = item else {
+            return;
+        };
+        let bytes = text.len() as u64;
+        self.stats.in_flight_bytes = self.stats.in_flight_bytes.saturating_sub(bytes);
+        if ready.is_empty() {
+            self.record_gap(bytes, *ts, None);
+            return;
         }
+        self.stats.bytes_dropped += bytes;
+        match ready.front_mut() {
+            Some(Item::Gap { bytes: total, .. }) => *total += bytes,
+            _ => ready.push_front(Item::Gap { bytes, ts: *ts }),
+        }
+    }
+
+    /// The delivery task holds nothing taken any more.
+    pub(crate) fn settled(&mut self) {
+        self.stats.in_flight_bytes = 0;
     }
 
     /// What the delivery task found while making records of the last batch.
     pub(crate) fn assembled(&mut self, made: &Assembled) {
         self.stats.invalid_bytes += made.invalid;
         self.stats.bytes_dropped += made.dropped;
-        if made.records == 0 {
-            self.stats.in_flight_bytes = 0;
-        }
     }
 
     /// Gives up on the job: every queued and future record is dropped (counted).
@@ -593,6 +657,14 @@ pub(crate) struct Assembled {
     pub(crate) invalid: u64,
     /// Carried bytes of characters cut by a gap, added to its count.
     pub(crate) dropped: u64,
+}
+
+impl Assembled {
+    pub(crate) fn add(&mut self, other: Assembled) {
+        self.records += other.records;
+        self.invalid += other.invalid;
+        self.dropped += other.dropped;
+    }
 }
 
 /// The delivery task's half: makes records of what it takes from the [`Queue`], at send time.
@@ -658,6 +730,36 @@ impl Assembler {
         made.records = out.len() - before;
         made
     }
+}
+
+/// How many bytes at the end of `chunks` begin a character that is not complete yet: what a
+/// decoder will carry after them (exact for valid UTF-8; a guess otherwise).
+fn incomplete_tail(chunks: &[Bytes]) -> usize {
+    let mut tail = [0u8; 3];
+    let mut n = 0;
+    'outer: for chunk in chunks.iter().rev() {
+        for &byte in chunk.iter().rev() {
+            if n == 3 {
+                break 'outer;
+            }
+            n += 1;
+            tail[3 - n] = byte;
+        }
+    }
+    let tail = &tail[3 - n..];
+    for (i, &byte) in tail.iter().enumerate().rev() {
+        if !is_continuation(byte) {
+            let needs = match byte {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                0xF0..=0xF7 => 4,
+                _ => 1,
+            };
+            let has = tail.len() - i;
+            return if has < needs { has } else { 0 };
+        }
+    }
+    0
 }
 
 /// Queues `text` as records of at most [`MAX_RECORD_BYTES`] (more than one only when invalid
@@ -743,15 +845,18 @@ mod tests {
 
         fn run(&mut self, q: &mut Queue, now: Instant) -> Vec<Item> {
             let mut out = VecDeque::new();
-            while let Take::Send(batch) = q.take(now, self.asm.carried()) {
+            while let Take::Send(batches) = q.take(now, self.asm.carried()) {
                 let mut made = VecDeque::new();
-                let found = self.asm.assemble(batch, &mut made);
-                q.assembled(&found);
-                self.invalid += found.invalid;
+                for batch in batches {
+                    let found = self.asm.assemble(batch, &mut made);
+                    q.assembled(&found);
+                    self.invalid += found.invalid;
+                }
                 for item in made {
                     q.delivered(item.text_len());
                     out.push_back(item);
                 }
+                q.settled();
             }
             out.into()
         }
@@ -816,8 +921,12 @@ mod tests {
         for i in 0..3 {
             q.push_output(StreamKind::Stdout, &big, i, now);
         }
-        let Take::Send(Batch::Output { chunks, ts, .. }) = q.take(now, [0, 0]) else {
+        let Take::Send(mut batches) = q.take(now, [0, 0]) else {
             panic!("a full record is ready")
+        };
+        assert_eq!(batches.len(), 1);
+        let Some(Batch::Output { chunks, ts, .. }) = batches.pop() else {
+            panic!("{batches:?}")
         };
         // Two chunks make the record; both point into the pushed buffer (no copy).
         assert_eq!(ts, 0);
@@ -1017,6 +1126,99 @@ mod tests {
             }
         );
         assert_eq!(q.stats.bytes_dropped, 8 * MAX_RECORD_BYTES as u64);
+    }
+
+    #[test]
+    fn a_saturated_queue_sends_runs_of_full_records_between_single_gap_markers() {
+        let now = Instant::now();
+        const MIB: usize = 1 << 20;
+        let mut q = Queue::new(8 * MIB);
+        let mut drain = Drain::new();
+        let mut kinds = String::new();
+        let mut next = 0u8;
+        let mut delivered_bytes = 0;
+        // A producer far faster than delivery: 3 MiB arrive per take.
+        for _ in 0..20 {
+            for _ in 0..3 {
+                push(
+                    &mut q,
+                    StreamKind::Stdout,
+                    &vec![b'a' + next % 26; MIB],
+                    1,
+                    now,
+                );
+                next += 1;
+            }
+            let Take::Send(batches) = q.take(now, drain.asm.carried()) else {
+                panic!("output is ready")
+            };
+            let mut made = VecDeque::new();
+            for batch in batches {
+                q.assembled(&drain.asm.assemble(batch, &mut made));
+            }
+            // While the delivery task holds them, more output overflows the queue again.
+            push(&mut q, StreamKind::Stdout, &vec![b'#'; MIB], 1, now);
+            let mut run = String::new();
+            for item in made {
+                match &item {
+                    Item::Gap { .. } => kinds.push('G'),
+                    Item::Text { text, .. } => {
+                        assert_eq!(text.len(), MAX_RECORD_BYTES);
+                        kinds.push('T');
+                        run.push_str(text);
+                    }
+                    Item::Final { .. } => unreachable!(),
+                }
+                q.delivered(item.text_len());
+                delivered_bytes += item.text_len();
+            }
+            q.settled();
+            // A run is contiguous output: one or two chunks' bytes, never cut by a gap.
+            assert_eq!(run.len(), MIB);
+            assert!(q.pending_bytes() <= 8 * MIB as u64);
+        }
+        // The queue fills in two rounds; then one marker per 1 MiB run (16 full records), never
+        // two markers in a row.
+        let saturated = ("G".to_owned() + &"T".repeat(16)).repeat(18);
+        assert_eq!(kinds, "T".repeat(32) + &saturated);
+        assert_eq!(
+            q.stats.bytes_dropped + q.pending_bytes() + delivered_bytes as u64,
+            80 * MIB as u64
+        );
+    }
+
+    #[test]
+    fn a_record_lost_inside_a_run_is_marked_where_it_was() {
+        let now = Instant::now();
+        let mut q = Queue::new(8 << 20);
+        let mut drain = Drain::new();
+        push(
+            &mut q,
+            StreamKind::Stdout,
+            &vec![b'x'; 3 * MAX_RECORD_BYTES],
+            1,
+            now,
+        );
+        let Take::Send(batches) = q.take(now, [0, 0]) else {
+            panic!("full records are ready")
+        };
+        let mut ready = VecDeque::new();
+        for batch in batches {
+            drain.asm.assemble(batch, &mut ready);
+        }
+        assert_eq!(ready.len(), 3);
+        let first = ready.pop_front().unwrap();
+        q.delivered(first.text_len());
+        let second = ready.pop_front().unwrap();
+        q.lost(&second, &mut ready);
+        assert_eq!(
+            summary(ready.make_contiguous()),
+            pairs(&[
+                ("gap", &MAX_RECORD_BYTES.to_string()),
+                ("stdout", &"x".repeat(MAX_RECORD_BYTES))
+            ])
+        );
+        assert_eq!(q.stats.bytes_dropped, MAX_RECORD_BYTES as u64);
     }
 
     #[test]
