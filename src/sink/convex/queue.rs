@@ -160,6 +160,20 @@ impl Utf8Stream {
             let skipped = skipped + orphans;
             self.resync = (input.is_empty() && skipped < 3).then_some(skipped);
         }
+        // The common case, valid text with no character carried in: one fast validation pass.
+        if self.carry.is_empty() {
+            match std::str::from_utf8(input) {
+                Ok(text) => {
+                    out.push_str(text);
+                    return invalid;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&input[..valid]).expect("validated"));
+                    input = &input[valid..];
+                }
+            }
+        }
         // Only a chunk that follows a split character is copied.
         let joined;
         let bytes = if self.carry.is_empty() {
