@@ -298,8 +298,6 @@ fn round_ms(d: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
 
     fn meta() -> JobMeta {
@@ -320,8 +318,6 @@ mod tests {
             stream: StreamKind::Stderr,
             text: "oops\n".into(),
             ts: 1700000000123,
-            first_at: Instant::now(),
-            sealed: false,
         };
         assert_eq!(
             json(&text),

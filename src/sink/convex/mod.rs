@@ -1,8 +1,9 @@
 //! The Convex mirror: copies each job's output to the deployed `POST /daytona-ingest` route that
 //! fills the `terminalOutput` table, so the existing web terminal keeps working.
 //!
-//! Per job: the output path only decodes and enqueues (`queue`), bounded in bytes; one delivery
-//! task per job sends the records one at a time, in order (`ingest`). A slow or broken Convex
+//! Per job: the output path only enqueues the raw chunks (`queue`), bounded in bytes; one
+//! delivery task per job decodes them into records and sends those one at a time, in order
+//! (`ingest`). A slow or broken Convex
 //! therefore never slows a job; past the bound the oldest output is dropped and marked.
 
 mod config;
@@ -10,6 +11,7 @@ mod ingest;
 mod queue;
 
 use std::{
+    collections::VecDeque,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -28,7 +30,7 @@ pub use self::{
 };
 use self::{
     ingest::{Ingest, Outcome},
-    queue::{End, Item, Queue, Take},
+    queue::{Assembled, Assembler, Batch, End, Item, Queue, Take},
 };
 use super::{DeliveryProgress, DeliveryReport, JobSink, Sink, SinkHealth};
 use crate::job::{EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSpec, JobState, Program};
@@ -91,11 +93,7 @@ impl Sink for ConvexSink {
             return None;
         }
         let mut queue = Queue::new(self.inner.queue_bytes);
-        queue.push_echo(
-            echo_line(&spec.program),
-            epoch_ms(SystemTime::now()),
-            Instant::now(),
-        );
+        queue.push_echo(echo_line(&spec.program), epoch_ms(SystemTime::now()));
         let job = Arc::new(JobShared {
             queue: Mutex::new(queue),
             wake: Notify::new(),
@@ -166,7 +164,8 @@ impl DeliveryReport for JobShared {
     }
 }
 
-/// The job's end of the mirror: enqueues, never waits (the lock guards in-memory work only).
+/// The job's end of the mirror: enqueues, never waits (the lock guards in-memory work only: a
+/// reference to the output chunk is queued, decoding happens on the delivery task).
 struct ConvexJobSink {
     job: Arc<JobShared>,
 }
@@ -180,7 +179,7 @@ impl JobSink for ConvexJobSink {
             EventKind::Output { stream, data, .. } => {
                 self.job.lock().push_output(*stream, data, ts, now)
             }
-            EventKind::Exited(summary) => self.job.lock().push_end(end_of(summary), ts, now),
+            EventKind::Exited(summary) => self.job.lock().push_end(end_of(summary), ts),
         }
         self.job.wake.notify_one();
     }
@@ -198,7 +197,6 @@ impl Drop for ConvexJobSink {
             queue.push_end(
                 End::Error("the runner lost track of this job".into()),
                 epoch_ms(SystemTime::now()),
-                Instant::now(),
             );
             drop(queue);
             self.job.wake.notify_one();
@@ -236,7 +234,27 @@ fn epoch_ms(time: SystemTime) -> u64 {
 async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
     let mut complained = false;
     let mut ended_at: Option<Instant> = None;
-    while let Some(item) = next_item(&job).await {
+    // Decoding happens here, at send time, so output the queue drops is never decoded.
+    let mut assembler = Assembler::default();
+    let mut ready = VecDeque::new();
+    loop {
+        let Some(item) = ready.pop_front() else {
+            let Some(batches) = next_batches(&job, &assembler).await else {
+                break;
+            };
+            let mut found = Assembled::default();
+            for batch in batches {
+                found.add(assembler.assemble(batch, &mut ready));
+            }
+            if found.invalid > 0 || found.dropped > 0 || ready.is_empty() {
+                let mut q = job.lock();
+                q.assembled(&found);
+                if ready.is_empty() {
+                    q.settled();
+                }
+            }
+            continue;
+        };
         let is_final = matches!(item, Item::Final { .. });
         if is_final {
             ended_at = Some(Instant::now());
@@ -252,17 +270,25 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
             .await;
         match outcome {
             Outcome::Delivered => {
-                job.lock().delivered(item.text_len());
+                let mut q = job.lock();
+                q.delivered(item.text_len());
+                if ready.is_empty() {
+                    q.settled();
+                }
+                drop(q);
                 sink.set_healthy();
             }
             Outcome::Rejected { status, reason } => {
                 sink.set_unhealthy(&reason);
                 let mut q = job.lock();
-                q.lost(&item);
+                q.lost(&item, &mut ready);
                 q.stats.last_error = Some(reason.clone());
                 // A bad secret, a wrong URL: every later record would be refused the same way.
                 let hopeless = matches!(status, 401 | 403 | 404 | 405);
                 if hopeless {
+                    for unsent in ready.drain(..) {
+                        q.stats.bytes_dropped += unsent.text_len() as u64;
+                    }
                     q.close();
                 }
                 drop(q);
@@ -278,7 +304,7 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
             Outcome::GaveUp { reason } => {
                 sink.set_unhealthy(&reason);
                 let mut q = job.lock();
-                q.lost(&item);
+                q.lost(&item, &mut ready);
                 q.stats.last_error = Some(reason.clone());
                 drop(q);
                 if !complained {
@@ -308,16 +334,16 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
     );
 }
 
-/// Waits for the next record that is ready to send; `None` once the job's mirror is done.
-async fn next_item(job: &JobShared) -> Option<Item> {
+/// Waits for the next output that is ready to send; `None` once the job's mirror is done.
+async fn next_batches(job: &JobShared, assembler: &Assembler) -> Option<Vec<Batch>> {
     loop {
         // Registered before looking, so a push between the look and the wait is not missed.
         let notified = job.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let take = job.lock().take(Instant::now());
+        let take = job.lock().take(Instant::now(), assembler.carried());
         match take {
-            Take::Send(item) => return Some(item),
+            Take::Send(batches) => return Some(batches),
             Take::Done => return None,
             Take::Wait(None) => notified.await,
             Take::Wait(Some(due)) => {

@@ -1,12 +1,21 @@
-//! One job's queue of records for the ingest endpoint: UTF-8 decoding per stream, coalescing of
-//! adjacent same-stream output, the byte bound with drop-oldest and gap markers, and the linger
-//! rule that decides when the front record is ready to send. Pure logic, no I/O: the job's
-//! output path pushes, the job's delivery task takes.
+//! One job's queue for the ingest endpoint, in two halves:
+//!
+//! - [`Queue`], shared with the job's output path under a mutex, holds the **raw** output chunks
+//!   (`Bytes` shared with the gRPC stream, not copied; small chunks are appended to a small
+//!   buffer of their own), bounded in bytes: past the bound the oldest bytes are dropped and a
+//!   gap marker stands where they were. Pushing is O(1) apart from what the bound drops.
+//! - [`Assembler`], owned by the job's delivery task, turns what it takes from the queue into
+//!   records at send time: streaming UTF-8 decoding per stream, records of at most 64 KiB. So
+//!   output that is dropped is never decoded.
+//!
+//! Pure logic, no I/O.
 
 use std::{
     collections::VecDeque,
     time::{Duration, Instant},
 };
+
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::job::StreamKind;
 
@@ -18,6 +27,10 @@ pub(crate) const MAX_RECORD_BYTES: usize = 64 * 1024;
 /// record is sent anyway: long enough to coalesce a burst of small writes, short enough to feel
 /// live in a terminal.
 pub(crate) const LINGER: Duration = Duration::from_millis(100);
+
+/// Chunks shorter than this are copied into a buffer of their own, appended to the previous
+/// small chunk of the same stream, so a chatty job does not queue one entry per write.
+const SMALL_CHUNK: usize = 8 * 1024;
 
 /// How a job ended, as the final record says it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,10 +49,6 @@ pub(crate) enum Item {
         text: String,
         /// Epoch milliseconds of the record's first byte (never below an earlier record's).
         ts: u64,
-        /// When its first byte was queued, for the linger.
-        first_at: Instant,
-        /// No more output may be appended (the `$ command` echo stays a row of its own).
-        sealed: bool,
     },
     /// Output that will never be mirrored; sent as a visible marker where it would have been.
     Gap { bytes: u64, ts: u64 },
@@ -56,11 +65,39 @@ impl Item {
     }
 }
 
+/// What the delivery task takes from the queue: raw, to be made into records by [`Assembler`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Batch {
+    /// The `$ command` echo: a stdout record of its own.
+    Echo {
+        text: String,
+        ts: u64,
+    },
+    /// The next bytes of one stream, at most one record's worth.
+    Output {
+        stream: StreamKind,
+        chunks: Vec<Bytes>,
+        ts: u64,
+        /// The job ended and no more output of this stream follows.
+        last: bool,
+    },
+    /// `bytes` were dropped here; `cut` says which streams lost bytes (their decoders resync).
+    Gap {
+        bytes: u64,
+        ts: u64,
+        cut: [bool; 2],
+    },
+    Final {
+        end: End,
+        ts: u64,
+    },
+}
+
 /// What the delivery task should do next.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Take {
-    /// Send this.
-    Send(Item),
+    /// Make records of these and send them, in order.
+    Send(Vec<Batch>),
     /// Nothing ready: wait for more output, or until this instant (the front record's linger).
     Wait(Option<Instant>),
     /// The final record was taken (or delivery was abandoned) and nothing remains.
@@ -81,17 +118,62 @@ pub(crate) struct Stats {
     pub(crate) last_error: Option<String>,
 }
 
+fn index(stream: StreamKind) -> usize {
+    match stream {
+        StreamKind::Stdout => 0,
+        StreamKind::Stderr => 1,
+    }
+}
+
+const STREAMS: [StreamKind; 2] = [StreamKind::Stdout, StreamKind::Stderr];
+
+fn is_continuation(byte: u8) -> bool {
+    byte & 0xC0 == 0x80
+}
+
 /// Decodes one stream's bytes as UTF-8 across chunk boundaries: an incomplete multi-byte
 /// sequence at the end of a chunk is carried into the next one; invalid bytes become U+FFFD.
 #[derive(Debug, Default)]
 pub(crate) struct Utf8Stream {
     /// An incomplete (so far valid) sequence from the previous chunk: at most 3 bytes.
     carry: Vec<u8>,
+    /// After a gap: continuation bytes at the start of what follows (the rest of a character
+    /// whose first bytes were dropped) become one U+FFFD; how many were skipped so far.
+    resync: Option<usize>,
 }
 
 impl Utf8Stream {
     /// Appends the decoded `input` to `out`; returns how many invalid bytes were replaced.
-    pub(crate) fn decode(&mut self, input: &[u8], out: &mut String) -> u64 {
+    pub(crate) fn decode(&mut self, mut input: &[u8], out: &mut String) -> u64 {
+        let mut invalid = 0;
+        if let Some(skipped) = self.resync {
+            let orphans = input
+                .iter()
+                .take(3 - skipped)
+                .take_while(|b| is_continuation(**b))
+                .count();
+            if orphans > 0 && skipped == 0 {
+                out.push(char::REPLACEMENT_CHARACTER);
+            }
+            invalid += orphans as u64;
+            input = &input[orphans..];
+            let skipped = skipped + orphans;
+            self.resync = (input.is_empty() && skipped < 3).then_some(skipped);
+        }
+        // The common case, valid text with no character carried in: one fast validation pass.
+        if self.carry.is_empty() {
+            match std::str::from_utf8(input) {
+                Ok(text) => {
+                    out.push_str(text);
+                    return invalid;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&input[..valid]).expect("validated"));
+                    input = &input[valid..];
+                }
+            }
+        }
         // Only a chunk that follows a split character is copied.
         let joined;
         let bytes = if self.carry.is_empty() {
@@ -100,7 +182,6 @@ impl Utf8Stream {
             joined = [std::mem::take(&mut self.carry).as_slice(), input].concat();
             &joined
         };
-        let mut invalid = 0;
         let mut chunks = bytes.utf8_chunks().peekable();
         while let Some(chunk) = chunks.next() {
             out.push_str(chunk.valid());
@@ -129,17 +210,99 @@ impl Utf8Stream {
         out.push(char::REPLACEMENT_CHARACTER);
         std::mem::take(&mut self.carry).len() as u64
     }
+
+    /// Bytes held back as the start of a character not yet complete.
+    pub(crate) fn carried(&self) -> usize {
+        self.carry.len()
+    }
+
+    /// Bytes of this stream were dropped next: the character the carried bytes began is lost
+    /// with them (returns how many, counted as not mirrored), and continuation bytes right after
+    /// the gap are one U+FFFD.
+    pub(crate) fn gap(&mut self) -> u64 {
+        self.resync = Some(0);
+        std::mem::take(&mut self.carry).len() as u64
+    }
 }
 
-/// The records of one job not yet handed to the delivery task, bounded in bytes.
+/// Queued output bytes: shared with the gRPC stream, or small chunks copied together.
+#[derive(Debug)]
+enum Payload {
+    Shared(Bytes),
+    Small(BytesMut),
+}
+
+impl Payload {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Shared(b) => b.len(),
+            Payload::Small(b) => b.len(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Shared(b) => b,
+            Payload::Small(b) => b,
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Payload::Shared(b) => b.advance(n),
+            Payload::Small(b) => b.advance(n),
+        }
+    }
+
+    fn split_to(&mut self, n: usize) -> Bytes {
+        match self {
+            Payload::Shared(b) => b.split_to(n),
+            Payload::Small(b) => b.split_to(n).freeze(),
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Payload::Shared(b) => b,
+            Payload::Small(b) => b.freeze(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Entry {
+    Echo {
+        text: String,
+        ts: u64,
+    },
+    Output {
+        stream: StreamKind,
+        data: Payload,
+        /// Epoch milliseconds of the first byte.
+        ts: u64,
+        /// When its first byte was queued, for the linger.
+        first_at: Instant,
+    },
+    Gap {
+        bytes: u64,
+        ts: u64,
+        cut: [bool; 2],
+    },
+    Final {
+        end: End,
+        ts: u64,
+    },
+}
+
+/// The output of one job not yet handed to the delivery task, bounded in bytes.
 #[derive(Debug)]
 pub(crate) struct Queue {
-    items: VecDeque<Item>,
-    /// Text bytes in `items`.
+    items: VecDeque<Entry>,
+    /// Output (and echo) bytes in `items`.
     queued_bytes: usize,
+    /// Output entries per stream in `items`.
+    entries: [usize; 2],
     limit: usize,
-    stdout: Utf8Stream,
-    stderr: Utf8Stream,
     /// Largest `ts` handed out, so rows keep their order in Convex (it sorts by timestamp).
     last_ts: u64,
     /// The final record was queued; nothing more is accepted.
@@ -150,14 +313,13 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
-    /// `limit` is the most text bytes queued at once; at least [`MAX_RECORD_BYTES`].
+    /// `limit` is the most output bytes queued at once; at least [`MAX_RECORD_BYTES`].
     pub(crate) fn new(limit: usize) -> Self {
         Queue {
             items: VecDeque::new(),
             queued_bytes: 0,
+            entries: [0; 2],
             limit: limit.max(MAX_RECORD_BYTES),
-            stdout: Utf8Stream::default(),
-            stderr: Utf8Stream::default(),
             last_ts: 0,
             finished: false,
             closed: false,
@@ -165,7 +327,7 @@ impl Queue {
         }
     }
 
-    /// Text bytes queued or in flight.
+    /// Bytes queued or in flight.
     pub(crate) fn pending_bytes(&self) -> u64 {
         self.queued_bytes as u64 + self.stats.in_flight_bytes
     }
@@ -180,167 +342,314 @@ impl Queue {
     }
 
     /// Queues the `$ command` echo: a stdout row of its own.
-    pub(crate) fn push_echo(&mut self, line: String, ts: u64, now: Instant) {
+    pub(crate) fn push_echo(&mut self, text: String, ts: u64) {
         let ts = self.stamp(ts);
-        self.queued_bytes += line.len();
-        self.items.push_back(Item::Text {
-            stream: StreamKind::Stdout,
-            text: line,
-            ts,
-            first_at: now,
-            sealed: true,
-        });
+        self.queued_bytes += text.len();
+        self.items.push_back(Entry::Echo { text, ts });
         self.enforce_bound();
     }
 
-    /// Decodes and queues a chunk of output, appending to the last record when it is of the
-    /// same stream and has room.
-    pub(crate) fn push_output(&mut self, stream: StreamKind, data: &[u8], ts: u64, now: Instant) {
-        if self.finished {
+    /// Queues a chunk of output as it is (a reference, not a copy, unless it is small).
+    pub(crate) fn push_output(&mut self, stream: StreamKind, data: &Bytes, ts: u64, now: Instant) {
+        if self.finished || data.is_empty() {
             return;
         }
         if self.closed {
             self.stats.bytes_dropped += data.len() as u64;
             return;
         }
-        let mut text = String::with_capacity(data.len());
-        let decoder = match stream {
-            StreamKind::Stdout => &mut self.stdout,
-            StreamKind::Stderr => &mut self.stderr,
-        };
-        self.stats.invalid_bytes += decoder.decode(data, &mut text);
-        self.push_text(stream, text, ts, now);
-    }
-
-    fn push_text(&mut self, stream: StreamKind, text: String, ts: u64, now: Instant) {
-        if text.is_empty() {
-            return;
-        }
-        let ts = self.stamp(ts);
-        self.queued_bytes += text.len();
-        let mut rest = text.as_str();
-        if let Some(Item::Text {
-            stream: last_stream,
-            text: last,
-            sealed: false,
-            ..
-        }) = self.items.back_mut()
+        self.queued_bytes += data.len();
+        let small = data.len() < SMALL_CHUNK;
+        if small
+            && let Some(Entry::Output {
+                stream: last_stream,
+                data: Payload::Small(buf),
+                ..
+            }) = self.items.back_mut()
             && *last_stream == stream
+            && buf.len() + data.len() <= MAX_RECORD_BYTES
         {
-            let cut = rest.floor_char_boundary(MAX_RECORD_BYTES.saturating_sub(last.len()));
-            last.push_str(&rest[..cut]);
-            rest = &rest[cut..];
-        }
-        while !rest.is_empty() {
-            let cut = rest.floor_char_boundary(MAX_RECORD_BYTES);
-            self.items.push_back(Item::Text {
+            buf.extend_from_slice(data);
+        } else {
+            let ts = self.stamp(ts);
+            let data = if small {
+                Payload::Small(BytesMut::from(&data[..]))
+            } else {
+                Payload::Shared(data.clone())
+            };
+            self.entries[index(stream)] += 1;
+            self.items.push_back(Entry::Output {
                 stream,
-                text: rest[..cut].to_owned(),
+                data,
                 ts,
                 first_at: now,
-                sealed: false,
             });
-            rest = &rest[cut..];
         }
         self.enforce_bound();
     }
 
-    /// Drops the oldest queued output, whole records at a time, until the queue fits its bound;
-    /// a gap marker at the front says how much went missing there.
+    /// Drops the oldest queued output until the queue fits its bound; a gap marker at the front
+    /// says how much went missing there. A chunk is cut at the next character start (at most 3
+    /// bytes further), so what is kept does not begin inside a character.
     fn enforce_bound(&mut self) {
         while self.queued_bytes > self.limit {
-            let index = usize::from(matches!(self.items.front(), Some(Item::Gap { .. })));
-            let Some(Item::Text { text, ts, .. }) = self.items.get(index) else {
-                break;
+            let excess = self.queued_bytes - self.limit;
+            let at = usize::from(matches!(self.items.front(), Some(Entry::Gap { .. })));
+            let (bytes, ts, stream) = match self.items.get_mut(at) {
+                Some(Entry::Output {
+                    stream, data, ts, ..
+                }) if excess < data.len() => {
+                    let bytes = data.bytes();
+                    let mut cut = excess;
+                    while cut < bytes.len() && cut - excess < 3 && is_continuation(bytes[cut]) {
+                        cut += 1;
+                    }
+                    let (len, ts, stream) = (bytes.len(), *ts, *stream);
+                    if cut < len {
+                        data.advance(cut);
+                        self.queued_bytes -= cut;
+                        self.record_gap(cut as u64, ts, Some(stream));
+                        continue;
+                    }
+                    (len, ts, Some(stream))
+                }
+                Some(Entry::Output {
+                    stream, data, ts, ..
+                }) => (data.len(), *ts, Some(*stream)),
+                Some(Entry::Echo { text, ts }) => (text.len(), *ts, None),
+                _ => break,
             };
-            let (bytes, ts) = (text.len(), *ts);
-            self.items.remove(index);
+            self.items.remove(at);
+            if let Some(stream) = stream {
+                self.entries[index(stream)] -= 1;
+            }
             self.queued_bytes -= bytes;
-            self.record_gap(bytes as u64, ts);
+            self.record_gap(bytes as u64, ts, stream);
         }
     }
 
     /// Counts `bytes` of output as lost just before the queued records and marks the spot.
-    pub(crate) fn record_gap(&mut self, bytes: u64, ts: u64) {
+    pub(crate) fn record_gap(&mut self, bytes: u64, ts: u64, stream: Option<StreamKind>) {
         self.stats.bytes_dropped += bytes;
         if self.closed {
             return;
         }
         match self.items.front_mut() {
-            Some(Item::Gap { bytes: total, .. }) => *total += bytes,
-            _ => self.items.push_front(Item::Gap { bytes, ts }),
+            Some(Entry::Gap {
+                bytes: total, cut, ..
+            }) => {
+                *total += bytes;
+                if let Some(s) = stream {
+                    cut[index(s)] = true;
+                }
+            }
+            _ => {
+                let mut cut = [false; 2];
+                if let Some(s) = stream {
+                    cut[index(s)] = true;
+                }
+                self.items.push_front(Entry::Gap { bytes, ts, cut });
+            }
         }
     }
 
-    /// Queues the final record, after whatever is left of a split character.
-    pub(crate) fn push_end(&mut self, end: End, ts: u64, now: Instant) {
+    /// Queues the final record.
+    pub(crate) fn push_end(&mut self, end: End, ts: u64) {
         if self.finished {
             return;
-        }
-        for stream in [StreamKind::Stdout, StreamKind::Stderr] {
-            let mut tail = String::new();
-            let decoder = match stream {
-                StreamKind::Stdout => &mut self.stdout,
-                StreamKind::Stderr => &mut self.stderr,
-            };
-            self.stats.invalid_bytes += decoder.finish(&mut tail);
-            if !self.closed {
-                self.push_text(stream, tail, ts, now);
-            }
         }
         self.finished = true;
         if self.closed {
             return;
         }
         let ts = self.stamp(ts);
-        self.items.push_back(Item::Final { end, ts });
+        self.items.push_back(Entry::Final { end, ts });
     }
 
-    /// Hands the front record to the delivery task when it is ready: a record is ready once
-    /// something follows it (a stream switch, or the end), it is full, or it lingered long
-    /// enough.
-    pub(crate) fn take(&mut self, now: Instant) -> Take {
-        let Some(front) = self.items.front() else {
-            return if self.finished || self.closed {
+    /// Hands the front of the queue to the delivery task when it is ready: the echo, the final
+    /// record, or output records. Output is ready once something else follows it (a stream
+    /// switch, the end), it fills a record, or it lingered long enough; a record is at most
+    /// [`MAX_RECORD_BYTES`] including what the decoder carries (`carried`, per stream: stdout,
+    /// stderr). As many ready records are taken at once as fit in the reserve (1 MiB, or an
+    /// eighth of the bound), and a gap marker is taken with the records after it: output the
+    /// delivery task holds is not dropped, so a saturated mirror sends long runs of full records
+    /// between gap markers, not one marker per record.
+    pub(crate) fn take(&mut self, now: Instant, carried: [usize; 2]) -> Take {
+        let mut batches = Vec::new();
+        if let Some(Entry::Gap { bytes, ts, cut }) = self.items.front() {
+            batches.push(Batch::Gap {
+                bytes: *bytes,
+                ts: *ts,
+                cut: *cut,
+            });
+            self.items.pop_front();
+        }
+        let mut carried = carried;
+        let mut taken = 0;
+        let mut due = None;
+        while taken < self.reserve() {
+            match self.items.front() {
+                Some(Entry::Output { .. }) => match self.take_record(now, carried) {
+                    Ok((batch, bytes, stream, tail)) => {
+                        taken += bytes;
+                        carried[index(stream)] = tail;
+                        batches.push(batch);
+                    }
+                    Err(lingers) => {
+                        due = Some(lingers);
+                        break;
+                    }
+                },
+                Some(Entry::Echo { .. } | Entry::Final { .. }) if batches.is_empty() => {
+                    match self.items.pop_front() {
+                        Some(Entry::Echo { text, ts }) => {
+                            self.queued_bytes -= text.len();
+                            taken += text.len();
+                            batches.push(Batch::Echo { text, ts });
+                        }
+                        Some(Entry::Final { end, ts }) => batches.push(Batch::Final { end, ts }),
+                        _ => unreachable!("matched above"),
+                    }
+                    break;
+                }
+                _ => break,
+            }
+        }
+        if batches.is_empty() {
+            return if let Some(due) = due {
+                Take::Wait(Some(due))
+            } else if self.items.is_empty() && (self.finished || self.closed) {
                 Take::Done
             } else {
                 Take::Wait(None)
             };
-        };
-        if let Item::Text {
-            text,
-            first_at,
-            sealed: false,
-            ..
-        } = front
-            && self.items.len() == 1
-            && text.len() < MAX_RECORD_BYTES
-        {
-            let due = *first_at + LINGER;
-            if now < due {
-                return Take::Wait(Some(due));
-            }
         }
-        let item = self.items.pop_front().expect("front exists");
-        let bytes = item.text_len();
-        self.queued_bytes -= bytes;
-        self.stats.in_flight_bytes = bytes as u64;
-        Take::Send(item)
+        self.stats.in_flight_bytes = taken as u64;
+        Take::Send(batches)
     }
 
-    /// The record taken last was accepted.
+    /// Output bytes the delivery task may hold at once.
+    fn reserve(&self) -> usize {
+        (self.limit / 8).clamp(MAX_RECORD_BYTES, 1 << 20)
+    }
+
+    /// Takes one record of the stream at the front, or says until when it lingers. Returns the
+    /// batch, its bytes, its stream and what the decoder will carry after it.
+    #[allow(clippy::type_complexity)]
+    fn take_record(
+        &mut self,
+        now: Instant,
+        carried: [usize; 2],
+    ) -> Result<(Batch, usize, StreamKind, usize), Instant> {
+        let Some(Entry::Output {
+            stream, first_at, ..
+        }) = self.items.front()
+        else {
+            unreachable!("the caller checked");
+        };
+        let (stream, first_at) = (*stream, *first_at);
+        let budget = MAX_RECORD_BYTES.saturating_sub(carried[index(stream)]);
+        // The run of this stream's output at the front, up to one record.
+        let mut run = 0;
+        let mut followed = false;
+        for entry in &self.items {
+            match entry {
+                Entry::Output {
+                    stream: s, data, ..
+                } if *s == stream => {
+                    run += data.len();
+                    if run >= budget {
+                        break;
+                    }
+                }
+                _ => {
+                    followed = true;
+                    break;
+                }
+            }
+        }
+        if !followed && run < budget {
+            let due = first_at + LINGER;
+            if now < due {
+                return Err(due);
+            }
+        }
+        let mut chunks = Vec::new();
+        let mut taken = 0;
+        let mut ts = None;
+        while taken < budget {
+            let Some(Entry::Output {
+                stream: s,
+                data,
+                ts: entry_ts,
+                ..
+            }) = self.items.front_mut()
+            else {
+                break;
+            };
+            if *s != stream {
+                break;
+            }
+            ts.get_or_insert(*entry_ts);
+            let want = budget - taken;
+            if data.len() > want {
+                chunks.push(data.split_to(want));
+                taken += want;
+                break;
+            }
+            taken += data.len();
+            let Some(Entry::Output { data, .. }) = self.items.pop_front() else {
+                unreachable!("front is output");
+            };
+            self.entries[index(stream)] -= 1;
+            chunks.push(data.into_bytes());
+        }
+        self.queued_bytes -= taken;
+        let tail = incomplete_tail(&chunks);
+        let batch = Batch::Output {
+            stream,
+            chunks,
+            ts: ts.expect("took output"),
+            last: self.finished && self.entries[index(stream)] == 0,
+        };
+        Ok((batch, taken, stream, tail))
+    }
+
+    /// A record taken was accepted.
     pub(crate) fn delivered(&mut self, text_bytes: usize) {
-        self.stats.in_flight_bytes = 0;
+        self.stats.in_flight_bytes = self.stats.in_flight_bytes.saturating_sub(text_bytes as u64);
         self.stats.records_delivered += 1;
         self.stats.bytes_delivered += text_bytes as u64;
     }
 
-    /// The record taken last will never be delivered.
-    pub(crate) fn lost(&mut self, item: &Item) {
-        self.stats.in_flight_bytes = 0;
-        if let Item::Text { text, ts, .. } = item {
-            self.record_gap(text.len() as u64, *ts);
+    /// A record taken will never be delivered: it is counted and marked as a gap, in front of
+    /// the records still `ready` (taken with it), else in front of the queue.
+    pub(crate) fn lost(&mut self, item: &Item, ready: &mut VecDeque<Item>) {
+        let Item::Text { text, ts, .. } = item else {
+            return;
+        };
+        let bytes = text.len() as u64;
+        self.stats.in_flight_bytes = self.stats.in_flight_bytes.saturating_sub(bytes);
+        if ready.is_empty() {
+            self.record_gap(bytes, *ts, None);
+            return;
         }
+        self.stats.bytes_dropped += bytes;
+        match ready.front_mut() {
+            Some(Item::Gap { bytes: total, .. }) => *total += bytes,
+            _ => ready.push_front(Item::Gap { bytes, ts: *ts }),
+        }
+    }
+
+    /// The delivery task holds nothing taken any more.
+    pub(crate) fn settled(&mut self) {
+        self.stats.in_flight_bytes = 0;
+    }
+
+    /// What the delivery task found while making records of the last batch.
+    pub(crate) fn assembled(&mut self, made: &Assembled) {
+        self.stats.invalid_bytes += made.invalid;
+        self.stats.bytes_dropped += made.dropped;
     }
 
     /// Gives up on the job: every queued and future record is dropped (counted).
@@ -348,7 +657,143 @@ impl Queue {
         self.closed = true;
         self.stats.bytes_dropped += self.queued_bytes as u64;
         self.queued_bytes = 0;
+        self.entries = [0; 2];
         self.items.clear();
+    }
+}
+
+/// What making records of one batch found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Assembled {
+    /// Records made.
+    pub(crate) records: usize,
+    /// Invalid bytes replaced by U+FFFD.
+    pub(crate) invalid: u64,
+    /// Carried bytes of characters cut by a gap, added to its count.
+    pub(crate) dropped: u64,
+}
+
+impl Assembled {
+    pub(crate) fn add(&mut self, other: Assembled) {
+        self.records += other.records;
+        self.invalid += other.invalid;
+        self.dropped += other.dropped;
+    }
+}
+
+/// The delivery task's half: makes records of what it takes from the [`Queue`], at send time.
+#[derive(Debug, Default)]
+pub(crate) struct Assembler {
+    streams: [Utf8Stream; 2],
+}
+
+impl Assembler {
+    /// Bytes each stream's decoder holds back (stdout, stderr), for [`Queue::take`].
+    pub(crate) fn carried(&self) -> [usize; 2] {
+        [self.streams[0].carried(), self.streams[1].carried()]
+    }
+
+    /// Appends the records of `batch` to `out` (usually one; none when all of it is carried).
+    pub(crate) fn assemble(&mut self, batch: Batch, out: &mut VecDeque<Item>) -> Assembled {
+        let mut made = Assembled::default();
+        let before = out.len();
+        match batch {
+            Batch::Echo { text, ts } => out.push_back(Item::Text {
+                stream: StreamKind::Stdout,
+                text,
+                ts,
+            }),
+            Batch::Output {
+                stream,
+                chunks,
+                ts,
+                last,
+            } => {
+                let decoder = &mut self.streams[index(stream)];
+                let len: usize = chunks.iter().map(Bytes::len).sum();
+                let mut text = String::with_capacity(len + decoder.carried() + 3);
+                for chunk in &chunks {
+                    made.invalid += decoder.decode(chunk, &mut text);
+                }
+                if last {
+                    made.invalid += decoder.finish(&mut text);
+                }
+                push_text(out, stream, text, ts);
+            }
+            Batch::Gap { bytes, ts, cut } => {
+                for (i, decoder) in self.streams.iter_mut().enumerate() {
+                    if cut[i] {
+                        made.dropped += decoder.gap();
+                    }
+                }
+                out.push_back(Item::Gap {
+                    bytes: bytes + made.dropped,
+                    ts,
+                });
+            }
+            Batch::Final { end, ts } => {
+                // A character still incomplete when the job ended.
+                for stream in STREAMS {
+                    let mut text = String::new();
+                    made.invalid += self.streams[index(stream)].finish(&mut text);
+                    push_text(out, stream, text, ts);
+                }
+                out.push_back(Item::Final { end, ts });
+            }
+        }
+        made.records = out.len() - before;
+        made
+    }
+}
+
+/// How many bytes at the end of `chunks` begin a character that is not complete yet: what a
+/// decoder will carry after them (exact for valid UTF-8; a guess otherwise).
+fn incomplete_tail(chunks: &[Bytes]) -> usize {
+    let mut tail = [0u8; 3];
+    let mut n = 0;
+    'outer: for chunk in chunks.iter().rev() {
+        for &byte in chunk.iter().rev() {
+            if n == 3 {
+                break 'outer;
+            }
+            n += 1;
+            tail[3 - n] = byte;
+        }
+    }
+    let tail = &tail[3 - n..];
+    for (i, &byte) in tail.iter().enumerate().rev() {
+        if !is_continuation(byte) {
+            let needs = match byte {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                0xF0..=0xF7 => 4,
+                _ => 1,
+            };
+            let has = tail.len() - i;
+            return if has < needs { has } else { 0 };
+        }
+    }
+    0
+}
+
+/// Queues `text` as records of at most [`MAX_RECORD_BYTES`] (more than one only when invalid
+/// bytes, each replaced by a 3-byte U+FFFD, made it longer than the raw bytes taken).
+fn push_text(out: &mut VecDeque<Item>, stream: StreamKind, text: String, ts: u64) {
+    if text.len() <= MAX_RECORD_BYTES {
+        if !text.is_empty() {
+            out.push_back(Item::Text { stream, text, ts });
+        }
+        return;
+    }
+    let mut rest = text.as_str();
+    while !rest.is_empty() {
+        let cut = rest.floor_char_boundary(MAX_RECORD_BYTES);
+        out.push_back(Item::Text {
+            stream,
+            text: rest[..cut].to_owned(),
+            ts,
+        });
+        rest = &rest[cut..];
     }
 }
 
@@ -398,15 +843,45 @@ mod tests {
         assert_eq!(invalid, 3);
     }
 
-    fn texts(q: &mut Queue, now: Instant) -> Vec<Item> {
-        let mut out = Vec::new();
-        while let Take::Send(item) = q.take(now) {
-            if let Item::Text { text, .. } = &item {
-                q.delivered(text.len());
+    /// The delivery task's loop without the HTTP: every record is accepted.
+    struct Drain {
+        asm: Assembler,
+        invalid: u64,
+    }
+
+    impl Drain {
+        fn new() -> Self {
+            Drain {
+                asm: Assembler::default(),
+                invalid: 0,
             }
-            out.push(item);
         }
-        out
+
+        fn run(&mut self, q: &mut Queue, now: Instant) -> Vec<Item> {
+            let mut out = VecDeque::new();
+            while let Take::Send(batches) = q.take(now, self.asm.carried()) {
+                let mut made = VecDeque::new();
+                for batch in batches {
+                    let found = self.asm.assemble(batch, &mut made);
+                    q.assembled(&found);
+                    self.invalid += found.invalid;
+                }
+                for item in made {
+                    q.delivered(item.text_len());
+                    out.push_back(item);
+                }
+                q.settled();
+            }
+            out.into()
+        }
+    }
+
+    fn texts(q: &mut Queue, now: Instant) -> Vec<Item> {
+        Drain::new().run(q, now)
+    }
+
+    fn push(q: &mut Queue, stream: StreamKind, data: &[u8], ts: u64, now: Instant) {
+        q.push_output(stream, &Bytes::copy_from_slice(data), ts, now);
     }
 
     fn summary(items: &[Item]) -> Vec<(String, String)> {
@@ -420,54 +895,110 @@ mod tests {
             .collect()
     }
 
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
     #[test]
     fn coalesces_same_stream_and_keeps_stream_order() {
         let now = Instant::now();
         let mut q = Queue::new(1 << 20);
-        q.push_echo("$ cmd".into(), 1, now);
-        q.push_output(StreamKind::Stdout, b"a", 2, now);
-        q.push_output(StreamKind::Stdout, b"b", 3, now);
-        q.push_output(StreamKind::Stderr, b"c", 4, now);
-        q.push_output(StreamKind::Stdout, b"d", 5, now);
-        q.push_end(End::ExitCode(3), 6, now);
+        q.push_echo("$ cmd".into(), 1);
+        push(&mut q, StreamKind::Stdout, b"a", 2, now);
+        push(&mut q, StreamKind::Stdout, b"b", 3, now);
+        push(&mut q, StreamKind::Stderr, b"c", 4, now);
+        push(&mut q, StreamKind::Stdout, b"d", 5, now);
+        q.push_end(End::ExitCode(3), 6);
         let items = texts(&mut q, now);
         assert_eq!(
             summary(&items),
-            [
+            pairs(&[
                 ("stdout", "$ cmd"),
                 ("stdout", "ab"),
                 ("stderr", "c"),
                 ("stdout", "d"),
                 ("final", "ExitCode(3)")
-            ]
-            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            ])
         );
-        assert_eq!(q.take(now), Take::Done);
-        assert_eq!(q.stats.records_delivered, 4);
+        assert_eq!(q.take(now, [0, 0]), Take::Done);
+        assert_eq!(q.stats.records_delivered, 5);
+        assert_eq!(q.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn large_chunks_are_queued_by_reference_and_joined_into_full_records() {
+        let now = Instant::now();
+        let mut q = Queue::new(1 << 20);
+        let big = Bytes::from(vec![b'x'; 40 * 1024]);
+        for i in 0..3 {
+            q.push_output(StreamKind::Stdout, &big, i, now);
+        }
+        let Take::Send(mut batches) = q.take(now, [0, 0]) else {
+            panic!("a full record is ready")
+        };
+        assert_eq!(batches.len(), 1);
+        let Some(Batch::Output { chunks, ts, .. }) = batches.pop() else {
+            panic!("{batches:?}")
+        };
+        // Two chunks make the record; both point into the pushed buffer (no copy).
+        assert_eq!(ts, 0);
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].as_ptr(), big.as_ptr());
+        assert_eq!(chunks[1].as_ptr(), big.as_ptr());
+        assert_eq!(
+            chunks.iter().map(Bytes::len).sum::<usize>(),
+            MAX_RECORD_BYTES
+        );
+        // The rest (56 KiB) is not full: it lingers.
+        assert_eq!(q.take(now, [0, 0]), Take::Wait(Some(now + LINGER)));
+        assert_eq!(q.pending_bytes(), 120 * 1024);
     }
 
     #[test]
     fn the_last_record_lingers_unless_full() {
         let now = Instant::now();
         let mut q = Queue::new(1 << 20);
-        q.push_output(StreamKind::Stdout, b"x", 1, now);
-        assert_eq!(q.take(now), Take::Wait(Some(now + LINGER)));
-        assert!(matches!(q.take(now + LINGER), Take::Send(_)));
+        push(&mut q, StreamKind::Stdout, b"x", 1, now);
+        assert_eq!(q.take(now, [0, 0]), Take::Wait(Some(now + LINGER)));
+        assert!(matches!(q.take(now + LINGER, [0, 0]), Take::Send(_)));
         q.delivered(1);
-        assert_eq!(q.take(now), Take::Wait(None));
+        assert_eq!(q.take(now, [0, 0]), Take::Wait(None));
         // A full record goes at once.
-        q.push_output(StreamKind::Stdout, &vec![b'y'; MAX_RECORD_BYTES], 2, now);
-        assert!(matches!(q.take(now), Take::Send(_)));
+        push(
+            &mut q,
+            StreamKind::Stdout,
+            &[b'y'; MAX_RECORD_BYTES],
+            2,
+            now,
+        );
+        assert!(matches!(q.take(now, [0, 0]), Take::Send(_)));
+        // Bytes the decoder carries count toward the record.
+        push(
+            &mut q,
+            StreamKind::Stdout,
+            &[b'z'; MAX_RECORD_BYTES - 2],
+            3,
+            now,
+        );
+        assert!(matches!(q.take(now, [0, 0]), Take::Wait(Some(_))));
+        assert!(matches!(q.take(now, [2, 0]), Take::Send(_)));
     }
 
     #[test]
     fn records_are_capped_at_64k_on_character_boundaries() {
         let now = Instant::now();
         let mut q = Queue::new(8 << 20);
-        let text = "é".repeat(100_000); // 200_000 bytes of two-byte characters
-        q.push_output(StreamKind::Stdout, text.as_bytes(), 1, now);
-        q.push_end(End::ExitCode(0), 2, now);
-        let items = texts(&mut q, now);
+        let text = "é".repeat(100_000) + "€"; // 200_003 bytes of multi-byte characters
+        // Odd chunk sizes, so records end inside characters and the decoder carries.
+        for chunk in text.as_bytes().chunks(10_001) {
+            push(&mut q, StreamKind::Stdout, chunk, 1, now);
+        }
+        q.push_end(End::ExitCode(0), 2);
+        let mut drain = Drain::new();
+        let items = drain.run(&mut q, now);
+        assert_eq!(drain.invalid, 0);
         let mut joined = String::new();
         let texts = &items[..items.len() - 1];
         for (i, item) in texts.iter().enumerate() {
@@ -480,8 +1011,93 @@ mod tests {
                 joined.push_str(text);
             }
         }
-        assert!(items.len() - 1 <= 200_000 / MAX_RECORD_BYTES + 1);
+        assert!(texts.len() <= text.len() / MAX_RECORD_BYTES + 1);
         assert_eq!(joined, text);
+    }
+
+    #[test]
+    fn characters_split_across_chunks_and_records_arrive_whole_through_the_queue() {
+        let now = Instant::now();
+        let mut q = Queue::new(1 << 20);
+        let euro = "€".as_bytes();
+        push(&mut q, StreamKind::Stdout, &euro[..1], 1, now);
+        // Sent before the rest arrives (linger over): the lead byte stays with the decoder.
+        let mut drain = Drain::new();
+        assert!(drain.run(&mut q, now + LINGER).is_empty());
+        assert_eq!(drain.asm.carried(), [1, 0]);
+        assert_eq!(q.pending_bytes(), 0);
+        push(&mut q, StreamKind::Stdout, &euro[1..], 2, now);
+        push(&mut q, StreamKind::Stderr, &euro[..2], 3, now);
+        q.push_end(End::ExitCode(0), 4);
+        let items = drain.run(&mut q, now);
+        assert_eq!(
+            summary(&items),
+            pairs(&[
+                ("stdout", "€"),
+                ("stderr", "\u{FFFD}"),
+                ("final", "ExitCode(0)")
+            ])
+        );
+        assert_eq!(drain.invalid, 2);
+    }
+
+    #[test]
+    fn interleaved_streams_keep_their_order_and_split_characters() {
+        let now = Instant::now();
+        let mut q = Queue::new(1 << 20);
+        let (a, b) = ("ü".as_bytes(), "😀".as_bytes());
+        push(
+            &mut q,
+            StreamKind::Stdout,
+            &[b"1", &a[..1]].concat(),
+            1,
+            now,
+        );
+        push(
+            &mut q,
+            StreamKind::Stderr,
+            &[b"2", &b[..3]].concat(),
+            2,
+            now,
+        );
+        push(
+            &mut q,
+            StreamKind::Stdout,
+            &[&a[1..], b"3"].concat(),
+            3,
+            now,
+        );
+        push(
+            &mut q,
+            StreamKind::Stderr,
+            &[&b[3..], b"4"].concat(),
+            4,
+            now,
+        );
+        push(&mut q, StreamKind::Stdout, b"5", 5, now);
+        q.push_end(End::ExitCode(0), 6);
+        let mut drain = Drain::new();
+        let items = drain.run(&mut q, now);
+        // A character completes in the record of the chunk that completes it.
+        assert_eq!(
+            summary(&items),
+            pairs(&[
+                ("stdout", "1"),
+                ("stderr", "2"),
+                ("stdout", "ü3"),
+                ("stderr", "😀4"),
+                ("stdout", "5"),
+                ("final", "ExitCode(0)")
+            ])
+        );
+        assert_eq!(drain.invalid, 0);
+        let ts: Vec<u64> = items
+            .iter()
+            .map(|i| match i {
+                Item::Text { ts, .. } | Item::Gap { ts, .. } | Item::Final { ts, .. } => *ts,
+            })
+            .collect();
+        assert_eq!(ts, [1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
@@ -489,11 +1105,12 @@ mod tests {
         let now = Instant::now();
         let limit = MAX_RECORD_BYTES * 2;
         let mut q = Queue::new(limit);
-        q.push_echo("$ cmd".into(), 1, now);
+        q.push_echo("$ cmd".into(), 1);
         // The echo is in flight; a stalled destination leaves everything else queued.
-        assert!(matches!(q.take(now), Take::Send(_)));
+        assert!(matches!(q.take(now, [0, 0]), Take::Send(_)));
         for i in 0..10u8 {
-            q.push_output(
+            push(
+                &mut q,
                 StreamKind::Stdout,
                 &vec![b'a' + i; MAX_RECORD_BYTES],
                 2,
@@ -505,7 +1122,7 @@ mod tests {
                 q.pending_bytes()
             );
         }
-        q.push_end(End::ExitCode(0), 3, now);
+        q.push_end(End::ExitCode(0), 3);
         q.delivered(5);
         let items = texts(&mut q, now);
         assert_eq!(
@@ -526,12 +1143,225 @@ mod tests {
     }
 
     #[test]
+    fn a_saturated_queue_sends_runs_of_full_records_between_single_gap_markers() {
+        let now = Instant::now();
+        const MIB: usize = 1 << 20;
+        let mut q = Queue::new(8 * MIB);
+        let mut drain = Drain::new();
+        let mut kinds = String::new();
+        let mut next = 0u8;
+        let mut delivered_bytes = 0;
+        // A producer far faster than delivery: 3 MiB arrive per take.
+        for _ in 0..20 {
+            for _ in 0..3 {
+                push(
+                    &mut q,
+                    StreamKind::Stdout,
+                    &vec![b'a' + next % 26; MIB],
+                    1,
+                    now,
+                );
+                next += 1;
+            }
+            let Take::Send(batches) = q.take(now, drain.asm.carried()) else {
+                panic!("output is ready")
+            };
+            let mut made = VecDeque::new();
+            for batch in batches {
+                q.assembled(&drain.asm.assemble(batch, &mut made));
+            }
+            // While the delivery task holds them, more output overflows the queue again.
+            push(&mut q, StreamKind::Stdout, &vec![b'#'; MIB], 1, now);
+            let mut run = String::new();
+            for item in made {
+                match &item {
+                    Item::Gap { .. } => kinds.push('G'),
+                    Item::Text { text, .. } => {
+                        assert_eq!(text.len(), MAX_RECORD_BYTES);
+                        kinds.push('T');
+                        run.push_str(text);
+                    }
+                    Item::Final { .. } => unreachable!(),
+                }
+                q.delivered(item.text_len());
+                delivered_bytes += item.text_len();
+            }
+            q.settled();
+            // A run is contiguous output: one or two chunks' bytes, never cut by a gap.
+            assert_eq!(run.len(), MIB);
+            assert!(q.pending_bytes() <= 8 * MIB as u64);
+        }
+        // The queue fills in two rounds; then one marker per 1 MiB run (16 full records), never
+        // two markers in a row.
+        let saturated = ("G".to_owned() + &"T".repeat(16)).repeat(18);
+        assert_eq!(kinds, "T".repeat(32) + &saturated);
+        assert_eq!(
+            q.stats.bytes_dropped + q.pending_bytes() + delivered_bytes as u64,
+            80 * MIB as u64
+        );
+    }
+
+    #[test]
+    fn a_record_lost_inside_a_run_is_marked_where_it_was() {
+        let now = Instant::now();
+        let mut q = Queue::new(8 << 20);
+        let mut drain = Drain::new();
+        push(
+            &mut q,
+            StreamKind::Stdout,
+            &vec![b'x'; 3 * MAX_RECORD_BYTES],
+            1,
+            now,
+        );
+        let Take::Send(batches) = q.take(now, [0, 0]) else {
+            panic!("full records are ready")
+        };
+        let mut ready = VecDeque::new();
+        for batch in batches {
+            drain.asm.assemble(batch, &mut ready);
+        }
+        assert_eq!(ready.len(), 3);
+        let first = ready.pop_front().unwrap();
+        q.delivered(first.text_len());
+        let second = ready.pop_front().unwrap();
+        q.lost(&second, &mut ready);
+        assert_eq!(
+            summary(ready.make_contiguous()),
+            pairs(&[
+                ("gap", &MAX_RECORD_BYTES.to_string()),
+                ("stdout", &"x".repeat(MAX_RECORD_BYTES))
+            ])
+        );
+        assert_eq!(q.stats.bytes_dropped, MAX_RECORD_BYTES as u64);
+    }
+
+    #[test]
+    fn dropping_part_of_a_chunk_keeps_the_newest_bytes_exactly() {
+        let now = Instant::now();
+        let limit = MAX_RECORD_BYTES;
+        let mut q = Queue::new(limit);
+        let data: Vec<u8> = (0..3 * MAX_RECORD_BYTES / 2)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect();
+        push(&mut q, StreamKind::Stdout, &data, 1, now);
+        assert_eq!(q.pending_bytes(), limit as u64);
+        q.push_end(End::ExitCode(0), 2);
+        let items = texts(&mut q, now);
+        let dropped = data.len() - limit;
+        assert_eq!(
+            items[0],
+            Item::Gap {
+                bytes: dropped as u64,
+                ts: 1
+            }
+        );
+        assert_eq!(items[1].text_len(), limit);
+        assert_eq!(summary(&items[1..2])[0].1.as_bytes(), &data[dropped..]);
+        assert_eq!(q.stats.bytes_dropped, dropped as u64);
+    }
+
+    #[test]
+    fn a_drop_inside_a_character_moves_to_the_next_character() {
+        let now = Instant::now();
+        let limit = MAX_RECORD_BYTES;
+        let mut q = Queue::new(limit);
+        // "€" is 3 bytes: a limit of 64 KiB with 1 byte over cuts the first kept character
+        // after its lead byte; the cut moves past its 2 continuation bytes instead.
+        let text = "€".repeat(MAX_RECORD_BYTES / 3 + 1); // 65_538 bytes: 2 over
+        push(&mut q, StreamKind::Stdout, text.as_bytes(), 1, now);
+        q.push_end(End::ExitCode(0), 2);
+        let mut drain = Drain::new();
+        let items = drain.run(&mut q, now);
+        assert_eq!(items[0], Item::Gap { bytes: 3, ts: 1 });
+        let Item::Text { text: kept, .. } = &items[1] else {
+            panic!("{items:?}")
+        };
+        assert_eq!(kept.len(), text.len() - 3);
+        assert!(kept.chars().all(|c| c == '€'));
+        assert_eq!(drain.invalid, 0);
+        assert_eq!(q.stats.bytes_dropped, 3);
+    }
+
+    #[test]
+    fn a_gap_after_a_carried_lead_byte_leaves_at_most_one_replacement_character() {
+        let now = Instant::now();
+        const MAX: usize = MAX_RECORD_BYTES;
+        let mut q = Queue::new(MAX);
+        let mut drain = Drain::new();
+        // The first record ends in the lead byte of "€": the decoder carries it.
+        push(&mut q, StreamKind::Stdout, b"aaaa\xe2", 1, now);
+        let sent = drain.run(&mut q, now + LINGER);
+        assert_eq!(summary(&sent), pairs(&[("stdout", "aaaa")]));
+        assert_eq!(drain.asm.carried(), [1, 0]);
+        // The rest of that character is in a chunk the bound drops whole, which itself ends in
+        // the lead byte of a character whose continuation bytes start the chunk that is kept.
+        let mut second = vec![0x82, 0xac];
+        second.extend_from_slice(&[b'b'; MAX - 3]);
+        second.push(0xe2);
+        push(&mut q, StreamKind::Stdout, &second, 2, now);
+        let mut third = vec![0x82, 0xac];
+        third.extend_from_slice(&[b'c'; MAX - 2]);
+        push(&mut q, StreamKind::Stdout, &third, 3, now);
+        assert_eq!(q.pending_bytes(), MAX as u64);
+        q.push_end(End::ExitCode(0), 4);
+        let items = drain.run(&mut q, now);
+        // The carried lead byte counts as not mirrored, with the chunk dropped after it.
+        assert_eq!(
+            items[0],
+            Item::Gap {
+                bytes: MAX as u64 + 1,
+                ts: 2
+            }
+        );
+        assert_eq!(q.stats.bytes_dropped, MAX as u64 + 1);
+        // The orphaned continuation bytes are one U+FFFD (counted invalid), then the text.
+        let kept: String = items[1..items.len() - 1]
+            .iter()
+            .map(|i| match i {
+                Item::Text {
+                    stream: StreamKind::Stdout,
+                    text,
+                    ..
+                } => text.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kept, format!("\u{FFFD}{}", "c".repeat(MAX - 2)));
+        assert!(
+            items[1..items.len() - 1]
+                .iter()
+                .all(|i| i.text_len() <= MAX)
+        );
+        assert_eq!(drain.invalid, 2);
+        assert_eq!(
+            summary(&items[items.len() - 1..]),
+            pairs(&[("final", "ExitCode(0)")])
+        );
+    }
+
+    #[test]
+    fn small_chunks_share_one_buffer_and_large_ones_are_not_copied() {
+        let now = Instant::now();
+        let mut q = Queue::new(1 << 20);
+        for _ in 0..1000 {
+            push(&mut q, StreamKind::Stdout, b"0123456789abcdef\n", 1, now);
+        }
+        // 17_000 bytes in one entry, not 1000.
+        assert_eq!(q.items.len(), 1);
+        assert_eq!(q.entries, [1, 0]);
+        q.push_end(End::ExitCode(0), 2);
+        let items = texts(&mut q, now);
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].text_len(), 17_000);
+    }
+
+    #[test]
     fn timestamps_never_go_backwards() {
         let now = Instant::now();
         let mut q = Queue::new(1 << 20);
-        q.push_output(StreamKind::Stdout, b"a", 10, now);
-        q.push_output(StreamKind::Stderr, b"b", 5, now); // clock stepped back
-        q.push_end(End::Error("cancelled".into()), 7, now);
+        push(&mut q, StreamKind::Stdout, b"a", 10, now);
+        push(&mut q, StreamKind::Stderr, b"b", 5, now); // clock stepped back
+        q.push_end(End::Error("cancelled".into()), 7);
         let ts: Vec<u64> = texts(&mut q, now)
             .iter()
             .map(|i| match i {
@@ -545,11 +1375,11 @@ mod tests {
     fn a_closed_queue_counts_everything_as_dropped() {
         let now = Instant::now();
         let mut q = Queue::new(1 << 20);
-        q.push_output(StreamKind::Stdout, b"abc", 1, now);
+        push(&mut q, StreamKind::Stdout, b"abc", 1, now);
         q.close();
-        q.push_output(StreamKind::Stdout, b"de", 2, now);
-        q.push_end(End::ExitCode(0), 3, now);
-        assert_eq!(q.take(now), Take::Done);
+        push(&mut q, StreamKind::Stdout, b"de", 2, now);
+        q.push_end(End::ExitCode(0), 3);
+        assert_eq!(q.take(now, [0, 0]), Take::Done);
         assert_eq!(q.stats.bytes_dropped, 5);
     }
 }
