@@ -10,26 +10,13 @@ use common::{Job, JobState, TestServer, argv, cancel, sha256, shell, wait_finish
 use sandbox_runner::{proto as pb, testing::daytona::FakeDaytona};
 use tonic::Code;
 
-const KEY: &str = "fake-daytona-key";
+const KEY: &str = common::DAYTONA_KEY;
 const SANDBOX: &str = "sbx-1";
 
 async fn setup(extra: &[&str]) -> (FakeDaytona, TestServer) {
     let fake = FakeDaytona::start(KEY).await;
     fake.add_sandbox(SANDBOX, "started");
-    let mut args = vec![
-        "--backend",
-        "daytona",
-        "--daytona-api-key",
-        KEY,
-        "--daytona-api-url",
-        &fake.api_url,
-        "--daytona-poll-interval",
-        "50ms",
-        "--daytona-request-timeout",
-        "5s",
-    ];
-    args.extend_from_slice(extra);
-    let server = common::start(&args).await;
+    let server = common::start_daytona(&fake, extra).await;
     (fake, server)
 }
 

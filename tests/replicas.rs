@@ -7,24 +7,14 @@ use common::{Job, JobState, TestServer, cancel, shell, status};
 use sandbox_runner::{proto as pb, testing::daytona::FakeDaytona};
 use tonic::Code;
 
-const KEY: &str = "fake-daytona-key";
+const KEY: &str = common::DAYTONA_KEY;
 const SIGNING_KEY: &str = "0123456789abcdef0123456789abcdef-shared";
 
 async fn daytona_replica(fake: &FakeDaytona, name: &str, signing_key: &str) -> TestServer {
-    common::start(&[
-        "--backend",
-        "daytona",
-        "--daytona-api-key",
-        KEY,
-        "--daytona-api-url",
-        &fake.api_url,
-        "--daytona-poll-interval",
-        "50ms",
-        "--replica-name",
-        name,
-        "--job-id-signing-key",
-        signing_key,
-    ])
+    common::start_daytona(
+        fake,
+        &["--replica-name", name, "--job-id-signing-key", signing_key],
+    )
     .await
 }
 

@@ -424,3 +424,27 @@ impl ServerProcess {
         (status, self.seen.clone())
     }
 }
+
+/// API key the fake Daytona of these tests accepts.
+pub const DAYTONA_KEY: &str = "fake-daytona-key";
+
+/// A server on the Daytona backend pointed at `fake`, polling fast so tests stay quick.
+pub async fn start_daytona(
+    fake: &sandbox_runner::testing::daytona::FakeDaytona,
+    extra: &[&str],
+) -> TestServer {
+    let mut args = vec![
+        "--backend",
+        "daytona",
+        "--daytona-api-key",
+        DAYTONA_KEY,
+        "--daytona-api-url",
+        &fake.api_url,
+        "--daytona-poll-interval",
+        "50ms",
+        "--daytona-request-timeout",
+        "5s",
+    ];
+    args.extend_from_slice(extra);
+    start(&args).await
+}
