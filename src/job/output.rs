@@ -72,11 +72,6 @@ impl JobOutput {
         .await;
     }
 
-    /// True while the Exec caller still reads the stream.
-    pub fn client_connected(&self) -> bool {
-        self.client.as_ref().is_some_and(|c| !c.is_closed())
-    }
-
     pub(crate) async fn emit(&mut self, kind: EventKind) {
         let event = JobEvent {
             seq: self.next_seq,
