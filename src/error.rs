@@ -26,35 +26,9 @@ pub enum Error {
     #[error("server is shutting down and accepts no new jobs; retry on another instance")]
     ShuttingDown,
 
-    /// The program could not be started (not found, not executable, ...).
-    #[error("cannot start {program:?}: {source}")]
-    Spawn {
-        program: String,
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// The sandbox named by the request does not exist.
-    #[error("{0}")]
-    SandboxNotFound(String),
-
-    /// The sandbox exists but cannot run commands now.
-    #[error(
-        "sandbox {sandbox_id:?} is {state}, not started (enable --daytona-auto-start to start it)"
-    )]
-    SandboxNotReady { sandbox_id: String, state: String },
-
-    /// The backend refuses this service's own credentials: an operator must fix the config.
-    #[error("the backend rejected this service's configuration: {0}")]
-    BackendMisconfigured(String),
-
-    /// The backend cannot be reached or keeps failing; retrying later may work.
-    #[error("the backend is unavailable: {0}")]
-    BackendUnavailable(String),
-
-    /// The backend answered something unexpected.
-    #[error("the backend failed: {0}")]
-    BackendFailed(String),
+    /// A backend could not start or reach the job; the variant says why.
+    #[error(transparent)]
+    Backend(#[from] crate::job::BackendError),
 
     /// The job id is not one this service issued.
     #[error("job {id:?} not found: {reason}")]

@@ -4,13 +4,15 @@
 //! - [`server`]: `run(listener, config, shutdown)`, the one entry point of `main` and the tests.
 //! - [`config`]: flags and environment, checked once at start.
 //! - [`grpc`]: the thin gRPC layer: handlers, validation and proto conversion, auth, status codes.
-//! - [`job`]: the job core: specs, events, lifecycle, the registry of jobs.
-//! - [`backend`]: where commands run, behind the `Backend` trait (`local`: processes on this
+//! - [`job`]: the job core: specs, events, lifecycle, the registry of jobs, and the traits it
+//!   drives (`Backend`, `Execution`, `Sink`, `JobSink`). It depends on none of the modules below.
+//! - [`backend`]: where commands run, implementing `job::Backend` (`local`: processes on this
 //!   host; `daytona`: process sessions in Daytona sandboxes).
-//! - [`sink`]: where copies of job events go, behind the `Sink` trait.
+//! - [`sink`]: where copies of job events go, implementing `job::Sink` (`convex`).
 //! - [`error`]: the service's error type.
 //! - [`proto`]: generated protobuf code.
 //! - [`telemetry`]: logging setup.
+//! - [`tls`]: the one TLS crypto provider.
 //! - `testing` (feature `testing`): fakes of Daytona for tests and benchmarks.
 
 #![forbid(unsafe_code)]
@@ -27,6 +29,7 @@ pub mod sink;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tls;
 
 pub use config::Config;
 pub use server::run;

@@ -10,8 +10,7 @@ use tracing::{info, warn};
 
 use crate::{
     backend::{
-        Backend,
-        daytona::{DaytonaBackend, DaytonaConfig},
+        daytona::{ClientSetupError, DaytonaBackend, DaytonaConfig},
         local::{LocalBackend, LocalConfig},
     },
     config::{BackendKind, Config},
@@ -19,7 +18,7 @@ use crate::{
         auth::BearerAuth,
         service::{InstanceInfo, SandboxApi},
     },
-    job::{JobIdCodec, Jobs, JobsConfig},
+    job::{Backend, JobIdCodec, Jobs, JobsConfig},
     proto::{self as pb, sandbox_service_server::SandboxServiceServer},
 };
 
@@ -41,8 +40,8 @@ pub enum ServerError {
     Sink(#[from] crate::sink::convex::SinkSetupError),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("cannot set up the backend: {0}")]
-    Backend(String),
+    #[error("cannot set up the Daytona backend: {0}")]
+    Daytona(#[from] ClientSetupError),
     #[error("no OS randomness for the job-id signing key: {0}")]
     Randomness(String),
 }
@@ -65,8 +64,7 @@ pub async fn run(
         );
     }
 
-    // One TLS crypto provider for every HTTPS/WSS client (ring; see Cargo.toml).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_crypto_provider();
     let backend = backend(&config)?;
     let sinks = crate::sink::convex::sinks(&config.convex)?;
     let replica = config.replica();
@@ -102,6 +100,7 @@ pub async fn run(
             started: Instant::now(),
             daytona_configured: config.daytona_configured(),
             convex_configured: config.convex.is_configured(),
+            convex_sink: crate::sink::convex::NAME,
         },
     );
 
@@ -112,21 +111,12 @@ pub async fn run(
         .set_service_status(service_name, ServingStatus::Serving)
         .await;
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    // Both reflection versions: grpcurl 1.8 asks v1alpha, newer clients v1.
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_grace = config.drain_grace;
-    // Bounds the drain even if a client never reads its final events.
-    // A stopped local job may take 3 cancel graces: TERM->KILL, then as long again for
-    // leftovers holding its pipes (see backend::local).
-    let drain_limit = config.drain_grace + config.cancel_grace * 3 + Duration::from_secs(5);
     let drain = async move {
         shutdown.await;
         info!("shutdown requested: refusing new jobs and reporting NOT_SERVING");
@@ -136,12 +126,7 @@ pub async fn run(
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        if tokio::time::timeout(drain_limit, jobs.drain(drain_grace))
-            .await
-            .is_err()
-        {
-            warn!("jobs did not finish draining in time; exiting anyway");
-        }
+        jobs.drain(drain_grace).await;
         sinks.flush(drain_grace).await;
         info!("drained; closing connections");
         let _ = drained_tx.send(());
@@ -184,6 +169,13 @@ pub async fn run(
     Ok(())
 }
 
+/// Reflection over this service and the health service.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
 /// Accepted connections with the socket options set. `Server::tcp_nodelay`/`tcp_keepalive` are
 /// ignored with a caller-supplied incoming stream, so they are set here: without TCP_NODELAY,
 /// Nagle holds each small event behind the previous one's delayed ACK (~40 ms per event).
@@ -204,17 +196,14 @@ fn backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
             if config.daytona_api_url.is_none() && config.daytona_server_url.is_some() {
                 warn!("DAYTONA_SERVER_URL is deprecated; set DAYTONA_API_URL instead");
             }
-            Arc::new(
-                DaytonaBackend::new(DaytonaConfig {
-                    api_url: config.daytona_api_url().to_owned(),
-                    api_key: config.daytona_api_key.clone().unwrap_or_default(),
-                    auto_start: config.daytona_auto_start,
-                    start_timeout: config.daytona_start_timeout,
-                    request_timeout: config.daytona_request_timeout,
-                    poll_interval: config.daytona_poll_interval,
-                })
-                .map_err(ServerError::Backend)?,
-            )
+            Arc::new(DaytonaBackend::new(DaytonaConfig {
+                api_url: config.daytona_api_url().to_owned(),
+                api_key: config.daytona_api_key.clone().unwrap_or_default(),
+                auto_start: config.daytona_auto_start,
+                start_timeout: config.daytona_start_timeout,
+                request_timeout: config.daytona_request_timeout,
+                poll_interval: config.daytona_poll_interval,
+            })?)
         }
     })
 }

@@ -28,10 +28,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{Backend, Execution, Outcome};
-use crate::{
-    error::Error,
-    job::{JobOutput, JobSpec, Program, StreamKind},
+use crate::job::{
+    Backend, BackendError, Execution, JobOutput, JobSpec, Outcome, Program, StreamKind,
 };
 
 /// Variables of the service's own environment that jobs never inherit: they are its secrets.
@@ -69,7 +67,7 @@ impl LocalBackend {
         LocalBackend { config }
     }
 
-    fn working_dir(&self, requested: Option<&str>) -> Result<Option<PathBuf>, Error> {
+    fn working_dir(&self, requested: Option<&str>) -> Result<Option<PathBuf>, BackendError> {
         let Some(dir) = requested
             .map(PathBuf::from)
             .or_else(|| self.config.default_cwd.clone())
@@ -78,11 +76,11 @@ impl LocalBackend {
         };
         match std::fs::metadata(&dir) {
             Ok(meta) if meta.is_dir() => Ok(Some(dir)),
-            Ok(_) => Err(Error::InvalidArgument(format!(
+            Ok(_) => Err(BackendError::InvalidRequest(format!(
                 "cwd {} is not a directory",
                 dir.display()
             ))),
-            Err(e) => Err(Error::InvalidArgument(format!(
+            Err(e) => Err(BackendError::InvalidRequest(format!(
                 "cwd {} is not usable: {e}",
                 dir.display()
             ))),
@@ -96,7 +94,13 @@ impl Backend for LocalBackend {
         "local"
     }
 
-    async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, Error> {
+    /// TERM then KILL after a grace; then as long again for leftovers holding the pipes, and
+    /// once more for their own TERM -> KILL.
+    fn stop_time(&self) -> Duration {
+        self.config.grace * 3
+    }
+
+    async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, BackendError> {
         let cwd = self.working_dir(spec.cwd.as_deref())?;
         let mut cmd = match &spec.program {
             Program::Shell(line) => {
@@ -124,7 +128,7 @@ impl Backend for LocalBackend {
             cmd.current_dir(dir);
         }
 
-        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+        let mut child = cmd.spawn().map_err(|source| BackendError::Spawn {
             program: spec.program.display_name().to_owned(),
             source,
         })?;
@@ -135,7 +139,7 @@ impl Backend for LocalBackend {
                 // Not expected; don't leave the process running when we cannot read it.
                 terminate_group(pid, Duration::ZERO).await;
                 let _ = child.wait().await;
-                return Err(Error::Spawn {
+                return Err(BackendError::Spawn {
                     program: spec.program.display_name().to_owned(),
                     source,
                 });

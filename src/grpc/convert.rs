@@ -6,11 +6,10 @@ use std::time::{Duration, SystemTime};
 use crate::{
     error::Error,
     job::{
-        EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSnapshot, JobSpec, JobState, Program,
-        StreamKind,
+        DeliveryProgress, EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSnapshot, JobSpec,
+        JobState, Program, SinkHealth, StreamKind,
     },
     proto as pb,
-    sink::{DeliveryProgress, SinkHealth},
 };
 
 /// Longest task, session or sandbox id.

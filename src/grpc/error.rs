@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use crate::error::Error;
+use crate::{error::Error, job::BackendError};
 
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
@@ -11,13 +11,16 @@ impl From<Error> for Status {
             Error::JobNotFound(_) => Code::NotFound,
             Error::TooManyJobs { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
-            Error::Spawn { .. } => Code::FailedPrecondition,
-            Error::SandboxNotFound(_) => Code::NotFound,
-            Error::SandboxNotReady { .. } => Code::FailedPrecondition,
-            // The caller's credentials are fine; this service's are not.
-            Error::BackendMisconfigured(_) => Code::FailedPrecondition,
-            Error::BackendUnavailable(_) => Code::Unavailable,
-            Error::BackendFailed(_) => Code::Internal,
+            Error::Backend(e) => match e {
+                BackendError::InvalidRequest(_) => Code::InvalidArgument,
+                BackendError::Spawn { .. } => Code::FailedPrecondition,
+                BackendError::SandboxNotFound { .. } => Code::NotFound,
+                BackendError::SandboxNotReady { .. } => Code::FailedPrecondition,
+                // The caller's credentials are fine; this service's are not.
+                BackendError::Misconfigured(_) => Code::FailedPrecondition,
+                BackendError::Unavailable(_) => Code::Unavailable,
+                BackendError::Failed { .. } | BackendError::NodeLocal => Code::Internal,
+            },
             // Like any unknown id: forged and malformed ids name no job.
             Error::InvalidJobId { .. } => Code::NotFound,
             Error::JobElsewhere { .. } => Code::FailedPrecondition,
@@ -50,28 +53,52 @@ mod tests {
             (Error::TooManyJobs { limit: 1 }, Code::ResourceExhausted),
             (Error::ShuttingDown, Code::Unavailable),
             (
-                Error::Spawn {
+                BackendError::InvalidRequest("cwd".into()).into(),
+                Code::InvalidArgument,
+            ),
+            (
+                BackendError::Spawn {
                     program: "p".into(),
                     source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                },
+                }
+                .into(),
                 Code::FailedPrecondition,
             ),
             (Error::Unauthenticated, Code::Unauthenticated),
             (Error::StreamAbandoned("j".into()), Code::DataLoss),
-            (Error::SandboxNotFound("s".into()), Code::NotFound),
             (
-                Error::SandboxNotReady {
+                BackendError::SandboxNotFound {
+                    what: "sandbox \"s\"".into(),
+                    detail: "no such sandbox".into(),
+                }
+                .into(),
+                Code::NotFound,
+            ),
+            (
+                BackendError::SandboxNotReady {
                     sandbox_id: "s".into(),
                     state: "stopped".into(),
-                },
+                }
+                .into(),
                 Code::FailedPrecondition,
             ),
             (
-                Error::BackendMisconfigured("401".into()),
+                BackendError::Misconfigured("401".into()).into(),
                 Code::FailedPrecondition,
             ),
-            (Error::BackendUnavailable("down".into()), Code::Unavailable),
-            (Error::BackendFailed("odd".into()), Code::Internal),
+            (
+                BackendError::Unavailable("down".into()).into(),
+                Code::Unavailable,
+            ),
+            (
+                BackendError::Failed {
+                    context: "sandbox".into(),
+                    source: "odd".into(),
+                }
+                .into(),
+                Code::Internal,
+            ),
+            (BackendError::NodeLocal.into(), Code::Internal),
             (
                 Error::InvalidJobId {
                     id: "x".into(),

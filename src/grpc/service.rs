@@ -17,6 +17,8 @@ pub struct InstanceInfo {
     pub started: Instant,
     pub daytona_configured: bool,
     pub convex_configured: bool,
+    /// Name of the sink whose health Health reports as the Convex mirror's.
+    pub convex_sink: &'static str,
 }
 
 /// The gRPC face of the job core.
@@ -81,7 +83,7 @@ impl SandboxService for SandboxApi {
             backend: self.jobs.backend_name(),
             daytona_configured: self.info.daytona_configured,
             convex_configured: self.info.convex_configured,
-            convex_health: self.jobs.sinks().health(crate::sink::convex::NAME),
+            convex_health: self.jobs.sinks().health(self.info.convex_sink),
             sinks: self.jobs.sinks().names(),
             uptime: self.info.started.elapsed(),
         };

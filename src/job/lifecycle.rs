@@ -10,7 +10,7 @@ use super::{
     EventKind, ExitSummary, JobOutput, JobState,
     record::{JobRecord, StopReason},
 };
-use crate::backend::{Execution, Outcome};
+use super::{Execution, Outcome};
 
 /// Runs a started job to the end. `permit` holds the job's slot in the concurrency limit; it is
 /// released as soon as the program is gone, before `Exited` is delivered.

@@ -2,20 +2,26 @@
 //! sequenced and fanned out (`output`), how one job runs from start to its single `Exited`
 //! event (`lifecycle`), and the table of running and recently finished jobs (`registry`).
 //!
-//! Nothing here knows about protobuf, gRPC or local processes: the gRPC layer converts at the
-//! edge, and backends run the commands behind the `Backend` trait.
+//! The core owns the traits of what it drives: [`Backend`]/[`Execution`] (`backend`: where
+//! commands run) and [`Sink`]/[`JobSink`] (`sink`: where copies of events go). The modules
+//! `crate::backend` and `crate::sink` implement them; nothing here imports those, nor protobuf
+//! or gRPC: the gRPC layer converts at the edge.
 
+mod backend;
 mod event;
 mod id;
 mod lifecycle;
 mod output;
 mod record;
 mod registry;
+mod sink;
 mod spec;
 
+pub use backend::{Backend, BackendCause, BackendError, Execution, Outcome, RemoteState};
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};
 pub use id::{JobIdCodec, JobIdError, JobLocation};
 pub use output::JobOutput;
 pub use record::JobSnapshot;
 pub use registry::{JobStream, Jobs, JobsConfig};
+pub use sink::{DeliveryProgress, DeliveryReport, JobSink, Sink, SinkHealth, Sinks};
 pub use spec::{JobId, JobMeta, JobSpec, Program};

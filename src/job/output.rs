@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::JobSink;
 use super::{EventKind, JobEvent, StreamKind, record::JobRecord};
-use crate::sink::JobSink;
 
 /// Hands a job's events, in order, to its sinks and to the Exec caller.
 ///

@@ -10,8 +10,8 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
+use super::{DeliveryProgress, DeliveryReport};
 use super::{ExitSummary, JobId, JobMeta, JobState, StreamKind};
-use crate::sink::{DeliveryProgress, DeliveryReport};
 
 /// Why a job was asked to stop before it ended on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

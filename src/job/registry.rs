@@ -14,18 +14,17 @@ use std::{
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::Stream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::{
-    EventKind, ExitSummary, JobEvent, JobId, JobIdCodec, JobLocation, JobOutput, JobSpec, JobState,
-    lifecycle,
+    Backend, EventKind, ExitSummary, JobEvent, JobId, JobIdCodec, JobLocation, JobOutput, JobSpec,
+    JobState, RemoteState, Sinks, lifecycle,
     record::{JobRecord, JobSnapshot, StopReason},
 };
-use crate::{
-    backend::{Backend, RemoteState},
-    error::Error,
-    sink::Sinks,
-};
+use crate::error::Error;
+
+/// Beyond the backend's stop time, how long a drain waits for the last events to go out.
+const DRAIN_SLACK: Duration = Duration::from_secs(5);
 
 /// Limits of the job core.
 #[derive(Debug, Clone)]
@@ -119,6 +118,7 @@ impl Jobs {
         let execution = match self.backend.start(&spec).instrument(span.clone()).await {
             Ok(execution) => execution,
             Err(e) => {
+                let e = Error::from(e);
                 span.in_scope(|| info!(error = %e, "job did not start"));
                 let (id, _) = self.ids.issue(&spec.meta, self.backend.name(), None);
                 self.report_failed_start(&id, &spec, &e);
@@ -350,8 +350,28 @@ impl Jobs {
     }
 
     /// Stops taking jobs, lets running ones go on for up to `grace`, then cancels the rest and
-    /// waits until every job has sent its `Exited` event (or the caller gives up).
+    /// waits until every job has sent its `Exited` event and the backend's cleanups are done,
+    /// or until the backend's stop time (plus a little for the last events to go out) has
+    /// passed since the cancel.
     pub async fn drain(&self, grace: Duration) {
+        // Bounds the wait even if a client never reads its final events.
+        let stop_limit = self.backend.stop_time() + DRAIN_SLACK;
+        let drained = async {
+            self.stop_taking_jobs_and_wait(grace).await;
+            self.backend.finish_cleanups().await;
+        };
+        if tokio::time::timeout(grace + stop_limit, drained)
+            .await
+            .is_err()
+        {
+            warn!(
+                running = self.tracker.len(),
+                "jobs did not finish draining in time; exiting anyway"
+            );
+        }
+    }
+
+    async fn stop_taking_jobs_and_wait(&self, grace: Duration) {
         self.draining.store(true, Ordering::SeqCst);
         {
             // Taking the lock orders this after any start() that is registering a job.

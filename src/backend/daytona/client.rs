@@ -1,8 +1,9 @@
 //! HTTP client for the Daytona API and a sandbox's toolbox (research/daytona-api.md).
 //!
-//! One pooled `reqwest` client with a timeout on every call. Idempotent GETs retry transient
-//! failures (connect errors, timeouts, 502/503/504) with jittered exponential backoff; nothing
-//! else is retried, since a repeated POST could run a command twice.
+//! One pooled `reqwest` client with a timeout on every call. Idempotent requests (GET, DELETE)
+//! retry transient failures (connect errors, timeouts, 502/503/504) with jittered exponential
+//! backoff. A POST is retried only when its connection failed before the request was sent,
+//! since a repeated POST could run a command twice.
 
 use std::time::Duration;
 
@@ -44,6 +45,15 @@ const SEGMENT: &AsciiSet = &CONTROLS
 
 fn segment(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+/// The Daytona client cannot be built from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientSetupError {
+    #[error("DAYTONA_API_KEY contains characters not allowed in a header")]
+    ApiKeyNotAHeader,
+    #[error("cannot build the Daytona HTTP client: {0}")]
+    Http(#[source] reqwest::Error),
 }
 
 /// What went wrong talking to Daytona.
@@ -111,12 +121,14 @@ pub struct DaytonaClient {
 }
 
 impl DaytonaClient {
-    pub fn new(api_url: &str, api_key: &str, request_timeout: Duration) -> Result<Self, String> {
+    pub fn new(
+        api_url: &str,
+        api_key: &str,
+        request_timeout: Duration,
+    ) -> Result<Self, ClientSetupError> {
         let mut headers = header::HeaderMap::new();
-        let mut auth =
-            header::HeaderValue::from_str(&format!("Bearer {api_key}")).map_err(|_| {
-                "DAYTONA_API_KEY contains characters not allowed in a header".to_owned()
-            })?;
+        let mut auth = header::HeaderValue::from_str(&format!("Bearer {api_key}"))
+            .map_err(|_| ClientSetupError::ApiKeyNotAHeader)?;
         auth.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, auth);
         headers.insert(
@@ -130,7 +142,7 @@ impl DaytonaClient {
             .timeout(request_timeout)
             .connect_timeout(request_timeout.min(Duration::from_secs(10)))
             .build()
-            .map_err(|e| format!("cannot build the Daytona HTTP client: {e}"))?;
+            .map_err(ClientSetupError::Http)?;
         Ok(DaytonaClient {
             http,
             api_url: api_url.trim_end_matches('/').to_owned(),

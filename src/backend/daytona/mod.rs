@@ -17,16 +17,14 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
-pub use client::{ApiError, DaytonaClient, SDK_VERSION, Toolbox};
+pub use client::{ApiError, ClientSetupError, DaytonaClient, SDK_VERSION, Toolbox};
 use demux::Demux;
 
-use super::{Backend, Execution, Outcome, RemoteState};
-use crate::{
-    error::Error,
-    job::{JobOutput, JobSpec, StreamKind},
+use crate::job::{
+    Backend, BackendError, Execution, JobOutput, JobSpec, Outcome, RemoteState, StreamKind,
 };
 
 /// Settings of the Daytona backend.
@@ -54,19 +52,23 @@ const MAX_EVENT_BYTES: usize = 256 * 1024;
 pub struct DaytonaBackend {
     client: Arc<DaytonaClient>,
     config: DaytonaConfig,
+    /// Deletions of sessions whose job ended without deleting them (see [`Session`]'s drop),
+    /// so shutdown can wait for them.
+    cleanups: TaskTracker,
 }
 
 impl DaytonaBackend {
-    pub fn new(config: DaytonaConfig) -> Result<Self, String> {
+    pub fn new(config: DaytonaConfig) -> Result<Self, ClientSetupError> {
         let client = DaytonaClient::new(&config.api_url, &config.api_key, config.request_timeout)?;
         Ok(DaytonaBackend {
             client: Arc::new(client),
             config,
+            cleanups: TaskTracker::new(),
         })
     }
 
     /// The toolbox of a sandbox that is started now, without starting it.
-    async fn toolbox_if_started(&self, sandbox_id: &str) -> Result<Option<Toolbox>, Error> {
+    async fn toolbox_if_started(&self, sandbox_id: &str) -> Result<Option<Toolbox>, BackendError> {
         let on_sandbox = |e| api_error(e, &format!("sandbox {sandbox_id:?}"));
         let sandbox = match self.client.sandbox(sandbox_id).await {
             Ok(sandbox) if sandbox.state == "started" => sandbox,
@@ -77,12 +79,12 @@ impl DaytonaBackend {
     }
 
     /// The sandbox's toolbox, once the sandbox is `started`.
-    async fn toolbox(&self, sandbox_id: &str) -> Result<Toolbox, Error> {
+    async fn toolbox(&self, sandbox_id: &str) -> Result<Toolbox, BackendError> {
         let on_sandbox = |e| api_error(e, &format!("sandbox {sandbox_id:?}"));
         let mut sandbox = self.client.sandbox(sandbox_id).await.map_err(on_sandbox)?;
         if sandbox.state != "started" {
             if !self.config.auto_start {
-                return Err(Error::SandboxNotReady {
+                return Err(BackendError::SandboxNotReady {
                     sandbox_id: sandbox_id.to_owned(),
                     state: sandbox.state,
                 });
@@ -100,7 +102,7 @@ impl DaytonaBackend {
             }
             while sandbox.state != "started" {
                 if Instant::now() >= deadline {
-                    return Err(Error::SandboxNotReady {
+                    return Err(BackendError::SandboxNotReady {
                         sandbox_id: sandbox_id.to_owned(),
                         state: format!(
                             "{} after waiting {:?} for it to start",
@@ -116,7 +118,7 @@ impl DaytonaBackend {
     }
 
     /// The toolbox URL from the sandbox DTO, or from the older dedicated endpoint.
-    async fn toolbox_of(&self, sandbox: client::Sandbox) -> Result<Toolbox, Error> {
+    async fn toolbox_of(&self, sandbox: client::Sandbox) -> Result<Toolbox, BackendError> {
         let proxy = match sandbox.toolbox_proxy_url {
             Some(url) if !url.is_empty() => url,
             _ => self
@@ -135,7 +137,17 @@ impl Backend for DaytonaBackend {
         "daytona"
     }
 
-    async fn remote_state(&self, handle: &str) -> Result<RemoteState, Error> {
+    /// A stopped job's stop is one call: the session DELETE, which kills the command.
+    fn stop_time(&self) -> Duration {
+        self.config.request_timeout
+    }
+
+    async fn finish_cleanups(&self) {
+        self.cleanups.close();
+        self.cleanups.wait().await;
+    }
+
+    async fn remote_state(&self, handle: &str) -> Result<RemoteState, BackendError> {
         let handle = Handle::parse(handle)?;
         let toolbox = match self.toolbox_if_started(&handle.sandbox_id).await? {
             Some(toolbox) => toolbox,
@@ -157,7 +169,7 @@ impl Backend for DaytonaBackend {
         }
     }
 
-    async fn remote_cancel(&self, handle: &str) -> Result<(), Error> {
+    async fn remote_cancel(&self, handle: &str) -> Result<(), BackendError> {
         let handle = Handle::parse(handle)?;
         if let Some(toolbox) = self.toolbox_if_started(&handle.sandbox_id).await? {
             self.client
@@ -168,15 +180,15 @@ impl Backend for DaytonaBackend {
         Ok(())
     }
 
-    async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, Error> {
+    async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, BackendError> {
         let sandbox_id = spec.meta.sandbox_id.as_str();
         if sandbox_id == "." || sandbox_id == ".." {
-            return Err(Error::InvalidArgument(format!(
+            return Err(BackendError::InvalidRequest(format!(
                 "sandbox_id {sandbox_id:?} is not a sandbox id"
             )));
         }
         if sandbox_id.is_empty() {
-            return Err(Error::InvalidArgument(
+            return Err(BackendError::InvalidRequest(
                 "sandbox_id is required with the daytona backend".into(),
             ));
         }
@@ -185,7 +197,12 @@ impl Backend for DaytonaBackend {
         // The guard exists before the session does: if this future is dropped while the
         // create call is in flight, or the call times out after Daytona made the session, the
         // guard still deletes it (deleting a session that does not exist is not an error).
-        let session = Session::new(Arc::clone(&self.client), toolbox, session_id);
+        let session = Session::new(
+            Arc::clone(&self.client),
+            toolbox,
+            session_id,
+            self.cleanups.clone(),
+        );
         self.client
             .create_session(&session.toolbox, &session.id)
             .await
@@ -211,14 +228,20 @@ impl Backend for DaytonaBackend {
     }
 }
 
-fn api_error(e: ApiError, what: &str) -> Error {
+/// The one mapping from Daytona API errors to the core's backend errors; `what` names the
+/// sandbox or session the call was about.
+fn api_error(e: ApiError, what: &str) -> BackendError {
     match e {
-        ApiError::NotFound(message) => Error::SandboxNotFound(format!("{what}: {message}")),
-        ApiError::Unauthorized(_) => Error::BackendMisconfigured(e.to_string()),
-        ApiError::Unavailable(_) | ApiError::Unreachable(_) => {
-            Error::BackendUnavailable(e.to_string())
-        }
-        ApiError::Unexpected { .. } => Error::BackendFailed(format!("{what}: {e}")),
+        ApiError::NotFound(detail) => BackendError::SandboxNotFound {
+            what: what.to_owned(),
+            detail,
+        },
+        ApiError::Unauthorized(_) => BackendError::Misconfigured(e.into()),
+        ApiError::Unavailable(_) | ApiError::Unreachable(_) => BackendError::Unavailable(e.into()),
+        ApiError::Unexpected { .. } => BackendError::Failed {
+            context: what.to_owned(),
+            source: e.into(),
+        },
     }
 }
 
@@ -228,15 +251,23 @@ struct Session {
     toolbox: Toolbox,
     id: String,
     deleted: bool,
+    /// Where the deletion on drop runs, tracked by the backend.
+    cleanups: TaskTracker,
 }
 
 impl Session {
-    fn new(client: Arc<DaytonaClient>, toolbox: Toolbox, id: String) -> Self {
+    fn new(
+        client: Arc<DaytonaClient>,
+        toolbox: Toolbox,
+        id: String,
+        cleanups: TaskTracker,
+    ) -> Self {
         Session {
             client,
             toolbox,
             id,
             deleted: false,
+            cleanups,
         }
     }
 
@@ -262,11 +293,13 @@ impl Drop for Session {
             self.id.clone(),
         );
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
+            // Tracked even after `close`: a job dropped during shutdown still cleans up, and
+            // the backend's `finish_cleanups` waits for it.
+            runtime.spawn(self.cleanups.track_future(async move {
                 if let Err(e) = client.delete_session(&toolbox, &id).await {
                     warn!(session_id = %id, error = %e, "could not delete an abandoned Daytona session");
                 }
-            });
+            }));
         }
     }
 }
@@ -283,10 +316,12 @@ struct Handle {
 }
 
 impl Handle {
-    fn parse(raw: &str) -> Result<Handle, Error> {
+    fn parse(raw: &str) -> Result<Handle, BackendError> {
         // Only reachable with a verified id, so a bad handle is our bug, not the caller's.
-        serde_json::from_str(raw)
-            .map_err(|e| Error::BackendFailed(format!("unreadable Daytona job handle: {e}")))
+        serde_json::from_str(raw).map_err(|e| BackendError::Failed {
+            context: "unreadable Daytona job handle".into(),
+            source: e.into(),
+        })
     }
 }
 

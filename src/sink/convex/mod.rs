@@ -32,8 +32,10 @@ use self::{
     ingest::{Ingest, Outcome},
     queue::{Assembled, Assembler, Batch, End, Item, Queue, Take},
 };
-use super::{DeliveryProgress, DeliveryReport, JobSink, Sink, SinkHealth};
-use crate::job::{EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSpec, JobState, Program};
+use crate::job::{
+    DeliveryProgress, DeliveryReport, EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSink,
+    JobSpec, JobState, Program, Sink, SinkHealth, Sinks,
+};
 
 /// The sink's name in Health.
 pub const NAME: &str = "convex";
@@ -357,12 +359,12 @@ async fn next_batches(job: &JobShared, assembler: &Assembler) -> Option<Vec<Batc
 }
 
 /// The sinks the configuration asks for.
-pub fn sinks(args: &ConvexArgs) -> Result<super::Sinks, SinkSetupError> {
+pub fn sinks(args: &ConvexArgs) -> Result<Sinks, SinkSetupError> {
     let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
     if let Some(settings) = args.settings()? {
         sinks.push(Arc::new(ConvexSink::new(&settings)?));
     }
-    Ok(super::Sinks::new(sinks))
+    Ok(Sinks::new(sinks))
 }
 
 /// The configured sinks cannot be set up.

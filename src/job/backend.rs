@@ -1,0 +1,139 @@
+//! What the job core needs from wherever commands run: the traits `crate::backend::*`
+//! implements, kept beside the code that calls them (`registry`, `lifecycle`).
+//!
+//! A backend is two small traits: [`Backend::start`] launches (errors here mean nothing ran),
+//! and [`Execution::run`] streams output until the program and everything it started are gone,
+//! stopping it when told to.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use super::{JobOutput, JobSpec};
+
+/// Somewhere jobs run.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Name shown in events, Status and Health.
+    fn name(&self) -> &'static str;
+
+    /// Launches the job. An error means nothing is running and no event was emitted.
+    async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, BackendError>;
+
+    /// Longest a stopped job takes to be gone (every stage of its stop, the last output
+    /// delivered); bounds how long a drain waits after it cancelled the remaining jobs.
+    fn stop_time(&self) -> Duration;
+
+    /// Waits for cleanup work the backend does in the background for jobs that have ended
+    /// (deleting what they left behind). Called once at shutdown, after the last job ended.
+    async fn finish_cleanups(&self) {}
+
+    /// State of a job another replica started, from its [`Execution::handle`].
+    async fn remote_state(&self, handle: &str) -> Result<RemoteState, BackendError> {
+        let _ = handle;
+        Err(BackendError::NodeLocal)
+    }
+
+    /// Stops a job another replica started, from its [`Execution::handle`].
+    async fn remote_cancel(&self, handle: &str) -> Result<(), BackendError> {
+        let _ = handle;
+        Err(BackendError::NodeLocal)
+    }
+}
+
+/// What a backend can tell about a job from its handle alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteState {
+    Running,
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// The backend no longer knows the job: it ended and was cleaned up.
+    Gone,
+}
+
+/// A launched job.
+#[async_trait]
+pub trait Execution: Send {
+    /// Local process id of the job's leader, where there is one.
+    fn pid(&self) -> Option<u32>;
+
+    /// A handle from which any replica can reach the job through [`Backend::remote_state`]
+    /// and [`Backend::remote_cancel`]; `None` for jobs only this replica can reach.
+    fn handle(&self) -> Option<String> {
+        None
+    }
+
+    /// Streams all output into `out` and returns how the job ended. When `stop` is cancelled,
+    /// the backend stops the job (gracefully, then forcibly) and still delivers the output
+    /// produced until then. Returns only once nothing of the job is left running.
+    async fn run(self: Box<Self>, out: &mut JobOutput, stop: CancellationToken) -> Outcome;
+}
+
+/// How a job's program ended, as the backend saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The program ended: with an exit code, or killed by a signal.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// The backend lost track of the job; the message says why.
+    Failed(String),
+    /// The job was stopped from outside this replica (e.g. Cancel on another replica).
+    Cancelled(String),
+}
+
+/// The error of a backend's underlying client (an HTTP API's, say), kept as the source.
+pub type BackendCause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a backend could not start or reach a job. Each variant says who can fix it: the caller
+/// (`InvalidRequest`, `Spawn`, `SandboxNotFound`, `SandboxNotReady`), the operator
+/// (`Misconfigured`), time (`Unavailable`), or us (`Failed`, `NodeLocal`).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The request cannot run on this backend as asked; the message names the field.
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    /// The program could not be started (not found, not executable, ...).
+    #[error("cannot start {program:?}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The sandbox named by the request does not exist.
+    #[error("{what}: {detail}")]
+    SandboxNotFound { what: String, detail: String },
+
+    /// The sandbox exists but cannot run commands now.
+    #[error(
+        "sandbox {sandbox_id:?} is {state}, not started (enable --daytona-auto-start to start it)"
+    )]
+    SandboxNotReady { sandbox_id: String, state: String },
+
+    /// The backend refuses this service's own credentials: an operator must fix the config.
+    #[error("the backend rejected this service's configuration: {0}")]
+    Misconfigured(#[source] BackendCause),
+
+    /// The backend cannot be reached or keeps failing; retrying later may work.
+    #[error("the backend is unavailable: {0}")]
+    Unavailable(#[source] BackendCause),
+
+    /// The backend answered something unexpected.
+    #[error("the backend failed: {context}: {source}")]
+    Failed {
+        context: String,
+        #[source]
+        source: BackendCause,
+    },
+
+    /// A job of another replica was looked up on a backend whose jobs only their own replica
+    /// can reach (the job id says which backend, so this is our bug, not the caller's).
+    #[error("the backend failed: this backend's jobs are node-local")]
+    NodeLocal,
+}
