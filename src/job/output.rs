@@ -85,7 +85,7 @@ impl JobOutput {
         let Some(client) = &self.client else {
             return;
         };
-        if !deliver(client, event, &self.stop, self.stopped_client_grace).await {
+        if !send_to_client(client, event, &self.stop, self.stopped_client_grace).await {
             self.client = None;
         }
     }
@@ -93,7 +93,7 @@ impl JobOutput {
 
 /// Sends `event` to the caller, waiting for room; false when the caller is gone or, once the
 /// job is stopped, did not make room within `grace`.
-async fn deliver(
+async fn send_to_client(
     client: &mpsc::Sender<JobEvent>,
     event: JobEvent,
     stop: &CancellationToken,
