@@ -1,9 +1,17 @@
 //! Service configuration: CLI flags with environment fallbacks, parsed and checked once at start
 //! and then passed down (never global).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
+
+use crate::{
+    backend::{
+        daytona::{DaytonaArgs, DaytonaConfigError},
+        local::{LocalArgs, LocalConfigError},
+    },
+    sink::convex::{ConvexArgs, ConvexConfigError},
+};
 
 /// Which backend runs the jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -56,24 +64,29 @@ pub struct Config {
     pub max_concurrent_jobs: u32,
 
     /// Timeout of a job whose request sets none (e.g. 30s, 10m, 1h).
-    #[arg(long, env = "DEFAULT_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "DEFAULT_TIMEOUT", default_value = "1h",
+          value_parser = humantime::parse_duration)]
     pub default_timeout: Duration,
 
     /// Largest timeout a request may ask for.
-    #[arg(long, env = "MAX_TIMEOUT", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "MAX_TIMEOUT", default_value = "24h",
+          value_parser = humantime::parse_duration)]
     pub max_timeout: Duration,
 
     /// Time between SIGTERM and SIGKILL when a job is stopped, and how long processes a job's
     /// main process left behind may keep its output open after it exits.
-    #[arg(long, env = "CANCEL_GRACE", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "CANCEL_GRACE", default_value = "5s",
+          value_parser = humantime::parse_duration)]
     pub cancel_grace: Duration,
 
     /// On SIGTERM/SIGINT, how long running jobs may go on before they are cancelled.
-    #[arg(long, env = "DRAIN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "DRAIN_GRACE", default_value = "20s",
+          value_parser = humantime::parse_duration)]
     pub drain_grace: Duration,
 
     /// How long finished jobs stay queryable by Status.
-    #[arg(long, env = "FINISHED_JOB_TTL", default_value = "15m", value_parser = parse_duration)]
+    #[arg(long, env = "FINISHED_JOB_TTL", default_value = "15m",
+          value_parser = humantime::parse_duration)]
     pub finished_job_ttl: Duration,
 
     /// How many finished jobs stay queryable by Status (oldest are forgotten first).
@@ -86,18 +99,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub stream_buffer_events: u32,
 
-    /// Largest output chunk read from a process in one go, in bytes.
-    #[arg(long, env = "OUTPUT_CHUNK_BYTES", default_value_t = 1 << 20,
-          value_parser = clap::value_parser!(u32).range(4096..=(2 << 20)))]
-    pub output_chunk_bytes: u32,
-
     /// The Convex mirror sink (off unless CONVEX_SITE_URL and CONVEX_INGEST_SECRET are set).
-    #[command(flatten)]
-    pub convex: crate::sink::convex::ConvexArgs,
-
-    /// Working directory of jobs whose request sets none (default: the service's own).
-    #[arg(long, env = "DEFAULT_CWD")]
-    pub default_cwd: Option<PathBuf>,
+    #[command(flatten, next_help_heading = "Convex mirror")]
+    pub convex: ConvexArgs,
 
     /// Bearer tokens callers must present (comma-separated, several allow rotation). Unset: no
     /// authentication. Never logged.
@@ -131,44 +135,17 @@ pub struct Config {
 
     /// Close client connections gracefully after this age so load rebalances across replicas
     /// (streams in flight finish first; clients reconnect). Unset: connections live on.
-    #[arg(long, env = "MAX_CONNECTION_AGE", value_parser = parse_duration)]
+    #[arg(long, env = "MAX_CONNECTION_AGE", value_parser = humantime::parse_duration)]
     pub max_connection_age: Option<Duration>,
 
-    /// Daytona API key; required by `--backend daytona`. Never logged.
-    #[arg(long, env = "DAYTONA_API_KEY", hide_env_values = true)]
-    pub daytona_api_key: Option<String>,
+    /// The local backend (`--backend local`).
+    #[command(flatten, next_help_heading = "Local backend")]
+    pub local: LocalArgs,
 
-    /// Daytona API base URL [default: https://app.daytona.io/api].
-    #[arg(long, env = "DAYTONA_API_URL")]
-    pub daytona_api_url: Option<String>,
-
-    /// Deprecated name of DAYTONA_API_URL, used only when that is unset.
-    #[arg(long, env = "DAYTONA_SERVER_URL", hide = true)]
-    pub daytona_server_url: Option<String>,
-
-    /// Daytona target region (informational: sandboxes already live in their region).
-    #[arg(long, env = "DAYTONA_TARGET")]
-    pub daytona_target: Option<String>,
-
-    /// Start a stopped sandbox instead of failing the job with FAILED_PRECONDITION.
-    #[arg(long, env = "DAYTONA_AUTO_START")]
-    pub daytona_auto_start: bool,
-
-    /// How long to wait for a sandbox being started to reach `started`.
-    #[arg(long, env = "DAYTONA_START_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    pub daytona_start_timeout: Duration,
-
-    /// Timeout of each call to the Daytona API.
-    #[arg(long, env = "DAYTONA_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub daytona_request_timeout: Duration,
-
-    /// How often to poll a command's exit code and log when its log stream is unavailable.
-    #[arg(long, env = "DAYTONA_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
-    pub daytona_poll_interval: Duration,
+    /// The Daytona backend (`--backend daytona`).
+    #[command(flatten, next_help_heading = "Daytona backend")]
+    pub daytona: DaytonaArgs,
 }
-
-/// Default Daytona API, as in Daytona's SDKs.
-pub const DEFAULT_DAYTONA_API_URL: &str = "https://app.daytona.io/api";
 
 /// A configuration that parsed but makes no sense.
 #[derive(Debug, thiserror::Error)]
@@ -178,15 +155,13 @@ pub enum ConfigError {
     #[error("{flag} must be greater than zero")]
     Zero { flag: &'static str },
     #[error(transparent)]
-    Convex(#[from] crate::sink::convex::ConvexConfigError),
-    #[error("--default-cwd {0} is not a directory")]
-    DefaultCwd(PathBuf),
+    Convex(#[from] ConvexConfigError),
+    #[error(transparent)]
+    Local(#[from] LocalConfigError),
+    #[error(transparent)]
+    Daytona(#[from] DaytonaConfigError),
     #[error("SANDBOX_RUNNER_TOKEN contains an empty token (check for stray commas)")]
     EmptyToken,
-    #[error("--backend daytona needs DAYTONA_API_KEY (or --daytona-api-key)")]
-    MissingDaytonaKey,
-    #[error("Daytona API URL {0:?} must start with http:// or https://")]
-    DaytonaUrl(String),
     #[error("JOB_ID_SIGNING_KEY must be at least {MIN_SIGNING_KEY_BYTES} bytes")]
     ShortSigningKey,
     #[error("--replica-name must be 1 to 253 characters without whitespace")]
@@ -214,21 +189,14 @@ impl Config {
                 max: self.max_timeout,
             });
         }
-        if let Some(cwd) = &self.default_cwd
-            && !cwd.is_dir()
-        {
-            return Err(ConfigError::DefaultCwd(cwd.clone()));
+        // Each backend's flags are checked only when it is the one selected.
+        match self.backend {
+            BackendKind::Local => self.local.validate()?,
+            BackendKind::Daytona => self.daytona.validate()?,
         }
         self.convex.settings()?;
         if self.auth_tokens.iter().any(|t| t.trim().is_empty()) {
             return Err(ConfigError::EmptyToken);
-        }
-        if self.backend == BackendKind::Daytona && !self.daytona_configured() {
-            return Err(ConfigError::MissingDaytonaKey);
-        }
-        let url = self.daytona_api_url();
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ConfigError::DaytonaUrl(url.to_owned()));
         }
         if self
             .job_id_signing_key
@@ -249,32 +217,18 @@ impl Config {
                 flag: "--max-connection-age",
             });
         }
-        for (flag, value) in [
-            ("--daytona-start-timeout", self.daytona_start_timeout),
-            ("--daytona-request-timeout", self.daytona_request_timeout),
-            ("--daytona-poll-interval", self.daytona_poll_interval),
-        ] {
-            if value.is_zero() {
-                return Err(ConfigError::Zero { flag });
-            }
-        }
         Ok(())
     }
 
-    /// True when a Daytona API key is present.
-    pub fn daytona_configured(&self) -> bool {
-        self.daytona_api_key
-            .as_deref()
-            .is_some_and(|k| !k.trim().is_empty())
-    }
-
-    /// The Daytona API URL: DAYTONA_API_URL, else the deprecated DAYTONA_SERVER_URL, else the
-    /// public API.
-    pub fn daytona_api_url(&self) -> &str {
-        self.daytona_api_url
-            .as_deref()
-            .or(self.daytona_server_url.as_deref())
-            .unwrap_or(DEFAULT_DAYTONA_API_URL)
+    /// Environment variables that carry the service's secrets, which jobs must never inherit:
+    /// every flag whose environment value is hidden from `--help`.
+    pub fn secret_env_names() -> Vec<String> {
+        Config::command()
+            .get_arguments()
+            .filter(|arg| arg.is_hide_env_values_set())
+            .filter_map(|arg| arg.get_env())
+            .map(|name| name.to_string_lossy().into_owned())
+            .collect()
     }
 
     /// This replica's name: `--replica-name`, else the hostname.
@@ -294,13 +248,10 @@ impl Config {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
-    humantime::parse_duration(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::daytona::DEFAULT_DAYTONA_API_URL;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut argv = vec!["sandbox-runner"];
@@ -335,7 +286,17 @@ mod tests {
             (&["--auth-tokens", "a,,b"], "empty token"),
             (&["--backend", "cloud"], "cloud"),
             (&["--backend", "daytona"], "DAYTONA_API_KEY"),
-            (&["--daytona-api-url", "ftp://x"], "http"),
+            (
+                &[
+                    "--backend",
+                    "daytona",
+                    "--daytona-api-key",
+                    "k",
+                    "--daytona-api-url",
+                    "ftp://x",
+                ],
+                "http",
+            ),
             (&["--job-id-signing-key", "short"], "at least 32"),
             (&["--replica-name", "has space"], "replica-name"),
             (&["--max-connection-age", "0s"], "--max-connection-age"),
@@ -353,9 +314,9 @@ mod tests {
     #[test]
     fn daytona_url_prefers_the_current_name() {
         let cfg = parse(&["--backend", "daytona", "--daytona-api-key", "k"]).unwrap();
-        assert_eq!(cfg.daytona_api_url(), DEFAULT_DAYTONA_API_URL);
+        assert_eq!(cfg.daytona.api_url(), DEFAULT_DAYTONA_API_URL);
         let cfg = parse(&["--daytona-server-url", "http://old"]).unwrap();
-        assert_eq!(cfg.daytona_api_url(), "http://old");
+        assert_eq!(cfg.daytona.api_url(), "http://old");
         let cfg = parse(&[
             "--daytona-server-url",
             "http://old",
@@ -363,7 +324,37 @@ mod tests {
             "http://new",
         ])
         .unwrap();
-        assert_eq!(cfg.daytona_api_url(), "http://new");
+        assert_eq!(cfg.daytona.api_url(), "http://new");
+    }
+
+    #[test]
+    fn backend_flags_are_checked_only_for_the_selected_backend() {
+        // The local backend does not care about a Daytona URL, nor Daytona about a local cwd.
+        parse(&["--daytona-api-url", "ftp://x"]).unwrap();
+        parse(&[
+            "--backend",
+            "daytona",
+            "--daytona-api-key",
+            "k",
+            "--default-cwd",
+            "/definitely/not/here",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn secret_env_names_are_every_hidden_env_value() {
+        let mut names = Config::secret_env_names();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "CONVEX_INGEST_SECRET",
+                "DAYTONA_API_KEY",
+                "JOB_ID_SIGNING_KEY",
+                "SANDBOX_RUNNER_TOKEN",
+            ]
+        );
     }
 
     #[test]

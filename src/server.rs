@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use crate::{
     backend::{
-        daytona::{ClientSetupError, DaytonaBackend, DaytonaConfig},
+        daytona::{ClientSetupError, DaytonaBackend},
         local::{LocalBackend, LocalConfig},
     },
     config::{BackendKind, Config},
@@ -98,7 +98,7 @@ pub async fn run(
         Arc::clone(&jobs),
         InstanceInfo {
             started: Instant::now(),
-            daytona_configured: config.daytona_configured(),
+            daytona_configured: config.daytona.is_configured(),
             convex_configured: config.convex.is_configured(),
             convex_sink: crate::sink::convex::NAME,
         },
@@ -188,23 +188,12 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
 fn backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
     Ok(match config.backend {
         BackendKind::Local => Arc::new(LocalBackend::new(LocalConfig {
-            default_cwd: config.default_cwd.clone(),
+            default_cwd: config.local.default_cwd.clone(),
             grace: config.cancel_grace,
-            chunk_bytes: config.output_chunk_bytes as usize,
+            chunk_bytes: config.local.output_chunk_bytes as usize,
+            withheld_env: Config::secret_env_names(),
         })),
-        BackendKind::Daytona => {
-            if config.daytona_api_url.is_none() && config.daytona_server_url.is_some() {
-                warn!("DAYTONA_SERVER_URL is deprecated; set DAYTONA_API_URL instead");
-            }
-            Arc::new(DaytonaBackend::new(DaytonaConfig {
-                api_url: config.daytona_api_url().to_owned(),
-                api_key: config.daytona_api_key.clone().unwrap_or_default(),
-                auto_start: config.daytona_auto_start,
-                start_timeout: config.daytona_start_timeout,
-                request_timeout: config.daytona_request_timeout,
-                poll_interval: config.daytona_poll_interval,
-            })?)
-        }
+        BackendKind::Daytona => Arc::new(DaytonaBackend::new(config.daytona.settings())?),
     })
 }
 

@@ -32,19 +32,41 @@ use crate::job::{
     Backend, BackendError, Execution, JobOutput, JobSpec, Outcome, Program, StreamKind,
 };
 
-/// Variables of the service's own environment that jobs never inherit: they are its secrets.
-pub(crate) const WITHHELD_ENV: &[&str] = &[
-    "SANDBOX_RUNNER_TOKEN",
-    "DAYTONA_API_KEY",
-    "CONVEX_INGEST_SECRET",
-    "JOB_ID_SIGNING_KEY",
-];
-
 /// Pipes start at the kernel default (64 KiB); one that fills up is grown to this so bulk
 /// output moves in large reads, while quiet jobs keep small pipes (pipe memory is per-user
 /// limited by `pipe-user-pages-soft`).
 const BULK_PIPE_BYTES: i32 = 1 << 20;
 const DEFAULT_PIPE_BYTES: usize = 64 * 1024;
+
+/// Flags of the local backend (flattened into the service's `Config`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LocalArgs {
+    /// Working directory of jobs whose request sets none (default: the service's own).
+    #[arg(long, env = "DEFAULT_CWD")]
+    pub default_cwd: Option<PathBuf>,
+
+    /// Largest output chunk read from a process in one go, in bytes.
+    #[arg(long, env = "OUTPUT_CHUNK_BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u32).range(4096..=(2 << 20)))]
+    pub output_chunk_bytes: u32,
+}
+
+/// A local-backend configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalConfigError {
+    #[error("--default-cwd {0} is not a directory")]
+    DefaultCwd(PathBuf),
+}
+
+impl LocalArgs {
+    /// Checks the flags against this host; only called when the local backend is selected.
+    pub fn validate(&self) -> Result<(), LocalConfigError> {
+        match &self.default_cwd {
+            Some(cwd) if !cwd.is_dir() => Err(LocalConfigError::DefaultCwd(cwd.clone())),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
@@ -55,6 +77,8 @@ pub struct LocalConfig {
     pub grace: Duration,
     /// Largest chunk read at once.
     pub chunk_bytes: usize,
+    /// Variables of the service's own environment that jobs never inherit: its secrets.
+    pub withheld_env: Vec<String>,
 }
 
 /// Runs jobs as local process groups.
@@ -114,7 +138,7 @@ impl Backend for LocalBackend {
                 cmd
             }
         };
-        for name in WITHHELD_ENV {
+        for name in &self.config.withheld_env {
             cmd.env_remove(name);
         }
         cmd.envs(&spec.env)
@@ -436,6 +460,7 @@ mod tests {
             default_cwd: None,
             grace: Duration::from_secs(1),
             chunk_bytes: 1 << 16,
+            withheld_env: Vec::new(),
         });
         assert!(backend.working_dir(Some("/")).is_ok());
         let err = backend.working_dir(Some("/etc/hostname")).unwrap_err();

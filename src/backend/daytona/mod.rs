@@ -7,6 +7,7 @@
 //! kills everything the command started. Every way a job ends deletes its session.
 
 mod client;
+mod config;
 mod demux;
 mod script;
 
@@ -21,6 +22,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 pub use client::{ApiError, ClientSetupError, DaytonaClient, SDK_VERSION, Toolbox};
+pub use config::{DEFAULT_DAYTONA_API_URL, DaytonaArgs, DaytonaConfigError};
 use demux::Demux;
 
 use crate::job::{

@@ -55,13 +55,13 @@ pub struct ConvexArgs {
 
     /// Time limit of one request to the ingest route.
     #[arg(long = "convex-request-timeout", env = "CONVEX_REQUEST_TIMEOUT", default_value = "10s",
-          value_parser = parse_duration)]
+          value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
     /// How long one record is retried (connect errors, timeouts, 429, 5xx) before it is given up
     /// and marked as a gap.
     #[arg(long = "convex-retry-for", env = "CONVEX_RETRY_FOR", default_value = "60s",
-          value_parser = parse_duration)]
+          value_parser = humantime::parse_duration)]
     pub retry_for: Duration,
 }
 
@@ -161,10 +161,6 @@ impl ConvexArgs {
             retry_for: self.retry_for,
         }))
     }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
-    humantime::parse_duration(s)
 }
 
 #[cfg(test)]
