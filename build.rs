@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("sandbox_descriptor.bin"))
         // `bytes` fields become `bytes::Bytes`, so output chunks move into messages without a copy.
         .bytes(".")
+        // Undecodable requests are INVALID_ARGUMENT rather than INTERNAL (see the codec).
+        .codec_path("crate::grpc::codec::ProtoCodec")
         .compile_protos(&["proto/sandbox/v1/sandbox.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

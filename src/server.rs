@@ -149,6 +149,9 @@ pub async fn run(
         // requests started at once on one connection. Requests are tiny, so a larger window
         // costs nothing; 16 MiB allows ~38,000.
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .layer(tower::util::MapResponseLayer::new(
+            crate::grpc::codec::oversize_as_resource_exhausted,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -89,6 +89,14 @@ pub fn job_spec(req: pb::ExecRequest) -> Result<JobSpec, Error> {
     }
     let timeout = match req.timeout {
         None => None,
+        // A Duration's nanos lie within ±999,999,999 with the sign of its seconds; prost would
+        // otherwise normalise {1s, 2e9 ns} into 3s rather than refuse it.
+        Some(t) if !(0..1_000_000_000).contains(&t.nanos) => {
+            return invalid(format!(
+                "timeout is not a valid Duration: nanos {} is outside 0..=999999999",
+                t.nanos
+            ));
+        }
         Some(t) => match Duration::try_from(t) {
             Ok(d) if !d.is_zero() => Some(d),
             _ => return invalid("timeout must be positive"),
@@ -348,6 +356,18 @@ mod tests {
                 r.timeout = Some(prost_types::Duration {
                     seconds: -1,
                     nanos: 0,
+                })
+            }),
+            ("nanos 2000000000 is outside", |r| {
+                r.timeout = Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 2_000_000_000,
+                })
+            }),
+            ("nanos -1 is outside", |r| {
+                r.timeout = Some(prost_types::Duration {
+                    seconds: 5,
+                    nanos: -1,
                 })
             }),
             ("task_id is longer", |r| r.task_id = "x".repeat(300)),
