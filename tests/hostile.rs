@@ -89,6 +89,9 @@ async fn exec(channel: &Channel, body: Vec<u8>) -> (Code, String) {
     }
 }
 
+/// Builds a request body broken in the given field.
+type BodyFor = fn(u8) -> Vec<u8>;
+
 /// A length-delimited field: tag (field number, wire type 2), length, bytes.
 fn string_field(number: u8, value: &[u8]) -> Vec<u8> {
     let mut out = vec![(number << 3) | 2];
@@ -112,7 +115,7 @@ async fn malformed_requests_are_invalid_argument_on_every_rpc() {
     let channel = server.channel().await;
     // Each body is broken in the field that carries the request's main string: `command` (4)
     // for Exec, `job_id` (1) for Status and Cancel.
-    let cases: [(&str, fn(u8) -> Vec<u8>); 4] = [
+    let cases: [(&str, BodyFor); 4] = [
         ("invalid UTF-8 in a string", |field| {
             string_field(field, b"echo \xff\xfe")
         }),
