@@ -36,6 +36,8 @@ async fn main() -> ExitCode {
         tracing::warn!(error = %e, "could not make the process non-dumpable");
     }
 
+    raise_fd_limit();
+
     let addr = config.listen_addr();
     let listener = match TcpListener::bind(addr).await {
         Ok(listener) => listener,
@@ -50,6 +52,21 @@ async fn main() -> ExitCode {
             error!(error = %e, "server failed");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Every connection and every job's pipes take descriptors: the soft `RLIMIT_NOFILE` (often
+/// 1,024) is raised to the hard limit so that the server's own limits, not the kernel's, are
+/// what callers meet. Jobs inherit the raised limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open-file limit already at its maximum"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
     }
 }
 
