@@ -121,7 +121,7 @@ async fn cancel_after_the_end_changes_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_stopped_ended_as_cancelled_elsewhere_takes_the_local_state() {
+async fn a_stopped_job_reported_cancelled_takes_the_local_state() {
     // The backend reports the stop as a cancellation with its own words; the local reason
     // (timeout) decides the state, the backend's message is kept alone.
     let h = Harness::new(config());
