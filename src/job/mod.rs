@@ -16,6 +16,8 @@ mod record;
 mod registry;
 mod sink;
 mod spec;
+#[cfg(test)]
+mod tests;
 
 pub use backend::{Backend, BackendCause, BackendError, Execution, Outcome, RemoteState};
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};

@@ -8,10 +8,13 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use tokio::sync::{Semaphore, mpsc};
+// Tokio's clock: the system's monotonic clock unless a test pauses time, so tests can age
+// finished jobs without waiting.
+use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, info_span, warn};
