@@ -133,6 +133,23 @@ pub struct Config {
     #[arg(long, env = "JOB_ID_SIGNING_KEY", hide_env_values = true)]
     pub job_id_signing_key: Option<String>,
 
+    /// Most client connections open at once (further ones are closed at once, after the
+    /// oldest connection that never spoke HTTP/2 is closed to make room). Lowered at start when
+    /// the open-file limit cannot hold this many beside the jobs' pipes.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// How long a new connection may take to send the HTTP/2 preface before it is closed.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Close a connection that has had no open stream for this long (0s: never).
+    #[arg(long, env = "IDLE_CONNECTION_TIMEOUT", default_value = "10m",
+          value_parser = humantime::parse_duration)]
+    pub idle_connection_timeout: Duration,
+
     /// Close client connections gracefully after this age so load rebalances across replicas
     /// (streams in flight finish first; clients reconnect). Unset: connections live on.
     #[arg(long, env = "MAX_CONNECTION_AGE", value_parser = humantime::parse_duration)]
@@ -178,6 +195,7 @@ impl Config {
             ("--default-timeout", self.default_timeout),
             ("--max-timeout", self.max_timeout),
             ("--cancel-grace", self.cancel_grace),
+            ("--handshake-timeout", self.handshake_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::Zero { flag });

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`server`]: `run(listener, config, shutdown)`, the one entry point of `main` and the tests.
 //! - [`config`]: flags and environment, checked once at start.
+//! - [`connection`]: accepted connections, bounded in number, handshake time and idleness.
 //! - [`grpc`]: the thin gRPC layer: handlers, validation and proto conversion, auth, status codes.
 //! - [`job`]: the job core: specs, events, lifecycle, the registry of jobs, and the traits it
 //!   drives (`Backend`, `Execution`, `Sink`, `JobSink`). It depends on none of the modules below.
@@ -20,6 +21,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod grpc;
 pub mod job;

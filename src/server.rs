@@ -4,7 +4,7 @@
 use std::{future::Future, sync::Arc, time::Duration, time::Instant};
 
 use tokio::net::TcpListener;
-use tonic::{server::NamedService, transport::server::TcpIncoming};
+use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -14,6 +14,7 @@ use crate::{
         local::{LocalBackend, LocalConfig},
     },
     config::{BackendKind, Config},
+    connection::{ConnectionLimits, Incoming, StreamCountLayer},
     grpc::{
         auth::BearerAuth,
         service::{InstanceInfo, SandboxApi},
@@ -152,11 +153,12 @@ pub async fn run(
         .layer(tower::util::MapResponseLayer::new(
             crate::grpc::codec::oversize_as_resource_exhausted,
         ))
+        .layer(StreamCountLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(SandboxServiceServer::with_interceptor(api, auth))
-        .serve_with_incoming_shutdown(incoming(listener), drain);
+        .serve_with_incoming_shutdown(Incoming::new(listener, connection_limits(&config)), drain);
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result?,
@@ -179,13 +181,36 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// Accepted connections with the socket options set. `Server::tcp_nodelay`/`tcp_keepalive` are
-/// ignored with a caller-supplied incoming stream, so they are set here: without TCP_NODELAY,
-/// Nagle holds each small event behind the previous one's delayed ACK (~40 ms per event).
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
+/// Descriptors kept free for the server itself (listener, log, HTTP clients).
+const RESERVED_FDS: u64 = 64;
+/// Descriptors a running local job holds in the server (stdout and stderr pipes, the child).
+const FDS_PER_JOB: u64 = 4;
+/// The cap is never lowered below this, so a tiny fd limit still serves someone.
+const MIN_CONNECTIONS: u64 = 16;
+
+/// The connection bounds: `--max-connections`, lowered when the open-file limit could not
+/// hold that many connections beside the jobs (accepting past it would fail with EMFILE).
+fn connection_limits(config: &Config) -> ConnectionLimits {
+    let wanted = u64::from(config.max_connections);
+    let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(u64::MAX, |(soft, _)| soft);
+    let room = fd_limit
+        .saturating_sub(RESERVED_FDS + FDS_PER_JOB * u64::from(config.max_concurrent_jobs))
+        .max(MIN_CONNECTIONS);
+    if room < wanted {
+        warn!(
+            max_connections = wanted,
+            fd_limit,
+            lowered_to = room,
+            "the open-file limit cannot hold --max-connections beside the jobs; lowering it"
+        );
+    }
+    ConnectionLimits {
+        max_connections: wanted.min(room) as usize,
+        handshake_timeout: config.handshake_timeout,
+        idle_timeout: (!config.idle_connection_timeout.is_zero())
+            .then_some(config.idle_connection_timeout),
+    }
 }
 
 fn backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
@@ -198,21 +223,4 @@ fn backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
         })),
         BackendKind::Daytona => Arc::new(DaytonaBackend::new(config.daytona.settings())?),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use tokio_stream::StreamExt;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connections_have_nodelay_set() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut incoming = incoming(listener);
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let accepted = incoming.next().await.unwrap().unwrap();
-        assert!(accepted.nodelay().unwrap());
-    }
 }
