@@ -9,6 +9,7 @@
 mod config;
 mod ingest;
 mod queue;
+mod utf8;
 
 use std::{
     collections::VecDeque,
