@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{
     config::ConvexSettings,
-    queue::{End, Item},
+    record::{End, Item},
 };
 use crate::job::{JobMeta, StreamKind};
 

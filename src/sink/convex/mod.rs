@@ -9,6 +9,7 @@
 mod config;
 mod ingest;
 mod queue;
+mod record;
 mod utf8;
 
 use std::{
@@ -31,7 +32,8 @@ pub use self::{
 };
 use self::{
     ingest::{Ingest, Outcome},
-    queue::{Assembled, Assembler, Batch, End, Item, Queue, Take},
+    queue::{Assembled, Assembler, Batch, Queue, Take},
+    record::{End, Item},
 };
 use super::{DeliveryProgress, DeliveryReport, JobSink, Sink, SinkHealth};
 use crate::job::{EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSpec, JobState, Program};

@@ -17,12 +17,11 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::utf8::{Utf8Stream, incomplete_tail, is_continuation};
+use super::{
+    record::{End, Item, MAX_RECORD_BYTES},
+    utf8::{Utf8Stream, incomplete_tail, is_continuation},
+};
 use crate::job::StreamKind;
-
-/// Largest `data` of one output record, in UTF-8 bytes. Far under Convex's 1 MiB document limit
-/// even if JSON escaping inflates it, and large enough that 20 MiB costs ~320 requests.
-pub(crate) const MAX_RECORD_BYTES: usize = 64 * 1024;
 
 /// How long the first byte of a record may wait for more output of the same stream before the
 /// record is sent anyway: long enough to coalesce a burst of small writes, short enough to feel
@@ -32,39 +31,6 @@ pub(crate) const LINGER: Duration = Duration::from_millis(100);
 /// Chunks shorter than this are copied into a buffer of their own, appended to the previous
 /// small chunk of the same stream, so a chatty job does not queue one entry per write.
 const SMALL_CHUNK: usize = 8 * 1024;
-
-/// How a job ended, as the final record says it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum End {
-    /// The program exited by itself with this code.
-    ExitCode(i32),
-    /// Anything else: cancelled, timed out, killed by a signal, failed to start.
-    Error(String),
-}
-
-/// One record to send, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Item {
-    Text {
-        stream: StreamKind,
-        text: String,
-        /// Epoch milliseconds of the record's first byte (never below an earlier record's).
-        ts: u64,
-    },
-    /// Output that will never be mirrored; sent as a visible marker where it would have been.
-    Gap { bytes: u64, ts: u64 },
-    /// The one last record.
-    Final { end: End, ts: u64 },
-}
-
-impl Item {
-    pub(crate) fn text_len(&self) -> usize {
-        match self {
-            Item::Text { text, .. } => text.len(),
-            _ => 0,
-        }
-    }
-}
 
 /// What the delivery task takes from the queue: raw, to be made into records by [`Assembler`].
 #[derive(Debug, PartialEq, Eq)]
