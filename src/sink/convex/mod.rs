@@ -6,10 +6,13 @@
 //! (`ingest`). A slow or broken Convex
 //! therefore never slows a job; past the bound the oldest output is dropped and marked.
 
+mod assemble;
 mod config;
 mod ingest;
 mod queue;
 mod record;
+#[cfg(test)]
+mod test_support;
 mod utf8;
 
 use std::{
@@ -26,14 +29,15 @@ use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
+use self::{
+    assemble::{Assembled, Assembler},
+    ingest::{Ingest, Outcome},
+    queue::{Batch, Queue, Take},
+    record::{End, Item},
+};
 pub use self::{
     config::{ConvexArgs, ConvexConfigError, ConvexSettings, Secret},
     ingest::ClientError,
-};
-use self::{
-    ingest::{Ingest, Outcome},
-    queue::{Assembled, Assembler, Batch, Queue, Take},
-    record::{End, Item},
 };
 use super::{DeliveryProgress, DeliveryReport, JobSink, Sink, SinkHealth};
 use crate::job::{EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSpec, JobState, Program};

@@ -1,12 +1,9 @@
-//! One job's queue for the ingest endpoint, in two halves:
-//!
-//! - [`Queue`], shared with the job's output path under a mutex, holds the **raw** output chunks
-//!   (`Bytes` shared with the gRPC stream, not copied; small chunks are appended to a small
-//!   buffer of their own), bounded in bytes: past the bound the oldest bytes are dropped and a
-//!   gap marker stands where they were. Pushing is O(1) apart from what the bound drops.
-//! - [`Assembler`], owned by the job's delivery task, turns what it takes from the queue into
-//!   records at send time: streaming UTF-8 decoding per stream, records of at most 64 KiB. So
-//!   output that is dropped is never decoded.
+//! One job's queue for the ingest endpoint. [`Queue`], shared with the job's output path under a
+//! mutex, holds the **raw** output chunks (`Bytes` shared with the gRPC stream, not copied; small
+//! chunks are appended to a small buffer of their own), bounded in bytes: past the bound the
+//! oldest bytes are dropped and a gap marker stands where they were. Pushing is O(1) apart from
+//! what the bound drops. The delivery task's [`Assembler`](super::assemble::Assembler) turns what
+//! it takes into records at send time, so output that is dropped is never decoded.
 //!
 //! Pure logic, no I/O.
 
@@ -18,8 +15,9 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::{
+    assemble::Assembled,
     record::{End, Item, MAX_RECORD_BYTES},
-    utf8::{Utf8Stream, incomplete_tail, is_continuation},
+    utf8::{incomplete_tail, is_continuation},
 };
 use crate::job::StreamKind;
 
@@ -32,7 +30,8 @@ pub(crate) const LINGER: Duration = Duration::from_millis(100);
 /// small chunk of the same stream, so a chatty job does not queue one entry per write.
 const SMALL_CHUNK: usize = 8 * 1024;
 
-/// What the delivery task takes from the queue: raw, to be made into records by [`Assembler`].
+/// What the delivery task takes from the queue: raw, to be made into records by
+/// [`Assembler`](super::assemble::Assembler).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Batch {
     /// The `$ command` echo: a stdout record of its own.
@@ -85,14 +84,12 @@ pub(crate) struct Stats {
     pub(crate) last_error: Option<String>,
 }
 
-fn index(stream: StreamKind) -> usize {
+pub(super) fn index(stream: StreamKind) -> usize {
     match stream {
         StreamKind::Stdout => 0,
         StreamKind::Stderr => 1,
     }
 }
-
-const STREAMS: [StreamKind; 2] = [StreamKind::Stdout, StreamKind::Stderr];
 
 /// Queued output bytes: shared with the gRPC stream, or small chunks copied together.
 #[derive(Debug)]
@@ -531,172 +528,10 @@ impl Queue {
     }
 }
 
-/// What making records of one batch found.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Assembled {
-    /// Records made.
-    pub(crate) records: usize,
-    /// Invalid bytes replaced by U+FFFD.
-    pub(crate) invalid: u64,
-    /// Carried bytes of characters cut by a gap, added to its count.
-    pub(crate) dropped: u64,
-}
-
-impl Assembled {
-    pub(crate) fn add(&mut self, other: Assembled) {
-        self.records += other.records;
-        self.invalid += other.invalid;
-        self.dropped += other.dropped;
-    }
-}
-
-/// The delivery task's half: makes records of what it takes from the [`Queue`], at send time.
-#[derive(Debug, Default)]
-pub(crate) struct Assembler {
-    streams: [Utf8Stream; 2],
-}
-
-impl Assembler {
-    /// Bytes each stream's decoder holds back (stdout, stderr), for [`Queue::take`].
-    pub(crate) fn carried(&self) -> [usize; 2] {
-        [self.streams[0].carried(), self.streams[1].carried()]
-    }
-
-    /// Appends the records of `batch` to `out` (usually one; none when all of it is carried).
-    pub(crate) fn assemble(&mut self, batch: Batch, out: &mut VecDeque<Item>) -> Assembled {
-        let mut made = Assembled::default();
-        let before = out.len();
-        match batch {
-            Batch::Echo { text, ts } => out.push_back(Item::Text {
-                stream: StreamKind::Stdout,
-                text,
-                ts,
-            }),
-            Batch::Output {
-                stream,
-                chunks,
-                ts,
-                last,
-            } => {
-                let decoder = &mut self.streams[index(stream)];
-                let len: usize = chunks.iter().map(Bytes::len).sum();
-                let mut text = String::with_capacity(len + decoder.carried() + 3);
-                for chunk in &chunks {
-                    made.invalid += decoder.decode(chunk, &mut text);
-                }
-                if last {
-                    made.invalid += decoder.finish(&mut text);
-                }
-                push_text(out, stream, text, ts);
-            }
-            Batch::Gap { bytes, ts, cut } => {
-                for (i, decoder) in self.streams.iter_mut().enumerate() {
-                    if cut[i] {
-                        made.dropped += decoder.gap();
-                    }
-                }
-                out.push_back(Item::Gap {
-                    bytes: bytes + made.dropped,
-                    ts,
-                });
-            }
-            Batch::Final { end, ts } => {
-                // A character still incomplete when the job ended.
-                for stream in STREAMS {
-                    let mut text = String::new();
-                    made.invalid += self.streams[index(stream)].finish(&mut text);
-                    push_text(out, stream, text, ts);
-                }
-                out.push_back(Item::Final { end, ts });
-            }
-        }
-        made.records = out.len() - before;
-        made
-    }
-}
-
-/// Queues `text` as records of at most [`MAX_RECORD_BYTES`] (more than one only when invalid
-/// bytes, each replaced by a 3-byte U+FFFD, made it longer than the raw bytes taken).
-fn push_text(out: &mut VecDeque<Item>, stream: StreamKind, text: String, ts: u64) {
-    if text.len() <= MAX_RECORD_BYTES {
-        if !text.is_empty() {
-            out.push_back(Item::Text { stream, text, ts });
-        }
-        return;
-    }
-    let mut rest = text.as_str();
-    while !rest.is_empty() {
-        let cut = rest.floor_char_boundary(MAX_RECORD_BYTES);
-        out.push_back(Item::Text {
-            stream,
-            text: rest[..cut].to_owned(),
-            ts,
-        });
-        rest = &rest[cut..];
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The delivery task's loop without the HTTP: every record is accepted.
-    struct Drain {
-        asm: Assembler,
-        invalid: u64,
-    }
-
-    impl Drain {
-        fn new() -> Self {
-            Drain {
-                asm: Assembler::default(),
-                invalid: 0,
-            }
-        }
-
-        fn run(&mut self, q: &mut Queue, now: Instant) -> Vec<Item> {
-            let mut out = VecDeque::new();
-            while let Take::Send(batches) = q.take(now, self.asm.carried()) {
-                let mut made = VecDeque::new();
-                for batch in batches {
-                    let found = self.asm.assemble(batch, &mut made);
-                    q.assembled(&found);
-                    self.invalid += found.invalid;
-                }
-                for item in made {
-                    q.delivered(item.text_len());
-                    out.push_back(item);
-                }
-                q.settled();
-            }
-            out.into()
-        }
-    }
-
-    fn texts(q: &mut Queue, now: Instant) -> Vec<Item> {
-        Drain::new().run(q, now)
-    }
-
-    fn push(q: &mut Queue, stream: StreamKind, data: &[u8], ts: u64, now: Instant) {
-        q.push_output(stream, &Bytes::copy_from_slice(data), ts, now);
-    }
-
-    fn summary(items: &[Item]) -> Vec<(String, String)> {
-        items
-            .iter()
-            .map(|i| match i {
-                Item::Text { stream, text, .. } => (stream.as_str().to_owned(), text.clone()),
-                Item::Gap { bytes, .. } => ("gap".into(), bytes.to_string()),
-                Item::Final { end, .. } => ("final".into(), format!("{end:?}")),
-            })
-            .collect()
-    }
-
-    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
-    }
+    use crate::sink::convex::test_support::{Drain, pairs, push, summary, texts};
 
     #[test]
     fn coalesces_same_stream_and_keeps_stream_order() {
@@ -781,120 +616,6 @@ mod tests {
         );
         assert!(matches!(q.take(now, [0, 0]), Take::Wait(Some(_))));
         assert!(matches!(q.take(now, [2, 0]), Take::Send(_)));
-    }
-
-    #[test]
-    fn records_are_capped_at_64k_on_character_boundaries() {
-        let now = Instant::now();
-        let mut q = Queue::new(8 << 20);
-        let text = "é".repeat(100_000) + "€"; // 200_003 bytes of multi-byte characters
-        // Odd chunk sizes, so records end inside characters and the decoder carries.
-        for chunk in text.as_bytes().chunks(10_001) {
-            push(&mut q, StreamKind::Stdout, chunk, 1, now);
-        }
-        q.push_end(End::ExitCode(0), 2);
-        let mut drain = Drain::new();
-        let items = drain.run(&mut q, now);
-        assert_eq!(drain.invalid, 0);
-        let mut joined = String::new();
-        let texts = &items[..items.len() - 1];
-        for (i, item) in texts.iter().enumerate() {
-            let len = item.text_len();
-            assert!(len <= MAX_RECORD_BYTES, "{len}");
-            if i + 1 < texts.len() {
-                assert!(len > MAX_RECORD_BYTES - 4, "record {i} not full: {len}");
-            }
-            if let Item::Text { text, .. } = item {
-                joined.push_str(text);
-            }
-        }
-        assert!(texts.len() <= text.len() / MAX_RECORD_BYTES + 1);
-        assert_eq!(joined, text);
-    }
-
-    #[test]
-    fn characters_split_across_chunks_and_records_arrive_whole_through_the_queue() {
-        let now = Instant::now();
-        let mut q = Queue::new(1 << 20);
-        let euro = "€".as_bytes();
-        push(&mut q, StreamKind::Stdout, &euro[..1], 1, now);
-        // Sent before the rest arrives (linger over): the lead byte stays with the decoder.
-        let mut drain = Drain::new();
-        assert!(drain.run(&mut q, now + LINGER).is_empty());
-        assert_eq!(drain.asm.carried(), [1, 0]);
-        assert_eq!(q.pending_bytes(), 0);
-        push(&mut q, StreamKind::Stdout, &euro[1..], 2, now);
-        push(&mut q, StreamKind::Stderr, &euro[..2], 3, now);
-        q.push_end(End::ExitCode(0), 4);
-        let items = drain.run(&mut q, now);
-        assert_eq!(
-            summary(&items),
-            pairs(&[
-                ("stdout", "€"),
-                ("stderr", "\u{FFFD}"),
-                ("final", "ExitCode(0)")
-            ])
-        );
-        assert_eq!(drain.invalid, 2);
-    }
-
-    #[test]
-    fn interleaved_streams_keep_their_order_and_split_characters() {
-        let now = Instant::now();
-        let mut q = Queue::new(1 << 20);
-        let (a, b) = ("ü".as_bytes(), "😀".as_bytes());
-        push(
-            &mut q,
-            StreamKind::Stdout,
-            &[b"1", &a[..1]].concat(),
-            1,
-            now,
-        );
-        push(
-            &mut q,
-            StreamKind::Stderr,
-            &[b"2", &b[..3]].concat(),
-            2,
-            now,
-        );
-        push(
-            &mut q,
-            StreamKind::Stdout,
-            &[&a[1..], b"3"].concat(),
-            3,
-            now,
-        );
-        push(
-            &mut q,
-            StreamKind::Stderr,
-            &[&b[3..], b"4"].concat(),
-            4,
-            now,
-        );
-        push(&mut q, StreamKind::Stdout, b"5", 5, now);
-        q.push_end(End::ExitCode(0), 6);
-        let mut drain = Drain::new();
-        let items = drain.run(&mut q, now);
-        // A character completes in the record of the chunk that completes it.
-        assert_eq!(
-            summary(&items),
-            pairs(&[
-                ("stdout", "1"),
-                ("stderr", "2"),
-                ("stdout", "ü3"),
-                ("stderr", "😀4"),
-                ("stdout", "5"),
-                ("final", "ExitCode(0)")
-            ])
-        );
-        assert_eq!(drain.invalid, 0);
-        let ts: Vec<u64> = items
-            .iter()
-            .map(|i| match i {
-                Item::Text { ts, .. } | Item::Gap { ts, .. } | Item::Final { ts, .. } => *ts,
-            })
-            .collect();
-        assert_eq!(ts, [1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
@@ -1077,63 +798,6 @@ mod tests {
         assert!(kept.chars().all(|c| c == '€'));
         assert_eq!(drain.invalid, 0);
         assert_eq!(q.stats.bytes_dropped, 3);
-    }
-
-    #[test]
-    fn a_gap_after_a_carried_lead_byte_leaves_at_most_one_replacement_character() {
-        let now = Instant::now();
-        const MAX: usize = MAX_RECORD_BYTES;
-        let mut q = Queue::new(MAX);
-        let mut drain = Drain::new();
-        // The first record ends in the lead byte of "€": the decoder carries it.
-        push(&mut q, StreamKind::Stdout, b"aaaa\xe2", 1, now);
-        let sent = drain.run(&mut q, now + LINGER);
-        assert_eq!(summary(&sent), pairs(&[("stdout", "aaaa")]));
-        assert_eq!(drain.asm.carried(), [1, 0]);
-        // The rest of that character is in a chunk the bound drops whole, which itself ends in
-        // the lead byte of a character whose continuation bytes start the chunk that is kept.
-        let mut second = vec![0x82, 0xac];
-        second.extend_from_slice(&[b'b'; MAX - 3]);
-        second.push(0xe2);
-        push(&mut q, StreamKind::Stdout, &second, 2, now);
-        let mut third = vec![0x82, 0xac];
-        third.extend_from_slice(&[b'c'; MAX - 2]);
-        push(&mut q, StreamKind::Stdout, &third, 3, now);
-        assert_eq!(q.pending_bytes(), MAX as u64);
-        q.push_end(End::ExitCode(0), 4);
-        let items = drain.run(&mut q, now);
-        // The carried lead byte counts as not mirrored, with the chunk dropped after it.
-        assert_eq!(
-            items[0],
-            Item::Gap {
-                bytes: MAX as u64 + 1,
-                ts: 2
-            }
-        );
-        assert_eq!(q.stats.bytes_dropped, MAX as u64 + 1);
-        // The orphaned continuation bytes are one U+FFFD (counted invalid), then the text.
-        let kept: String = items[1..items.len() - 1]
-            .iter()
-            .map(|i| match i {
-                Item::Text {
-                    stream: StreamKind::Stdout,
-                    text,
-                    ..
-                } => text.as_str(),
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(kept, format!("\u{FFFD}{}", "c".repeat(MAX - 2)));
-        assert!(
-            items[1..items.len() - 1]
-                .iter()
-                .all(|i| i.text_len() <= MAX)
-        );
-        assert_eq!(drain.invalid, 2);
-        assert_eq!(
-            summary(&items[items.len() - 1..]),
-            pairs(&[("final", "ExitCode(0)")])
-        );
     }
 
     #[test]
