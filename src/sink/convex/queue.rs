@@ -15,11 +15,14 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::{
-    assemble::Assembled,
-    record::{End, Item, MAX_RECORD_BYTES},
+    record::{End, MAX_RECORD_BYTES},
     utf8::{incomplete_tail, is_continuation},
 };
 use crate::job::StreamKind;
+
+mod stats;
+
+use self::stats::Stats;
 
 /// How long the first byte of a record may wait for more output of the same stream before the
 /// record is sent anyway: long enough to coalesce a burst of small writes, short enough to feel
@@ -68,20 +71,6 @@ pub(crate) enum Take {
     Wait(Option<Instant>),
     /// The final record was taken (or delivery was abandoned) and nothing remains.
     Done,
-}
-
-/// Counters of one job's delivery, read by Status.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Stats {
-    pub(crate) records_delivered: u64,
-    pub(crate) bytes_delivered: u64,
-    pub(crate) bytes_dropped: u64,
-    pub(crate) in_flight_bytes: u64,
-    pub(crate) invalid_bytes: u64,
-    pub(crate) retries: u64,
-    pub(crate) ambiguous_retries: u64,
-    pub(crate) complete: bool,
-    pub(crate) last_error: Option<String>,
 }
 
 pub(super) fn index(stream: StreamKind) -> usize {
@@ -191,11 +180,6 @@ impl Queue {
             closed: false,
             stats: Stats::default(),
         }
-    }
-
-    /// Bytes queued or in flight.
-    pub(crate) fn pending_bytes(&self) -> u64 {
-        self.queued_bytes as u64 + self.stats.in_flight_bytes
     }
 
     pub(crate) fn is_finished(&self) -> bool {
@@ -481,43 +465,6 @@ impl Queue {
         Ok((batch, taken, stream, tail))
     }
 
-    /// A record taken was accepted.
-    pub(crate) fn delivered(&mut self, text_bytes: usize) {
-        self.stats.in_flight_bytes = self.stats.in_flight_bytes.saturating_sub(text_bytes as u64);
-        self.stats.records_delivered += 1;
-        self.stats.bytes_delivered += text_bytes as u64;
-    }
-
-    /// A record taken will never be delivered: it is counted and marked as a gap, in front of
-    /// the records still `ready` (taken with it), else in front of the queue.
-    pub(crate) fn lost(&mut self, item: &Item, ready: &mut VecDeque<Item>) {
-        let Item::Text { text, ts, .. } = item else {
-            return;
-        };
-        let bytes = text.len() as u64;
-        self.stats.in_flight_bytes = self.stats.in_flight_bytes.saturating_sub(bytes);
-        if ready.is_empty() {
-            self.record_gap(bytes, *ts, None);
-            return;
-        }
-        self.stats.bytes_dropped += bytes;
-        match ready.front_mut() {
-            Some(Item::Gap { bytes: total, .. }) => *total += bytes,
-            _ => ready.push_front(Item::Gap { bytes, ts: *ts }),
-        }
-    }
-
-    /// The delivery task holds nothing taken any more.
-    pub(crate) fn settled(&mut self) {
-        self.stats.in_flight_bytes = 0;
-    }
-
-    /// What the delivery task found while making records of the last batch.
-    pub(crate) fn assembled(&mut self, made: &Assembled) {
-        self.stats.invalid_bytes += made.invalid;
-        self.stats.bytes_dropped += made.dropped;
-    }
-
     /// Gives up on the job: every queued and future record is dropped (counted).
     pub(crate) fn close(&mut self) {
         self.closed = true;
@@ -531,7 +478,10 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::convex::test_support::{Drain, pairs, push, summary, texts};
+    use crate::sink::convex::{
+        record::Item,
+        test_support::{Drain, pairs, push, summary, texts},
+    };
 
     #[test]
     fn coalesces_same_stream_and_keeps_stream_order() {
@@ -717,40 +667,6 @@ mod tests {
             q.stats.bytes_dropped + q.pending_bytes() + delivered_bytes as u64,
             80 * MIB as u64
         );
-    }
-
-    #[test]
-    fn a_record_lost_inside_a_run_is_marked_where_it_was() {
-        let now = Instant::now();
-        let mut q = Queue::new(8 << 20);
-        let mut drain = Drain::new();
-        push(
-            &mut q,
-            StreamKind::Stdout,
-            &vec![b'x'; 3 * MAX_RECORD_BYTES],
-            1,
-            now,
-        );
-        let Take::Send(batches) = q.take(now, [0, 0]) else {
-            panic!("full records are ready")
-        };
-        let mut ready = VecDeque::new();
-        for batch in batches {
-            drain.asm.assemble(batch, &mut ready);
-        }
-        assert_eq!(ready.len(), 3);
-        let first = ready.pop_front().unwrap();
-        q.delivered(first.text_len());
-        let second = ready.pop_front().unwrap();
-        q.lost(&second, &mut ready);
-        assert_eq!(
-            summary(ready.make_contiguous()),
-            pairs(&[
-                ("gap", &MAX_RECORD_BYTES.to_string()),
-                ("stdout", &"x".repeat(MAX_RECORD_BYTES))
-            ])
-        );
-        assert_eq!(q.stats.bytes_dropped, MAX_RECORD_BYTES as u64);
     }
 
     #[test]

@@ -1,0 +1,114 @@
+//! The queue's delivery bookkeeping, apart from what goes in and out of it: what became of the
+//! output the delivery task took (delivered, lost, decoded) and the counters Status reads.
+
+use std::collections::VecDeque;
+
+use super::Queue;
+use crate::sink::convex::{assemble::Assembled, record::Item};
+
+/// Counters of one job's delivery, read by Status.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Stats {
+    pub(crate) records_delivered: u64,
+    pub(crate) bytes_delivered: u64,
+    pub(crate) bytes_dropped: u64,
+    pub(crate) in_flight_bytes: u64,
+    pub(crate) invalid_bytes: u64,
+    pub(crate) retries: u64,
+    pub(crate) ambiguous_retries: u64,
+    pub(crate) complete: bool,
+    pub(crate) last_error: Option<String>,
+}
+
+impl Queue {
+    /// Bytes queued or in flight.
+    pub(crate) fn pending_bytes(&self) -> u64 {
+        self.queued_bytes as u64 + self.stats.in_flight_bytes
+    }
+
+    /// A record taken was accepted.
+    pub(crate) fn delivered(&mut self, text_bytes: usize) {
+        self.stats.in_flight_bytes = self.stats.in_flight_bytes.saturating_sub(text_bytes as u64);
+        self.stats.records_delivered += 1;
+        self.stats.bytes_delivered += text_bytes as u64;
+    }
+
+    /// A record taken will never be delivered: it is counted and marked as a gap, in front of
+    /// the records still `ready` (taken with it), else in front of the queue.
+    pub(crate) fn lost(&mut self, item: &Item, ready: &mut VecDeque<Item>) {
+        let Item::Text { text, ts, .. } = item else {
+            return;
+        };
+        let bytes = text.len() as u64;
+        self.stats.in_flight_bytes = self.stats.in_flight_bytes.saturating_sub(bytes);
+        if ready.is_empty() {
+            self.record_gap(bytes, *ts, None);
+            return;
+        }
+        self.stats.bytes_dropped += bytes;
+        match ready.front_mut() {
+            Some(Item::Gap { bytes: total, .. }) => *total += bytes,
+            _ => ready.push_front(Item::Gap { bytes, ts: *ts }),
+        }
+    }
+
+    /// The delivery task holds nothing taken any more.
+    pub(crate) fn settled(&mut self) {
+        self.stats.in_flight_bytes = 0;
+    }
+
+    /// What the delivery task found while making records of the last batch.
+    pub(crate) fn assembled(&mut self, made: &Assembled) {
+        self.stats.invalid_bytes += made.invalid;
+        self.stats.bytes_dropped += made.dropped;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::{
+        job::StreamKind,
+        sink::convex::{
+            queue::Take,
+            record::MAX_RECORD_BYTES,
+            test_support::{Drain, pairs, push, summary},
+        },
+    };
+
+    #[test]
+    fn a_record_lost_inside_a_run_is_marked_where_it_was() {
+        let now = Instant::now();
+        let mut q = Queue::new(8 << 20);
+        let mut drain = Drain::new();
+        push(
+            &mut q,
+            StreamKind::Stdout,
+            &vec![b'x'; 3 * MAX_RECORD_BYTES],
+            1,
+            now,
+        );
+        let Take::Send(batches) = q.take(now, [0, 0]) else {
+            panic!("full records are ready")
+        };
+        let mut ready = VecDeque::new();
+        for batch in batches {
+            drain.asm.assemble(batch, &mut ready);
+        }
+        assert_eq!(ready.len(), 3);
+        let first = ready.pop_front().unwrap();
+        q.delivered(first.text_len());
+        let second = ready.pop_front().unwrap();
+        q.lost(&second, &mut ready);
+        assert_eq!(
+            summary(ready.make_contiguous()),
+            pairs(&[
+                ("gap", &MAX_RECORD_BYTES.to_string()),
+                ("stdout", &"x".repeat(MAX_RECORD_BYTES))
+            ])
+        );
+        assert_eq!(q.stats.bytes_dropped, MAX_RECORD_BYTES as u64);
+    }
+}
