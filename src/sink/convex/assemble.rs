@@ -279,7 +279,7 @@ mod tests {
                 ts: 2
             }
         );
-        assert_eq!(q.stats.bytes_dropped, MAX as u64 + 1);
+        assert_eq!(q.stats().bytes_dropped, MAX as u64 + 1);
         // The orphaned continuation bytes are one U+FFFD (counted invalid), then the text.
         let kept: String = items[1..items.len() - 1]
             .iter()

@@ -157,16 +157,17 @@ impl JobShared {
 impl DeliveryReport for JobShared {
     fn report(&self) -> DeliveryProgress {
         let q = self.lock();
+        let stats = q.stats();
         DeliveryProgress {
-            records_delivered: q.stats.records_delivered,
-            bytes_delivered: q.stats.bytes_delivered,
-            bytes_dropped: q.stats.bytes_dropped,
+            records_delivered: stats.records_delivered,
+            bytes_delivered: stats.bytes_delivered,
+            bytes_dropped: stats.bytes_dropped,
             bytes_pending: q.pending_bytes(),
-            invalid_bytes: q.stats.invalid_bytes,
-            retries: q.stats.retries,
-            ambiguous_retries: q.stats.ambiguous_retries,
-            complete: q.stats.complete,
-            last_error: q.stats.last_error.clone(),
+            invalid_bytes: stats.invalid_bytes,
+            retries: stats.retries,
+            ambiguous_retries: stats.ambiguous_retries,
+            complete: stats.complete,
+            last_error: stats.last_error.clone(),
         }
     }
 }
@@ -270,9 +271,7 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
         let outcome = sink
             .ingest
             .send(body, |ambiguous, _reason| {
-                let mut q = job.lock();
-                q.stats.retries += 1;
-                q.stats.ambiguous_retries += u64::from(ambiguous);
+                job.lock().record_retry(ambiguous)
             })
             .await;
         match outcome {
@@ -289,13 +288,11 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                 sink.set_unhealthy(&reason);
                 let mut q = job.lock();
                 q.lost(&item, &mut ready);
-                q.stats.last_error = Some(reason.clone());
+                q.record_error(&reason);
                 // A bad secret, a wrong URL: every later record would be refused the same way.
                 let hopeless = matches!(status, 401 | 403 | 404 | 405);
                 if hopeless {
-                    for unsent in ready.drain(..) {
-                        q.stats.bytes_dropped += unsent.text_len() as u64;
-                    }
+                    q.drop_unsent(ready.drain(..));
                     q.close();
                 }
                 drop(q);
@@ -312,7 +309,7 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                 sink.set_unhealthy(&reason);
                 let mut q = job.lock();
                 q.lost(&item, &mut ready);
-                q.stats.last_error = Some(reason.clone());
+                q.record_error(&reason);
                 drop(q);
                 if !complained {
                     warn!(%reason, "giving up on a record for Convex; it is marked as a gap");
@@ -326,8 +323,8 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
     }
     let report = {
         let mut q = job.lock();
-        q.stats.complete = true;
-        q.stats.clone()
+        q.mark_complete();
+        q.stats().clone()
     };
     info!(
         records = report.records_delivered,

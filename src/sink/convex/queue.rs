@@ -164,7 +164,8 @@ pub(crate) struct Queue {
     finished: bool,
     /// Delivery was abandoned; everything is counted as dropped.
     closed: bool,
-    pub(crate) stats: Stats,
+    /// Changed only by the queue's own methods, so the counters stay consistent with it.
+    stats: Stats,
 }
 
 impl Queue {

@@ -62,6 +62,36 @@ impl Queue {
         self.stats.invalid_bytes += made.invalid;
         self.stats.bytes_dropped += made.dropped;
     }
+
+    /// A record is about to be sent again; `ambiguous` when the server may have stored it
+    /// already, so the retry can duplicate its row.
+    pub(crate) fn record_retry(&mut self, ambiguous: bool) {
+        self.stats.retries += 1;
+        self.stats.ambiguous_retries += u64::from(ambiguous);
+    }
+
+    /// Why the latest record was not delivered, for Status.
+    pub(crate) fn record_error(&mut self, reason: &str) {
+        self.stats.last_error = Some(reason.to_owned());
+    }
+
+    /// Records taken that will never be sent (delivery was abandoned): their text counts as
+    /// dropped. Gap markers among them add nothing; their bytes were counted when dropped.
+    pub(crate) fn drop_unsent(&mut self, unsent: impl IntoIterator<Item = Item>) {
+        for item in unsent {
+            self.stats.bytes_dropped += item.text_len() as u64;
+        }
+    }
+
+    /// The delivery task has finished: nothing more will be delivered.
+    pub(crate) fn mark_complete(&mut self) {
+        self.stats.complete = true;
+    }
+
+    /// The counters so far, for Status and the closing log line.
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.stats
+    }
 }
 
 #[cfg(test)]
