@@ -31,7 +31,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use self::{
     assemble::{Assembled, Assembler},
-    ingest::{Ingest, Outcome},
+    ingest::{Ingest, SendOutcome},
     queue::{Batch, Queue, Take},
     record::{End, Item},
 };
@@ -275,7 +275,7 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
             })
             .await;
         match outcome {
-            Outcome::Delivered => {
+            SendOutcome::Delivered => {
                 let mut q = job.lock();
                 q.delivered(item.text_len());
                 if ready.is_empty() {
@@ -284,7 +284,7 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                 drop(q);
                 sink.set_healthy();
             }
-            Outcome::Rejected { status, reason } => {
+            SendOutcome::Rejected { status, reason } => {
                 sink.set_unhealthy(&reason);
                 let mut q = job.lock();
                 q.lost(&item, &mut ready);
@@ -305,7 +305,7 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                     break;
                 }
             }
-            Outcome::GaveUp { reason } => {
+            SendOutcome::GaveUp { reason } => {
                 sink.set_unhealthy(&reason);
                 let mut q = job.lock();
                 q.lost(&item, &mut ready);
