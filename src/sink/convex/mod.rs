@@ -108,7 +108,8 @@ impl Sink for ConvexSink {
         let span = info_span!("convex_mirror", job_id = %job_id, task_id = %spec.meta.task_id,
                               session_id = %spec.meta.session_id);
         self.inner.tasks.spawn(
-            deliver(Arc::clone(&self.inner), Arc::clone(&job), spec.meta.clone()).instrument(span),
+            deliver_job(Arc::clone(&self.inner), Arc::clone(&job), spec.meta.clone())
+                .instrument(span),
         );
         Some(Box::new(ConvexJobSink { job }))
     }
@@ -239,7 +240,7 @@ fn epoch_ms(time: SystemTime) -> u64 {
 }
 
 /// One job's delivery task: sends its records one at a time, in order, until the final one.
-async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
+async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
     let mut complained = false;
     let mut ended_at: Option<Instant> = None;
     // Decoding happens here, at send time, so output the queue drops is never decoded.
