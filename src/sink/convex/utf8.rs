@@ -180,4 +180,68 @@ mod tests {
         assert!(text.chars().all(|c| c == '\u{FFFD}'), "{text:?}");
         assert_eq!(invalid, 3);
     }
+
+    #[test]
+    fn the_incomplete_tail_is_what_the_decoder_will_carry() {
+        // The queue sizes records with incomplete_tail before the decoder sees the bytes; the
+        // two must agree, or records overshoot MAX_RECORD_BYTES or come out short.
+        let text = "a€😀é".as_bytes();
+        for split in 0..=text.len() {
+            let mut d = Utf8Stream::default();
+            d.decode(&text[..split], &mut String::new());
+            let chunk = Bytes::copy_from_slice(&text[..split]);
+            assert_eq!(incomplete_tail(&[chunk]), d.carried(), "split at {split}");
+        }
+        // Counted across chunk boundaries, and never more than a character's first 3 bytes.
+        let emoji = "😀".as_bytes();
+        let chunks: Vec<Bytes> = emoji[..3]
+            .iter()
+            .map(|b| Bytes::copy_from_slice(&[*b]))
+            .collect();
+        assert_eq!(incomplete_tail(&chunks), 3);
+        assert_eq!(incomplete_tail(&[Bytes::from_static(emoji)]), 0);
+        assert_eq!(incomplete_tail(&[]), 0);
+    }
+
+    #[test]
+    fn a_gap_loses_the_carried_bytes_and_turns_orphaned_continuations_into_one_replacement() {
+        let mut d = Utf8Stream::default();
+        let mut out = String::new();
+        assert_eq!(d.decode(b"a\xe2", &mut out), 0);
+        assert_eq!(d.carried(), 1);
+        // The lead byte is lost with the gap: counted by the caller as not mirrored.
+        assert_eq!(d.gap(), 1);
+        assert_eq!(d.carried(), 0);
+        // The rest of a character whose start was dropped, split over two chunks: one U+FFFD.
+        assert_eq!(d.decode(b"\x82", &mut out), 1);
+        assert_eq!(d.decode(b"\xacb", &mut out), 1);
+        assert_eq!(out, "a\u{FFFD}b");
+        assert_eq!(d.finish(&mut out), 0);
+
+        // At most 3 bytes are a dropped character's rest; a 4th continuation byte is invalid
+        // on its own.
+        let mut d = Utf8Stream::default();
+        let mut out = String::new();
+        assert_eq!(d.gap(), 0);
+        assert_eq!(d.decode(b"\x80\x80\x80\x80", &mut out), 4);
+        assert_eq!(out, "\u{FFFD}\u{FFFD}");
+
+        // Text that starts on a character after the gap ends the resync: a later stray
+        // continuation byte is an ordinary invalid byte.
+        let mut d = Utf8Stream::default();
+        let mut out = String::new();
+        d.gap();
+        assert_eq!(d.decode("é".as_bytes(), &mut out), 0);
+        assert_eq!(d.decode(b"\x80", &mut out), 1);
+        assert_eq!(out, "é\u{FFFD}");
+    }
+
+    #[test]
+    fn finishing_without_a_carried_character_adds_nothing() {
+        let mut d = Utf8Stream::default();
+        let mut out = String::new();
+        assert_eq!(d.decode("done €".as_bytes(), &mut out), 0);
+        assert_eq!(d.finish(&mut out), 0);
+        assert_eq!(out, "done €");
+    }
 }
