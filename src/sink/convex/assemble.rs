@@ -134,6 +134,196 @@ mod tests {
         test_support::{Drain, pairs, push, summary},
     };
 
+    fn output(stream: StreamKind, data: &[u8], ts: u64, last: bool) -> Batch {
+        Batch::Output {
+            stream,
+            chunks: vec![Bytes::copy_from_slice(data)],
+            ts,
+            last,
+        }
+    }
+
+    fn found(records: usize, invalid: u64, dropped: u64) -> Assembled {
+        Assembled {
+            records,
+            invalid,
+            dropped,
+        }
+    }
+
+    fn text(stream: StreamKind, text: &str, ts: u64) -> Item {
+        Item::Text {
+            stream,
+            text: text.into(),
+            ts,
+        }
+    }
+
+    #[test]
+    fn the_echo_is_a_stdout_record_of_its_own() {
+        let mut asm = Assembler::default();
+        let mut out = VecDeque::new();
+        let batch = Batch::Echo {
+            text: "$ ls".into(),
+            ts: 7,
+        };
+        let made = asm.assemble(batch, &mut out);
+        assert_eq!(made, found(1, 0, 0));
+        assert_eq!(out, [text(StreamKind::Stdout, "$ ls", 7)]);
+    }
+
+    #[test]
+    fn each_stream_carries_its_own_split_character_to_its_next_batch() {
+        let mut asm = Assembler::default();
+        let mut out = VecDeque::new();
+        let euro = "€".as_bytes();
+        let made = asm.assemble(
+            output(StreamKind::Stdout, &[b"a", &euro[..2]].concat(), 1, false),
+            &mut out,
+        );
+        assert_eq!(made.records, 1);
+        // All of this batch is the start of a character: no record yet.
+        let made = asm.assemble(output(StreamKind::Stderr, &euro[..1], 2, false), &mut out);
+        assert_eq!(made, Assembled::default());
+        assert_eq!(asm.carried(), [2, 1]);
+        asm.assemble(
+            output(StreamKind::Stderr, &[&euro[1..], b"e"].concat(), 3, false),
+            &mut out,
+        );
+        asm.assemble(
+            output(StreamKind::Stdout, &[&euro[2..], b"o"].concat(), 4, false),
+            &mut out,
+        );
+        assert_eq!(asm.carried(), [0, 0]);
+        assert_eq!(
+            out,
+            [
+                text(StreamKind::Stdout, "a", 1),
+                text(StreamKind::Stderr, "€e", 3),
+                text(StreamKind::Stdout, "€o", 4),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_last_batch_of_a_stream_ends_its_incomplete_character() {
+        let mut asm = Assembler::default();
+        let mut out = VecDeque::new();
+        let made = asm.assemble(output(StreamKind::Stdout, b"ok\xe2\x82", 1, true), &mut out);
+        assert_eq!(made, found(1, 2, 0));
+        assert_eq!(out, [text(StreamKind::Stdout, "ok\u{FFFD}", 1)]);
+        assert_eq!(asm.carried(), [0, 0]);
+    }
+
+    #[test]
+    fn a_gap_adds_the_carried_bytes_of_the_streams_it_cut() {
+        let mut asm = Assembler::default();
+        let mut out = VecDeque::new();
+        let euro = "€".as_bytes();
+        asm.assemble(output(StreamKind::Stdout, &euro[..2], 1, false), &mut out);
+        asm.assemble(output(StreamKind::Stderr, &euro[..1], 2, false), &mut out);
+        let gap = Batch::Gap {
+            bytes: 10,
+            ts: 3,
+            cut: [true, false],
+        };
+        let made = asm.assemble(gap, &mut out);
+        assert_eq!(made, found(1, 0, 2));
+        assert_eq!(out, [Item::Gap { bytes: 12, ts: 3 }]);
+        // Stdout lost its character's start: the rest is one U+FFFD. Stderr was not cut.
+        assert_eq!(asm.carried(), [0, 1]);
+        out.clear();
+        let made = asm.assemble(
+            output(StreamKind::Stdout, &[&euro[2..], b"!"].concat(), 4, false),
+            &mut out,
+        );
+        assert_eq!(made.invalid, 1);
+        asm.assemble(output(StreamKind::Stderr, &euro[1..], 5, false), &mut out);
+        assert_eq!(
+            out,
+            [
+                text(StreamKind::Stdout, "\u{FFFD}!", 4),
+                text(StreamKind::Stderr, "€", 5),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_final_batch_ends_both_streams_before_the_final_record() {
+        let mut asm = Assembler::default();
+        let mut out = VecDeque::new();
+        asm.assemble(output(StreamKind::Stdout, b"\xe2", 1, false), &mut out);
+        asm.assemble(output(StreamKind::Stderr, b"\xf0\x9f", 2, false), &mut out);
+        assert!(out.is_empty());
+        let end = Batch::Final {
+            end: End::ExitCode(1),
+            ts: 3,
+        };
+        let made = asm.assemble(end, &mut out);
+        assert_eq!(made, found(3, 3, 0));
+        assert_eq!(
+            out,
+            [
+                text(StreamKind::Stdout, "\u{FFFD}", 3),
+                text(StreamKind::Stderr, "\u{FFFD}", 3),
+                Item::Final {
+                    end: End::ExitCode(1),
+                    ts: 3
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn text_grown_past_a_record_by_replacements_is_split_on_character_boundaries() {
+        // Each invalid byte becomes a 3-byte U+FFFD: one record's worth of raw bytes decodes to
+        // three records' worth of text.
+        let mut asm = Assembler::default();
+        let mut out = VecDeque::new();
+        let raw = [b"ok".as_slice(), &[0xff; MAX_RECORD_BYTES - 2]].concat();
+        let made = asm.assemble(output(StreamKind::Stderr, &raw, 9, false), &mut out);
+        assert_eq!(made.invalid, MAX_RECORD_BYTES as u64 - 2);
+        assert_eq!(made.records, out.len());
+        let expected = "ok".to_owned() + &"\u{FFFD}".repeat(MAX_RECORD_BYTES - 2);
+        let mut joined = String::new();
+        for (i, item) in out.iter().enumerate() {
+            let Item::Text {
+                stream: StreamKind::Stderr,
+                text,
+                ts: 9,
+            } = item
+            else {
+                panic!("{item:?}")
+            };
+            assert!(text.len() <= MAX_RECORD_BYTES, "record {i}: {}", text.len());
+            if i + 1 < out.len() {
+                assert!(
+                    text.len() > MAX_RECORD_BYTES - 3,
+                    "record {i} not full: {}",
+                    text.len()
+                );
+            }
+            joined.push_str(text);
+        }
+        // 196_604 bytes of text: 65_534 ("ok" and whole characters), 65_535, 65_535.
+        assert_eq!(out.len(), 3);
+        assert_eq!(joined, expected);
+    }
+
+    #[test]
+    fn text_of_exactly_one_record_is_not_split() {
+        let mut out = VecDeque::new();
+        push_text(
+            &mut out,
+            StreamKind::Stdout,
+            "x".repeat(MAX_RECORD_BYTES),
+            1,
+        );
+        push_text(&mut out, StreamKind::Stdout, String::new(), 2);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].text_len(), MAX_RECORD_BYTES);
+    }
+
     #[test]
     fn records_are_capped_at_64k_on_character_boundaries() {
         let now = Instant::now();
