@@ -760,4 +760,32 @@ mod tests {
         assert_eq!(q.take(now, [0, 0]), Take::Done);
         assert_eq!(q.stats.bytes_dropped, 5);
     }
+
+    #[test]
+    fn the_echo_is_dropped_like_output_when_over_the_bound() {
+        let now = Instant::now();
+        let mut q = Queue::new(MAX_RECORD_BYTES);
+        q.push_echo("$ cmd".into(), 1);
+        push(
+            &mut q,
+            StreamKind::Stdout,
+            &[b'x'; MAX_RECORD_BYTES],
+            2,
+            now,
+        );
+        let Take::Send(batches) = q.take(now, [0, 0]) else {
+            panic!("a full record is ready")
+        };
+        // Not output of either stream: no decoder has to resync after it.
+        assert_eq!(
+            batches[0],
+            Batch::Gap {
+                bytes: 5,
+                ts: 1,
+                cut: [false, false]
+            }
+        );
+        assert!(matches!(&batches[1..], [Batch::Output { ts: 2, .. }]));
+        assert_eq!(q.stats.bytes_dropped, 5);
+    }
 }

@@ -102,8 +102,8 @@ mod tests {
     use crate::{
         job::StreamKind,
         sink::convex::{
-            queue::Take,
-            record::MAX_RECORD_BYTES,
+            queue::{LINGER, Take},
+            record::{End, MAX_RECORD_BYTES},
             test_support::{Drain, pairs, push, summary},
         },
     };
@@ -140,5 +140,81 @@ mod tests {
             ])
         );
         assert_eq!(q.stats.bytes_dropped, MAX_RECORD_BYTES as u64);
+    }
+
+    #[test]
+    fn taken_output_stays_pending_until_delivered_or_settled() {
+        let now = Instant::now();
+        let mut q = Queue::new(1 << 20);
+        push(&mut q, StreamKind::Stdout, b"abc", 1, now);
+        push(&mut q, StreamKind::Stderr, b"de", 2, now);
+        assert!(matches!(q.take(now + LINGER, [0, 0]), Take::Send(b) if b.len() == 2));
+        assert_eq!(q.pending_bytes(), 5);
+        q.delivered(3);
+        assert_eq!(q.pending_bytes(), 2);
+        assert_eq!(
+            (q.stats().records_delivered, q.stats().bytes_delivered),
+            (1, 3)
+        );
+        q.settled();
+        assert_eq!(q.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn what_the_assembler_found_is_counted() {
+        let mut q = Queue::new(1 << 20);
+        q.assembled(&Assembled {
+            records: 2,
+            invalid: 4,
+            dropped: 1,
+        });
+        q.assembled(&Assembled {
+            records: 1,
+            invalid: 1,
+            dropped: 0,
+        });
+        assert_eq!((q.stats().invalid_bytes, q.stats().bytes_dropped), (5, 1));
+    }
+
+    #[test]
+    fn retries_and_the_latest_error_are_kept_for_status() {
+        let mut q = Queue::new(1 << 20);
+        assert_eq!(q.stats().last_error, None);
+        q.record_retry(false);
+        q.record_retry(true);
+        q.record_retry(true);
+        q.record_error("HTTP 502");
+        q.record_error("HTTP 400: bad record");
+        let stats = q.stats();
+        assert_eq!((stats.retries, stats.ambiguous_retries), (3, 2));
+        assert_eq!(stats.last_error.as_deref(), Some("HTTP 400: bad record"));
+    }
+
+    #[test]
+    fn unsent_records_count_as_dropped_except_gap_markers() {
+        let mut q = Queue::new(1 << 20);
+        q.drop_unsent([
+            Item::Text {
+                stream: StreamKind::Stdout,
+                text: "abc".into(),
+                ts: 1,
+            },
+            // Its bytes were counted when they were dropped.
+            Item::Gap { bytes: 100, ts: 2 },
+            Item::Final {
+                end: End::ExitCode(0),
+                ts: 3,
+            },
+        ]);
+        assert_eq!(q.stats().bytes_dropped, 3);
+    }
+
+    #[test]
+    fn the_mirror_is_complete_only_once_marked() {
+        let mut q = Queue::new(1 << 20);
+        q.push_end(End::ExitCode(0), 1);
+        assert!(!q.stats().complete);
+        q.mark_complete();
+        assert!(q.stats().complete);
     }
 }
