@@ -2,9 +2,9 @@
 //! fills the `terminalOutput` table, so the existing web terminal keeps working.
 //!
 //! Per job: the output path only enqueues the raw chunks (`queue`), bounded in bytes; one
-//! delivery task per job decodes them into records and sends those one at a time, in order
-//! (`ingest`). A slow or broken Convex
-//! therefore never slows a job; past the bound the oldest output is dropped and marked.
+//! delivery task per job decodes them into records (`assemble`, with `utf8`; `record`) and
+//! sends those one at a time, in order (`ingest`). A slow or broken Convex therefore never
+//! slows a job; past the bound the oldest output is dropped and marked.
 
 mod assemble;
 mod config;
