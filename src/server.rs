@@ -65,7 +65,6 @@ pub async fn run(
         );
     }
 
-    crate::tls::install_crypto_provider();
     let backend = backend(&config)?;
     let sinks = crate::sink::convex::sinks(&config.convex)?;
     let replica = config.replica();

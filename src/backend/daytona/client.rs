@@ -126,6 +126,7 @@ impl DaytonaClient {
         api_key: &str,
         request_timeout: Duration,
     ) -> Result<Self, ClientSetupError> {
+        crate::tls::install_crypto_provider();
         let mut headers = header::HeaderMap::new();
         let mut auth = header::HeaderValue::from_str(&format!("Bearer {api_key}"))
             .map_err(|_| ClientSetupError::ApiKeyNotAHeader)?;

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{
     config::ConvexSettings,
-    queue::{End, Item},
+    record::{End, Item},
 };
 use crate::job::{JobMeta, StreamKind};
 
@@ -96,7 +96,7 @@ pub(crate) fn encode(meta: &JobMeta, item: &Item) -> Bytes {
 
 /// How sending one record ended.
 #[derive(Debug)]
-pub(crate) enum Outcome {
+pub(crate) enum SendOutcome {
     Delivered,
     /// The server refused it (400, 401, ...); sending it again would not help.
     Rejected {
@@ -125,9 +125,7 @@ pub struct ClientError(String);
 
 impl Ingest {
     pub(crate) fn new(settings: &ConvexSettings) -> Result<Self, ClientError> {
-        // reqwest is built without a default crypto provider (its default is aws-lc-rs); ring is
-        // the only one compiled in. Installing fails harmlessly if one is already installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("sandbox-runner/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
@@ -152,14 +150,18 @@ impl Ingest {
     /// to the retry time. `on_retry(ambiguous)` is called before each retry; `ambiguous` means
     /// the server may have stored the record already (a timeout or a broken response), so the
     /// retry can duplicate its row.
-    pub(crate) async fn send(&self, body: Bytes, mut on_retry: impl FnMut(bool, &str)) -> Outcome {
+    pub(crate) async fn send(
+        &self,
+        body: Bytes,
+        mut on_retry: impl FnMut(bool, &str),
+    ) -> SendOutcome {
         let started = Instant::now();
         let mut backoff = BACKOFF_START;
         loop {
             let (reason, ambiguous, retry_after) = match self.post(body.clone()).await {
-                Attempt::Done => return Outcome::Delivered,
+                Attempt::Done => return SendOutcome::Delivered,
                 Attempt::Refused { status, reason } => {
-                    return Outcome::Rejected { status, reason };
+                    return SendOutcome::Rejected { status, reason };
                 }
                 Attempt::Retry {
                     reason,
@@ -171,7 +173,7 @@ impl Ingest {
             let jittered = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
             let delay = retry_after.map_or(jittered, |ra| ra.min(RETRY_AFTER_MAX).max(jittered));
             if started.elapsed() + delay > self.retry_for {
-                return Outcome::GaveUp {
+                return SendOutcome::GaveUp {
                     reason: format!(
                         "still failing after {}: {reason}",
                         humantime::format_duration(round_ms(started.elapsed()))

@@ -2,13 +2,18 @@
 //! fills the `terminalOutput` table, so the existing web terminal keeps working.
 //!
 //! Per job: the output path only enqueues the raw chunks (`queue`), bounded in bytes; one
-//! delivery task per job decodes them into records and sends those one at a time, in order
-//! (`ingest`). A slow or broken Convex
-//! therefore never slows a job; past the bound the oldest output is dropped and marked.
+//! delivery task per job decodes them into records (`assemble`, with `utf8`; `record`) and
+//! sends those one at a time, in order (`ingest`). A slow or broken Convex therefore never
+//! slows a job; past the bound the oldest output is dropped and marked.
 
+mod assemble;
 mod config;
 mod ingest;
 mod queue;
+mod record;
+#[cfg(test)]
+mod test_support;
+mod utf8;
 
 use std::{
     collections::VecDeque,
@@ -24,13 +29,15 @@ use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
+use self::{
+    assemble::{Assembled, Assembler},
+    ingest::{Ingest, SendOutcome},
+    queue::{Batch, Queue, Take},
+    record::{End, Item},
+};
 pub use self::{
     config::{ConvexArgs, ConvexConfigError, ConvexSettings, Secret},
     ingest::ClientError,
-};
-use self::{
-    ingest::{Ingest, Outcome},
-    queue::{Assembled, Assembler, Batch, End, Item, Queue, Take},
 };
 use crate::job::{
     DeliveryProgress, DeliveryReport, EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSink,
@@ -103,7 +110,8 @@ impl Sink for ConvexSink {
         let span = info_span!("convex_mirror", job_id = %job_id, task_id = %spec.meta.task_id,
                               session_id = %spec.meta.session_id);
         self.inner.tasks.spawn(
-            deliver(Arc::clone(&self.inner), Arc::clone(&job), spec.meta.clone()).instrument(span),
+            deliver_job(Arc::clone(&self.inner), Arc::clone(&job), spec.meta.clone())
+                .instrument(span),
         );
         Some(Box::new(ConvexJobSink { job }))
     }
@@ -152,16 +160,17 @@ impl JobShared {
 impl DeliveryReport for JobShared {
     fn report(&self) -> DeliveryProgress {
         let q = self.lock();
+        let stats = q.stats();
         DeliveryProgress {
-            records_delivered: q.stats.records_delivered,
-            bytes_delivered: q.stats.bytes_delivered,
-            bytes_dropped: q.stats.bytes_dropped,
+            records_delivered: stats.records_delivered,
+            bytes_delivered: stats.bytes_delivered,
+            bytes_dropped: stats.bytes_dropped,
             bytes_pending: q.pending_bytes(),
-            invalid_bytes: q.stats.invalid_bytes,
-            retries: q.stats.retries,
-            ambiguous_retries: q.stats.ambiguous_retries,
-            complete: q.stats.complete,
-            last_error: q.stats.last_error.clone(),
+            invalid_bytes: stats.invalid_bytes,
+            retries: stats.retries,
+            ambiguous_retries: stats.ambiguous_retries,
+            complete: stats.complete,
+            last_error: stats.last_error.clone(),
         }
     }
 }
@@ -233,7 +242,7 @@ fn epoch_ms(time: SystemTime) -> u64 {
 }
 
 /// One job's delivery task: sends its records one at a time, in order, until the final one.
-async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
+async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
     let mut complained = false;
     let mut ended_at: Option<Instant> = None;
     // Decoding happens here, at send time, so output the queue drops is never decoded.
@@ -265,13 +274,11 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
         let outcome = sink
             .ingest
             .send(body, |ambiguous, _reason| {
-                let mut q = job.lock();
-                q.stats.retries += 1;
-                q.stats.ambiguous_retries += u64::from(ambiguous);
+                job.lock().record_retry(ambiguous)
             })
             .await;
         match outcome {
-            Outcome::Delivered => {
+            SendOutcome::Delivered => {
                 let mut q = job.lock();
                 q.delivered(item.text_len());
                 if ready.is_empty() {
@@ -280,17 +287,15 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                 drop(q);
                 sink.set_healthy();
             }
-            Outcome::Rejected { status, reason } => {
+            SendOutcome::Rejected { status, reason } => {
                 sink.set_unhealthy(&reason);
                 let mut q = job.lock();
                 q.lost(&item, &mut ready);
-                q.stats.last_error = Some(reason.clone());
+                q.record_error(&reason);
                 // A bad secret, a wrong URL: every later record would be refused the same way.
                 let hopeless = matches!(status, 401 | 403 | 404 | 405);
                 if hopeless {
-                    for unsent in ready.drain(..) {
-                        q.stats.bytes_dropped += unsent.text_len() as u64;
-                    }
+                    q.drop_unsent(ready.drain(..));
                     q.close();
                 }
                 drop(q);
@@ -303,11 +308,11 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                     break;
                 }
             }
-            Outcome::GaveUp { reason } => {
+            SendOutcome::GaveUp { reason } => {
                 sink.set_unhealthy(&reason);
                 let mut q = job.lock();
                 q.lost(&item, &mut ready);
-                q.stats.last_error = Some(reason.clone());
+                q.record_error(&reason);
                 drop(q);
                 if !complained {
                     warn!(%reason, "giving up on a record for Convex; it is marked as a gap");
@@ -321,8 +326,8 @@ async fn deliver(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
     }
     let report = {
         let mut q = job.lock();
-        q.stats.complete = true;
-        q.stats.clone()
+        q.mark_complete();
+        q.stats().clone()
     };
     info!(
         records = report.records_delivered,

@@ -1,12 +1,9 @@
-//! One job's queue for the ingest endpoint, in two halves:
-//!
-//! - [`Queue`], shared with the job's output path under a mutex, holds the **raw** output chunks
-//!   (`Bytes` shared with the gRPC stream, not copied; small chunks are appended to a small
-//!   buffer of their own), bounded in bytes: past the bound the oldest bytes are dropped and a
-//!   gap marker stands where they were. Pushing is O(1) apart from what the bound drops.
-//! - [`Assembler`], owned by the job's delivery task, turns what it takes from the queue into
-//!   records at send time: streaming UTF-8 decoding per stream, records of at most 64 KiB. So
-//!   output that is dropped is never decoded.
+//! One job's queue for the ingest endpoint. [`Queue`], shared with the job's output path under a
+//! mutex, holds the **raw** output chunks (`Bytes` shared with the gRPC stream, not copied; small
+//! chunks are appended to a small buffer of their own), bounded in bytes: past the bound the
+//! oldest bytes are dropped and a gap marker stands where they were. Pushing is O(1) apart from
+//! what the bound drops. The delivery task's [`Assembler`](super::assemble::Assembler) turns what
+//! it takes into records at send time, so output that is dropped is never decoded.
 //!
 //! Pure logic, no I/O.
 
@@ -17,11 +14,15 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use super::{
+    record::{End, MAX_RECORD_BYTES},
+    utf8::{incomplete_tail, is_continuation},
+};
 use crate::job::StreamKind;
 
-/// Largest `data` of one output record, in UTF-8 bytes. Far under Convex's 1 MiB document limit
-/// even if JSON escaping inflates it, and large enough that 20 MiB costs ~320 requests.
-pub(crate) const MAX_RECORD_BYTES: usize = 64 * 1024;
+mod stats;
+
+use self::stats::Stats;
 
 /// How long the first byte of a record may wait for more output of the same stream before the
 /// record is sent anyway: long enough to coalesce a burst of small writes, short enough to feel
@@ -32,40 +33,8 @@ pub(crate) const LINGER: Duration = Duration::from_millis(100);
 /// small chunk of the same stream, so a chatty job does not queue one entry per write.
 const SMALL_CHUNK: usize = 8 * 1024;
 
-/// How a job ended, as the final record says it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum End {
-    /// The program exited by itself with this code.
-    ExitCode(i32),
-    /// Anything else: cancelled, timed out, killed by a signal, failed to start.
-    Error(String),
-}
-
-/// One record to send, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Item {
-    Text {
-        stream: StreamKind,
-        text: String,
-        /// Epoch milliseconds of the record's first byte (never below an earlier record's).
-        ts: u64,
-    },
-    /// Output that will never be mirrored; sent as a visible marker where it would have been.
-    Gap { bytes: u64, ts: u64 },
-    /// The one last record.
-    Final { end: End, ts: u64 },
-}
-
-impl Item {
-    pub(crate) fn text_len(&self) -> usize {
-        match self {
-            Item::Text { text, .. } => text.len(),
-            _ => 0,
-        }
-    }
-}
-
-/// What the delivery task takes from the queue: raw, to be made into records by [`Assembler`].
+/// What the delivery task takes from the queue: raw, to be made into records by
+/// [`Assembler`](super::assemble::Assembler).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Batch {
     /// The `$ command` echo: a stdout record of its own.
@@ -104,124 +73,10 @@ pub(crate) enum Take {
     Done,
 }
 
-/// Counters of one job's delivery, read by Status.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Stats {
-    pub(crate) records_delivered: u64,
-    pub(crate) bytes_delivered: u64,
-    pub(crate) bytes_dropped: u64,
-    pub(crate) in_flight_bytes: u64,
-    pub(crate) invalid_bytes: u64,
-    pub(crate) retries: u64,
-    pub(crate) ambiguous_retries: u64,
-    pub(crate) complete: bool,
-    pub(crate) last_error: Option<String>,
-}
-
-fn index(stream: StreamKind) -> usize {
+pub(super) fn index(stream: StreamKind) -> usize {
     match stream {
         StreamKind::Stdout => 0,
         StreamKind::Stderr => 1,
-    }
-}
-
-const STREAMS: [StreamKind; 2] = [StreamKind::Stdout, StreamKind::Stderr];
-
-fn is_continuation(byte: u8) -> bool {
-    byte & 0xC0 == 0x80
-}
-
-/// Decodes one stream's bytes as UTF-8 across chunk boundaries: an incomplete multi-byte
-/// sequence at the end of a chunk is carried into the next one; invalid bytes become U+FFFD.
-#[derive(Debug, Default)]
-pub(crate) struct Utf8Stream {
-    /// An incomplete (so far valid) sequence from the previous chunk: at most 3 bytes.
-    carry: Vec<u8>,
-    /// After a gap: continuation bytes at the start of what follows (the rest of a character
-    /// whose first bytes were dropped) become one U+FFFD; how many were skipped so far.
-    resync: Option<usize>,
-}
-
-impl Utf8Stream {
-    /// Appends the decoded `input` to `out`; returns how many invalid bytes were replaced.
-    pub(crate) fn decode(&mut self, mut input: &[u8], out: &mut String) -> u64 {
-        let mut invalid = 0;
-        if let Some(skipped) = self.resync {
-            let orphans = input
-                .iter()
-                .take(3 - skipped)
-                .take_while(|b| is_continuation(**b))
-                .count();
-            if orphans > 0 && skipped == 0 {
-                out.push(char::REPLACEMENT_CHARACTER);
-            }
-            invalid += orphans as u64;
-            input = &input[orphans..];
-            let skipped = skipped + orphans;
-            self.resync = (input.is_empty() && skipped < 3).then_some(skipped);
-        }
-        // The common case, valid text with no character carried in: one fast validation pass.
-        if self.carry.is_empty() {
-            match std::str::from_utf8(input) {
-                Ok(text) => {
-                    out.push_str(text);
-                    return invalid;
-                }
-                Err(e) => {
-                    let valid = e.valid_up_to();
-                    out.push_str(std::str::from_utf8(&input[..valid]).expect("validated"));
-                    input = &input[valid..];
-                }
-            }
-        }
-        // Only a chunk that follows a split character is copied.
-        let joined;
-        let bytes = if self.carry.is_empty() {
-            input
-        } else {
-            joined = [std::mem::take(&mut self.carry).as_slice(), input].concat();
-            &joined
-        };
-        let mut chunks = bytes.utf8_chunks().peekable();
-        while let Some(chunk) = chunks.next() {
-            out.push_str(chunk.valid());
-            let bad = chunk.invalid();
-            if bad.is_empty() {
-                continue;
-            }
-            let at_end = chunks.peek().is_none();
-            // `error_len() == None` means "valid so far, input ended": the rest may follow.
-            let incomplete = matches!(std::str::from_utf8(bad), Err(e) if e.error_len().is_none());
-            if at_end && incomplete {
-                self.carry.extend_from_slice(bad);
-            } else {
-                out.push(char::REPLACEMENT_CHARACTER);
-                invalid += bad.len() as u64;
-            }
-        }
-        invalid
-    }
-
-    /// Ends the stream: a sequence still incomplete is invalid.
-    pub(crate) fn finish(&mut self, out: &mut String) -> u64 {
-        if self.carry.is_empty() {
-            return 0;
-        }
-        out.push(char::REPLACEMENT_CHARACTER);
-        std::mem::take(&mut self.carry).len() as u64
-    }
-
-    /// Bytes held back as the start of a character not yet complete.
-    pub(crate) fn carried(&self) -> usize {
-        self.carry.len()
-    }
-
-    /// Bytes of this stream were dropped next: the character the carried bytes began is lost
-    /// with them (returns how many, counted as not mirrored), and continuation bytes right after
-    /// the gap are one U+FFFD.
-    pub(crate) fn gap(&mut self) -> u64 {
-        self.resync = Some(0);
-        std::mem::take(&mut self.carry).len() as u64
     }
 }
 
@@ -309,7 +164,8 @@ pub(crate) struct Queue {
     finished: bool,
     /// Delivery was abandoned; everything is counted as dropped.
     closed: bool,
-    pub(crate) stats: Stats,
+    /// Changed only by the queue's own methods, so the counters stay consistent with it.
+    stats: Stats,
 }
 
 impl Queue {
@@ -325,11 +181,6 @@ impl Queue {
             closed: false,
             stats: Stats::default(),
         }
-    }
-
-    /// Bytes queued or in flight.
-    pub(crate) fn pending_bytes(&self) -> u64 {
-        self.queued_bytes as u64 + self.stats.in_flight_bytes
     }
 
     pub(crate) fn is_finished(&self) -> bool {
@@ -615,43 +466,6 @@ impl Queue {
         Ok((batch, taken, stream, tail))
     }
 
-    /// A record taken was accepted.
-    pub(crate) fn delivered(&mut self, text_bytes: usize) {
-        self.stats.in_flight_bytes = self.stats.in_flight_bytes.saturating_sub(text_bytes as u64);
-        self.stats.records_delivered += 1;
-        self.stats.bytes_delivered += text_bytes as u64;
-    }
-
-    /// A record taken will never be delivered: it is counted and marked as a gap, in front of
-    /// the records still `ready` (taken with it), else in front of the queue.
-    pub(crate) fn lost(&mut self, item: &Item, ready: &mut VecDeque<Item>) {
-        let Item::Text { text, ts, .. } = item else {
-            return;
-        };
-        let bytes = text.len() as u64;
-        self.stats.in_flight_bytes = self.stats.in_flight_bytes.saturating_sub(bytes);
-        if ready.is_empty() {
-            self.record_gap(bytes, *ts, None);
-            return;
-        }
-        self.stats.bytes_dropped += bytes;
-        match ready.front_mut() {
-            Some(Item::Gap { bytes: total, .. }) => *total += bytes,
-            _ => ready.push_front(Item::Gap { bytes, ts: *ts }),
-        }
-    }
-
-    /// The delivery task holds nothing taken any more.
-    pub(crate) fn settled(&mut self) {
-        self.stats.in_flight_bytes = 0;
-    }
-
-    /// What the delivery task found while making records of the last batch.
-    pub(crate) fn assembled(&mut self, made: &Assembled) {
-        self.stats.invalid_bytes += made.invalid;
-        self.stats.bytes_dropped += made.dropped;
-    }
-
     /// Gives up on the job: every queued and future record is dropped (counted).
     pub(crate) fn close(&mut self) {
         self.closed = true;
@@ -662,244 +476,13 @@ impl Queue {
     }
 }
 
-/// What making records of one batch found.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Assembled {
-    /// Records made.
-    pub(crate) records: usize,
-    /// Invalid bytes replaced by U+FFFD.
-    pub(crate) invalid: u64,
-    /// Carried bytes of characters cut by a gap, added to its count.
-    pub(crate) dropped: u64,
-}
-
-impl Assembled {
-    pub(crate) fn add(&mut self, other: Assembled) {
-        self.records += other.records;
-        self.invalid += other.invalid;
-        self.dropped += other.dropped;
-    }
-}
-
-/// The delivery task's half: makes records of what it takes from the [`Queue`], at send time.
-#[derive(Debug, Default)]
-pub(crate) struct Assembler {
-    streams: [Utf8Stream; 2],
-}
-
-impl Assembler {
-    /// Bytes each stream's decoder holds back (stdout, stderr), for [`Queue::take`].
-    pub(crate) fn carried(&self) -> [usize; 2] {
-        [self.streams[0].carried(), self.streams[1].carried()]
-    }
-
-    /// Appends the records of `batch` to `out` (usually one; none when all of it is carried).
-    pub(crate) fn assemble(&mut self, batch: Batch, out: &mut VecDeque<Item>) -> Assembled {
-        let mut made = Assembled::default();
-        let before = out.len();
-        match batch {
-            Batch::Echo { text, ts } => out.push_back(Item::Text {
-                stream: StreamKind::Stdout,
-                text,
-                ts,
-            }),
-            Batch::Output {
-                stream,
-                chunks,
-                ts,
-                last,
-            } => {
-                let decoder = &mut self.streams[index(stream)];
-                let len: usize = chunks.iter().map(Bytes::len).sum();
-                let mut text = String::with_capacity(len + decoder.carried() + 3);
-                for chunk in &chunks {
-                    made.invalid += decoder.decode(chunk, &mut text);
-                }
-                if last {
-                    made.invalid += decoder.finish(&mut text);
-                }
-                push_text(out, stream, text, ts);
-            }
-            Batch::Gap { bytes, ts, cut } => {
-                for (i, decoder) in self.streams.iter_mut().enumerate() {
-                    if cut[i] {
-                        made.dropped += decoder.gap();
-                    }
-                }
-                out.push_back(Item::Gap {
-                    bytes: bytes + made.dropped,
-                    ts,
-                });
-            }
-            Batch::Final { end, ts } => {
-                // A character still incomplete when the job ended.
-                for stream in STREAMS {
-                    let mut text = String::new();
-                    made.invalid += self.streams[index(stream)].finish(&mut text);
-                    push_text(out, stream, text, ts);
-                }
-                out.push_back(Item::Final { end, ts });
-            }
-        }
-        made.records = out.len() - before;
-        made
-    }
-}
-
-/// How many bytes at the end of `chunks` begin a character that is not complete yet: what a
-/// decoder will carry after them (exact for valid UTF-8; a guess otherwise).
-fn incomplete_tail(chunks: &[Bytes]) -> usize {
-    let mut tail = [0u8; 3];
-    let mut n = 0;
-    'outer: for chunk in chunks.iter().rev() {
-        for &byte in chunk.iter().rev() {
-            if n == 3 {
-                break 'outer;
-            }
-            n += 1;
-            tail[3 - n] = byte;
-        }
-    }
-    let tail = &tail[3 - n..];
-    for (i, &byte) in tail.iter().enumerate().rev() {
-        if !is_continuation(byte) {
-            let needs = match byte {
-                0xC0..=0xDF => 2,
-                0xE0..=0xEF => 3,
-                0xF0..=0xF7 => 4,
-                _ => 1,
-            };
-            let has = tail.len() - i;
-            return if has < needs { has } else { 0 };
-        }
-    }
-    0
-}
-
-/// Queues `text` as records of at most [`MAX_RECORD_BYTES`] (more than one only when invalid
-/// bytes, each replaced by a 3-byte U+FFFD, made it longer than the raw bytes taken).
-fn push_text(out: &mut VecDeque<Item>, stream: StreamKind, text: String, ts: u64) {
-    if text.len() <= MAX_RECORD_BYTES {
-        if !text.is_empty() {
-            out.push_back(Item::Text { stream, text, ts });
-        }
-        return;
-    }
-    let mut rest = text.as_str();
-    while !rest.is_empty() {
-        let cut = rest.floor_char_boundary(MAX_RECORD_BYTES);
-        out.push_back(Item::Text {
-            stream,
-            text: rest[..cut].to_owned(),
-            ts,
-        });
-        rest = &rest[cut..];
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn decode_all(chunks: &[&[u8]]) -> (String, u64) {
-        let mut d = Utf8Stream::default();
-        let mut out = String::new();
-        let mut invalid = 0;
-        for c in chunks {
-            invalid += d.decode(c, &mut out);
-        }
-        invalid += d.finish(&mut out);
-        (out, invalid)
-    }
-
-    #[test]
-    fn characters_split_across_chunks_arrive_whole() {
-        let euro = "€".as_bytes(); // e2 82 ac
-        assert_eq!(decode_all(&[&euro[..2], &euro[2..]]), ("€".into(), 0));
-        assert_eq!(
-            decode_all(&[&euro[..1], &euro[1..2], &euro[2..]]),
-            ("€".into(), 0)
-        );
-        let emoji = "a😀b".as_bytes();
-        for split in 0..emoji.len() {
-            assert_eq!(
-                decode_all(&[&emoji[..split], &emoji[split..]]),
-                ("a😀b".into(), 0),
-                "split at {split}"
-            );
-        }
-    }
-
-    #[test]
-    fn invalid_bytes_become_replacement_characters_and_are_counted() {
-        assert_eq!(decode_all(&[b"a\xffb"]), ("a\u{FFFD}b".into(), 1));
-        // A lead byte followed by a non-continuation byte: the lead alone is invalid.
-        assert_eq!(decode_all(&[b"\xe2", b"x"]), ("\u{FFFD}x".into(), 1));
-        // A sequence still incomplete at the end of the stream.
-        assert_eq!(decode_all(&[b"ok\xe2\x82"]), ("ok\u{FFFD}".into(), 2));
-        // Surrogates encoded in UTF-8 (CESU) are not valid Unicode scalar values.
-        let (text, invalid) = decode_all(&[b"\xed\xa0\x80"]);
-        assert!(text.chars().all(|c| c == '\u{FFFD}'), "{text:?}");
-        assert_eq!(invalid, 3);
-    }
-
-    /// The delivery task's loop without the HTTP: every record is accepted.
-    struct Drain {
-        asm: Assembler,
-        invalid: u64,
-    }
-
-    impl Drain {
-        fn new() -> Self {
-            Drain {
-                asm: Assembler::default(),
-                invalid: 0,
-            }
-        }
-
-        fn run(&mut self, q: &mut Queue, now: Instant) -> Vec<Item> {
-            let mut out = VecDeque::new();
-            while let Take::Send(batches) = q.take(now, self.asm.carried()) {
-                let mut made = VecDeque::new();
-                for batch in batches {
-                    let found = self.asm.assemble(batch, &mut made);
-                    q.assembled(&found);
-                    self.invalid += found.invalid;
-                }
-                for item in made {
-                    q.delivered(item.text_len());
-                    out.push_back(item);
-                }
-                q.settled();
-            }
-            out.into()
-        }
-    }
-
-    fn texts(q: &mut Queue, now: Instant) -> Vec<Item> {
-        Drain::new().run(q, now)
-    }
-
-    fn push(q: &mut Queue, stream: StreamKind, data: &[u8], ts: u64, now: Instant) {
-        q.push_output(stream, &Bytes::copy_from_slice(data), ts, now);
-    }
-
-    fn summary(items: &[Item]) -> Vec<(String, String)> {
-        items
-            .iter()
-            .map(|i| match i {
-                Item::Text { stream, text, .. } => (stream.as_str().to_owned(), text.clone()),
-                Item::Gap { bytes, .. } => ("gap".into(), bytes.to_string()),
-                Item::Final { end, .. } => ("final".into(), format!("{end:?}")),
-            })
-            .collect()
-    }
-
-    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
-    }
+    use crate::sink::convex::{
+        record::Item,
+        test_support::{Drain, pairs, push, summary, texts},
+    };
 
     #[test]
     fn coalesces_same_stream_and_keeps_stream_order() {
@@ -984,120 +567,6 @@ mod tests {
         );
         assert!(matches!(q.take(now, [0, 0]), Take::Wait(Some(_))));
         assert!(matches!(q.take(now, [2, 0]), Take::Send(_)));
-    }
-
-    #[test]
-    fn records_are_capped_at_64k_on_character_boundaries() {
-        let now = Instant::now();
-        let mut q = Queue::new(8 << 20);
-        let text = "é".repeat(100_000) + "€"; // 200_003 bytes of multi-byte characters
-        // Odd chunk sizes, so records end inside characters and the decoder carries.
-        for chunk in text.as_bytes().chunks(10_001) {
-            push(&mut q, StreamKind::Stdout, chunk, 1, now);
-        }
-        q.push_end(End::ExitCode(0), 2);
-        let mut drain = Drain::new();
-        let items = drain.run(&mut q, now);
-        assert_eq!(drain.invalid, 0);
-        let mut joined = String::new();
-        let texts = &items[..items.len() - 1];
-        for (i, item) in texts.iter().enumerate() {
-            let len = item.text_len();
-            assert!(len <= MAX_RECORD_BYTES, "{len}");
-            if i + 1 < texts.len() {
-                assert!(len > MAX_RECORD_BYTES - 4, "record {i} not full: {len}");
-            }
-            if let Item::Text { text, .. } = item {
-                joined.push_str(text);
-            }
-        }
-        assert!(texts.len() <= text.len() / MAX_RECORD_BYTES + 1);
-        assert_eq!(joined, text);
-    }
-
-    #[test]
-    fn characters_split_across_chunks_and_records_arrive_whole_through_the_queue() {
-        let now = Instant::now();
-        let mut q = Queue::new(1 << 20);
-        let euro = "€".as_bytes();
-        push(&mut q, StreamKind::Stdout, &euro[..1], 1, now);
-        // Sent before the rest arrives (linger over): the lead byte stays with the decoder.
-        let mut drain = Drain::new();
-        assert!(drain.run(&mut q, now + LINGER).is_empty());
-        assert_eq!(drain.asm.carried(), [1, 0]);
-        assert_eq!(q.pending_bytes(), 0);
-        push(&mut q, StreamKind::Stdout, &euro[1..], 2, now);
-        push(&mut q, StreamKind::Stderr, &euro[..2], 3, now);
-        q.push_end(End::ExitCode(0), 4);
-        let items = drain.run(&mut q, now);
-        assert_eq!(
-            summary(&items),
-            pairs(&[
-                ("stdout", "€"),
-                ("stderr", "\u{FFFD}"),
-                ("final", "ExitCode(0)")
-            ])
-        );
-        assert_eq!(drain.invalid, 2);
-    }
-
-    #[test]
-    fn interleaved_streams_keep_their_order_and_split_characters() {
-        let now = Instant::now();
-        let mut q = Queue::new(1 << 20);
-        let (a, b) = ("ü".as_bytes(), "😀".as_bytes());
-        push(
-            &mut q,
-            StreamKind::Stdout,
-            &[b"1", &a[..1]].concat(),
-            1,
-            now,
-        );
-        push(
-            &mut q,
-            StreamKind::Stderr,
-            &[b"2", &b[..3]].concat(),
-            2,
-            now,
-        );
-        push(
-            &mut q,
-            StreamKind::Stdout,
-            &[&a[1..], b"3"].concat(),
-            3,
-            now,
-        );
-        push(
-            &mut q,
-            StreamKind::Stderr,
-            &[&b[3..], b"4"].concat(),
-            4,
-            now,
-        );
-        push(&mut q, StreamKind::Stdout, b"5", 5, now);
-        q.push_end(End::ExitCode(0), 6);
-        let mut drain = Drain::new();
-        let items = drain.run(&mut q, now);
-        // A character completes in the record of the chunk that completes it.
-        assert_eq!(
-            summary(&items),
-            pairs(&[
-                ("stdout", "1"),
-                ("stderr", "2"),
-                ("stdout", "ü3"),
-                ("stderr", "😀4"),
-                ("stdout", "5"),
-                ("final", "ExitCode(0)")
-            ])
-        );
-        assert_eq!(drain.invalid, 0);
-        let ts: Vec<u64> = items
-            .iter()
-            .map(|i| match i {
-                Item::Text { ts, .. } | Item::Gap { ts, .. } | Item::Final { ts, .. } => *ts,
-            })
-            .collect();
-        assert_eq!(ts, [1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
@@ -1202,40 +671,6 @@ mod tests {
     }
 
     #[test]
-    fn a_record_lost_inside_a_run_is_marked_where_it_was() {
-        let now = Instant::now();
-        let mut q = Queue::new(8 << 20);
-        let mut drain = Drain::new();
-        push(
-            &mut q,
-            StreamKind::Stdout,
-            &vec![b'x'; 3 * MAX_RECORD_BYTES],
-            1,
-            now,
-        );
-        let Take::Send(batches) = q.take(now, [0, 0]) else {
-            panic!("full records are ready")
-        };
-        let mut ready = VecDeque::new();
-        for batch in batches {
-            drain.asm.assemble(batch, &mut ready);
-        }
-        assert_eq!(ready.len(), 3);
-        let first = ready.pop_front().unwrap();
-        q.delivered(first.text_len());
-        let second = ready.pop_front().unwrap();
-        q.lost(&second, &mut ready);
-        assert_eq!(
-            summary(ready.make_contiguous()),
-            pairs(&[
-                ("gap", &MAX_RECORD_BYTES.to_string()),
-                ("stdout", &"x".repeat(MAX_RECORD_BYTES))
-            ])
-        );
-        assert_eq!(q.stats.bytes_dropped, MAX_RECORD_BYTES as u64);
-    }
-
-    #[test]
     fn dropping_part_of_a_chunk_keeps_the_newest_bytes_exactly() {
         let now = Instant::now();
         let limit = MAX_RECORD_BYTES;
@@ -1283,63 +718,6 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_after_a_carried_lead_byte_leaves_at_most_one_replacement_character() {
-        let now = Instant::now();
-        const MAX: usize = MAX_RECORD_BYTES;
-        let mut q = Queue::new(MAX);
-        let mut drain = Drain::new();
-        // The first record ends in the lead byte of "€": the decoder carries it.
-        push(&mut q, StreamKind::Stdout, b"aaaa\xe2", 1, now);
-        let sent = drain.run(&mut q, now + LINGER);
-        assert_eq!(summary(&sent), pairs(&[("stdout", "aaaa")]));
-        assert_eq!(drain.asm.carried(), [1, 0]);
-        // The rest of that character is in a chunk the bound drops whole, which itself ends in
-        // the lead byte of a character whose continuation bytes start the chunk that is kept.
-        let mut second = vec![0x82, 0xac];
-        second.extend_from_slice(&[b'b'; MAX - 3]);
-        second.push(0xe2);
-        push(&mut q, StreamKind::Stdout, &second, 2, now);
-        let mut third = vec![0x82, 0xac];
-        third.extend_from_slice(&[b'c'; MAX - 2]);
-        push(&mut q, StreamKind::Stdout, &third, 3, now);
-        assert_eq!(q.pending_bytes(), MAX as u64);
-        q.push_end(End::ExitCode(0), 4);
-        let items = drain.run(&mut q, now);
-        // The carried lead byte counts as not mirrored, with the chunk dropped after it.
-        assert_eq!(
-            items[0],
-            Item::Gap {
-                bytes: MAX as u64 + 1,
-                ts: 2
-            }
-        );
-        assert_eq!(q.stats.bytes_dropped, MAX as u64 + 1);
-        // The orphaned continuation bytes are one U+FFFD (counted invalid), then the text.
-        let kept: String = items[1..items.len() - 1]
-            .iter()
-            .map(|i| match i {
-                Item::Text {
-                    stream: StreamKind::Stdout,
-                    text,
-                    ..
-                } => text.as_str(),
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(kept, format!("\u{FFFD}{}", "c".repeat(MAX - 2)));
-        assert!(
-            items[1..items.len() - 1]
-                .iter()
-                .all(|i| i.text_len() <= MAX)
-        );
-        assert_eq!(drain.invalid, 2);
-        assert_eq!(
-            summary(&items[items.len() - 1..]),
-            pairs(&[("final", "ExitCode(0)")])
-        );
-    }
-
-    #[test]
     fn small_chunks_share_one_buffer_and_large_ones_are_not_copied() {
         let now = Instant::now();
         let mut q = Queue::new(1 << 20);
@@ -1380,6 +758,34 @@ mod tests {
         push(&mut q, StreamKind::Stdout, b"de", 2, now);
         q.push_end(End::ExitCode(0), 3);
         assert_eq!(q.take(now, [0, 0]), Take::Done);
+        assert_eq!(q.stats.bytes_dropped, 5);
+    }
+
+    #[test]
+    fn the_echo_is_dropped_like_output_when_over_the_bound() {
+        let now = Instant::now();
+        let mut q = Queue::new(MAX_RECORD_BYTES);
+        q.push_echo("$ cmd".into(), 1);
+        push(
+            &mut q,
+            StreamKind::Stdout,
+            &[b'x'; MAX_RECORD_BYTES],
+            2,
+            now,
+        );
+        let Take::Send(batches) = q.take(now, [0, 0]) else {
+            panic!("a full record is ready")
+        };
+        // Not output of either stream: no decoder has to resync after it.
+        assert_eq!(
+            batches[0],
+            Batch::Gap {
+                bytes: 5,
+                ts: 1,
+                cut: [false, false]
+            }
+        );
+        assert!(matches!(&batches[1..], [Batch::Output { ts: 2, .. }]));
         assert_eq!(q.stats.bytes_dropped, 5);
     }
 }
