@@ -39,6 +39,7 @@ pub(super) async fn drive(
     let outcome = execution.run(&mut out, job.stop.clone()).await;
     timer.abort();
     drop(permit);
+    out.program_ended();
 
     let summary = summarize(&job, outcome);
     info!(

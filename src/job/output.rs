@@ -30,6 +30,9 @@ pub struct JobOutput {
     /// `stopped_client_grace` is dropped, so a stuck reader cannot hold the job open.
     stop: CancellationToken,
     stopped_client_grace: Duration,
+    /// Set once the program is gone: only `Exited` is left to send, and a client that does
+    /// not make room for it within the grace must not hold the job (and its buffers) forever.
+    ending: bool,
 }
 
 impl JobOutput {
@@ -48,7 +51,14 @@ impl JobOutput {
             stderr_offset: 0,
             client: Some(client),
             sinks,
+            ending: false,
         }
+    }
+
+    /// The program is gone: from now on the caller gets `stopped_client_grace` per event, as
+    /// for a stopped job.
+    pub(crate) fn program_ended(&mut self) {
+        self.ending = true;
     }
 
     /// Emits a chunk of output. Empty chunks are dropped.
@@ -85,29 +95,44 @@ impl JobOutput {
         let Some(client) = &self.client else {
             return;
         };
-        if !send_to_client(client, event, &self.stop, self.stopped_client_grace).await {
+        let bounded = self.ending;
+        if !send_to_client(
+            client,
+            event,
+            &self.stop,
+            bounded,
+            self.stopped_client_grace,
+        )
+        .await
+        {
             self.client = None;
         }
     }
 }
 
 /// Sends `event` to the caller, waiting for room; false when the caller is gone or, once the
-/// job is stopped, did not make room within `grace`.
+/// job is stopped (or `bounded`: its program has ended), did not make room within `grace`.
 async fn send_to_client(
     client: &mpsc::Sender<JobEvent>,
     event: JobEvent,
     stop: &CancellationToken,
+    bounded: bool,
     grace: Duration,
 ) -> bool {
+    let within_grace = async {
+        tokio::time::timeout(grace, client.reserve())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    };
     // Waiting for room is what pushes back on the process; a stop bounds the wait.
-    let permit = tokio::select! {
-        biased;
-        permit = client.reserve() => permit.ok(),
-        _ = stop.cancelled() => {
-            tokio::time::timeout(grace, client.reserve())
-                .await
-                .ok()
-                .and_then(Result::ok)
+    let permit = if bounded {
+        within_grace.await
+    } else {
+        tokio::select! {
+            biased;
+            permit = client.reserve() => permit.ok(),
+            _ = stop.cancelled() => within_grace.await,
         }
     };
     match permit {

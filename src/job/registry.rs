@@ -26,7 +26,8 @@ use super::{
 };
 use crate::error::Error;
 
-/// Beyond the backend's stop time, how long a drain waits for the last events to go out.
+/// Beyond the backend's stop time and a stuck client's grace, how long a drain waits for the
+/// last events to go out.
 const DRAIN_SLACK: Duration = Duration::from_secs(5);
 
 /// Limits of the job core.
@@ -87,6 +88,10 @@ impl Jobs {
 
     /// Starts a job and returns its event stream. Dropping the stream cancels the job.
     pub async fn start(self: &Arc<Self>, spec: JobSpec) -> Result<JobStream, Error> {
+        // Counts as a running job from before the draining check until it is registered (the
+        // backend's start may take seconds), so a drain that begins meanwhile either is seen
+        // here or waits for this job and cancels it; it never misses it.
+        let starting = self.tracker.token();
         if self.is_draining() {
             return Err(Error::ShuttingDown);
         }
@@ -115,9 +120,6 @@ impl Jobs {
             sandbox_id = %spec.meta.sandbox_id,
             backend = self.backend.name(),
         );
-        // Counts as a running job while the backend starts (Daytona: seconds), so a drain that
-        // begins meanwhile waits for it and cancels it rather than missing it.
-        let starting = self.tracker.token();
         let execution = match self.backend.start(&spec).instrument(span.clone()).await {
             Ok(execution) => execution,
             Err(e) => {
@@ -357,8 +359,9 @@ impl Jobs {
     /// or until the backend's stop time (plus a little for the last events to go out) has
     /// passed since the cancel.
     pub async fn drain(&self, grace: Duration) {
-        // Bounds the wait even if a client never reads its final events.
-        let stop_limit = self.backend.stop_time() + DRAIN_SLACK;
+        // Bounds the wait even if a client never reads its final events: each gets the
+        // stopped-client grace before it is dropped.
+        let stop_limit = self.backend.stop_time() + self.config.stopped_client_grace + DRAIN_SLACK;
         let drained = async {
             self.stop_taking_jobs_and_wait(grace).await;
             self.backend.finish_cleanups().await;

@@ -259,3 +259,44 @@ async fn a_client_that_reads_within_the_grace_gets_everything() {
     assert_eq!(exit.stdout_bytes, 11);
     assert_eq!(events, h.sink.events(&id));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_does_not_read_a_job_that_ended_by_itself_is_dropped_after_the_grace() {
+    let h = Harness::new(JobsConfig {
+        finished_ttl: secs(60),
+        ..one_slot_config()
+    });
+    let t0 = Instant::now();
+    let mut stream = h.run("done", Script::new().exit(0)).await;
+    let id = stream.job_id.clone();
+    // The buffer of one holds Started: Exited waits for a reader that never comes.
+    within(h.backend.runs_ended(1)).await;
+    assert_eq!(h.jobs.active(), 0, "the program is gone");
+    let exit = within(h.sink.exited(&id)).await;
+    assert_eq!(
+        ending(&exit),
+        (Succeeded, Some(0), None, "exited with code 0")
+    );
+
+    // Not held forever: Exited got the 2s grace, then the client was dropped and the job
+    // retired, so it is forgotten once the finished-job TTL has passed.
+    tokio::time::sleep(secs(120)).await;
+    assert!(t0.elapsed() >= secs(120));
+    match h.jobs.status(&id).await {
+        Err(Error::JobNotFound(_)) => {}
+        other => panic!("expected the finished job to be forgotten, got {other:?}"),
+    }
+    // The client gets what was buffered, then the error once, then the end.
+    assert!(matches!(
+        stream.next().await,
+        Some(Ok(JobEvent {
+            kind: EventKind::Started { .. },
+            ..
+        }))
+    ));
+    match stream.next().await {
+        Some(Err(Error::StreamAbandoned(job))) => assert_eq!(job, id.to_string()),
+        other => panic!("expected StreamAbandoned, got {other:?}"),
+    }
+    assert!(stream.next().await.is_none());
+}
