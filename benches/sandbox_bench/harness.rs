@@ -1,0 +1,361 @@
+//! The harness: the environment (fd limit, the server binary, the machine), the server under
+//! test as a child process, clients, jobs run with the stream contract checked, the pipe
+//! baseline, and the Daytona fake the Daytona measurements share.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant, SystemTime},
+};
+
+use sandbox_runner::{
+    proto::{self as pb, exec_event::Kind, sandbox_service_client::SandboxServiceClient},
+    testing::daytona::FakeDaytona,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, BufReader},
+    process::{Child, Command},
+};
+use tonic::transport::{Channel, Endpoint};
+
+// ---------------------------------------------------------------------------------------------
+// Environment: fd limit, the server binary, the machine.
+
+/// 5,000 Daytona jobs need ~3 fds each in the fake (in this process) and ~2 in the server;
+/// the soft limit is raised to the hard one here and inherited by the server.
+pub(crate) fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+pub(crate) fn server_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("SANDBOX_RUNNER_BIN") {
+        return PathBuf::from(path);
+    }
+    std::env::current_exe()
+        .expect("own path")
+        .with_file_name("sandbox-runner")
+}
+
+/// Under `cargo run`, builds the server binary with the same profile and features.
+pub(crate) fn ensure_server_built() -> anyhow::Result<()> {
+    if std::env::var_os("SANDBOX_RUNNER_BIN").is_some() {
+        return Ok(());
+    }
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--features",
+            "testing",
+            "--bin",
+            "sandbox-runner",
+        ]);
+        // `cargo run` exports these to us; passed on, some build scripts (ring's tracks
+        // CARGO_MANIFEST_DIR) would see a changed environment and rebuild half the tree.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p))
+                || name == "OUT_DIR"
+            {
+                cmd.env_remove(name.as_ref());
+            }
+        }
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        anyhow::ensure!(cmd.status()?.success(), "building sandbox-runner failed");
+    }
+    anyhow::ensure!(
+        server_bin().exists(),
+        "{} not found: build it (cargo build --release --bin sandbox-runner) or set SANDBOX_RUNNER_BIN",
+        server_bin().display()
+    );
+    Ok(())
+}
+
+pub(crate) fn machine_header() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = meminfo_kib("MemTotal").unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "\nsandbox-bench {}: {cores} cores ({model}), {:.1} GiB memory, Linux {}, {}\n",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        mem as f64 / (1 << 20) as f64,
+        kernel.trim(),
+        humantime::format_rfc3339_seconds(SystemTime::now()),
+    );
+}
+
+fn meminfo_kib(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    status_field(&text, key)
+}
+
+pub(crate) fn status_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server under test, as a child process.
+
+pub(crate) struct Server {
+    child: Child,
+    pub(crate) pid: u32,
+    addr: String,
+}
+
+impl Server {
+    pub(crate) async fn spawn(extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Server> {
+        Server::spawn_bin(&server_bin(), extra, env).await
+    }
+
+    pub(crate) async fn spawn_bin(
+        bin: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Server> {
+        let mut child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
+            .args(extra)
+            .envs(env.iter().copied())
+            // The default log level (info), as deployed: two lines per job.
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().expect("running");
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if entry["fields"]["message"] == "listening" {
+                    return Ok(entry["fields"]["addr"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned());
+                }
+            }
+            anyhow::bail!("server exited before listening")
+        })
+        .await??;
+        // Keep draining its log so it never blocks on a full pipe; show warnings.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("\"WARN\"") || line.contains("\"ERROR\"") {
+                    eprintln!("  server: {}", line.chars().take(300).collect::<String>());
+                }
+            }
+        });
+        Ok(Server {
+            child,
+            pid,
+            addr: format!("http://{addr}"),
+        })
+    }
+
+    /// (VmRSS, VmHWM) in KiB.
+    pub(crate) fn memory(&self) -> (u64, u64) {
+        let text =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        (
+            status_field(&text, "VmRSS").unwrap_or(0),
+            status_field(&text, "VmHWM").unwrap_or(0),
+        )
+    }
+
+    /// CPU seconds (user, system) the server has used so far.
+    pub(crate) fn cpu(&self) -> (f64, f64) {
+        cpu_of(&format!("/proc/{}/stat", self.pid))
+    }
+
+    pub(crate) fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid)).map_or(0, |d| d.count())
+    }
+
+    pub(crate) async fn client(
+        &self,
+        tuned: bool,
+    ) -> anyhow::Result<SandboxServiceClient<Channel>> {
+        connect(&self.addr, tuned).await
+    }
+
+    pub(crate) async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// A client as users get it by default, or one tuned for bulk streaming (large frames and
+/// windows; see research/tonic-throughput.md).
+async fn connect(addr: &str, tuned: bool) -> anyhow::Result<SandboxServiceClient<Channel>> {
+    let mut endpoint = Endpoint::from_shared(addr.to_owned())?;
+    if tuned {
+        endpoint = endpoint
+            .initial_stream_window_size(16 << 20)
+            .initial_connection_window_size(32 << 20)
+            .max_frame_size(1 << 20);
+    }
+    Ok(SandboxServiceClient::new(endpoint.connect().await?).max_decoding_message_size(8 << 20))
+}
+
+pub(crate) fn request(command: &str, sandbox: Option<&str>) -> pb::ExecRequest {
+    pb::ExecRequest {
+        command: command.into(),
+        sandbox_id: sandbox.unwrap_or_default().into(),
+        ..Default::default()
+    }
+}
+
+/// What one Exec delivered, with the stream contract checked.
+#[derive(Default)]
+pub(crate) struct ExecResult {
+    pub(crate) bytes: u64,
+    pub(crate) stdout: Vec<u8>,
+    pub(crate) first_output: Option<Duration>,
+    pub(crate) exited: Option<Duration>,
+}
+
+/// Runs a job to its end, discarding output (kept only if `keep`), checking seq, offsets,
+/// totals and exit code 0.
+pub(crate) async fn exec(
+    client: &mut SandboxServiceClient<Channel>,
+    req: pb::ExecRequest,
+    keep: bool,
+) -> anyhow::Result<ExecResult> {
+    let t0 = Instant::now();
+    let mut stream = client.exec(req).await?.into_inner();
+    let mut r = ExecResult::default();
+    let mut next_seq = 0;
+    let mut offsets = [0u64; 3];
+    while let Some(event) = stream.message().await? {
+        anyhow::ensure!(event.seq == next_seq, "seq {} != {next_seq}", event.seq);
+        next_seq += 1;
+        match event.kind {
+            Some(Kind::Output(out)) => {
+                r.first_output.get_or_insert_with(|| t0.elapsed());
+                let slot = &mut offsets[out.stream as usize % 3];
+                anyhow::ensure!(out.offset == *slot, "offset gap");
+                *slot += out.data.len() as u64;
+                r.bytes += out.data.len() as u64;
+                if keep {
+                    r.stdout.extend_from_slice(&out.data);
+                }
+            }
+            Some(Kind::Exited(exited)) => {
+                r.exited = Some(t0.elapsed());
+                anyhow::ensure!(
+                    exited.stdout_bytes + exited.stderr_bytes == r.bytes
+                        && exited.exit_code == Some(0),
+                    "bad exit: {exited:?} after {} bytes",
+                    r.bytes
+                );
+            }
+            _ => {}
+        }
+    }
+    anyhow::ensure!(r.exited.is_some(), "no Exited event");
+    Ok(r)
+}
+
+/// The same command through a pipe into this process, read in 1 MiB reads: the physical
+/// baseline. Returns bytes and time to the first byte.
+pub(crate) async fn pipe_run(command: &str) -> anyhow::Result<(u64, Duration)> {
+    let t0 = Instant::now();
+    let mut child = Command::new("/bin/sh")
+        .args(["-c", command])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut stdout = child.stdout.take().expect("piped");
+    // A 1 MiB pipe, as the service grows its own: the fastest a reader in this process can go.
+    let _ = nix::fcntl::fcntl(&stdout, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut received = 0;
+    let mut first = None;
+    loop {
+        let n = stdout.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        first.get_or_insert_with(|| t0.elapsed());
+        received += n as u64;
+    }
+    anyhow::ensure!(child.wait().await?.success());
+    Ok((received, first.unwrap_or_default()))
+}
+
+/// (user, system) CPU seconds from a /proc stat file (USER_HZ is 100 on Linux).
+pub(crate) fn cpu_of(path: &str) -> (f64, f64) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    if f.len() < 13 {
+        return (0.0, 0.0);
+    }
+    (f[11] / 100.0, f[12] / 100.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Daytona fake, for the throughput, latency and concurrency measurements.
+
+pub(crate) const SANDBOX: &str = "bench-sandbox";
+const DAYTONA_KEY: &str = "bench-key";
+
+pub(crate) async fn fake_daytona() -> FakeDaytona {
+    let fake = FakeDaytona::start(DAYTONA_KEY).await;
+    fake.add_sandbox(SANDBOX, "started");
+    fake
+}
+
+pub(crate) async fn daytona_server(fake: &FakeDaytona, extra: &[&str]) -> anyhow::Result<Server> {
+    let mut args = vec!["--backend", "daytona"];
+    args.extend_from_slice(extra);
+    Server::spawn(
+        &args,
+        &[
+            ("DAYTONA_API_KEY", DAYTONA_KEY),
+            ("DAYTONA_API_URL", fake.api_url.as_str()),
+        ],
+    )
+    .await
+}
