@@ -5,14 +5,14 @@
 //! No assertion depends on wall-clock timing; waits are bounded only so a bug cannot hang CI.
 
 mod common;
-#[path = "common/convex_fake.rs"]
-mod convex_fake;
 
 use std::time::{Duration, Instant};
 
 use common::{JobState, TestServer};
-use convex_fake::{FakeIngest, Fault, rows};
-use sandbox_runner::proto::{self as pb, sandbox_service_client::SandboxServiceClient};
+use sandbox_runner::{
+    proto::{self as pb, sandbox_service_client::SandboxServiceClient},
+    testing::convex_ingest::{FakeIngest, Fault, rows},
+};
 use serde_json::Value;
 use tonic::transport::Channel;
 

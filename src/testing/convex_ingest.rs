@@ -1,10 +1,6 @@
 //! A fake of the deployed Convex `POST /daytona-ingest` route (research/convex-ingest.md section
 //! 1), served over real HTTP on 127.0.0.1:0, with fault injection. It records every request it
 //! accepts, so tests can compare what reached "Convex" with what the job printed.
-//!
-//! Self-contained (axum, tokio, serde_json) so the benchmark harness can reuse it.
-
-#![allow(dead_code)]
 
 use std::{
     net::SocketAddr,
