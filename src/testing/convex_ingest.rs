@@ -216,7 +216,7 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
     let Ok(payload) = serde_json::from_slice::<Value>(&body) else {
         return refuse(StatusCode::BAD_REQUEST, "Invalid JSON body");
     };
-    if parse(&body).is_none() {
+    if !valid(&payload) {
         return refuse(
             StatusCode::BAD_REQUEST,
             "Missing required fields: taskId, sessionId, stream, data",
@@ -230,21 +230,23 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
     )
 }
 
-/// The body when it passes the deployed validation: JSON with truthy taskId, sessionId and
-/// stream, and a `data` member.
+/// The body when it passes the deployed validation.
 fn parse(body: &[u8]) -> Option<Value> {
-    let payload: Value = serde_json::from_slice(body).ok()?;
+    serde_json::from_slice(body).ok().filter(valid)
+}
+
+/// The deployed validation: truthy taskId, sessionId and stream, and a `data` member.
+fn valid(payload: &Value) -> bool {
     let truthy = |v: &Value| match v {
         Value::Null | Value::Bool(false) => false,
         Value::String(s) => !s.is_empty(),
         Value::Number(n) => n.as_f64() != Some(0.0),
         _ => true,
     };
-    let ok = ["taskId", "sessionId", "stream"]
+    ["taskId", "sessionId", "stream"]
         .iter()
         .all(|k| payload.get(*k).is_some_and(truthy))
-        && payload.get("data").is_some();
-    ok.then_some(payload)
+        && payload.get("data").is_some()
 }
 
 /// The rows the deployed handler writes for these records: output with non-empty data as is,
