@@ -1,15 +1,12 @@
 //! Mirror: the Convex mirror against a local ingest receiver: throughput cost, requests
 //! per MiB, lag.
 
-use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, Instant};
 
-use sandbox_runner::proto as pb;
+use sandbox_runner::{
+    proto as pb,
+    testing::convex_ingest::{FakeIngest, Keep},
+};
 
 use crate::{
     harness::{Server, exec, request},
@@ -28,60 +25,8 @@ pub(crate) struct MirrorArgs {
     lines: usize,
 }
 
-/// A loopback stand-in for the Convex `/daytona-ingest` route: counts requests and bytes, and
-/// measures lag from `T<unix nanos>` tokens that jobs write.
-#[derive(Default)]
-struct Ingest {
-    requests: AtomicU64,
-    /// Requests that carried a `[... N bytes not mirrored ...]` gap marker.
-    gap_markers: AtomicU64,
-    data_bytes: AtomicU64,
-    lags_ms: Mutex<Vec<f64>>,
-}
-
-async fn ingest_receiver() -> anyhow::Result<(String, Arc<Ingest>)> {
-    use axum::{Json, Router, extract::State, routing::post};
-    let state = Arc::new(Ingest::default());
-    async fn ingest(
-        State(state): State<Arc<Ingest>>,
-        Json(body): Json<serde_json::Value>,
-    ) -> Json<serde_json::Value> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        state.requests.fetch_add(1, Ordering::Relaxed);
-        if let Some(data) = body["data"].as_str() {
-            if data.starts_with("\n[... ") && data.ends_with(" bytes not mirrored ...]\n") {
-                state.gap_markers.fetch_add(1, Ordering::Relaxed);
-                return Json(serde_json::json!({ "success": true }));
-            }
-            state
-                .data_bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            // Bulk text has no tokens: skip the per-byte split (the receiver stands in for a
-            // remote Convex; its CPU here would be charged to the mirror).
-            if !data.contains('T') {
-                return Json(serde_json::json!({ "success": true }));
-            }
-            let mut lags = state.lags_ms.lock().unwrap();
-            for token in data.split_whitespace() {
-                if let Some(ns) = token.strip_prefix('T').and_then(|t| t.parse::<u128>().ok()) {
-                    lags.push((now.as_nanos().saturating_sub(ns)) as f64 / 1e6);
-                }
-            }
-        }
-        Json(serde_json::json!({ "success": true }))
-    }
-    let app = Router::new()
-        .route("/daytona-ingest", post(ingest))
-        .with_state(Arc::clone(&state));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok((format!("http://{addr}"), state))
-}
+/// The secret the fake ingest route and the mirrored server share.
+const SECRET: &str = "bench-secret";
 
 /// A request the Convex mirror takes: it keys rows by task and session.
 fn mirrored_request(command: &str) -> pb::ExecRequest {
@@ -93,13 +38,15 @@ fn mirrored_request(command: &str) -> pb::ExecRequest {
 }
 
 pub(crate) async fn mirror(a: MirrorArgs) -> anyhow::Result<()> {
-    let (url, ingest) = ingest_receiver().await?;
+    // Counts only: the runs mirror hundreds of MiB.
+    let ingest = FakeIngest::start_keeping(SECRET, Keep::Counts).await;
+    let url = ingest.site_url();
     let plain = Server::spawn(&[], &[]).await?;
     let mirrored = Server::spawn(
         &[],
         &[
             ("CONVEX_SITE_URL", url.as_str()),
-            ("CONVEX_INGEST_SECRET", "bench-secret"),
+            ("CONVEX_INGEST_SECRET", SECRET),
         ],
     )
     .await?;
@@ -129,9 +76,9 @@ pub(crate) async fn mirror(a: MirrorArgs) -> anyhow::Result<()> {
     let command = format!("yes {} | head -c {}", "x".repeat(127), a.bytes);
     let mut off = Samples::new("Exec, mirror off");
     let mut on = Samples::new("Exec, mirror on");
-    let before = ingest.requests.load(Ordering::Relaxed);
-    let before_bytes = ingest.data_bytes.load(Ordering::Relaxed);
-    let before_gaps = ingest.gap_markers.load(Ordering::Relaxed);
+    let before = ingest.requests();
+    let before_bytes = ingest.data_bytes();
+    let before_gaps = ingest.gap_markers();
     for round in 0..a.rounds {
         eprintln!("mirror round {}/{}", round + 1, a.rounds);
         let t = Instant::now();
@@ -143,9 +90,9 @@ pub(crate) async fn mirror(a: MirrorArgs) -> anyhow::Result<()> {
     }
     // Let the sink finish delivering.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let requests = ingest.requests.load(Ordering::Relaxed) - before;
-    let mirrored_bytes = ingest.data_bytes.load(Ordering::Relaxed) - before_bytes;
-    let gaps = ingest.gap_markers.load(Ordering::Relaxed) - before_gaps;
+    let requests = ingest.requests() - before;
+    let mirrored_bytes = ingest.data_bytes() - before_bytes;
+    let gaps = ingest.gap_markers() - before_gaps;
 
     let lag_cmd = format!(
         "for i in $(seq {}); do echo T$(date +%s%N); sleep 0.005; done",
@@ -154,7 +101,7 @@ pub(crate) async fn mirror(a: MirrorArgs) -> anyhow::Result<()> {
     exec(&mut mirror_client, mirrored_request(&lag_cmd), false).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut lag = Samples::new("write → receipt lag");
-    lag.values = ingest.lags_ms.lock().unwrap().clone();
+    lag.values = ingest.lags_ms();
 
     println!("| variant | median | min..max | ratio | |\n|---|---|---|---|---|");
     off.rate_row(None, None);
