@@ -8,8 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use sandbox_runner::testing::procfs;
+
 use crate::{
-    harness::{SANDBOX, Server, daytona_server, exec, fake_daytona, request, status_field},
+    harness::{SANDBOX, Server, daytona_server, exec, fake_daytona, request},
     stats::mib,
 };
 
@@ -35,13 +37,10 @@ fn watch(server: &Server) -> (tokio::task::JoinHandle<(u64, usize)>, Arc<AtomicU
         async move {
             let (mut rss, mut fds) = (0, 0);
             while stop.load(Ordering::Relaxed) == 0 {
-                let own = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+                let own = procfs::fd_count(std::process::id());
                 BENCH_FDS_PEAK.fetch_max(own as u64, Ordering::Relaxed);
-                let text =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                rss = rss.max(status_field(&text, "VmRSS").unwrap_or(0));
-                fds =
-                    fds.max(std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()));
+                rss = rss.max(procfs::memory_kib(pid).0);
+                fds = fds.max(procfs::fd_count(pid));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             (rss, fds)

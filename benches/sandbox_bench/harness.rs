@@ -10,7 +10,7 @@ use std::{
 
 use sandbox_runner::{
     proto::{self as pb, exec_event::Kind, sandbox_service_client::SandboxServiceClient},
-    testing::daytona::FakeDaytona,
+    testing::{daytona::FakeDaytona, procfs},
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, BufReader},
@@ -95,7 +95,7 @@ pub(crate) fn machine_header() {
         .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = meminfo_kib("MemTotal").unwrap_or(0);
+    let mem = procfs::meminfo_kib("MemTotal").unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
         "\nsandbox-bench {}: {cores} cores ({model}), {:.1} GiB memory, Linux {}, {}\n",
@@ -104,17 +104,6 @@ pub(crate) fn machine_header() {
         kernel.trim(),
         humantime::format_rfc3339_seconds(SystemTime::now()),
     );
-}
-
-fn meminfo_kib(key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    status_field(&text, key)
-}
-
-pub(crate) fn status_field(text: &str, key: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,21 +170,16 @@ impl Server {
 
     /// (VmRSS, VmHWM) in KiB.
     pub(crate) fn memory(&self) -> (u64, u64) {
-        let text =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
-        (
-            status_field(&text, "VmRSS").unwrap_or(0),
-            status_field(&text, "VmHWM").unwrap_or(0),
-        )
+        procfs::memory_kib(self.pid)
     }
 
     /// CPU seconds (user, system) the server has used so far.
     pub(crate) fn cpu(&self) -> (f64, f64) {
-        cpu_of(&format!("/proc/{}/stat", self.pid))
+        procfs::cpu_seconds(self.pid)
     }
 
     pub(crate) fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid)).map_or(0, |d| d.count())
+        procfs::fd_count(self.pid)
     }
 
     pub(crate) async fn client(
@@ -318,21 +302,6 @@ pub(crate) async fn pipe_run(command: &str) -> anyhow::Result<(u64, Duration)> {
     }
     anyhow::ensure!(child.wait().await?.success());
     Ok((received, first.unwrap_or_default()))
-}
-
-/// (user, system) CPU seconds from a /proc stat file (USER_HZ is 100 on Linux).
-pub(crate) fn cpu_of(path: &str) -> (f64, f64) {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    if f.len() < 13 {
-        return (0.0, 0.0);
-    }
-    (f[11] / 100.0, f[12] / 100.0)
 }
 
 // ---------------------------------------------------------------------------------------------

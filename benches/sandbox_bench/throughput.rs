@@ -2,10 +2,11 @@
 
 use std::time::Instant;
 
+use sandbox_runner::testing::procfs;
 use tokio::process::Command;
 
 use crate::{
-    harness::{SANDBOX, Server, cpu_of, daytona_server, exec, fake_daytona, pipe_run, request},
+    harness::{SANDBOX, Server, daytona_server, exec, fake_daytona, pipe_run, request},
     stats::{Samples, gbps},
 };
 
@@ -64,12 +65,12 @@ pub(crate) async fn throughput(a: ThroughputArgs) -> anyhow::Result<()> {
         let r = exec(&mut default_client, request(&command, None), false).await?;
         exec_default.push(gbps(r.bytes, t.elapsed()));
 
-        let (server0, client0) = (server.cpu(), cpu_of("/proc/self/stat"));
+        let (server0, client0) = (server.cpu(), procfs::cpu_seconds(std::process::id()));
         let t = Instant::now();
         let r = exec(&mut tuned_client, request(&command, None), false).await?;
         anyhow::ensure!(r.bytes == a.bytes);
         exec_tuned.push(gbps(r.bytes, t.elapsed()));
-        let (server1, client1) = (server.cpu(), cpu_of("/proc/self/stat"));
+        let (server1, client1) = (server.cpu(), procfs::cpu_seconds(std::process::id()));
         cpu[0] += server1.0 - server0.0;
         cpu[1] += server1.1 - server0.1;
         cpu[2] += client1.0 - client0.0;

@@ -3,3 +3,4 @@
 
 pub mod convex_ingest;
 pub mod daytona;
+pub mod procfs;

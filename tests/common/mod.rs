@@ -17,6 +17,7 @@ use tonic_health::pb::{
 };
 
 pub use pb::{JobState, OutputStream};
+pub use sandbox_runner::testing::procfs::group_members;
 
 /// A server running in this process.
 pub struct TestServer {
@@ -244,28 +245,6 @@ pub async fn status(
         .await
         .expect("Status succeeds")
         .into_inner()
-}
-
-/// Pids of live (non-zombie) processes whose process group is `pgid`.
-pub fn group_members(pgid: u32) -> Vec<u32> {
-    let mut members = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command: state, ppid, pgrp, ...
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() > 2 && fields[2] == pgid.to_string() && fields[0] != "Z" {
-            members.push(pid);
-        }
-    }
-    members
 }
 
 /// Waits (bounded) until no process of group `pgid` is alive; panics naming the survivors.
