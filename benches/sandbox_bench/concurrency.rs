@@ -31,7 +31,7 @@ static BENCH_FDS_PEAK: AtomicU64 = AtomicU64::new(0);
 /// Samples the server's RSS and fds until stopped; returns (peak RSS KiB, peak fds).
 fn watch(server: &Server) -> (tokio::task::JoinHandle<(u64, usize)>, Arc<AtomicU64>) {
     let stop = Arc::new(AtomicU64::new(0));
-    let pid = server.pid;
+    let pid = server.pid();
     let handle = tokio::spawn({
         let stop = Arc::clone(&stop);
         async move {

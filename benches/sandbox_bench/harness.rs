@@ -10,12 +10,9 @@ use std::{
 
 use sandbox_runner::{
     proto::{self as pb, exec_event::Kind, sandbox_service_client::SandboxServiceClient},
-    testing::{daytona::FakeDaytona, procfs},
+    testing::{daytona::FakeDaytona, procfs, server_process::ServerProcess},
 };
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, BufReader},
-    process::{Child, Command},
-};
+use tokio::{io::AsyncReadExt, process::Command};
 use tonic::transport::{Channel, Endpoint};
 
 // ---------------------------------------------------------------------------------------------
@@ -109,11 +106,9 @@ pub(crate) fn machine_header() {
 // ---------------------------------------------------------------------------------------------
 // The server under test, as a child process.
 
-pub(crate) struct Server {
-    child: Child,
-    pub(crate) pid: u32,
-    addr: String,
-}
+/// The server binary under test, started as deployed (default log level) with its warnings
+/// echoed, and what the measurements read of it.
+pub(crate) struct Server(ServerProcess);
 
 impl Server {
     pub(crate) async fn spawn(extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Server> {
@@ -125,83 +120,46 @@ impl Server {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Server> {
-        let mut child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
+        let mut command = ServerProcess::command(bin);
+        command
             .args(extra)
             .envs(env.iter().copied())
             // The default log level (info), as deployed: two lines per job.
             .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let pid = child.id().expect("running");
-        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    continue;
-                };
-                if entry["fields"]["message"] == "listening" {
-                    return Ok(entry["fields"]["addr"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned());
-                }
-            }
-            anyhow::bail!("server exited before listening")
-        })
-        .await??;
-        // Keep draining its log so it never blocks on a full pipe; show warnings.
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("\"WARN\"") || line.contains("\"ERROR\"") {
-                    eprintln!("  server: {}", line.chars().take(300).collect::<String>());
-                }
-            }
-        });
-        Ok(Server {
-            child,
-            pid,
-            addr: format!("http://{addr}"),
-        })
+            .stdin(Stdio::null());
+        let mut server = ServerProcess::spawn(command).await?;
+        // A long run would pile up its log: show only warnings.
+        server.echo_warnings();
+        Ok(Server(server))
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.0.pid
     }
 
     /// (VmRSS, VmHWM) in KiB.
     pub(crate) fn memory(&self) -> (u64, u64) {
-        procfs::memory_kib(self.pid)
+        procfs::memory_kib(self.0.pid)
     }
 
     /// CPU seconds (user, system) the server has used so far.
     pub(crate) fn cpu(&self) -> (f64, f64) {
-        procfs::cpu_seconds(self.pid)
+        procfs::cpu_seconds(self.0.pid)
     }
 
     pub(crate) fn fds(&self) -> usize {
-        procfs::fd_count(self.pid)
+        procfs::fd_count(self.0.pid)
     }
 
     pub(crate) async fn client(
         &self,
         tuned: bool,
     ) -> anyhow::Result<SandboxServiceClient<Channel>> {
-        connect(&self.addr, tuned).await
+        connect(&self.0.url(), tuned).await
     }
 
-    pub(crate) async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
+    pub(crate) async fn stop(self) {
+        self.0.stop().await;
     }
 }
 

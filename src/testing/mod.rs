@@ -4,3 +4,4 @@
 pub mod convex_ingest;
 pub mod daytona;
 pub mod procfs;
+pub mod server_process;

@@ -17,7 +17,7 @@ use tonic_health::pb::{
 };
 
 pub use pb::{JobState, OutputStream};
-pub use sandbox_runner::testing::procfs::group_members;
+pub use sandbox_runner::testing::{procfs::group_members, server_process::ServerProcess};
 
 /// A server running in this process.
 pub struct TestServer {
@@ -314,94 +314,12 @@ pub async fn wait_not_serving(channel: &Channel) {
     panic!("health never reported NOT_SERVING");
 }
 
-/// The real `sandbox-runner` binary as a child process, with JSON logs on stderr.
-pub struct ServerProcess {
-    child: tokio::process::Child,
-    pub addr: String,
-    logs: tokio::sync::mpsc::UnboundedReceiver<String>,
-    /// Every log line read so far.
-    seen: String,
-}
-
-impl ServerProcess {
-    /// Starts the binary on 127.0.0.1:0 and waits until it logs where it listens.
-    pub async fn start(args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
-        use tokio::io::{AsyncBufReadExt, BufReader};
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandbox-runner"))
-            .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
-            .args(args)
-            .envs(envs.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the binary");
-        let (tx, logs) = tokio::sync::mpsc::unbounded_channel();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-        let mut server = ServerProcess {
-            child,
-            addr: String::new(),
-            logs,
-            seen: String::new(),
-        };
-        let listening = server.wait_log("listening").await;
-        server.addr = listening["fields"]["addr"].as_str().unwrap().to_owned();
-        server
-    }
-
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to the binary")
-    }
-
-    pub fn sigterm(&self) {
-        use nix::{
-            sys::signal::{Signal, kill},
-            unistd::Pid,
-        };
-        let pid = self.child.id().expect("still running") as i32;
-        kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
-    }
-
-    /// Reads log lines until one has this message (bounded wait).
-    pub async fn wait_log(&mut self, message: &str) -> serde_json::Value {
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(60), self.logs.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no {message:?} log"))
-                .unwrap_or_else(|| panic!("exited before logging {message:?}:\n{}", self.seen));
-            self.seen.push_str(&line);
-            self.seen.push('\n');
-            let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-            if entry["fields"]["message"] == message {
-                return entry;
-            }
-        }
-    }
-
-    /// Waits (bounded) for the process to exit, then returns its status and its whole log.
-    pub async fn exit(&mut self) -> (std::process::ExitStatus, String) {
-        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .expect("the binary exits in time")
-            .unwrap();
-        // The reader task may still be catching up: read to the end of the log.
-        while let Ok(Some(line)) =
-            tokio::time::timeout(Duration::from_secs(10), self.logs.recv()).await
-        {
-            self.seen.push_str(&line);
-            self.seen.push('\n');
-        }
-        (status, self.seen.clone())
-    }
+/// The `sandbox-runner` binary of this build as a child process, with these extra flags and
+/// environment.
+pub async fn start_binary(args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
+    ServerProcess::start(env!("CARGO_BIN_EXE_sandbox-runner"), args, envs)
+        .await
+        .expect("start the binary")
 }
 
 /// API key the fake Daytona of these tests accepts.
