@@ -66,7 +66,7 @@ pub(crate) async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         }
         for (k, (c, _)) in clients.iter_mut().enumerate() {
             let r = exec(c, request("true", None), false).await?;
-            lat[0][k].push(ms(r.exited.expect("checked")));
+            lat[0][k].push(ms(r.exited_after));
             let r = exec(c, request("echo hi", None), false).await?;
             lat[1][k].push(ms(r.first_output.expect("echo writes")));
         }
@@ -77,10 +77,10 @@ pub(crate) async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         for (k, (d, t)) in clients.iter_mut().enumerate() {
             let start = Instant::now();
             let r = exec(d, request(&command, None), false).await?;
-            tput_default[k].push(gbps(r.bytes, start.elapsed()));
+            tput_default[k].push(gbps(r.bytes(), start.elapsed()));
             let start = Instant::now();
             let r = exec(t, request(&command, None), false).await?;
-            tput_tuned[k].push(gbps(r.bytes, start.elapsed()));
+            tput_tuned[k].push(gbps(r.bytes(), start.elapsed()));
         }
     }
     println!(

@@ -90,10 +90,17 @@ async fn concurrency_run(
     }
     let (mut ok, mut failed) = (0, Vec::new());
     while let Some(r) = set.join_next().await {
-        match r? {
-            Ok(r) if r.stdout == b"done\n" => ok += 1,
-            Ok(r) => failed.push(format!("output {:?}", String::from_utf8_lossy(&r.stdout))),
-            Err(e) => failed.push(e.to_string()),
+        // Both streams, in arrival order.
+        let output = r?.map(|r| {
+            r.chunks
+                .into_iter()
+                .flat_map(|(_, data)| data)
+                .collect::<Vec<_>>()
+        });
+        match output {
+            Ok(output) if output == b"done\n" => ok += 1,
+            Ok(output) => failed.push(format!("output {:?}", String::from_utf8_lossy(&output))),
+            Err(e) => failed.push(format!("{e:#}")),
         }
     }
     let wall = t.elapsed();

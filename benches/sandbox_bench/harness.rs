@@ -9,8 +9,13 @@ use std::{
 };
 
 use sandbox_runner::{
-    proto::{self as pb, exec_event::Kind, sandbox_service_client::SandboxServiceClient},
-    testing::{daytona::FakeDaytona, procfs, server_process::ServerProcess},
+    proto::{self as pb, sandbox_service_client::SandboxServiceClient},
+    testing::{
+        contract::{Job, Output, Run},
+        daytona::FakeDaytona,
+        procfs,
+        server_process::ServerProcess,
+    },
 };
 use tokio::{io::AsyncReadExt, process::Command};
 use tonic::transport::{Channel, Endpoint};
@@ -184,55 +189,22 @@ pub(crate) fn request(command: &str, sandbox: Option<&str>) -> pb::ExecRequest {
     }
 }
 
-/// What one Exec delivered, with the stream contract checked.
-#[derive(Default)]
-pub(crate) struct ExecResult {
-    pub(crate) bytes: u64,
-    pub(crate) stdout: Vec<u8>,
-    pub(crate) first_output: Option<Duration>,
-    pub(crate) exited: Option<Duration>,
-}
-
-/// Runs a job to its end, discarding output (kept only if `keep`), checking seq, offsets,
-/// totals and exit code 0.
+/// Runs a job to its end through the stream-contract reader, keeping its output only if
+/// `keep`, and checks exit code 0.
 pub(crate) async fn exec(
     client: &mut SandboxServiceClient<Channel>,
     req: pb::ExecRequest,
     keep: bool,
-) -> anyhow::Result<ExecResult> {
-    let t0 = Instant::now();
-    let mut stream = client.exec(req).await?.into_inner();
-    let mut r = ExecResult::default();
-    let mut next_seq = 0;
-    let mut offsets = [0u64; 3];
-    while let Some(event) = stream.message().await? {
-        anyhow::ensure!(event.seq == next_seq, "seq {} != {next_seq}", event.seq);
-        next_seq += 1;
-        match event.kind {
-            Some(Kind::Output(out)) => {
-                r.first_output.get_or_insert_with(|| t0.elapsed());
-                let slot = &mut offsets[out.stream as usize % 3];
-                anyhow::ensure!(out.offset == *slot, "offset gap");
-                *slot += out.data.len() as u64;
-                r.bytes += out.data.len() as u64;
-                if keep {
-                    r.stdout.extend_from_slice(&out.data);
-                }
-            }
-            Some(Kind::Exited(exited)) => {
-                r.exited = Some(t0.elapsed());
-                anyhow::ensure!(
-                    exited.stdout_bytes + exited.stderr_bytes == r.bytes
-                        && exited.exit_code == Some(0),
-                    "bad exit: {exited:?} after {} bytes",
-                    r.bytes
-                );
-            }
-            _ => {}
-        }
-    }
-    anyhow::ensure!(r.exited.is_some(), "no Exited event");
-    Ok(r)
+) -> anyhow::Result<Run> {
+    let output = if keep { Output::Keep } else { Output::Count };
+    let run = Job::start(client, req, output).await?.finish().await?;
+    anyhow::ensure!(
+        run.exited.exit_code == Some(0),
+        "bad exit: {:?} after {} bytes",
+        run.exited,
+        run.bytes()
+    );
+    Ok(run)
 }
 
 /// The same command through a pipe into this process, read in 1 MiB reads: the physical

@@ -49,7 +49,7 @@ pub(crate) async fn latency(a: LatencyArgs) -> anyhow::Result<()> {
         spawn_true.push(ms(t.elapsed()));
 
         let r = exec(&mut client, request("true", None), false).await?;
-        exec_true.push(ms(r.exited.expect("checked")));
+        exec_true.push(ms(r.exited_after));
 
         let (_, first) = pipe_run("echo hi").await?;
         spawn_echo.push(ms(first));
@@ -73,7 +73,7 @@ pub(crate) async fn latency(a: LatencyArgs) -> anyhow::Result<()> {
             .await?;
         d_spawn.push(ms(t.elapsed()));
         let r = exec(&mut dclient, request("true", Some(SANDBOX)), false).await?;
-        d_true.push(ms(r.exited.expect("checked")));
+        d_true.push(ms(r.exited_after));
         let r = exec(&mut dclient, request("echo hi", Some(SANDBOX)), false).await?;
         d_echo.push(ms(r.first_output.expect("echo writes")));
     }

@@ -83,10 +83,10 @@ pub(crate) async fn mirror(a: MirrorArgs) -> anyhow::Result<()> {
         eprintln!("mirror round {}/{}", round + 1, a.rounds);
         let t = Instant::now();
         let r = exec(&mut plain_client, mirrored_request(&command), false).await?;
-        off.push(gbps(r.bytes, t.elapsed()));
+        off.push(gbps(r.bytes(), t.elapsed()));
         let t = Instant::now();
         let r = exec(&mut mirror_client, mirrored_request(&command), false).await?;
-        on.push(gbps(r.bytes, t.elapsed()));
+        on.push(gbps(r.bytes(), t.elapsed()));
     }
     // Let the sink finish delivering.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -63,13 +63,13 @@ pub(crate) async fn throughput(a: ThroughputArgs) -> anyhow::Result<()> {
 
         let t = Instant::now();
         let r = exec(&mut default_client, request(&command, None), false).await?;
-        exec_default.push(gbps(r.bytes, t.elapsed()));
+        exec_default.push(gbps(r.bytes(), t.elapsed()));
 
         let (server0, client0) = (server.cpu(), procfs::cpu_seconds(std::process::id()));
         let t = Instant::now();
         let r = exec(&mut tuned_client, request(&command, None), false).await?;
-        anyhow::ensure!(r.bytes == a.bytes);
-        exec_tuned.push(gbps(r.bytes, t.elapsed()));
+        anyhow::ensure!(r.bytes() == a.bytes);
+        exec_tuned.push(gbps(r.bytes(), t.elapsed()));
         let (server1, client1) = (server.cpu(), procfs::cpu_seconds(std::process::id()));
         cpu[0] += server1.0 - server0.0;
         cpu[1] += server1.1 - server0.1;
@@ -78,7 +78,7 @@ pub(crate) async fn throughput(a: ThroughputArgs) -> anyhow::Result<()> {
 
         let t = Instant::now();
         let r = exec(&mut tuned_client, request(&interleaved, None), false).await?;
-        exec_mixed.push(gbps(r.bytes, t.elapsed()));
+        exec_mixed.push(gbps(r.bytes(), t.elapsed()));
 
         let t = Instant::now();
         let (n, _) = pipe_run(&lines).await?;
@@ -87,11 +87,11 @@ pub(crate) async fn throughput(a: ThroughputArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         let r = exec(&mut dclient, request(&lines, Some(SANDBOX)), false).await?;
         anyhow::ensure!(
-            r.bytes == a.daytona_bytes,
+            r.bytes() == a.daytona_bytes,
             "daytona lost bytes: {}",
-            r.bytes
+            r.bytes()
         );
-        daytona.push(gbps(r.bytes, t.elapsed()));
+        daytona.push(gbps(r.bytes(), t.elapsed()));
     }
     println!(
         "### Throughput: {} MiB per local run, {} MiB per Daytona run, {} rounds interleaved\n",

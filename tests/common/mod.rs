@@ -8,7 +8,8 @@ use std::{net::SocketAddr, time::Duration};
 use clap::Parser;
 use sandbox_runner::{
     Config,
-    proto::{self as pb, exec_event::Kind, sandbox_service_client::SandboxServiceClient},
+    proto::{self as pb, sandbox_service_client::SandboxServiceClient},
+    testing::contract::{self, Output},
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{Streaming, transport::Channel};
@@ -16,8 +17,12 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+// Not every test crate uses every re-export.
+#[allow(unused_imports)]
 pub use pb::{JobState, OutputStream};
-pub use sandbox_runner::testing::{procfs::group_members, server_process::ServerProcess};
+pub use sandbox_runner::testing::{
+    contract::Run, procfs::group_members, server_process::ServerProcess,
+};
 
 /// A server running in this process.
 pub struct TestServer {
@@ -98,122 +103,59 @@ pub fn argv(args: &[&str]) -> pb::ExecRequest {
     }
 }
 
-/// Everything a finished job sent, checked against the stream contract.
-#[derive(Debug)]
-pub struct Run {
-    pub job_id: String,
-    pub pid: u32,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    /// (stream, data) in arrival order.
-    pub chunks: Vec<(OutputStream, Vec<u8>)>,
-    pub exited: pb::Exited,
-}
-
-impl Run {
-    pub fn state(&self) -> JobState {
-        JobState::try_from(self.exited.state).unwrap()
-    }
-}
-
-/// A job being read, checking the stream contract on every event: seq starts at 0 and has no
-/// gaps, Started first, Exited last and once, offsets contiguous per stream, totals match.
+/// A job read through the stream-contract reader (src/testing/contract.rs), keeping its output;
+/// a broken contract fails the test.
 pub struct Job {
-    stream: Streaming<pb::ExecEvent>,
     pub job_id: String,
     pub pid: u32,
-    next_seq: u64,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    chunks: Vec<(OutputStream, Vec<u8>)>,
-    exited: Option<pb::Exited>,
+    reader: contract::Job,
+}
+
+/// The value, or a test failure naming what broke.
+fn checked<T>(result: anyhow::Result<T>) -> T {
+    result.unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 impl Job {
     /// Starts a job and reads its `Started` event.
     pub async fn start(client: &mut SandboxServiceClient<Channel>, req: pb::ExecRequest) -> Job {
-        let stream = client.exec(req).await.expect("Exec accepted").into_inner();
-        Job::from_stream(stream).await
+        Job::new(checked(
+            contract::Job::start(client, req, Output::Keep).await,
+        ))
     }
 
-    pub async fn from_stream(mut stream: Streaming<pb::ExecEvent>) -> Job {
-        let event = stream.message().await.unwrap().expect("a first event");
-        assert_eq!(event.seq, 0);
-        let pid = match event.kind {
-            Some(Kind::Started(s)) => s.pid,
-            other => panic!("first event is not Started: {other:?}"),
-        };
+    pub async fn from_stream(stream: Streaming<pb::ExecEvent>) -> Job {
+        Job::new(checked(
+            contract::Job::from_stream(stream, Output::Keep).await,
+        ))
+    }
+
+    fn new(reader: contract::Job) -> Job {
         Job {
-            stream,
-            job_id: event.job_id,
-            pid,
-            next_seq: 1,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            chunks: Vec::new(),
-            exited: None,
+            job_id: reader.job_id.clone(),
+            pid: reader.pid,
+            reader,
         }
     }
 
     /// Reads one event; false at the end of the stream.
     pub async fn step(&mut self) -> bool {
-        let Some(event) = self.stream.message().await.expect("stream ends cleanly") else {
-            return false;
-        };
-        assert!(self.exited.is_none(), "event after Exited: {event:?}");
-        assert_eq!(event.seq, self.next_seq, "seq gap");
-        assert_eq!(event.job_id, self.job_id);
-        assert!(event.time.is_some());
-        self.next_seq += 1;
-        match event.kind.expect("event has a kind") {
-            Kind::Started(_) => panic!("second Started"),
-            Kind::Output(out) => {
-                let stream = OutputStream::try_from(out.stream).unwrap();
-                let buf = match stream {
-                    OutputStream::Stdout => &mut self.stdout,
-                    OutputStream::Stderr => &mut self.stderr,
-                    OutputStream::Unspecified => panic!("unspecified stream"),
-                };
-                assert_eq!(
-                    out.offset,
-                    buf.len() as u64,
-                    "offset mismatch on {stream:?}"
-                );
-                assert!(!out.data.is_empty(), "empty output chunk");
-                buf.extend_from_slice(&out.data);
-                self.chunks.push((stream, out.data.to_vec()));
-            }
-            Kind::Exited(e) => self.exited = Some(e),
-        }
-        true
+        checked(self.reader.step().await)
     }
 
     /// Reads until at least `n` bytes of stdout arrived.
     pub async fn read_stdout(&mut self, n: usize) {
-        while self.stdout.len() < n {
-            assert!(self.step().await, "stream ended before {n} stdout bytes");
-        }
+        checked(self.reader.read_stdout(n).await)
     }
 
     /// Drops the stream, as a client that goes away does.
     pub fn disconnect(self) -> (String, u32) {
-        (self.job_id, self.pid)
+        self.reader.disconnect()
     }
 
     /// Reads to the end.
-    pub async fn finish(mut self) -> Run {
-        while self.step().await {}
-        let exited = self.exited.expect("stream ended without Exited");
-        assert_eq!(exited.stdout_bytes, self.stdout.len() as u64);
-        assert_eq!(exited.stderr_bytes, self.stderr.len() as u64);
-        Run {
-            job_id: self.job_id,
-            pid: self.pid,
-            stdout: self.stdout,
-            stderr: self.stderr,
-            chunks: self.chunks,
-            exited,
-        }
+    pub async fn finish(self) -> Run {
+        checked(self.reader.finish().await)
     }
 }
 
