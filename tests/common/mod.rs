@@ -1,5 +1,7 @@
-//! Shared test support: a real server on 127.0.0.1:0, a real tonic client, and helpers that check
-//! the event-stream contract on every run.
+//! Shared test support: a real server on 127.0.0.1:0 (in this process, or the binary), a real
+//! tonic client, and helpers that check the event-stream contract on every run. What the
+//! benchmark shares (the binary as a process, the contract reader, the fakes, /proc) lives in
+//! `sandbox_runner::testing`; this module makes its failures fail the test.
 
 #![allow(dead_code)]
 
