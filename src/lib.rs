@@ -14,7 +14,9 @@
 //! - [`proto`]: generated protobuf code.
 //! - [`telemetry`]: logging setup.
 //! - [`tls`]: the one TLS crypto provider.
-//! - `testing` (feature `testing`): fakes of Daytona for tests and benchmarks.
+//! - `testing` (feature `testing`): fakes (Daytona, Convex ingest, an in-memory backend) and
+//!   fixtures (the binary as a child process, the stream-contract reader) shared by the tests
+//!   and the benchmark.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]

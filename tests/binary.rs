@@ -12,7 +12,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_sandbox-runner");
 const TOKEN: &str = "binary-test-token";
 
 async fn spawn_server(extra: &[&str]) -> ServerProcess {
-    ServerProcess::start(extra, &[("SANDBOX_RUNNER_TOKEN", TOKEN)]).await
+    common::start_binary(extra, &[("SANDBOX_RUNNER_TOKEN", TOKEN)]).await
 }
 
 fn authorized<T>(message: T) -> Request<T> {
@@ -26,7 +26,7 @@ fn authorized<T>(message: T) -> Request<T> {
 #[tokio::test]
 async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
     let mut server = spawn_server(&["--drain-grace", "1s", "--cancel-grace", "500ms"]).await;
-    let channel = server.channel().await;
+    let channel = server.channel().await.unwrap();
     let mut client = SandboxServiceClient::new(channel.clone());
 
     // The service's own secrets never reach jobs.
@@ -48,12 +48,12 @@ async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
     let job = common::Job::from_stream(stream).await;
     let pgid = job.pid;
 
-    server.sigterm();
+    server.sigterm().unwrap();
     common::wait_not_serving(&channel).await;
 
     let run = job.finish().await;
     assert_eq!(run.state(), JobState::Cancelled);
-    let (status, logs) = server.exit().await;
+    let (status, logs) = server.exit().await.unwrap();
     assert!(status.success(), "exit status {status}");
     common::assert_group_gone(pgid).await;
     assert!(logs.contains("server stopped"), "{logs}");
@@ -65,7 +65,7 @@ async fn sigterm_drains_then_exits_cleanly_leaving_no_processes() {
 #[tokio::test]
 async fn sigterm_lets_in_flight_streams_finish_within_the_grace() {
     let mut server = spawn_server(&["--drain-grace", "30s"]).await;
-    let channel = server.channel().await;
+    let channel = server.channel().await.unwrap();
     let mut client = SandboxServiceClient::new(channel.clone());
     let stream = client
         .exec(authorized(shell("echo begin; sleep 1; echo end")))
@@ -75,7 +75,7 @@ async fn sigterm_lets_in_flight_streams_finish_within_the_grace() {
     let mut job = common::Job::from_stream(stream).await;
     job.read_stdout(6).await;
 
-    server.sigterm();
+    server.sigterm().unwrap();
     common::wait_not_serving(&channel).await;
     let refused = client.exec(authorized(shell("true"))).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable);
@@ -83,7 +83,7 @@ async fn sigterm_lets_in_flight_streams_finish_within_the_grace() {
     let run = job.finish().await;
     assert_eq!(run.state(), JobState::Succeeded, "{:?}", run.exited);
     assert_eq!(run.stdout, b"begin\nend\n");
-    let (status, _) = server.exit().await;
+    let (status, _) = server.exit().await.unwrap();
     assert!(status.success(), "exit status {status}");
 }
 

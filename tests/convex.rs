@@ -5,14 +5,14 @@
 //! No assertion depends on wall-clock timing; waits are bounded only so a bug cannot hang CI.
 
 mod common;
-#[path = "common/convex_fake.rs"]
-mod convex_fake;
 
 use std::time::{Duration, Instant};
 
 use common::{JobState, TestServer};
-use convex_fake::{FakeIngest, Fault, rows};
-use sandbox_runner::proto::{self as pb, sandbox_service_client::SandboxServiceClient};
+use sandbox_runner::{
+    proto::{self as pb, sandbox_service_client::SandboxServiceClient},
+    testing::convex_ingest::{FakeIngest, Fault, rows},
+};
 use serde_json::Value;
 use tonic::transport::Channel;
 
@@ -513,7 +513,7 @@ async fn a_stalled_ingest_with_a_small_queue_stays_bounded_and_marks_the_gap() {
 async fn sigterm_on_the_binary_flushes_a_finished_jobs_last_records() {
     let fake = FakeIngest::start(SECRET).await;
     let site_url = fake.site_url();
-    let mut server = common::ServerProcess::start(
+    let mut server = common::start_binary(
         &["--drain-grace", "20s", "--convex-request-timeout", "300ms"],
         &[
             ("CONVEX_SITE_URL", &site_url),
@@ -521,7 +521,7 @@ async fn sigterm_on_the_binary_flushes_a_finished_jobs_last_records() {
         ],
     )
     .await;
-    let mut client = SandboxServiceClient::new(server.channel().await);
+    let mut client = SandboxServiceClient::new(server.channel().await.unwrap());
 
     // Convex stalls, the job finishes: its records are queued when SIGTERM arrives.
     fake.set_fault(Fault::Hang { record: false });
@@ -532,11 +532,14 @@ async fn sigterm_on_the_binary_flushes_a_finished_jobs_last_records() {
     .await;
     assert_eq!(run.exited.exit_code, Some(7));
     assert!(fake.session("s-term").is_empty());
-    server.sigterm();
-    server.wait_log("flushing job output to Convex").await;
+    server.sigterm().unwrap();
+    server
+        .wait_log("flushing job output to Convex")
+        .await
+        .unwrap();
     fake.set_fault(Fault::None);
 
-    let (status, all_logs) = server.exit().await;
+    let (status, all_logs) = server.exit().await.unwrap();
     assert!(status.success(), "{status}");
     let records = fake.session("s-term");
     let last = check_records(&records, &run, "$ echo last words; exit 7");

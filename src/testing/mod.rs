@@ -1,6 +1,19 @@
-//! Test support shared by the integration tests and the benchmark (feature `testing`): fakes
-//! of the HTTP services the runner talks to. Not part of the service.
+//! Test support shared by the integration tests and the benchmark (feature `testing`). Not
+//! part of the service.
+//!
+//! - `daytona`, `convex_ingest`: fakes of the HTTP services the runner talks to, on loopback.
+//! - `fake_backend`: an in-memory `job::Backend` playing scripted jobs, and a sink recording
+//!   events, for unit tests of the job core.
+//! - `server_process`: the real binary as a child process, its address from its log.
+//! - `contract`: reads a job's event stream, checking the stream contract on every event.
+//! - `procfs`: what /proc says of processes (group members, CPU, memory, fds).
+//!
+//! The tests' in-process server and their panicking helpers stay in tests/common; the
+//! benchmark's measurements stay in benches/sandbox_bench.
 
+pub mod contract;
+pub mod convex_ingest;
 pub mod daytona;
-/// An in-memory `job::Backend` playing scripted jobs, and a sink recording events.
 pub mod fake_backend;
+pub mod procfs;
+pub mod server_process;

@@ -1,5 +1,7 @@
-//! Shared test support: a real server on 127.0.0.1:0, a real tonic client, and helpers that check
-//! the event-stream contract on every run.
+//! Shared test support: a real server on 127.0.0.1:0 (in this process, or the binary), a real
+//! tonic client, and helpers that check the event-stream contract on every run. What the
+//! benchmark shares (the binary as a process, the contract reader, the fakes, /proc) lives in
+//! `sandbox_runner::testing`; this module makes its failures fail the test.
 
 #![allow(dead_code)]
 
@@ -8,7 +10,8 @@ use std::{net::SocketAddr, time::Duration};
 use clap::Parser;
 use sandbox_runner::{
     Config,
-    proto::{self as pb, exec_event::Kind, sandbox_service_client::SandboxServiceClient},
+    proto::{self as pb, sandbox_service_client::SandboxServiceClient},
+    testing::contract::{self, Output},
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{Streaming, transport::Channel};
@@ -16,7 +19,12 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+// Not every test crate uses every re-export.
+#[allow(unused_imports)]
 pub use pb::{JobState, OutputStream};
+pub use sandbox_runner::testing::{
+    contract::Run, procfs::group_members, server_process::ServerProcess,
+};
 
 /// A server running in this process.
 pub struct TestServer {
@@ -97,122 +105,59 @@ pub fn argv(args: &[&str]) -> pb::ExecRequest {
     }
 }
 
-/// Everything a finished job sent, checked against the stream contract.
-#[derive(Debug)]
-pub struct Run {
-    pub job_id: String,
-    pub pid: u32,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    /// (stream, data) in arrival order.
-    pub chunks: Vec<(OutputStream, Vec<u8>)>,
-    pub exited: pb::Exited,
-}
-
-impl Run {
-    pub fn state(&self) -> JobState {
-        JobState::try_from(self.exited.state).unwrap()
-    }
-}
-
-/// A job being read, checking the stream contract on every event: seq starts at 0 and has no
-/// gaps, Started first, Exited last and once, offsets contiguous per stream, totals match.
+/// A job read through the stream-contract reader (src/testing/contract.rs), keeping its output;
+/// a broken contract fails the test.
 pub struct Job {
-    stream: Streaming<pb::ExecEvent>,
     pub job_id: String,
     pub pid: u32,
-    next_seq: u64,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    chunks: Vec<(OutputStream, Vec<u8>)>,
-    exited: Option<pb::Exited>,
+    reader: contract::Job,
+}
+
+/// The value, or a test failure naming what broke.
+fn checked<T>(result: anyhow::Result<T>) -> T {
+    result.unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 impl Job {
     /// Starts a job and reads its `Started` event.
     pub async fn start(client: &mut SandboxServiceClient<Channel>, req: pb::ExecRequest) -> Job {
-        let stream = client.exec(req).await.expect("Exec accepted").into_inner();
-        Job::from_stream(stream).await
+        Job::new(checked(
+            contract::Job::start(client, req, Output::Keep).await,
+        ))
     }
 
-    pub async fn from_stream(mut stream: Streaming<pb::ExecEvent>) -> Job {
-        let event = stream.message().await.unwrap().expect("a first event");
-        assert_eq!(event.seq, 0);
-        let pid = match event.kind {
-            Some(Kind::Started(s)) => s.pid,
-            other => panic!("first event is not Started: {other:?}"),
-        };
+    pub async fn from_stream(stream: Streaming<pb::ExecEvent>) -> Job {
+        Job::new(checked(
+            contract::Job::from_stream(stream, Output::Keep).await,
+        ))
+    }
+
+    fn new(reader: contract::Job) -> Job {
         Job {
-            stream,
-            job_id: event.job_id,
-            pid,
-            next_seq: 1,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            chunks: Vec::new(),
-            exited: None,
+            job_id: reader.job_id.clone(),
+            pid: reader.pid,
+            reader,
         }
     }
 
     /// Reads one event; false at the end of the stream.
     pub async fn step(&mut self) -> bool {
-        let Some(event) = self.stream.message().await.expect("stream ends cleanly") else {
-            return false;
-        };
-        assert!(self.exited.is_none(), "event after Exited: {event:?}");
-        assert_eq!(event.seq, self.next_seq, "seq gap");
-        assert_eq!(event.job_id, self.job_id);
-        assert!(event.time.is_some());
-        self.next_seq += 1;
-        match event.kind.expect("event has a kind") {
-            Kind::Started(_) => panic!("second Started"),
-            Kind::Output(out) => {
-                let stream = OutputStream::try_from(out.stream).unwrap();
-                let buf = match stream {
-                    OutputStream::Stdout => &mut self.stdout,
-                    OutputStream::Stderr => &mut self.stderr,
-                    OutputStream::Unspecified => panic!("unspecified stream"),
-                };
-                assert_eq!(
-                    out.offset,
-                    buf.len() as u64,
-                    "offset mismatch on {stream:?}"
-                );
-                assert!(!out.data.is_empty(), "empty output chunk");
-                buf.extend_from_slice(&out.data);
-                self.chunks.push((stream, out.data.to_vec()));
-            }
-            Kind::Exited(e) => self.exited = Some(e),
-        }
-        true
+        checked(self.reader.step().await)
     }
 
     /// Reads until at least `n` bytes of stdout arrived.
     pub async fn read_stdout(&mut self, n: usize) {
-        while self.stdout.len() < n {
-            assert!(self.step().await, "stream ended before {n} stdout bytes");
-        }
+        checked(self.reader.read_stdout(n).await)
     }
 
     /// Drops the stream, as a client that goes away does.
     pub fn disconnect(self) -> (String, u32) {
-        (self.job_id, self.pid)
+        self.reader.disconnect()
     }
 
     /// Reads to the end.
-    pub async fn finish(mut self) -> Run {
-        while self.step().await {}
-        let exited = self.exited.expect("stream ended without Exited");
-        assert_eq!(exited.stdout_bytes, self.stdout.len() as u64);
-        assert_eq!(exited.stderr_bytes, self.stderr.len() as u64);
-        Run {
-            job_id: self.job_id,
-            pid: self.pid,
-            stdout: self.stdout,
-            stderr: self.stderr,
-            chunks: self.chunks,
-            exited,
-        }
+    pub async fn finish(self) -> Run {
+        checked(self.reader.finish().await)
     }
 }
 
@@ -244,28 +189,6 @@ pub async fn status(
         .await
         .expect("Status succeeds")
         .into_inner()
-}
-
-/// Pids of live (non-zombie) processes whose process group is `pgid`.
-pub fn group_members(pgid: u32) -> Vec<u32> {
-    let mut members = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command: state, ppid, pgrp, ...
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() > 2 && fields[2] == pgid.to_string() && fields[0] != "Z" {
-            members.push(pid);
-        }
-    }
-    members
 }
 
 /// Waits (bounded) until no process of group `pgid` is alive; panics naming the survivors.
@@ -335,94 +258,12 @@ pub async fn wait_not_serving(channel: &Channel) {
     panic!("health never reported NOT_SERVING");
 }
 
-/// The real `sandbox-runner` binary as a child process, with JSON logs on stderr.
-pub struct ServerProcess {
-    child: tokio::process::Child,
-    pub addr: String,
-    logs: tokio::sync::mpsc::UnboundedReceiver<String>,
-    /// Every log line read so far.
-    seen: String,
-}
-
-impl ServerProcess {
-    /// Starts the binary on 127.0.0.1:0 and waits until it logs where it listens.
-    pub async fn start(args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
-        use tokio::io::{AsyncBufReadExt, BufReader};
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandbox-runner"))
-            .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"])
-            .args(args)
-            .envs(envs.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the binary");
-        let (tx, logs) = tokio::sync::mpsc::unbounded_channel();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-        let mut server = ServerProcess {
-            child,
-            addr: String::new(),
-            logs,
-            seen: String::new(),
-        };
-        let listening = server.wait_log("listening").await;
-        server.addr = listening["fields"]["addr"].as_str().unwrap().to_owned();
-        server
-    }
-
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to the binary")
-    }
-
-    pub fn sigterm(&self) {
-        use nix::{
-            sys::signal::{Signal, kill},
-            unistd::Pid,
-        };
-        let pid = self.child.id().expect("still running") as i32;
-        kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
-    }
-
-    /// Reads log lines until one has this message (bounded wait).
-    pub async fn wait_log(&mut self, message: &str) -> serde_json::Value {
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(60), self.logs.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no {message:?} log"))
-                .unwrap_or_else(|| panic!("exited before logging {message:?}:\n{}", self.seen));
-            self.seen.push_str(&line);
-            self.seen.push('\n');
-            let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-            if entry["fields"]["message"] == message {
-                return entry;
-            }
-        }
-    }
-
-    /// Waits (bounded) for the process to exit, then returns its status and its whole log.
-    pub async fn exit(&mut self) -> (std::process::ExitStatus, String) {
-        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .expect("the binary exits in time")
-            .unwrap();
-        // The reader task may still be catching up: read to the end of the log.
-        while let Ok(Some(line)) =
-            tokio::time::timeout(Duration::from_secs(10), self.logs.recv()).await
-        {
-            self.seen.push_str(&line);
-            self.seen.push('\n');
-        }
-        (status, self.seen.clone())
-    }
+/// The `sandbox-runner` binary of this build as a child process, with these extra flags and
+/// environment.
+pub async fn start_binary(args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
+    ServerProcess::start(env!("CARGO_BIN_EXE_sandbox-runner"), args, envs)
+        .await
+        .expect("start the binary")
 }
 
 /// API key the fake Daytona of these tests accepts.

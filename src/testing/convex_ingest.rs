@@ -1,15 +1,13 @@
 //! A fake of the deployed Convex `POST /daytona-ingest` route (research/convex-ingest.md section
 //! 1), served over real HTTP on 127.0.0.1:0, with fault injection. It records every request it
-//! accepts, so tests can compare what reached "Convex" with what the job printed.
-//!
-//! Self-contained (axum, tokio, serde_json) so the benchmark harness can reuse it.
-
-#![allow(dead_code)]
+//! accepts, so tests can compare what reached "Convex" with what the job printed; or, for a
+//! benchmark's bulk output, only counts them, and measures the lag of `T<unix nanos>` tokens that
+//! jobs write.
 
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
@@ -36,10 +34,25 @@ pub enum Fault {
     Hang { record: bool },
 }
 
+/// What the fake keeps of the requests it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Every body, for comparing with what the job printed.
+    Records,
+    /// Only the counts and lags: a benchmark's bulk output would not fit in memory.
+    Counts,
+}
+
 #[derive(Default)]
 struct Log {
-    /// Bodies of accepted requests, in arrival order.
+    /// Bodies of accepted requests, in arrival order (with [`Keep::Records`]).
     records: Vec<Value>,
+    /// Bytes of `data` in accepted requests, gap markers aside.
+    data_bytes: u64,
+    /// Accepted requests whose `data` is a gap marker (`[... N bytes not mirrored ...]`).
+    gap_markers: u64,
+    /// Write → receipt lag of each `T<unix nanos>` token in accepted `data`, in milliseconds.
+    lags_ms: Vec<f64>,
     /// Every request seen, including refused ones.
     requests: u64,
     /// Requests answered by a fault (a status or a hang).
@@ -50,6 +63,7 @@ struct Log {
 
 struct Shared {
     secret: String,
+    keep: Keep,
     enabled: Mutex<bool>,
     fault: watch::Sender<Fault>,
     log: Mutex<Log>,
@@ -69,10 +83,17 @@ impl Drop for FakeIngest {
 }
 
 impl FakeIngest {
-    /// Starts a fake that accepts `secret`, with `ENABLE_DAYTONA_TERMINAL` on.
+    /// Starts a fake that accepts `secret`, with `ENABLE_DAYTONA_TERMINAL` on, keeping every
+    /// record.
     pub async fn start(secret: &str) -> FakeIngest {
+        FakeIngest::start_keeping(secret, Keep::Records).await
+    }
+
+    /// Starts a fake that accepts `secret`, with `ENABLE_DAYTONA_TERMINAL` on.
+    pub async fn start_keeping(secret: &str, keep: Keep) -> FakeIngest {
         let shared = Arc::new(Shared {
             secret: secret.to_owned(),
+            keep,
             enabled: Mutex::new(true),
             fault: watch::Sender::new(Fault::None),
             log: Mutex::new(Log::default()),
@@ -125,6 +146,21 @@ impl FakeIngest {
 
     pub fn refused(&self) -> Vec<u16> {
         self.shared.log.lock().unwrap().refused.clone()
+    }
+
+    /// Bytes of `data` accepted, gap markers aside.
+    pub fn data_bytes(&self) -> u64 {
+        self.shared.log.lock().unwrap().data_bytes
+    }
+
+    /// Accepted gap markers.
+    pub fn gap_markers(&self) -> u64 {
+        self.shared.log.lock().unwrap().gap_markers
+    }
+
+    /// Write → receipt lags of the `T<unix nanos>` tokens accepted so far, in milliseconds.
+    pub fn lags_ms(&self) -> Vec<f64> {
+        self.shared.log.lock().unwrap().lags_ms.clone()
     }
 
     /// Polls until `done(records of the session)` holds; panics after `limit` (a bound against
@@ -205,7 +241,7 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         Fault::Hang { record } => {
             shared.log.lock().unwrap().faulted += 1;
             if record && let Some(payload) = parse(&body) {
-                shared.log.lock().unwrap().records.push(payload);
+                accept(&shared, payload);
             }
             let mut changes = shared.fault.subscribe();
             let _ = changes.wait_for(|f| !matches!(f, Fault::Hang { .. })).await;
@@ -220,35 +256,65 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
     let Ok(payload) = serde_json::from_slice::<Value>(&body) else {
         return refuse(StatusCode::BAD_REQUEST, "Invalid JSON body");
     };
-    if parse(&body).is_none() {
+    if !valid(&payload) {
         return refuse(
             StatusCode::BAD_REQUEST,
             "Missing required fields: taskId, sessionId, stream, data",
         );
     }
     let timestamp = payload["ts"].as_u64().unwrap_or(0);
-    shared.log.lock().unwrap().records.push(payload);
+    accept(&shared, payload);
     reply(
         StatusCode::OK,
         json!({ "success": true, "timestamp": timestamp }),
     )
 }
 
-/// The body when it passes the deployed validation: JSON with truthy taskId, sessionId and
-/// stream, and a `data` member.
+/// Counts an accepted body and keeps it (with [`Keep::Records`]).
+fn accept(shared: &Shared, payload: Value) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut log = shared.log.lock().unwrap();
+    if let Some(data) = payload["data"].as_str() {
+        if data.starts_with("\n[... ") && data.ends_with(" bytes not mirrored ...]\n") {
+            log.gap_markers += 1;
+        } else {
+            log.data_bytes += data.len() as u64;
+            // Bulk text has no tokens: skip the per-byte split (the fake stands in for a remote
+            // Convex; its CPU in a benchmark would be charged to the mirror).
+            if data.contains('T') {
+                for token in data.split_whitespace() {
+                    if let Some(ns) = token.strip_prefix('T').and_then(|t| t.parse::<u128>().ok()) {
+                        log.lags_ms
+                            .push((now.as_nanos().saturating_sub(ns)) as f64 / 1e6);
+                    }
+                }
+            }
+        }
+    }
+    if shared.keep == Keep::Records {
+        log.records.push(payload);
+    }
+}
+
+/// The body when it passes the deployed validation.
 fn parse(body: &[u8]) -> Option<Value> {
-    let payload: Value = serde_json::from_slice(body).ok()?;
+    serde_json::from_slice(body).ok().filter(valid)
+}
+
+/// The deployed validation: truthy taskId, sessionId and stream, and a `data` member.
+fn valid(payload: &Value) -> bool {
     let truthy = |v: &Value| match v {
         Value::Null | Value::Bool(false) => false,
         Value::String(s) => !s.is_empty(),
         Value::Number(n) => n.as_f64() != Some(0.0),
         _ => true,
     };
-    let ok = ["taskId", "sessionId", "stream"]
+    ["taskId", "sessionId", "stream"]
         .iter()
         .all(|k| payload.get(*k).is_some_and(truthy))
-        && payload.get("data").is_some();
-    ok.then_some(payload)
+        && payload.get("data").is_some()
 }
 
 /// The rows the deployed handler writes for these records: output with non-empty data as is,

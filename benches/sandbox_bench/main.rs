@@ -1,0 +1,94 @@
+//! sandbox-bench: measures the service against its physical baselines (see BENCHMARKS.md).
+//!
+//! ```sh
+//! cargo run --release --features testing --bin sandbox-bench -- all
+//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|mirror
+//! ```
+//!
+//! The server under test is the real `sandbox-runner` binary, run as a child process so its
+//! memory and file descriptors are read from /proc apart from the client's. Under `cargo run` the
+//! harness builds it first (same profile and features); otherwise it is expected next to this
+//! executable, or at `$SANDBOX_RUNNER_BIN`.
+//!
+//! Each comparison runs interleaved (baseline, service, baseline, service, ...) in one process so
+//! a noisy machine affects both alike; results are medians (or percentiles) with their spread, and
+//! ratios to the baseline.
+//!
+//! One module per measurement; `harness` starts the server and runs jobs, `stats` summarises.
+
+mod compare;
+mod concurrency;
+mod harness;
+mod latency;
+mod mirror;
+mod slow_reader;
+mod stats;
+mod throughput;
+
+use clap::{Parser, Subcommand};
+
+use compare::{CompareArgs, compare};
+use concurrency::{ConcurrencyArgs, concurrency};
+use harness::{ensure_server_built, machine_header, raise_fd_limit};
+use latency::{LatencyArgs, latency};
+use mirror::{MirrorArgs, mirror};
+use slow_reader::{SlowReaderArgs, slow_reader};
+use throughput::{ThroughputArgs, throughput};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks for sandbox-runner (see BENCHMARKS.md)")]
+struct Args {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Every benchmark below with its defaults.
+    All,
+    /// Bytes of /dev/zero through Exec to a discarding client, against a plain pipe.
+    Throughput(ThroughputArgs),
+    /// Request→Exited for `true` and time to first output for `echo hi`, against direct spawns.
+    Latency(LatencyArgs),
+    /// Many concurrent `sleep 2; echo done` jobs: correctness, server memory and fds.
+    Concurrency(ConcurrencyArgs),
+    /// A client reading ~1 KiB/s while the job writes without limit: server RSS and throttling.
+    SlowReader(SlowReaderArgs),
+    /// The Convex mirror against a local ingest receiver: throughput cost, requests/MiB, lag.
+    Mirror(MirrorArgs),
+    /// Two server binaries (before/after a change) interleaved: latency and throughput.
+    Compare(CompareArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    raise_fd_limit();
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        ensure_server_built()?;
+        machine_header();
+        match args.bench {
+            Bench::All => {
+                throughput(parse_args::<ThroughputArgs>()).await?;
+                latency(parse_args::<LatencyArgs>()).await?;
+                concurrency(parse_args::<ConcurrencyArgs>()).await?;
+                slow_reader(parse_args::<SlowReaderArgs>()).await?;
+                mirror(parse_args::<MirrorArgs>()).await
+            }
+            Bench::Throughput(a) => throughput(a).await,
+            Bench::Latency(a) => latency(a).await,
+            Bench::Concurrency(a) => concurrency(a).await,
+            Bench::SlowReader(a) => slow_reader(a).await,
+            Bench::Mirror(a) => mirror(a).await,
+            Bench::Compare(a) => compare(a).await,
+        }
+    })
+}
+
+/// Default arguments of one benchmark, for `all`.
+fn parse_args<T: clap::Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("defaults"));
+    T::from_arg_matches(&cmd.get_matches_from(["defaults"])).expect("defaults parse")
+}

@@ -1,0 +1,215 @@
+//! The event-stream contract of `Exec`, checked on every event of a job as it is read: `seq`
+//! starts at 0 and has no gaps, `Started` comes first and once, `Exited` last and once, every
+//! event carries the job id and a time, output chunks are non-empty with contiguous offsets per
+//! stream, and `Exited`'s byte totals match what arrived. Tests read every job through it,
+//! keeping the output; the benchmark too, counting it only.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use tonic::{Streaming, transport::Channel};
+
+use crate::proto::{
+    self as pb, JobState, OutputStream, exec_event::Kind,
+    sandbox_service_client::SandboxServiceClient,
+};
+
+/// What a [`Job`] keeps of the output it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Every byte: per stream, and as chunks in arrival order.
+    Keep,
+    /// Only the byte counts, for bulk runs.
+    Count,
+}
+
+/// Everything a finished job sent, checked against the contract.
+#[derive(Debug)]
+pub struct Run {
+    pub job_id: String,
+    pub pid: u32,
+    /// Empty unless the output was kept.
+    pub stdout: Vec<u8>,
+    /// Empty unless the output was kept.
+    pub stderr: Vec<u8>,
+    /// (stream, data) in arrival order; empty unless the output was kept.
+    pub chunks: Vec<(OutputStream, Vec<u8>)>,
+    pub exited: pb::Exited,
+    /// From the request (or from reading a stream handed over) to the first `Output`.
+    pub first_output: Option<Duration>,
+    /// From the request (or from reading a stream handed over) to `Exited`.
+    pub exited_after: Duration,
+}
+
+impl Run {
+    pub fn state(&self) -> JobState {
+        JobState::try_from(self.exited.state).unwrap()
+    }
+
+    /// Bytes of output on both streams.
+    pub fn bytes(&self) -> u64 {
+        self.exited.stdout_bytes + self.exited.stderr_bytes
+    }
+}
+
+/// A job being read, its `Started` event already checked.
+pub struct Job {
+    stream: Streaming<pb::ExecEvent>,
+    pub job_id: String,
+    pub pid: u32,
+    output: Output,
+    t0: Instant,
+    next_seq: u64,
+    /// Bytes received on stdout and stderr: the offset each expects next.
+    received: [u64; 2],
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    chunks: Vec<(OutputStream, Vec<u8>)>,
+    first_output: Option<Duration>,
+    exited: Option<(pb::Exited, Duration)>,
+}
+
+impl Job {
+    /// Starts a job and reads its `Started` event.
+    pub async fn start(
+        client: &mut SandboxServiceClient<Channel>,
+        req: pb::ExecRequest,
+        output: Output,
+    ) -> anyhow::Result<Job> {
+        let t0 = Instant::now();
+        let stream = client.exec(req).await.context("Exec refused")?.into_inner();
+        Job::read_started(stream, output, t0).await
+    }
+
+    /// Reads the `Started` event of an Exec stream the caller opened.
+    pub async fn from_stream(
+        stream: Streaming<pb::ExecEvent>,
+        output: Output,
+    ) -> anyhow::Result<Job> {
+        Job::read_started(stream, output, Instant::now()).await
+    }
+
+    async fn read_started(
+        mut stream: Streaming<pb::ExecEvent>,
+        output: Output,
+        t0: Instant,
+    ) -> anyhow::Result<Job> {
+        let event = stream
+            .message()
+            .await
+            .context("the event stream failed")?
+            .context("the stream ended before its first event")?;
+        ensure!(event.seq == 0, "first seq is {}, not 0", event.seq);
+        let pid = match event.kind {
+            Some(Kind::Started(s)) => s.pid,
+            other => bail!("first event is not Started: {other:?}"),
+        };
+        Ok(Job {
+            stream,
+            job_id: event.job_id,
+            pid,
+            output,
+            t0,
+            next_seq: 1,
+            received: [0; 2],
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            chunks: Vec::new(),
+            first_output: None,
+            exited: None,
+        })
+    }
+
+    /// Reads one event; false at the end of the stream.
+    pub async fn step(&mut self) -> anyhow::Result<bool> {
+        let Some(event) = self
+            .stream
+            .message()
+            .await
+            .context("the event stream failed")?
+        else {
+            return Ok(false);
+        };
+        ensure!(self.exited.is_none(), "event after Exited: {event:?}");
+        ensure!(
+            event.seq == self.next_seq,
+            "seq gap: {} where {} was due",
+            event.seq,
+            self.next_seq
+        );
+        ensure!(
+            event.job_id == self.job_id,
+            "job id {:?} in the stream of {:?}",
+            event.job_id,
+            self.job_id
+        );
+        ensure!(event.time.is_some(), "event without a time: {event:?}");
+        self.next_seq += 1;
+        match event.kind.context("event without a kind")? {
+            Kind::Started(_) => bail!("second Started"),
+            Kind::Output(out) => {
+                self.first_output.get_or_insert_with(|| self.t0.elapsed());
+                let stream = OutputStream::try_from(out.stream).context("unknown stream")?;
+                let (received, kept) = match stream {
+                    OutputStream::Stdout => (&mut self.received[0], &mut self.stdout),
+                    OutputStream::Stderr => (&mut self.received[1], &mut self.stderr),
+                    OutputStream::Unspecified => bail!("unspecified stream"),
+                };
+                ensure!(
+                    out.offset == *received,
+                    "offset mismatch on {stream:?}: {} after {} bytes",
+                    out.offset,
+                    *received
+                );
+                ensure!(!out.data.is_empty(), "empty output chunk");
+                *received += out.data.len() as u64;
+                if self.output == Output::Keep {
+                    kept.extend_from_slice(&out.data);
+                    self.chunks.push((stream, out.data.to_vec()));
+                }
+            }
+            Kind::Exited(e) => self.exited = Some((e, self.t0.elapsed())),
+        }
+        Ok(true)
+    }
+
+    /// Reads until at least `n` bytes of stdout arrived.
+    pub async fn read_stdout(&mut self, n: usize) -> anyhow::Result<()> {
+        while self.received[0] < n as u64 {
+            ensure!(self.step().await?, "stream ended before {n} stdout bytes");
+        }
+        Ok(())
+    }
+
+    /// Drops the stream, as a client that goes away does.
+    pub fn disconnect(self) -> (String, u32) {
+        (self.job_id, self.pid)
+    }
+
+    /// Reads to the end.
+    pub async fn finish(mut self) -> anyhow::Result<Run> {
+        while self.step().await? {}
+        let (exited, exited_after) = self.exited.context("stream ended without Exited")?;
+        let [stdout_bytes, stderr_bytes] = self.received;
+        ensure!(
+            exited.stdout_bytes == stdout_bytes,
+            "Exited says {} stdout bytes, {stdout_bytes} arrived",
+            exited.stdout_bytes
+        );
+        ensure!(
+            exited.stderr_bytes == stderr_bytes,
+            "Exited says {} stderr bytes, {stderr_bytes} arrived",
+            exited.stderr_bytes
+        );
+        Ok(Run {
+            job_id: self.job_id,
+            pid: self.pid,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            chunks: self.chunks,
+            exited,
+            first_output: self.first_output,
+            exited_after,
+        })
+    }
+}
