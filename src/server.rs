@@ -132,6 +132,7 @@ pub async fn run(
         let _ = drained_tx.send(());
     };
 
+    let connection_limits = connection_limits(&config);
     info!(%addr, backend = config.backend.as_str(), auth = auth.is_enabled(), %replica, "listening");
     let mut builder = tonic::transport::Server::builder();
     if let Some(age) = config.max_connection_age {
@@ -157,7 +158,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(SandboxServiceServer::with_interceptor(api, auth))
-        .serve_with_incoming_shutdown(Incoming::new(listener, connection_limits(&config)), drain);
+        .serve_with_incoming_shutdown(Incoming::new(listener, connection_limits), drain);
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result?,
@@ -193,9 +194,7 @@ fn connection_limits(config: &Config) -> ConnectionLimits {
     let wanted = u64::from(config.max_connections);
     let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(u64::MAX, |(soft, _)| soft);
-    let room = fd_limit
-        .saturating_sub(RESERVED_FDS + FDS_PER_JOB * u64::from(config.max_concurrent_jobs))
-        .max(MIN_CONNECTIONS);
+    let room = connection_room(fd_limit, config.max_concurrent_jobs);
     if room < wanted {
         warn!(
             max_connections = wanted,
@@ -212,6 +211,13 @@ fn connection_limits(config: &Config) -> ConnectionLimits {
     }
 }
 
+/// How many connections `fd_limit` descriptors hold beside `max_jobs` jobs and the server.
+fn connection_room(fd_limit: u64, max_jobs: u32) -> u64 {
+    fd_limit
+        .saturating_sub(RESERVED_FDS + FDS_PER_JOB * u64::from(max_jobs))
+        .max(MIN_CONNECTIONS)
+}
+
 fn backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
     Ok(match config.backend {
         BackendKind::Local => Arc::new(LocalBackend::new(LocalConfig {
@@ -222,4 +228,17 @@ fn backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
         })),
         BackendKind::Daytona => Arc::new(DaytonaBackend::new(config.daytona.settings())?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_get_the_descriptors_the_jobs_and_the_server_leave() {
+        assert_eq!(connection_room(256, 8), 256 - 64 - 4 * 8);
+        assert_eq!(connection_room(1 << 20, 256), (1 << 20) - 64 - 4 * 256);
+        // A limit too small for the jobs still serves a few connections.
+        assert_eq!(connection_room(256, 256), MIN_CONNECTIONS);
+    }
 }

@@ -1,9 +1,17 @@
-//! Hostile input: requests that are not valid protobuf, or too large, get the caller's error
-//! code (never `INTERNAL`), and a well-behaved client is served as before right after.
+//! Hostile clients: requests that are not valid protobuf, or too large, get the caller's error
+//! code (never `INTERNAL`); a flood of connections that never speak cannot lock out a
+//! well-behaved client; and after each, a well-behaved client is served as before.
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use bytes::{Buf, BufMut, Bytes};
+use sandbox_runner::{
+    proto::{self as pb, sandbox_service_client::SandboxServiceClient},
+    testing::{procfs, server_process::ServerProcess},
+};
+use tokio::net::TcpStream;
 use tonic::{
     Code, Request, Status,
     client::Grpc,
@@ -169,5 +177,69 @@ async fn oversized_requests_are_resource_exhausted() {
     let mut client = server.client().await;
     let run = common::run(&mut client, common::shell("echo hi")).await;
     assert_eq!(run.stdout, b"hi\n");
+    server.stop().await;
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_sandbox-runner");
+
+/// The server binary under `ulimit -n 256` (soft and hard, so it cannot raise it).
+async fn server_with_256_fds(extra: &[&str]) -> ServerProcess {
+    let mut command = tokio::process::Command::new("/bin/sh");
+    command.args(["-c", "ulimit -n 256 && exec \"$@\"", "sh", BIN]);
+    command.args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"]);
+    command.args(extra);
+    ServerProcess::spawn(command).await.expect("server starts")
+}
+
+/// Raises this process's soft open-file limit to its hard limit; returns the new limit.
+fn raise_own_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    hard
+}
+
+#[tokio::test]
+async fn silent_connections_cannot_lock_out_a_real_client() {
+    let mut server = server_with_256_fds(&["--max-concurrent-jobs", "8"]).await;
+    // As many silent connections as this process can hold, up to 2,000; each attempt is
+    // bounded, since past the server's backlog the kernel stops answering SYNs.
+    let wanted = 2_000.min(raise_own_fd_limit().saturating_sub(200) as usize);
+    let mut silent = Vec::new();
+    for _ in 0..wanted {
+        if let Ok(Ok(conn)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(&server.addr)).await
+        {
+            silent.push(conn);
+        }
+    }
+    assert!(
+        silent.len() * 2 >= wanted,
+        "only {} of {wanted} connected",
+        silent.len()
+    );
+
+    let started = Instant::now();
+    let channel = tokio::time::timeout(Duration::from_secs(10), server.channel())
+        .await
+        .expect("a real client connects despite the silent ones")
+        .unwrap();
+    let mut client = SandboxServiceClient::new(channel);
+    client.health(pb::HealthRequest {}).await.unwrap();
+    let stream = client
+        .exec(common::shell("echo hi"))
+        .await
+        .unwrap()
+        .into_inner();
+    let run = common::Job::from_stream(stream).await.finish().await;
+    assert_eq!(run.stdout, b"hi\n");
+    eprintln!(
+        "{} silent connections held; Health and Exec answered in {:?}",
+        silent.len(),
+        started.elapsed()
+    );
+    // The server never held more connections than its descriptors allow.
+    assert!(procfs::fd_count(server.pid) <= 256);
+    drop(silent);
     server.stop().await;
 }
