@@ -201,7 +201,7 @@ fn raise_own_fd_limit() -> u64 {
 
 #[tokio::test]
 async fn silent_connections_cannot_lock_out_a_real_client() {
-    let mut server = server_with_256_fds(&["--max-concurrent-jobs", "8"]).await;
+    let server = server_with_256_fds(&["--max-concurrent-jobs", "8"]).await;
     // As many silent connections as this process can hold, up to 2,000; each attempt is
     // bounded, since past the server's backlog the kernel stops answering SYNs.
     let wanted = 2_000.min(raise_own_fd_limit().saturating_sub(200) as usize);
