@@ -99,6 +99,20 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub stream_buffer_events: u32,
 
+    /// Output held in memory for callers, all jobs together: what a job reads waits here
+    /// until its caller takes it. When it is used up, jobs whose callers do not read stop being
+    /// read (their processes block on full pipes); nothing is dropped.
+    #[arg(long, env = "OUTPUT_BUDGET_BYTES", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range((1 << 20)..=(64 << 30)))]
+    pub output_budget_bytes: u64,
+
+    /// Output each job may hold however much of the shared budget others use, so a new job is
+    /// never starved by stalled ones. Memory for output is bounded by
+    /// OUTPUT_BUDGET_BYTES + MAX_CONCURRENT_JOBS x this.
+    #[arg(long, env = "OUTPUT_RESERVE_BYTES", default_value_t = 64 << 10,
+          value_parser = clap::value_parser!(u64).range(4096..=(16 << 20)))]
+    pub output_reserve_bytes: u64,
+
     /// The Convex mirror sink (off unless CONVEX_SITE_URL and CONVEX_INGEST_SECRET are set).
     #[command(flatten, next_help_heading = "Convex mirror")]
     pub convex: ConvexArgs,

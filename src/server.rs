@@ -92,6 +92,8 @@ pub async fn run(
             finished_ttl: config.finished_job_ttl,
             finished_capacity: config.finished_job_capacity,
             stopped_client_grace: config.cancel_grace,
+            output_budget_bytes: config.output_budget_bytes as usize,
+            output_reserve_bytes: config.output_reserve_bytes as usize,
         },
     );
     let api = SandboxApi::new(

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::job::{
-    Backend, BackendError, Execution, JobOutput, JobSpec, Outcome, Program, StreamKind,
+    Backend, BackendError, Credit, Execution, JobBudget, JobOutput, JobSpec, Outcome, Program,
+    StreamKind,
 };
 
 /// Pipes start at the kernel default (64 KiB); one that fills up is grown to this so bulk
@@ -240,8 +241,8 @@ impl Execution for LocalExecution {
             }
         });
 
-        let mut stdout = Some(PipeReader::new(stdout, chunk_bytes));
-        let mut stderr = Some(PipeReader::new(stderr, chunk_bytes));
+        let mut stdout = Some(PipeReader::new(stdout, chunk_bytes, out.budget()));
+        let mut stderr = Some(PipeReader::new(stderr, chunk_bytes, out.budget()));
         let mut status: Option<ExitStatus> = None;
         let mut wait_error: Option<String> = None;
         let timer = sleep(Duration::MAX / 4);
@@ -251,11 +252,11 @@ impl Execution for LocalExecution {
         while status.is_none() || stdout.is_some() || stderr.is_some() {
             tokio::select! {
                 chunk = read_next(stdout.as_mut()) => match chunk {
-                    Some(data) => out.output(StreamKind::Stdout, data).await,
+                    Some((data, credit)) => out.output_within(StreamKind::Stdout, data, credit).await,
                     None => stdout = None,
                 },
                 chunk = read_next(stderr.as_mut()) => match chunk {
-                    Some(data) => out.output(StreamKind::Stderr, data).await,
+                    Some((data, credit)) => out.output_within(StreamKind::Stderr, data, credit).await,
                     None => stderr = None,
                 },
                 exit = child.wait(), if status.is_none() => {
@@ -309,42 +310,49 @@ impl Execution for LocalExecution {
     }
 }
 
-/// Reads a pipe in large chunks without holding a buffer while the pipe is idle.
+/// Reads a pipe in large chunks without holding a buffer while the pipe is idle, and only
+/// within the credit the output budget gives: without credit the pipe is left full and the
+/// process blocks.
 struct PipeReader {
     pipe: pipe::Receiver,
     chunk_bytes: usize,
+    budget: JobBudget,
     grown: bool,
 }
 
 impl PipeReader {
-    fn new(pipe: pipe::Receiver, chunk_bytes: usize) -> Self {
+    fn new(pipe: pipe::Receiver, chunk_bytes: usize, budget: JobBudget) -> Self {
         PipeReader {
             pipe,
             chunk_bytes,
+            budget,
             grown: false,
         }
     }
 
-    /// The next chunk, or `None` at end of stream.
-    async fn next(&mut self) -> Option<Bytes> {
+    /// The next chunk with the credit that covers it, or `None` at end of stream.
+    async fn next(&mut self) -> Option<(Bytes, Credit)> {
         loop {
             if let Err(e) = self.pipe.readable().await {
                 warn!(error = %e, "polling a job's output pipe failed; treating it as closed");
                 return None;
             }
-            // Allocated only once data is ready, so thousands of idle jobs cost no buffers.
-            let mut buf = BytesMut::with_capacity(self.chunk_bytes);
+            // Credit and buffer are taken only once data is ready, so idle jobs hold neither.
+            let mut credit = self.budget.acquire(self.chunk_bytes).await;
+            let mut buf = BytesMut::with_capacity(credit.bytes());
             match self.pipe.try_read_buf(&mut buf) {
                 Ok(0) => return None,
                 Ok(n) => {
                     if !self.grown && n >= DEFAULT_PIPE_BYTES {
                         self.grow_pipe();
                     }
-                    // Small reads are copied out so the large buffer is freed at once.
-                    return Some(if n < self.chunk_bytes / 4 {
-                        Bytes::copy_from_slice(&buf)
+                    // Small reads are copied out so the large buffer is freed at once, and the
+                    // credit shrinks to what is kept.
+                    return Some(if n < buf.capacity() / 4 {
+                        credit.shrink_to(n);
+                        (Bytes::copy_from_slice(&buf), credit)
                     } else {
-                        buf.freeze()
+                        (buf.freeze(), credit)
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -367,7 +375,7 @@ impl PipeReader {
     }
 }
 
-async fn read_next(reader: Option<&mut PipeReader>) -> Option<Bytes> {
+async fn read_next(reader: Option<&mut PipeReader>) -> Option<(Bytes, Credit)> {
     match reader {
         Some(reader) => reader.next().await,
         None => std::future::pending().await,

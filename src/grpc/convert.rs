@@ -252,6 +252,8 @@ pub struct HealthReport {
     pub convex_health: Option<SinkHealth>,
     pub sinks: Vec<&'static str>,
     pub uptime: Duration,
+    pub output_budget_in_use: usize,
+    pub output_budget: usize,
 }
 
 pub fn health_response(report: HealthReport) -> pb::HealthResponse {
@@ -273,6 +275,8 @@ pub fn health_response(report: HealthReport) -> pb::HealthResponse {
             .and_then(|h| h.error)
             .unwrap_or_default(),
         sinks: report.sinks.into_iter().map(str::to_owned).collect(),
+        output_budget_in_use_bytes: report.output_budget_in_use as u64,
+        output_budget_bytes: report.output_budget as u64,
         time: Some(SystemTime::now().into()),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime: Some(duration(report.uptime)),

@@ -86,6 +86,8 @@ impl SandboxService for SandboxApi {
             convex_health: self.jobs.sinks().health(self.info.convex_sink),
             sinks: self.jobs.sinks().names(),
             uptime: self.info.started.elapsed(),
+            output_budget_in_use: self.jobs.output_budget().shared_in_use(),
+            output_budget: self.jobs.output_budget().shared_bytes(),
         };
         Ok(Response::new(convert::health_response(report)))
     }

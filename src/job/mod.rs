@@ -8,6 +8,7 @@
 //! or gRPC: the gRPC layer converts at the edge.
 
 mod backend;
+mod budget;
 mod event;
 mod id;
 mod lifecycle;
@@ -20,6 +21,7 @@ mod spec;
 mod tests;
 
 pub use backend::{Backend, BackendCause, BackendError, Execution, Outcome, RemoteState};
+pub use budget::{Credit, JobBudget, OutputBudget};
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};
 pub use id::{JobIdCodec, JobIdError, JobLocation};
 pub use output::JobOutput;

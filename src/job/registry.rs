@@ -21,7 +21,10 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::{
     Backend, EventKind, ExitSummary, JobEvent, JobId, JobIdCodec, JobLocation, JobOutput, JobSpec,
-    JobState, RemoteState, Sinks, lifecycle,
+    JobState, RemoteState, Sinks,
+    budget::{Credit, OutputBudget},
+    lifecycle,
+    output::{ClientQueue, Delivery},
     record::{JobRecord, JobSnapshot, StopReason},
 };
 use crate::error::Error;
@@ -43,6 +46,10 @@ pub struct JobsConfig {
     /// Once a job is stopped, how long its caller may take to make room for each event before
     /// the rest of its stream is dropped (a stuck reader must not hold the job open).
     pub stopped_client_grace: Duration,
+    /// Output held in memory for callers, shared by all jobs (see `budget`).
+    pub output_budget_bytes: usize,
+    /// Output each job may hold whatever the others do, on top of the shared budget.
+    pub output_reserve_bytes: usize,
 }
 
 /// All jobs of this server.
@@ -52,6 +59,7 @@ pub struct Jobs {
     sinks: Sinks,
     config: JobsConfig,
     permits: Arc<Semaphore>,
+    budget: OutputBudget,
     table: Mutex<Table>,
     /// Parent of every job's stop token; cancelled when draining runs out of time.
     root: CancellationToken,
@@ -78,6 +86,7 @@ impl Jobs {
             ids,
             sinks,
             permits: Arc::new(Semaphore::new(config.max_concurrent as usize)),
+            budget: OutputBudget::new(config.output_budget_bytes, config.output_reserve_bytes),
             config,
             table: Mutex::new(Table::default()),
             root: CancellationToken::new(),
@@ -150,10 +159,12 @@ impl Jobs {
             mirror,
         ));
         let (tx, rx) = mpsc::channel(self.config.stream_buffer);
+        let queue: ClientQueue = Arc::new(Mutex::new(rx));
         let output = JobOutput::new(
             Arc::clone(&record),
-            tx,
+            (tx, Arc::clone(&queue)),
             sinks,
+            self.budget.for_job(),
             self.config.stopped_client_grace,
         );
         let job = lifecycle::drive(Arc::clone(&record), execution, output, timeout, permit);
@@ -172,7 +183,8 @@ impl Jobs {
         drop(starting);
         Ok(JobStream {
             job_id: id,
-            events: rx,
+            events: queue,
+            in_transport: None,
             exited: false,
             _stop_on_drop: StopOnDrop(record),
         })
@@ -338,6 +350,11 @@ impl Jobs {
         self.config.max_concurrent as usize - self.permits.available_permits()
     }
 
+    /// The server's output budget (what is in use, for Health and tests).
+    pub fn output_budget(&self) -> &OutputBudget {
+        &self.budget
+    }
+
     pub fn max_concurrent(&self) -> u32 {
         self.config.max_concurrent
     }
@@ -412,7 +429,10 @@ enum Found {
 /// A job's events for its Exec caller. Dropping it before `Exited` cancels the job.
 pub struct JobStream {
     pub job_id: JobId,
-    events: mpsc::Receiver<JobEvent>,
+    events: ClientQueue,
+    /// Credit of the event the transport took last: its bytes sit in the transport's buffers
+    /// until the caller's flow-control window lets them out, which is when it asks for more.
+    in_transport: Option<Credit>,
     /// Whether `Exited` came through; a stream that ends without it ends with an error.
     exited: bool,
     _stop_on_drop: StopOnDrop,
@@ -422,8 +442,16 @@ impl Stream for JobStream {
     type Item = Result<JobEvent, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.events.poll_recv(cx) {
-            Poll::Ready(Some(event)) => {
+        // Asked again: what was taken last has left (see `in_transport`).
+        self.in_transport = None;
+        let next = self
+            .events
+            .lock()
+            .expect("client queue poisoned")
+            .poll_recv(cx);
+        match next {
+            Poll::Ready(Some(Delivery { event, credit })) => {
+                self.in_transport = Some(credit);
                 self.exited |= matches!(event.kind, super::EventKind::Exited(_));
                 Poll::Ready(Some(Ok(event)))
             }
@@ -431,7 +459,8 @@ impl Stream for JobStream {
                 self.exited = true; // report once, then end
                 Poll::Ready(Some(Err(Error::StreamAbandoned(self.job_id.to_string()))))
             }
-            other => other.map(|e| e.map(Ok)),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -5,7 +5,9 @@
 //! - `stop`: stop reasons, output emitted while stopping, the stopped-client grace.
 //! - `registry`: limits, failed starts, finished-job retention.
 //! - `drain`: shutdown.
+//! - `budget`: the server-wide output budget under callers that do not read.
 
+mod budget;
 mod drain;
 mod lifecycle;
 mod registry;
@@ -35,6 +37,8 @@ fn config() -> JobsConfig {
         finished_ttl: secs(300),
         finished_capacity: 8,
         stopped_client_grace: secs(2),
+        output_budget_bytes: 1 << 20,
+        output_reserve_bytes: 64 << 10,
     }
 }
 

@@ -222,9 +222,7 @@ async fn a_client_that_does_not_read_a_stopped_job_is_dropped_after_the_grace() 
     );
     check_events(&sunk);
 
-    // The client gets what was buffered, then the error once, then the end.
-    let first = stream.next().await.unwrap().unwrap();
-    assert_eq!(first, sunk[0]);
+    // What it left unread was freed when it was dropped: it gets the error once, then the end.
     match stream.next().await {
         Some(Err(Error::StreamAbandoned(job))) => assert_eq!(job, id.to_string()),
         other => panic!("expected StreamAbandoned, got {other:?}"),
@@ -286,14 +284,7 @@ async fn a_client_that_does_not_read_a_job_that_ended_by_itself_is_dropped_after
         Err(Error::JobNotFound(_)) => {}
         other => panic!("expected the finished job to be forgotten, got {other:?}"),
     }
-    // The client gets what was buffered, then the error once, then the end.
-    assert!(matches!(
-        stream.next().await,
-        Some(Ok(JobEvent {
-            kind: EventKind::Started { .. },
-            ..
-        }))
-    ));
+    // What it left unread was freed when it was dropped: it gets the error once, then the end.
     match stream.next().await {
         Some(Err(Error::StreamAbandoned(job))) => assert_eq!(job, id.to_string()),
         other => panic!("expected StreamAbandoned, got {other:?}"),

@@ -1,0 +1,263 @@
+//! The server-wide budget for job output held in memory, counted in bytes.
+//!
+//! Output is held from the moment a backend reads it until the Exec caller has taken it (and
+//! the event after it, since the transport keeps the last event it took in its buffers until
+//! the client's flow-control window lets it out). Before reading, a backend asks for a
+//! [`Credit`]: first from the job's own small reserve, which no other job can take, then from
+//! the pool all jobs share. When neither has room, the backend waits without reading, so the
+//! job's pipe fills and the process blocks: backpressure, never unbounded memory, never lost
+//! bytes. Memory for output is therefore bounded by `shared + jobs x reserve`, however many
+//! clients stop reading.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Smallest credit worth waiting for: smaller reads cost more than they save.
+const MIN_GRANT: usize = 4096;
+
+/// The whole server's output budget.
+#[derive(Debug, Clone)]
+pub struct OutputBudget {
+    shared: Arc<Semaphore>,
+    shared_bytes: usize,
+    reserve_bytes: usize,
+}
+
+impl OutputBudget {
+    /// `shared_bytes` for all jobs together, plus `reserve_bytes` guaranteed to each job.
+    pub fn new(shared_bytes: usize, reserve_bytes: usize) -> Self {
+        OutputBudget {
+            shared: Arc::new(Semaphore::new(shared_bytes)),
+            shared_bytes,
+            reserve_bytes: reserve_bytes.max(1),
+        }
+    }
+
+    /// A new job's share: its own reserve and access to the shared pool.
+    pub fn for_job(&self) -> JobBudget {
+        JobBudget {
+            shared: Arc::clone(&self.shared),
+            reserve: Arc::new(Semaphore::new(self.reserve_bytes)),
+            reserve_bytes: self.reserve_bytes,
+        }
+    }
+
+    /// Bytes of the shared pool in use now.
+    pub fn shared_in_use(&self) -> usize {
+        self.shared_bytes - self.shared.available_permits()
+    }
+
+    pub fn shared_bytes(&self) -> usize {
+        self.shared_bytes
+    }
+}
+
+/// One job's access to the budget; cheap to clone (one per output pipe).
+#[derive(Debug, Clone)]
+pub struct JobBudget {
+    shared: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+    reserve_bytes: usize,
+}
+
+impl JobBudget {
+    /// Up to `want` bytes of credit, waiting until at least `min(want, 4 KiB, reserve)` is
+    /// free. Takes the job's reserve first, then whatever the shared pool has, without waiting
+    /// for more than that least amount.
+    pub async fn acquire(&self, want: usize) -> Credit {
+        if want == 0 {
+            return Credit::default();
+        }
+        // Never more than the reserve alone can give, so the wait below always ends.
+        let least = want.min(MIN_GRANT).min(self.reserve_bytes);
+        let credit = self.try_acquire(want);
+        if credit.bytes() >= least {
+            return credit;
+        }
+        drop(credit);
+        let mut credit = tokio::select! {
+            permit = Arc::clone(&self.reserve).acquire_many_owned(least as u32) => {
+                Credit { reserve: permit.ok(), shared: None }
+            }
+            permit = Arc::clone(&self.shared).acquire_many_owned(least as u32) => {
+                Credit { reserve: None, shared: permit.ok() }
+            }
+        };
+        credit.merge(self.try_acquire(want - credit.bytes()));
+        credit
+    }
+
+    /// Whatever of `want` is free right now, possibly nothing.
+    fn try_acquire(&self, want: usize) -> Credit {
+        let mut credit = Credit::default();
+        if want == 0 {
+            return credit;
+        }
+        let own = self.reserve.available_permits().min(want);
+        if own > 0 {
+            credit.reserve = Arc::clone(&self.reserve)
+                .try_acquire_many_owned(own as u32)
+                .ok();
+        }
+        let rest = (want - credit.bytes()).min(self.shared.available_permits());
+        if rest > 0 {
+            credit.shared = Arc::clone(&self.shared)
+                .try_acquire_many_owned(rest as u32)
+                .ok();
+        }
+        credit
+    }
+}
+
+/// Bytes of output a job may hold in memory; given back when dropped.
+#[derive(Debug, Default)]
+pub struct Credit {
+    reserve: Option<OwnedSemaphorePermit>,
+    shared: Option<OwnedSemaphorePermit>,
+}
+
+impl Credit {
+    pub fn bytes(&self) -> usize {
+        self.reserve.as_ref().map_or(0, |p| p.num_permits())
+            + self.shared.as_ref().map_or(0, |p| p.num_permits())
+    }
+
+    /// Gives back all but `bytes` (the shared pool's first, as it is what others wait for).
+    pub fn shrink_to(&mut self, bytes: usize) {
+        let mut excess = self.bytes().saturating_sub(bytes);
+        for slot in [&mut self.shared, &mut self.reserve] {
+            let Some(permit) = slot else { continue };
+            let give = excess.min(permit.num_permits());
+            if give == permit.num_permits() {
+                *slot = None;
+            } else if give > 0 {
+                drop(permit.split(give));
+            }
+            excess -= give;
+        }
+    }
+
+    /// Splits off `bytes` of this credit (or all of it, if it has less).
+    pub fn split(&mut self, bytes: usize) -> Credit {
+        let mut taken = Credit::default();
+        let mut left = bytes;
+        for (from, to) in [
+            (&mut self.reserve, &mut taken.reserve),
+            (&mut self.shared, &mut taken.shared),
+        ] {
+            let Some(permit) = from else { continue };
+            let n = left.min(permit.num_permits());
+            if n == permit.num_permits() {
+                *to = from.take();
+            } else if n > 0 {
+                *to = permit.split(n);
+            }
+            left -= n;
+        }
+        taken
+    }
+
+    fn merge(&mut self, other: Credit) {
+        for (into, from) in [
+            (&mut self.reserve, other.reserve),
+            (&mut self.shared, other.shared),
+        ] {
+            match (into.as_mut(), from) {
+                (Some(permit), Some(more)) => permit.merge(more),
+                (None, Some(more)) => *into = Some(more),
+                (_, None) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_reserve_comes_first_then_the_shared_pool() {
+        let budget = OutputBudget::new(100_000, 10_000);
+        let job = budget.for_job();
+        let credit = job.acquire(30_000).await;
+        assert_eq!(credit.bytes(), 30_000);
+        assert_eq!(credit.reserve.as_ref().unwrap().num_permits(), 10_000);
+        assert_eq!(budget.shared_in_use(), 20_000);
+        drop(credit);
+        assert_eq!(budget.shared_in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_job_gets_what_is_free_without_waiting_for_all_it_asked() {
+        let budget = OutputBudget::new(50_000, 10_000);
+        let hog = budget.for_job();
+        let _held = hog.acquire(60_000).await;
+        assert_eq!(
+            budget.shared_in_use(),
+            50_000,
+            "the hog took the whole pool"
+        );
+        // Another job still gets its own reserve at once.
+        let other = budget.for_job();
+        let credit = tokio::time::timeout(Duration::from_secs(5), other.acquire(1 << 20))
+            .await
+            .expect("the reserve is guaranteed");
+        assert_eq!(credit.bytes(), 10_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_nothing_free_a_job_waits_until_output_is_taken() {
+        let budget = OutputBudget::new(0, 8192);
+        let job = budget.for_job();
+        let first = job.acquire(8192).await;
+        assert_eq!(first.bytes(), 8192);
+        let waiting = tokio::spawn({
+            let job = job.clone();
+            async move { job.acquire(8192).await.bytes() }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!waiting.is_finished(), "no credit while the first is held");
+        drop(first);
+        assert_eq!(waiting.await.unwrap(), 8192);
+    }
+
+    #[tokio::test]
+    async fn small_requests_are_granted_in_full_and_large_ones_at_least_4_kib() {
+        let budget = OutputBudget::new(0, 6000);
+        let job = budget.for_job();
+        let small = job.acquire(100).await;
+        assert_eq!(small.bytes(), 100);
+        let large = job.acquire(1 << 20).await;
+        assert_eq!(large.bytes(), 5900, "all that is left, being over 4 KiB");
+    }
+
+    #[tokio::test]
+    async fn shrinking_gives_back_the_shared_pool_first() {
+        let budget = OutputBudget::new(100_000, 10_000);
+        let job = budget.for_job();
+        let mut credit = job.acquire(50_000).await;
+        credit.shrink_to(12_000);
+        assert_eq!(credit.bytes(), 12_000);
+        assert_eq!(budget.shared_in_use(), 2_000);
+        credit.shrink_to(3_000);
+        assert_eq!(credit.bytes(), 3_000);
+        assert_eq!(budget.shared_in_use(), 0);
+        assert_eq!(job.reserve.available_permits(), 7_000);
+    }
+
+    #[tokio::test]
+    async fn splitting_moves_bytes_between_credits() {
+        let budget = OutputBudget::new(100_000, 10_000);
+        let job = budget.for_job();
+        let mut credit = job.acquire(30_000).await;
+        let piece = credit.split(12_000);
+        assert_eq!((piece.bytes(), credit.bytes()), (12_000, 18_000));
+        let all = credit.split(1 << 30);
+        assert_eq!((all.bytes(), credit.bytes()), (18_000, 0));
+        drop((piece, all));
+        assert_eq!(budget.shared_in_use(), 0);
+    }
+}

@@ -1,0 +1,125 @@
+//! Output held for callers stays within the server's budget however many do not read, a new
+//! job is never starved by stalled ones, and a caller that reads gets every byte.
+
+use bytes::Bytes;
+
+use super::*;
+
+const MIB: usize = 1 << 20;
+
+fn budget_config(shared: usize, reserve: usize) -> JobsConfig {
+    JobsConfig {
+        max_concurrent: 64,
+        stream_buffer: 8,
+        output_budget_bytes: shared,
+        output_reserve_bytes: reserve,
+        ..config()
+    }
+}
+
+/// A job that writes `chunks` chunks of 256 KiB, then exits.
+fn writer(chunks: usize) -> Script {
+    (0..chunks).fold(Script::new(), |script, _| {
+        script.stdout(Bytes::from(vec![b'x'; 256 << 10]))
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn stalled_callers_hold_no_more_than_the_budget_and_a_new_job_still_runs() {
+    let h = Harness::new(budget_config(4 * MIB, 64 << 10));
+    // 32 jobs each want to hold 8 MiB for callers that never read.
+    let mut stalled = Vec::new();
+    for i in 0..32 {
+        stalled.push(h.run(&format!("stalled {i}"), writer(32).exit(0)).await);
+    }
+    tokio::time::sleep(secs(60)).await;
+    let budget = h.jobs.output_budget();
+    assert_eq!(
+        budget.shared_in_use(),
+        4 * MIB,
+        "the shared pool is used up, not exceeded"
+    );
+    // Output the sinks saw is output that was read: it is bounded by the budget too.
+    let read: usize = stalled
+        .iter()
+        .map(|s| {
+            outputs(&h.sink.events(&s.job_id))
+                .iter()
+                .map(|(_, _, text)| text.len())
+                .sum::<usize>()
+        })
+        .sum();
+    assert!(
+        read <= 4 * MIB + 32 * (64 << 10),
+        "{read} bytes read for callers that do not read"
+    );
+
+    // A new job is not starved: its reserve carries its output to a caller that reads.
+    let fresh = h.run("fresh", writer(4).exit(0)).await;
+    let events = read_all(fresh).await;
+    let exit = check_events(&events);
+    assert_eq!(exit.stdout_bytes, 4 * (256 << 10));
+    drop(stalled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_reads_gets_every_byte_with_only_the_reserve() {
+    // No shared pool at all: 4 KiB at a time, and nothing may deadlock.
+    let h = Harness::new(budget_config(MIB, 4096));
+    let hog = h
+        .run(
+            "hog",
+            Script::new()
+                .stdout(Bytes::from(vec![b'h'; 2 * MIB]))
+                .until_stopped(),
+        )
+        .await;
+    tokio::time::sleep(secs(1)).await;
+    assert_eq!(
+        h.jobs.output_budget().shared_in_use(),
+        MIB,
+        "the hog took the pool"
+    );
+
+    let data: Vec<u8> = (0..(3 * MIB)).map(|i| (i % 251) as u8).collect();
+    let stream = h
+        .run("reader", Script::new().stdout(data.clone()).exit(0))
+        .await;
+    let events = read_all(stream).await;
+    check_events(&events);
+    let received: Vec<u8> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Output { data, .. } => Some(data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(received, data, "every byte, in order");
+    assert!(
+        events.len() > 3 * MIB / 4096,
+        "small credits make small events ({} events)",
+        events.len()
+    );
+    drop(hog);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_stalled_caller_gives_its_credit_back() {
+    let h = Harness::new(budget_config(2 * MIB, 64 << 10));
+    let stream = h.run("stalled", writer(32).until_stopped()).await;
+    let id = stream.job_id.clone();
+    tokio::time::sleep(secs(10)).await;
+    let held = h.jobs.output_budget().shared_in_use();
+    assert!(
+        held > MIB,
+        "the unread output holds {held} bytes of the pool"
+    );
+
+    // Stopped, the caller gets the 2s grace per event; it does not read, so it is dropped and
+    // what it left unread is freed at once, though its stream object is still held.
+    h.jobs.cancel(&id).await.unwrap();
+    within(h.sink.exited(&id)).await;
+    assert_eq!(h.jobs.output_budget().shared_in_use(), 0);
+    drop(stream);
+}
