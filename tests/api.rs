@@ -117,7 +117,10 @@ async fn health_rpc_reports_the_instance() {
     assert!(health.time.is_some() && health.uptime.is_some());
     assert_eq!(health.version, env!("CARGO_PKG_VERSION"));
     assert_eq!(health.output_budget_bytes, 64 << 20, "the default budget");
-    assert_eq!(health.output_budget_in_use_bytes, 0, "nothing held while idle");
+    assert_eq!(
+        health.output_budget_in_use_bytes, 0,
+        "nothing held while idle"
+    );
     server.stop().await;
 }
 

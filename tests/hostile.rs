@@ -243,3 +243,128 @@ async fn silent_connections_cannot_lock_out_a_real_client() {
     drop(silent);
     server.stop().await;
 }
+
+/// 4 KiB lines as fast as the pipe takes them: fills the pipe, so reads are as large as the
+/// budget allows (plain `yes` writes 8,184-byte blocks that hide the problem).
+const FAST_4K_LINES: &str = "yes \"$(head -c 4095 /dev/zero | tr '\\0' x)\"";
+
+/// Polls Health until `done` says so (bounded: 20 s).
+async fn wait_health(
+    client: &mut SandboxServiceClient<Channel>,
+    what: &str,
+    done: impl Fn(&pb::HealthResponse) -> bool,
+) -> pb::HealthResponse {
+    for _ in 0..400 {
+        let health = client
+            .health(pb::HealthRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if done(&health) {
+            return health;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("Health never showed {what}");
+}
+
+#[tokio::test]
+async fn callers_that_never_read_hold_no_more_than_the_output_budget() {
+    const BUDGET: u64 = 2 << 20;
+    let budget = BUDGET.to_string();
+    let server = common::start(&["--output-budget-bytes", &budget]).await;
+    let mut client = server.client().await;
+
+    // 16 callers, each on its own connection, take Started and never read again.
+    let mut stalled = Vec::new();
+    for _ in 0..16 {
+        let mut caller = SandboxServiceClient::new(server.channel().await);
+        let mut stream = caller
+            .exec(common::shell(FAST_4K_LINES))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().expect("Started");
+        stalled.push((caller, stream));
+    }
+    // They fill what the HTTP/2 windows take, then the budget; then their jobs are paused.
+    let health = wait_health(&mut client, "the budget in use", |h| {
+        h.output_budget_in_use_bytes == BUDGET
+    })
+    .await;
+    assert_eq!(health.output_budget_bytes, BUDGET);
+    assert_eq!(health.active_jobs, 16);
+    for _ in 0..10 {
+        let health = client
+            .health(pb::HealthRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(health.output_budget_in_use_bytes <= BUDGET, "{health:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A new job is not starved: its reserve carries its output to a caller that reads.
+    let run = common::run(&mut client, common::shell("head -c 1000000 /dev/zero")).await;
+    assert_eq!(run.stdout.len(), 1_000_000);
+
+    // The stalled callers leave: their jobs are cancelled and the budget is given back.
+    drop(stalled);
+    wait_health(&mut client, "the budget given back", |h| {
+        h.active_jobs == 0 && h.output_budget_in_use_bytes == 0
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn floods_of_cancel_and_status_on_one_job_are_answered() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    let job = common::Job::start(&mut client, common::shell("sleep 30")).await;
+    let job_id = job.job_id.clone();
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..1_000 {
+        let mut client = client.clone();
+        let job_id = job_id.clone();
+        flood.spawn(async move {
+            if i % 2 == 0 {
+                client
+                    .cancel(pb::CancelRequest { job_id })
+                    .await
+                    .map(|_| ())
+            } else {
+                client
+                    .status(pb::StatusRequest { job_id })
+                    .await
+                    .map(|_| ())
+            }
+        });
+    }
+    while let Some(answer) = flood.join_next().await {
+        answer
+            .unwrap()
+            .expect("every Cancel and Status is answered OK");
+    }
+    let run = job.finish().await;
+    assert_eq!(run.state(), common::JobState::Cancelled);
+    let status = common::status(&mut client, &job_id).await;
+    assert_eq!(status.state, common::JobState::Cancelled as i32);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_that_start_a_job_and_reset_leave_nothing_running() {
+    let server = common::start(&[]).await;
+    for _ in 0..500 {
+        let mut caller = SandboxServiceClient::new(server.channel().await);
+        let stream = caller.exec(common::shell("sleep 30")).await.unwrap();
+        // Dropping the response and the only channel closes the connection under the stream.
+        drop((stream, caller));
+    }
+    let mut client = server.client().await;
+    wait_health(&mut client, "every job ended", |h| h.active_jobs == 0).await;
+    let run = common::run(&mut client, common::shell("echo still here")).await;
+    assert_eq!(run.stdout, b"still here\n");
+    server.stop().await;
+}
