@@ -67,8 +67,16 @@ async fn sigterm_lets_in_flight_streams_finish_within_the_grace() {
     let mut server = spawn_server(&["--drain-grace", "30s"]).await;
     let channel = server.channel().await.unwrap();
     let mut client = SandboxServiceClient::new(channel.clone());
+    // The job ends when the test says so (bounded: 30 s), so it is surely still running while
+    // the test checks the draining server, however loaded the machine.
+    let marker = std::env::temp_dir().join(format!("drain-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let command = format!(
+        "echo begin; i=0; while [ ! -e '{}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; echo end",
+        marker.display()
+    );
     let stream = client
-        .exec(authorized(shell("echo begin; sleep 1; echo end")))
+        .exec(authorized(shell(&command)))
         .await
         .unwrap()
         .into_inner();
@@ -79,12 +87,14 @@ async fn sigterm_lets_in_flight_streams_finish_within_the_grace() {
     common::wait_not_serving(&channel).await;
     let refused = client.exec(authorized(shell("true"))).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable);
+    std::fs::write(&marker, b"").unwrap();
 
     let run = job.finish().await;
     assert_eq!(run.state(), JobState::Succeeded, "{:?}", run.exited);
     assert_eq!(run.stdout, b"begin\nend\n");
     let (status, _) = server.exit().await.unwrap();
     assert!(status.success(), "exit status {status}");
+    let _ = std::fs::remove_file(&marker);
 }
 
 #[tokio::test]
