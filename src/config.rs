@@ -271,6 +271,10 @@ impl Config {
 
     /// The bearer tokens to accept now (empty: no authentication).
     pub fn auth_tokens(&self) -> Result<Vec<String>, ConfigError> {
+        // Set but empty is a mistake (e.g. a missing Secret key), never "authentication off".
+        if self.auth_tokens.as_deref() == Some("") {
+            return Err(ConfigError::EmptyToken);
+        }
         let source = self.auth_tokens_source();
         let Some(text) = source.read()? else {
             return Ok(Vec::new());
@@ -306,6 +310,10 @@ impl Config {
 
     /// The job-id signing key now, when one is set.
     pub fn signing_key(&self) -> Result<Option<Secret>, ConfigError> {
+        // Set but empty is too short, as before files existed; not "use a random key".
+        if self.job_id_signing_key.as_deref() == Some("") {
+            return Err(ConfigError::ShortSigningKey);
+        }
         let key = self.signing_key_source().read()?;
         if key
             .as_ref()
@@ -453,6 +461,7 @@ mod tests {
                 "not a directory",
             ),
             (&["--auth-tokens", "a,,b"], "empty token"),
+            (&["--auth-tokens", ""], "empty token"),
             (&["--backend", "cloud"], "cloud"),
             (&["--backend", "daytona"], "DAYTONA_API_KEY"),
             (
@@ -467,6 +476,7 @@ mod tests {
                 "http",
             ),
             (&["--job-id-signing-key", "short"], "at least 32"),
+            (&["--job-id-signing-key", ""], "at least 32"),
             (&["--replica-name", "has space"], "replica-name"),
             (&["--max-connection-age", "0s"], "--max-connection-age"),
             (
