@@ -1,15 +1,16 @@
 //! Service configuration: CLI flags with environment fallbacks, parsed and checked once at start
 //! and then passed down (never global).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{CommandFactory, Parser, ValueEnum};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum, parser::ValueSource};
 
 use crate::{
     backend::{
         daytona::{DaytonaArgs, DaytonaConfigError},
         local::{LocalArgs, LocalConfigError},
     },
+    secrets::{Secret, SecretError, SecretSource, parse_tokens},
     sink::convex::{ConvexArgs, ConvexConfigError},
 };
 
@@ -117,15 +118,36 @@ pub struct Config {
     #[command(flatten, next_help_heading = "Convex mirror")]
     pub convex: ConvexArgs,
 
-    /// Bearer tokens callers must present (comma-separated, several allow rotation). Unset: no
-    /// authentication. Never logged.
+    // Secrets come from the environment or from files, never from flags (any process can read
+    // a command line): `Config::load_from` refuses each secret's flag, which is hidden here; its
+    // variable stays. Every variable with a hidden value is withheld from jobs
+    // (`secret_env_names`), the `*_FILE` ones too: a job has no use for where secrets live.
+    /// Bearer tokens callers must present (comma-separated, several allow rotation), from the
+    /// environment only. Never logged.
     #[arg(
         long,
         env = "SANDBOX_RUNNER_TOKEN",
-        value_delimiter = ',',
+        hide = true,
         hide_env_values = true
     )]
-    pub auth_tokens: Vec<String>,
+    pub auth_tokens: Option<String>,
+
+    /// File of the bearer tokens callers must present (one per line or comma-separated; blank
+    /// lines and # comments ignored), re-read on SIGHUP and when it changes; or set
+    /// SANDBOX_RUNNER_TOKEN. Neither: no authentication.
+    #[arg(
+        long,
+        env = "SANDBOX_RUNNER_TOKEN_FILE",
+        value_name = "PATH",
+        hide_env_values = true
+    )]
+    pub auth_tokens_file: Option<PathBuf>,
+
+    /// How often secret files are re-read to pick up a rotation (they are also re-read on
+    /// SIGHUP); 0s: only on SIGHUP.
+    #[arg(long, env = "SECRET_POLL_INTERVAL", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub secret_poll_interval: Duration,
 
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
@@ -141,11 +163,20 @@ pub struct Config {
     #[arg(long, env = "REPLICA_NAME")]
     pub replica_name: Option<String>,
 
-    /// Key that signs job ids; give every replica the same one so any replica can verify and
-    /// serve ids issued by another. Unset: a random key, valid for this process only. Never
-    /// logged.
-    #[arg(long, env = "JOB_ID_SIGNING_KEY", hide_env_values = true)]
+    /// Key that signs job ids, from the environment only. Never logged.
+    #[arg(long, env = "JOB_ID_SIGNING_KEY", hide = true, hide_env_values = true)]
     pub job_id_signing_key: Option<String>,
+
+    /// File of the key that signs job ids (at least 32 bytes; or set JOB_ID_SIGNING_KEY); give
+    /// every replica the same one so any replica can verify and serve ids issued by another.
+    /// Read at start only. Neither: a random key, valid for this process only.
+    #[arg(
+        long,
+        env = "JOB_ID_SIGNING_KEY_FILE",
+        value_name = "PATH",
+        hide_env_values = true
+    )]
+    pub job_id_signing_key_file: Option<PathBuf>,
 
     /// Most client connections open at once (further ones are closed at once, after the
     /// oldest connection that never spoke HTTP/2 is closed to make room). Lowered at start when
@@ -193,8 +224,20 @@ pub enum ConfigError {
     Daytona(#[from] DaytonaConfigError),
     #[error("SANDBOX_RUNNER_TOKEN contains an empty token (check for stray commas)")]
     EmptyToken,
-    #[error("JOB_ID_SIGNING_KEY must be at least {MIN_SIGNING_KEY_BYTES} bytes")]
+    #[error("the job-id signing key must be at least {MIN_SIGNING_KEY_BYTES} bytes")]
     ShortSigningKey,
+    #[error(
+        "{flag} is refused: a command line is readable by every process on the host \
+         (/proc/<pid>/cmdline). Set {var} in the environment, or put the secret in a file and \
+         pass {file_flag} (or {var}_FILE)"
+    )]
+    SecretFlag {
+        flag: String,
+        var: String,
+        file_flag: String,
+    },
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     #[error("--replica-name must be 1 to 253 characters without whitespace")]
     ReplicaName,
 }
@@ -202,7 +245,99 @@ pub enum ConfigError {
 /// Shortest accepted job-id signing key.
 pub const MIN_SIGNING_KEY_BYTES: usize = 32;
 
+/// Why the binary refuses to start with its command line and environment.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Unparsable: clap's message, exit 2 (or `--help`, `--version`).
+    #[error(transparent)]
+    Usage(#[from] clap::Error),
+    /// Parsed but refused: exit 64.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
 impl Config {
+    /// The binary's configuration: parses `args` and the environment, refuses a secret given as
+    /// a flag, then validates. (In-process callers that build a `Config` with
+    /// `try_parse_from` have no command line to leak and may pass secrets as flags.)
+    pub fn load_from<I, T>(args: I) -> Result<Config, LoadError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut matches = Config::command().try_get_matches_from(args)?;
+        refuse_secret_flags(&matches)?;
+        let config = Config::from_arg_matches_mut(&mut matches)
+            .map_err(|e| e.format(&mut Config::command()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Where the bearer tokens come from.
+    pub fn auth_tokens_source(&self) -> SecretSource<'_> {
+        SecretSource {
+            var: "SANDBOX_RUNNER_TOKEN",
+            file_var: "SANDBOX_RUNNER_TOKEN_FILE",
+            value: self.auth_tokens.as_deref(),
+            file: self.auth_tokens_file.as_deref(),
+        }
+    }
+
+    /// The bearer tokens to accept now (empty: no authentication).
+    pub fn auth_tokens(&self) -> Result<Vec<String>, ConfigError> {
+        // Set but empty is a mistake (e.g. a missing Secret key), never "authentication off".
+        if self.auth_tokens.as_deref() == Some("") {
+            return Err(ConfigError::EmptyToken);
+        }
+        let source = self.auth_tokens_source();
+        let Some(text) = source.read()? else {
+            return Ok(Vec::new());
+        };
+        match source.file {
+            Some(path) => tokens_of_file(&text).map_err(|reason| {
+                SecretError::Invalid {
+                    var: source.file_var,
+                    path: path.to_owned(),
+                    reason,
+                }
+                .into()
+            }),
+            None => {
+                let tokens: Vec<String> = text.expose().split(',').map(str::to_owned).collect();
+                if tokens.iter().any(|t| t.trim().is_empty()) {
+                    return Err(ConfigError::EmptyToken);
+                }
+                Ok(tokens)
+            }
+        }
+    }
+
+    /// Where the job-id signing key comes from.
+    pub fn signing_key_source(&self) -> SecretSource<'_> {
+        SecretSource {
+            var: "JOB_ID_SIGNING_KEY",
+            file_var: "JOB_ID_SIGNING_KEY_FILE",
+            value: self.job_id_signing_key.as_deref(),
+            file: self.job_id_signing_key_file.as_deref(),
+        }
+    }
+
+    /// The job-id signing key now, when one is set.
+    pub fn signing_key(&self) -> Result<Option<Secret>, ConfigError> {
+        // Set but empty is too short, as before files existed; not "use a random key".
+        if self.job_id_signing_key.as_deref() == Some("") {
+            return Err(ConfigError::ShortSigningKey);
+        }
+        let key = self.signing_key_source().read()?;
+        if key
+            .as_ref()
+            .is_some_and(|k| k.expose().len() < MIN_SIGNING_KEY_BYTES)
+        {
+            return Err(ConfigError::ShortSigningKey);
+        }
+        Ok(key)
+    }
+
     /// Checks what clap cannot: relations between flags and the state of the host.
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (flag, value) in [
@@ -227,16 +362,8 @@ impl Config {
             BackendKind::Daytona => self.daytona.validate()?,
         }
         self.convex.settings()?;
-        if self.auth_tokens.iter().any(|t| t.trim().is_empty()) {
-            return Err(ConfigError::EmptyToken);
-        }
-        if self
-            .job_id_signing_key
-            .as_ref()
-            .is_some_and(|k| k.len() < MIN_SIGNING_KEY_BYTES)
-        {
-            return Err(ConfigError::ShortSigningKey);
-        }
+        self.auth_tokens()?;
+        self.signing_key()?;
         if let Some(name) = &self.replica_name
             && (name.is_empty()
                 || name.len() > 253
@@ -252,8 +379,9 @@ impl Config {
         Ok(())
     }
 
-    /// Environment variables that carry the service's secrets, which jobs must never inherit:
-    /// every flag whose environment value is hidden from `--help`.
+    /// Environment variables that carry the service's secrets, or the paths of their files,
+    /// which jobs must never inherit: every argument whose environment value is hidden from
+    /// `--help`.
     pub fn secret_env_names() -> Vec<String> {
         Config::command()
             .get_arguments()
@@ -280,10 +408,41 @@ impl Config {
     }
 }
 
+/// The tokens of a tokens file; one that holds none is refused (it must never turn
+/// authentication off).
+pub fn tokens_of_file(text: &Secret) -> Result<Vec<String>, String> {
+    let tokens = parse_tokens(text.expose());
+    if tokens.is_empty() {
+        return Err("it holds no token (only blank lines or # comments)".into());
+    }
+    Ok(tokens)
+}
+
+/// Refuses a secret's value given on the command line. The secrets are the arguments whose
+/// environment value is hidden, except their `--*-file` twins, which only name files.
+fn refuse_secret_flags(matches: &ArgMatches) -> Result<(), ConfigError> {
+    for arg in Config::command().get_arguments() {
+        let (Some(long), Some(var)) = (arg.get_long(), arg.get_env()) else {
+            continue;
+        };
+        if !arg.is_hide_env_values_set() || long.ends_with("-file") {
+            continue;
+        }
+        if matches.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine) {
+            return Err(ConfigError::SecretFlag {
+                flag: format!("--{long}"),
+                var: var.to_string_lossy().into_owned(),
+                file_flag: format!("--{long}-file"),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::daytona::DEFAULT_DAYTONA_API_URL;
+    use crate::{backend::daytona::DEFAULT_DAYTONA_API_URL, secrets::tests::TempFile};
 
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut argv = vec!["sandbox-runner"];
@@ -316,6 +475,7 @@ mod tests {
                 "not a directory",
             ),
             (&["--auth-tokens", "a,,b"], "empty token"),
+            (&["--auth-tokens", ""], "empty token"),
             (&["--backend", "cloud"], "cloud"),
             (&["--backend", "daytona"], "DAYTONA_API_KEY"),
             (
@@ -330,6 +490,7 @@ mod tests {
                 "http",
             ),
             (&["--job-id-signing-key", "short"], "at least 32"),
+            (&["--job-id-signing-key", ""], "at least 32"),
             (&["--replica-name", "has space"], "replica-name"),
             (&["--max-connection-age", "0s"], "--max-connection-age"),
             (
@@ -382,9 +543,13 @@ mod tests {
             names,
             [
                 "CONVEX_INGEST_SECRET",
+                "CONVEX_INGEST_SECRET_FILE",
                 "DAYTONA_API_KEY",
+                "DAYTONA_API_KEY_FILE",
                 "JOB_ID_SIGNING_KEY",
+                "JOB_ID_SIGNING_KEY_FILE",
                 "SANDBOX_RUNNER_TOKEN",
+                "SANDBOX_RUNNER_TOKEN_FILE",
             ]
         );
     }
@@ -392,6 +557,157 @@ mod tests {
     #[test]
     fn tokens_split_on_commas() {
         let cfg = parse(&["--auth-tokens", "old,new"]).unwrap();
-        assert_eq!(cfg.auth_tokens, ["old", "new"]);
+        assert_eq!(cfg.auth_tokens().unwrap(), ["old", "new"]);
+    }
+
+    fn load(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["sandbox-runner"];
+        argv.extend_from_slice(args);
+        Config::load_from(argv).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn secrets_given_as_flags_are_refused_naming_the_variable_and_the_file_flag() {
+        let long_key = "k".repeat(MIN_SIGNING_KEY_BYTES);
+        let cases: &[(&[&str], &str, &str)] = &[
+            (
+                &["--auth-tokens", "t0ken"],
+                "SANDBOX_RUNNER_TOKEN",
+                "--auth-tokens-file",
+            ),
+            (
+                &["--job-id-signing-key", &long_key],
+                "JOB_ID_SIGNING_KEY",
+                "--job-id-signing-key-file",
+            ),
+            (
+                &[
+                    "--convex-site-url",
+                    "https://a.convex.site",
+                    "--convex-ingest-secret",
+                    "t0ken",
+                ],
+                "CONVEX_INGEST_SECRET",
+                "--convex-ingest-secret-file",
+            ),
+            (
+                &["--backend", "daytona", "--daytona-api-key", "t0ken"],
+                "DAYTONA_API_KEY",
+                "--daytona-api-key-file",
+            ),
+        ];
+        for (args, var, file_flag) in cases {
+            let err = load(args).expect_err(&format!("{args:?} should be refused"));
+            assert!(err.contains(&args[args.len() - 2].to_string()), "{err}");
+            assert!(err.contains(&format!("Set {var} ")), "{err}");
+            assert!(err.contains(file_flag), "{err}");
+            assert!(!err.contains("t0ken") && !err.contains(&long_key), "{err}");
+            let refused = Config::load_from(std::iter::once("x").chain(args.iter().copied()));
+            assert!(matches!(refused, Err(LoadError::Invalid(_))), "{args:?}");
+        }
+        // The secret flags are not advertised.
+        let help = Config::command().render_long_help().to_string();
+        assert!(!help.contains("--auth-tokens "), "{help}");
+        assert!(help.contains("--auth-tokens-file"), "{help}");
+        // Flags that name files are fine, and unparsable input is still a usage error.
+        assert!(matches!(
+            Config::load_from(["x", "--port", "nope"]),
+            Err(LoadError::Usage(_))
+        ));
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let tokens = TempFile::new("# rotated weekly\nold-token\nnew-token,third\n\n");
+        let key = TempFile::new(&format!("{}\n", "k".repeat(MIN_SIGNING_KEY_BYTES)));
+        let convex = TempFile::new("ingest\n");
+        let daytona = TempFile::new("dtn_key\n");
+        let path = |f: &TempFile| f.0.to_str().unwrap().to_owned();
+        let cfg = load(&[
+            "--auth-tokens-file",
+            &path(&tokens),
+            "--job-id-signing-key-file",
+            &path(&key),
+            "--convex-site-url",
+            "https://a.convex.site",
+            "--convex-ingest-secret-file",
+            &path(&convex),
+            "--backend",
+            "daytona",
+            "--daytona-api-key-file",
+            &path(&daytona),
+        ])
+        .unwrap();
+        assert_eq!(
+            cfg.auth_tokens().unwrap(),
+            ["old-token", "new-token", "third"]
+        );
+        assert_eq!(
+            cfg.signing_key().unwrap().unwrap().expose(),
+            "k".repeat(MIN_SIGNING_KEY_BYTES)
+        );
+        assert!(cfg.convex.is_configured() && cfg.daytona.is_configured());
+        let settings = cfg.convex.settings().unwrap().unwrap();
+        assert_eq!(settings.secret.get(), "ingest");
+        assert_eq!(
+            cfg.daytona.settings().unwrap().api_key.get(),
+            "Bearer dtn_key"
+        );
+    }
+
+    #[test]
+    fn unusable_secret_files_fail_naming_the_file_not_the_content() {
+        let comments = TempFile::new("# nothing yet\n\n");
+        let short = TempFile::new("short-key-s3cr3t\n");
+        let empty = TempFile::new("\n");
+        let path = |f: &TempFile| f.0.to_str().unwrap().to_owned();
+        let cases: Vec<(Vec<String>, &str)> = vec![
+            (
+                vec!["--auth-tokens-file".into(), path(&comments)],
+                "SANDBOX_RUNNER_TOKEN_FILE",
+            ),
+            (
+                vec!["--auth-tokens-file".into(), "/definitely/missing".into()],
+                "cannot read it",
+            ),
+            (
+                vec!["--job-id-signing-key-file".into(), path(&short)],
+                "at least 32",
+            ),
+            (
+                vec![
+                    "--backend".into(),
+                    "daytona".into(),
+                    "--daytona-api-key-file".into(),
+                    path(&empty),
+                ],
+                "DAYTONA_API_KEY_FILE",
+            ),
+            (
+                vec![
+                    "--convex-site-url".into(),
+                    "https://a.convex.site".into(),
+                    "--convex-ingest-secret-file".into(),
+                    path(&empty),
+                ],
+                "it is empty",
+            ),
+            // A value and a file for one secret: ambiguous.
+            (
+                vec![
+                    "--auth-tokens".into(),
+                    "a".into(),
+                    "--auth-tokens-file".into(),
+                    path(&comments),
+                ],
+                "SANDBOX_RUNNER_TOKEN and SANDBOX_RUNNER_TOKEN_FILE are both set",
+            ),
+        ];
+        for (args, needle) in cases {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let err = parse(&args).expect_err(&format!("{args:?} should fail"));
+            assert!(err.contains(needle), "{args:?}: {err}");
+            assert!(!err.contains("s3cr3t"), "{err}");
+        }
     }
 }

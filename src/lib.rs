@@ -10,6 +10,7 @@
 //! - [`backend`]: where commands run, implementing `job::Backend` (`local`: processes on this
 //!   host; `daytona`: process sessions in Daytona sandboxes).
 //! - [`sink`]: where copies of job events go, implementing `job::Sink` (`convex`).
+//! - [`secrets`]: secrets from the environment or files, swapped at run time when files change.
 //! - [`error`]: the service's error type.
 //! - [`proto`]: generated protobuf code.
 //! - [`telemetry`]: logging setup.
@@ -28,6 +29,7 @@ pub mod error;
 pub mod grpc;
 pub mod job;
 pub mod proto;
+pub mod secrets;
 pub mod server;
 pub mod sink;
 pub mod telemetry;

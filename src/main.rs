@@ -1,12 +1,13 @@
-//! The `sandbox-runner` binary: parse configuration, bind, serve until SIGTERM or SIGINT.
+//! The `sandbox-runner` binary: parse configuration, bind, serve until SIGTERM or SIGINT;
+//! SIGHUP re-reads the secret files.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc};
 
-use clap::Parser;
-use sandbox_runner::{Config, run, telemetry};
+use sandbox_runner::{Config, config::LoadError, server::run_with_reload, telemetry};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
+    sync::Notify,
 };
 use tracing::error;
 
@@ -15,11 +16,14 @@ const EXIT_CONFIG: u8 = 64;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
-    if let Err(e) = config.validate() {
-        eprintln!("sandbox-runner: invalid configuration: {e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
+    let config = match Config::load_from(std::env::args_os()) {
+        Ok(config) => config,
+        Err(LoadError::Usage(e)) => e.exit(),
+        Err(LoadError::Invalid(e)) => {
+            eprintln!("sandbox-runner: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     if config.check_config {
         println!(
             "configuration OK: backend {}, listening on {}, replica {}",
@@ -37,6 +41,7 @@ async fn main() -> ExitCode {
     }
 
     raise_fd_limit();
+    let reload = reload_on_sighup();
 
     let addr = config.listen_addr();
     let listener = match TcpListener::bind(addr).await {
@@ -46,7 +51,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(listener, config, shutdown_signal()).await {
+    match run_with_reload(listener, config, shutdown_signal(), reload).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "server failed");
@@ -68,6 +73,21 @@ fn raise_fd_limit() {
         Ok((soft, hard)) => tracing::info!(soft, hard, "open-file limit already at its maximum"),
         Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
     }
+}
+
+/// Notifies on every SIGHUP, the conventional "re-read your configuration" signal: the server
+/// re-reads its secret files. Installed before the server listens, so a SIGHUP sent once it
+/// does never takes SIGHUP's default action (exit).
+fn reload_on_sighup() -> Arc<Notify> {
+    let reload = Arc::new(Notify::new());
+    let mut hangup = signal(SignalKind::hangup()).expect("cannot install a SIGHUP handler");
+    let notify = Arc::clone(&reload);
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            notify.notify_one();
+        }
+    });
+    reload
 }
 
 /// Completes on the first SIGTERM or SIGINT.

@@ -3,7 +3,7 @@
 
 use std::{future::Future, sync::Arc, time::Duration, time::Instant};
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Notify};
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -13,7 +13,7 @@ use crate::{
         daytona::{ClientSetupError, DaytonaBackend},
         local::{LocalBackend, LocalConfig},
     },
-    config::{BackendKind, Config},
+    config::{BackendKind, Config, ConfigError, tokens_of_file},
     connection::{ConnectionLimits, Incoming, StreamCountLayer},
     grpc::{
         auth::BearerAuth,
@@ -21,6 +21,8 @@ use crate::{
     },
     job::{Backend, JobIdCodec, Jobs, JobsConfig},
     proto::{self as pb, sandbox_service_server::SandboxServiceServer},
+    secrets::{Applied, SecretError, Watcher},
+    sink::convex::SinkSetupError,
 };
 
 /// How long connections may take to close once every job has ended, before the server returns
@@ -45,18 +47,38 @@ pub enum ServerError {
     Daytona(#[from] ClientSetupError),
     #[error("no OS randomness for the job-id signing key: {0}")]
     Randomness(String),
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+}
+
+impl From<SecretError> for ServerError {
+    fn from(e: SecretError) -> Self {
+        ServerError::Config(e.into())
+    }
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: health turns NOT_SERVING, new
 /// jobs are refused, running jobs get `config.drain_grace` and are then cancelled, sinks flush,
-/// connections close.
+/// connections close. Secret files are re-read every `--secret-poll-interval`.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_with_reload(listener, config, shutdown, Arc::new(Notify::new())).await
+}
+
+/// [`run`], also re-reading the secret files whenever `reload` is notified (`main` does on
+/// SIGHUP).
+pub async fn run_with_reload(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: Arc<Notify>,
+) -> Result<(), ServerError> {
     let addr = listener.local_addr().map_err(ServerError::Listener)?;
-    let auth = BearerAuth::new(&config.auth_tokens);
+    let mut secret_files = Watcher::default();
+    let auth = auth(&config, &mut secret_files)?;
     if !auth.is_enabled() && !addr.ip().is_loopback() {
         warn!(
             %addr,
@@ -65,11 +87,33 @@ pub async fn run(
         );
     }
 
-    let backend = backend(&config)?;
-    let sinks = crate::sink::convex::sinks(&config.convex)?;
+    let backend = backend(&config, &mut secret_files)?;
+    let convex = config.convex.settings().map_err(SinkSetupError::from)?;
+    if let (Some(settings), Some(path)) = (&convex, config.convex.secret_source().file) {
+        let header = settings.secret.clone();
+        secret_files.watch("CONVEX_INGEST_SECRET_FILE", path, move |secret| {
+            header.set(secret).map_err(|e| e.to_string())?;
+            Ok(Applied::Now)
+        })?;
+    }
+    let sinks = crate::sink::convex::sinks(convex.as_ref())?;
     let replica = config.replica();
-    let signing_key = match &config.job_id_signing_key {
-        Some(key) => key.as_bytes().to_vec(),
+    let signing_key = match config.signing_key()? {
+        Some(key) => {
+            if let Some(path) = config.signing_key_source().file {
+                // Ids issued with the old key would stop verifying (NOT_FOUND), here and on
+                // every replica not yet rotated: the key changes at a restart only.
+                let in_use = key.clone();
+                secret_files.watch("JOB_ID_SIGNING_KEY_FILE", path, move |secret| {
+                    Ok(if *secret == in_use {
+                        Applied::Now
+                    } else {
+                        Applied::AtRestart
+                    })
+                })?;
+            }
+            key.expose().as_bytes().to_vec()
+        }
         None => {
             info!(
                 "JOB_ID_SIGNING_KEY is unset: job ids are signed with a random key and only this \
@@ -133,6 +177,11 @@ pub async fn run(
         info!("drained; closing connections");
         let _ = drained_tx.send(());
     };
+
+    // Polls only when there is something to poll; SIGHUP is always answered (and logged).
+    let poll = (!secret_files.is_empty() && !config.secret_poll_interval.is_zero())
+        .then_some(config.secret_poll_interval);
+    let _secret_watch = secret_files.spawn(poll, reload);
 
     let connection_limits = connection_limits(&config);
     info!(%addr, backend = config.backend.as_str(), auth = auth.is_enabled(), %replica, "listening");
@@ -220,7 +269,20 @@ fn connection_room(fd_limit: u64, max_jobs: u32) -> u64 {
         .max(MIN_CONNECTIONS)
 }
 
-fn backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
+/// Bearer authentication with the configured tokens; a tokens file is watched for rotation.
+fn auth(config: &Config, secret_files: &mut Watcher) -> Result<BearerAuth, ServerError> {
+    let auth = BearerAuth::new(&config.auth_tokens()?);
+    if let Some(path) = config.auth_tokens_source().file {
+        let holder = auth.clone();
+        secret_files.watch("SANDBOX_RUNNER_TOKEN_FILE", path, move |text| {
+            holder.set_tokens(&tokens_of_file(text)?)?;
+            Ok(Applied::Now)
+        })?;
+    }
+    Ok(auth)
+}
+
+fn backend(config: &Config, secret_files: &mut Watcher) -> Result<Arc<dyn Backend>, ServerError> {
     Ok(match config.backend {
         BackendKind::Local => Arc::new(LocalBackend::new(LocalConfig {
             default_cwd: config.local.default_cwd.clone(),
@@ -228,7 +290,17 @@ fn backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
             chunk_bytes: config.local.output_chunk_bytes as usize,
             withheld_env: Config::secret_env_names(),
         })),
-        BackendKind::Daytona => Arc::new(DaytonaBackend::new(config.daytona.settings())?),
+        BackendKind::Daytona => {
+            let settings = config.daytona.settings().map_err(ConfigError::from)?;
+            if let Some(path) = config.daytona.key_source().file {
+                let header = settings.api_key.clone();
+                secret_files.watch("DAYTONA_API_KEY_FILE", path, move |key| {
+                    header.set(key).map_err(|e| e.to_string())?;
+                    Ok(Applied::Now)
+                })?;
+            }
+            Arc::new(DaytonaBackend::new(settings)?)
+        }
     })
 }
 

@@ -116,19 +116,93 @@ fn known_env() -> BTreeSet<String> {
     names
 }
 
-/// The container's environment with secrets and field refs replaced by stand-ins.
-fn container_env(container: &Value) -> BTreeMap<String, String> {
+/// Long enough for every secret's minimum.
+const STAND_IN_SECRET: &str = "stand-in-secret-value-0123456789abcdef";
+
+/// The files the pod's Secret volumes put in the container (mount path / item path), checking
+/// that each such mount is read-only and its files unreadable to other users.
+fn mounted_secret_files(pod: &Value, container: &Value) -> BTreeSet<String> {
+    let mut files = BTreeSet::new();
+    for mount in container["volumeMounts"].as_array().into_iter().flatten() {
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("no volume for mount {mount}"));
+        let secrets: Vec<&Value> = if volume["secret"].is_object() {
+            vec![&volume["secret"]]
+        } else {
+            volume["projected"]["sources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|source| source.get("secret"))
+                .collect()
+        };
+        if secrets.is_empty() {
+            continue;
+        }
+        let name = &mount["name"];
+        assert_eq!(
+            mount["readOnly"], true,
+            "secret mount {name} must be read-only"
+        );
+        assert!(
+            mount.get("subPath").is_none(),
+            "{name}: subPath mounts are never updated"
+        );
+        let mode = volume["secret"]["defaultMode"]
+            .as_u64()
+            .or(volume["projected"]["defaultMode"].as_u64())
+            .unwrap_or_else(|| {
+                panic!("{name}: set defaultMode (the default, 0644, is world-readable)")
+            });
+        assert_eq!(
+            mode & 0o007,
+            0,
+            "{name}: defaultMode {mode:o} lets other users read secrets"
+        );
+        let dir = mount["mountPath"].as_str().unwrap().trim_end_matches('/');
+        for secret in secrets {
+            for item in secret["items"].as_array().expect("secret items listed") {
+                files.insert(format!("{dir}/{}", item["path"].as_str().unwrap()));
+            }
+        }
+    }
+    files
+}
+
+/// The container's environment with secrets and field refs replaced by stand-ins; a `*_FILE`
+/// variable must name a file a Secret volume provides, and is pointed at a stand-in file in
+/// `files_dir`.
+fn container_env(
+    container: &Value,
+    mounted: &BTreeSet<String>,
+    files_dir: &Path,
+) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     for var in container["env"].as_array().unwrap() {
         let name = var["name"].as_str().unwrap().to_owned();
-        let value = if let Some(v) = var["value"].as_str() {
+        let value = if let Some(v) = var["value"].as_str()
+            && name.ends_with("_FILE")
+        {
+            assert!(
+                mounted.contains(v),
+                "{name} names {v}, which no Secret volume provides"
+            );
+            let stand_in = files_dir.join(&name);
+            std::fs::create_dir_all(files_dir).unwrap();
+            std::fs::write(&stand_in, format!("{STAND_IN_SECRET}\n")).unwrap();
+            stand_in.to_str().unwrap().to_owned()
+        } else if let Some(v) = var["value"].as_str() {
             v.to_owned()
         } else if var["valueFrom"]["secretKeyRef"].is_object() {
             // Long enough for every secret's minimum; URLs need a scheme.
             if name.ends_with("_URL") {
                 "https://example.convex.site".into()
             } else {
-                "stand-in-secret-value-0123456789abcdef".into()
+                STAND_IN_SECRET.into()
             }
         } else if var["valueFrom"]["fieldRef"].is_object() {
             "sandbox-runner-0".into()
@@ -138,6 +212,23 @@ fn container_env(container: &Value) -> BTreeMap<String, String> {
         env.insert(name, value);
     }
     env
+}
+
+/// Counts renderings checked, for distinct stand-in directories in parallel tests.
+static RENDERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A secret comes from a Secret, never from a literal: its variable from a `secretKeyRef`, or
+/// its `*_FILE` variable naming a mounted Secret file (checked by `container_env`).
+fn assert_from_a_secret(container: &Value, secret: &str) {
+    let env = container["env"].as_array().unwrap();
+    let find = |name: &str| env.iter().find(|v| v["name"] == name);
+    let by_ref = find(secret).is_some_and(|v| v["valueFrom"]["secretKeyRef"].is_object());
+    let by_file = find(&format!("{secret}_FILE")).is_some();
+    assert!(by_ref || by_file, "{secret} must come from a Secret");
+    assert!(
+        find(secret).is_none_or(|v| v.get("value").is_none()),
+        "{secret} must not be a literal"
+    );
 }
 
 fn parse_duration_secs(s: &str) -> u64 {
@@ -153,7 +244,13 @@ fn check_deployment(docs: &[Value], backend: &str) {
         .iter()
         .find(|c| c["name"] == "sandbox-runner")
         .expect("sandbox-runner container");
-    let env = container_env(container);
+    let mounted = mounted_secret_files(pod, container);
+    let files_dir = std::env::temp_dir().join(format!(
+        "sandbox-runner-deploy-test-{}-{backend}-{}",
+        std::process::id(),
+        RENDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let env = container_env(container, &mounted, &files_dir);
 
     // Every variable is one the binary reads, and together they form a valid configuration.
     let known = known_env();
@@ -181,23 +278,14 @@ fn check_deployment(docs: &[Value], backend: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(summary.contains(&format!("backend {backend}")), "{summary}");
+    let _ = std::fs::remove_dir_all(&files_dir);
 
-    // Secrets come from Secrets, never from literals.
     for secret in [
         "SANDBOX_RUNNER_TOKEN",
         "JOB_ID_SIGNING_KEY",
         "CONVEX_INGEST_SECRET",
     ] {
-        let var = container["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == secret);
-        let var = var.unwrap_or_else(|| panic!("{secret} missing"));
-        assert!(
-            var["valueFrom"]["secretKeyRef"].is_object(),
-            "{secret} must come from a Secret"
-        );
+        assert_from_a_secret(container, secret);
     }
 
     // One port everywhere.
@@ -309,14 +397,10 @@ fn daytona_overlay_matches_the_binary() {
 fn check_daytona_overlay(docs: &[Value]) {
     check_deployment(docs, "daytona");
     let deployment = one(docs, "Deployment", "sandbox-runner");
-    let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
-    let key = env
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "DAYTONA_API_KEY")
-        .expect("DAYTONA_API_KEY");
-    assert!(key["valueFrom"]["secretKeyRef"].is_object());
+    assert_from_a_secret(
+        &deployment["spec"]["template"]["spec"]["containers"][0],
+        "DAYTONA_API_KEY",
+    );
 }
 
 #[test]

@@ -16,6 +16,8 @@ use tokio_tungstenite::{
 };
 use tracing::debug;
 
+use crate::secrets::SecretHeader;
+
 /// Version sent in `X-Daytona-SDK-Version`. Daemons switch behaviour on it: from 0.167.0 log
 /// markers are kept and plain log GETs answer JSON, which is what the demultiplexer expects.
 pub const SDK_VERSION: &str = "0.190.0";
@@ -50,8 +52,6 @@ fn segment(s: &str) -> String {
 /// The Daytona client cannot be built from the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientSetupError {
-    #[error("DAYTONA_API_KEY contains characters not allowed in a header")]
-    ApiKeyNotAHeader,
     #[error("cannot build the Daytona HTTP client: {0}")]
     Http(#[source] reqwest::Error),
 }
@@ -117,21 +117,19 @@ pub struct DaytonaClient {
     api_url: String,
     /// Sent on every request, the log WebSocket's included.
     headers: header::HeaderMap,
+    /// `Authorization`, read per request so a rotated key is used from the next request on.
+    auth: SecretHeader,
     request_timeout: Duration,
 }
 
 impl DaytonaClient {
     pub fn new(
         api_url: &str,
-        api_key: &str,
+        auth: &SecretHeader,
         request_timeout: Duration,
     ) -> Result<Self, ClientSetupError> {
         crate::tls::install_crypto_provider();
         let mut headers = header::HeaderMap::new();
-        let mut auth = header::HeaderValue::from_str(&format!("Bearer {api_key}"))
-            .map_err(|_| ClientSetupError::ApiKeyNotAHeader)?;
-        auth.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, auth);
         headers.insert(
             "x-daytona-sdk-version",
             header::HeaderValue::from_static(SDK_VERSION),
@@ -148,6 +146,7 @@ impl DaytonaClient {
             http,
             api_url: api_url.trim_end_matches('/').to_owned(),
             headers,
+            auth: auth.clone(),
             request_timeout,
         })
     }
@@ -280,6 +279,9 @@ impl DaytonaClient {
                 message: format!("bad log URL: {e}"),
             })?;
         request.headers_mut().extend(self.headers.clone());
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, self.auth.get());
         let connect =
             tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true);
         match tokio::time::timeout(self.request_timeout, connect).await {
@@ -358,7 +360,11 @@ impl DaytonaClient {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
-        let response = request.send().await.map_err(transport)?;
+        let response = request
+            .header(header::AUTHORIZATION, self.auth.get())
+            .send()
+            .await
+            .map_err(transport)?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);

@@ -1,10 +1,11 @@
 //! The Daytona backend's flags (flattened into the service's `Config`) and their checks.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use tracing::warn;
 
 use super::DaytonaConfig;
+use crate::secrets::{Secret, SecretError, SecretHeader, SecretSource};
 
 /// Default Daytona API, as in Daytona's SDKs.
 pub const DEFAULT_DAYTONA_API_URL: &str = "https://app.daytona.io/api";
@@ -12,13 +13,26 @@ pub const DEFAULT_DAYTONA_API_URL: &str = "https://app.daytona.io/api";
 /// Flags of the Daytona backend (`--backend daytona`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DaytonaArgs {
-    /// Daytona API key; required by `--backend daytona`. Never logged.
+    /// Daytona API key, from the environment only (the flag is refused, see
+    /// `Config::load_from`). Never logged.
     #[arg(
         long = "daytona-api-key",
         env = "DAYTONA_API_KEY",
+        hide = true,
         hide_env_values = true
     )]
     pub api_key: Option<String>,
+
+    /// File of the Daytona API key (or set DAYTONA_API_KEY); one of them is required by
+    /// `--backend daytona`. Re-read on SIGHUP and when it changes.
+    #[arg(
+        id = "daytona_api_key_file",
+        long = "daytona-api-key-file",
+        env = "DAYTONA_API_KEY_FILE",
+        value_name = "PATH",
+        hide_env_values = true
+    )]
+    pub api_key_file: Option<PathBuf>,
 
     /// Daytona API base URL [default: https://app.daytona.io/api].
     #[arg(
@@ -67,8 +81,14 @@ pub struct DaytonaArgs {
 /// A Daytona configuration that cannot work. Messages name the variables, never the key.
 #[derive(Debug, thiserror::Error)]
 pub enum DaytonaConfigError {
-    #[error("--backend daytona needs DAYTONA_API_KEY (or --daytona-api-key)")]
+    #[error(
+        "--backend daytona needs DAYTONA_API_KEY or DAYTONA_API_KEY_FILE (--daytona-api-key-file)"
+    )]
     MissingKey,
+    #[error("DAYTONA_API_KEY contains characters not allowed in a header")]
+    KeyNotAHeader,
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     #[error("Daytona API URL {0:?} must start with http:// or https://")]
     Url(String),
     #[error("{flag} must be greater than zero")]
@@ -76,11 +96,35 @@ pub enum DaytonaConfigError {
 }
 
 impl DaytonaArgs {
-    /// True when an API key is present.
+    /// True when an API key is present (in the environment, or as a file).
     pub fn is_configured(&self) -> bool {
         self.api_key
             .as_deref()
             .is_some_and(|k| !k.trim().is_empty())
+            || self.api_key_file.is_some()
+    }
+
+    /// Where the API key comes from.
+    pub fn key_source(&self) -> SecretSource<'_> {
+        SecretSource {
+            var: "DAYTONA_API_KEY",
+            file_var: "DAYTONA_API_KEY_FILE",
+            value: self.api_key.as_deref(),
+            file: self.api_key_file.as_deref(),
+        }
+    }
+
+    /// The API key now (reading its file, if any).
+    fn key(&self) -> Result<Secret, DaytonaConfigError> {
+        self.key_source()
+            .read()?
+            .filter(|k| !k.expose().trim().is_empty())
+            .ok_or(DaytonaConfigError::MissingKey)
+    }
+
+    /// The `Authorization` header value of an API key.
+    pub fn auth_header(key: &Secret) -> Result<SecretHeader, DaytonaConfigError> {
+        SecretHeader::new("Bearer ", key).map_err(|_| DaytonaConfigError::KeyNotAHeader)
     }
 
     /// The API URL: DAYTONA_API_URL, else the deprecated DAYTONA_SERVER_URL, else the public
@@ -94,9 +138,7 @@ impl DaytonaArgs {
 
     /// Checks the flags; only called when the Daytona backend is selected.
     pub fn validate(&self) -> Result<(), DaytonaConfigError> {
-        if !self.is_configured() {
-            return Err(DaytonaConfigError::MissingKey);
-        }
+        Self::auth_header(&self.key()?)?;
         let url = self.api_url();
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(DaytonaConfigError::Url(url.to_owned()));
@@ -113,18 +155,19 @@ impl DaytonaArgs {
         Ok(())
     }
 
-    /// The backend's settings; warns (once, at start) when the deprecated URL name is used.
-    pub fn settings(&self) -> DaytonaConfig {
+    /// The backend's settings (reading the key file, if any); warns (once, at start) when the
+    /// deprecated URL name is used.
+    pub fn settings(&self) -> Result<DaytonaConfig, DaytonaConfigError> {
         if self.api_url.is_none() && self.server_url.is_some() {
             warn!("DAYTONA_SERVER_URL is deprecated; set DAYTONA_API_URL instead");
         }
-        DaytonaConfig {
+        Ok(DaytonaConfig {
             api_url: self.api_url().to_owned(),
-            api_key: self.api_key.clone().unwrap_or_default(),
+            api_key: Self::auth_header(&self.key()?)?,
             auto_start: self.auto_start,
             start_timeout: self.start_timeout,
             request_timeout: self.request_timeout,
             poll_interval: self.poll_interval,
-        }
+        })
     }
 }

@@ -33,7 +33,8 @@ use crate::job::{
 #[derive(Debug, Clone)]
 pub struct DaytonaConfig {
     pub api_url: String,
-    pub api_key: String,
+    /// `Bearer <key>`, swapped when the key file changes.
+    pub api_key: crate::secrets::SecretHeader,
     /// Start stopped sandboxes instead of refusing the job.
     pub auto_start: bool,
     /// How long to wait for a sandbox to reach `started`.

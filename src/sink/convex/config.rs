@@ -1,33 +1,14 @@
 //! The Convex mirror's flags (flattened into the service's `Config`) and their checks.
 
-use std::{fmt, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use reqwest::Url;
 
+pub use crate::secrets::Secret;
+use crate::secrets::{SecretError, SecretHeader, SecretSource};
+
 /// The route the deployed Convex app serves for runner output.
 const INGEST_PATH: &str = "daytona-ingest";
-
-/// A secret value: shown as `[redacted]` by `Debug`, so it cannot reach logs through a derive.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<String> for Secret {
-    fn from(value: String) -> Self {
-        Secret(value)
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
 
 /// Flags of the Convex mirror sink. It is on when both the site URL and the secret are set.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,14 +19,25 @@ pub struct ConvexArgs {
     #[arg(long = "convex-site-url", env = "CONVEX_SITE_URL")]
     pub site_url: Option<String>,
 
-    /// Shared secret sent as the x-ingest-secret header. Prefer the environment variable (flags
-    /// show in `ps`). Never logged. Empty counts as unset.
+    /// Shared secret sent as the x-ingest-secret header, from the environment only (the flag is
+    /// refused, see `Config::load_from`). Never logged. Empty counts as unset.
     #[arg(
         long = "convex-ingest-secret",
         env = "CONVEX_INGEST_SECRET",
+        hide = true,
         hide_env_values = true
     )]
     pub ingest_secret: Option<Secret>,
+
+    /// File of the shared secret sent as the x-ingest-secret header (or set
+    /// CONVEX_INGEST_SECRET), re-read on SIGHUP and when it changes.
+    #[arg(
+        long = "convex-ingest-secret-file",
+        env = "CONVEX_INGEST_SECRET_FILE",
+        value_name = "PATH",
+        hide_env_values = true
+    )]
+    pub ingest_secret_file: Option<PathBuf>,
 
     /// Most output bytes queued per job for Convex; past it the oldest undelivered output is
     /// dropped and a visible gap marker takes its place.
@@ -70,7 +62,8 @@ pub struct ConvexArgs {
 pub struct ConvexSettings {
     /// `{site}/daytona-ingest`.
     pub ingest_url: Url,
-    pub secret: Secret,
+    /// The `x-ingest-secret` value, swapped when the secret file changes.
+    pub secret: SecretHeader,
     pub queue_bytes: usize,
     pub request_timeout: Duration,
     pub retry_for: Duration,
@@ -80,8 +73,8 @@ pub struct ConvexSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum ConvexConfigError {
     #[error(
-        "CONVEX_SITE_URL (--convex-site-url) is set but CONVEX_INGEST_SECRET is not: set both to \
-         mirror job output to Convex, or neither"
+        "CONVEX_SITE_URL (--convex-site-url) is set but CONVEX_INGEST_SECRET is not (nor \
+         CONVEX_INGEST_SECRET_FILE): set both to mirror job output to Convex, or neither"
     )]
     MissingSecret,
     #[error(
@@ -89,6 +82,10 @@ pub enum ConvexConfigError {
          mirror job output to Convex, or neither"
     )]
     MissingUrl,
+    #[error("CONVEX_INGEST_SECRET is not a valid HTTP header value")]
+    SecretNotAHeader,
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     #[error("CONVEX_SITE_URL {url:?} is not a usable http(s) URL: {reason}")]
     BadUrl { url: String, reason: String },
     #[error("{flag} must be greater than zero")]
@@ -98,7 +95,17 @@ pub enum ConvexConfigError {
 impl ConvexArgs {
     /// True when both variables are set (the sink is on).
     pub fn is_configured(&self) -> bool {
-        self.site_url().is_some() && self.secret().is_some()
+        self.site_url().is_some() && self.secret_source().is_set()
+    }
+
+    /// Where the ingest secret comes from.
+    pub fn secret_source(&self) -> SecretSource<'_> {
+        SecretSource {
+            var: "CONVEX_INGEST_SECRET",
+            file_var: "CONVEX_INGEST_SECRET_FILE",
+            value: self.ingest_secret.as_ref().map(Secret::expose),
+            file: self.ingest_secret_file.as_deref(),
+        }
     }
 
     fn site_url(&self) -> Option<&str> {
@@ -108,13 +115,9 @@ impl ConvexArgs {
             .filter(|s| !s.is_empty())
     }
 
-    fn secret(&self) -> Option<&Secret> {
-        self.ingest_secret.as_ref().filter(|s| !s.0.is_empty())
-    }
-
-    /// Checks the flags; `None` when the mirror is off.
+    /// Checks the flags (reading the secret file, if any); `None` when the mirror is off.
     pub fn settings(&self) -> Result<Option<ConvexSettings>, ConvexConfigError> {
-        let (site, secret) = match (self.site_url(), self.secret()) {
+        let (site, secret) = match (self.site_url(), self.secret_source().read()?) {
             (None, None) => return Ok(None),
             (Some(_), None) => return Err(ConvexConfigError::MissingSecret),
             (None, Some(_)) => return Err(ConvexConfigError::MissingUrl),
@@ -155,7 +158,8 @@ impl ConvexArgs {
         }
         Ok(Some(ConvexSettings {
             ingest_url,
-            secret: secret.clone(),
+            secret: SecretHeader::new("", &secret)
+                .map_err(|_| ConvexConfigError::SecretNotAHeader)?,
             queue_bytes: usize::try_from(self.queue_bytes).unwrap_or(usize::MAX),
             request_timeout: self.request_timeout,
             retry_for: self.retry_for,

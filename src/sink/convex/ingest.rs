@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use reqwest::{
     StatusCode, Url,
-    header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER},
+    header::{CONTENT_TYPE, RETRY_AFTER},
 };
 use serde::Serialize;
 
@@ -15,7 +15,10 @@ use super::{
     config::ConvexSettings,
     record::{End, Item},
 };
-use crate::job::{JobMeta, StreamKind};
+use crate::{
+    job::{JobMeta, StreamKind},
+    secrets::SecretHeader,
+};
 
 /// First retry delay; doubled per attempt up to [`BACKOFF_MAX`], with jitter.
 const BACKOFF_START: Duration = Duration::from_millis(200);
@@ -113,7 +116,8 @@ pub(crate) enum SendOutcome {
 pub(crate) struct Ingest {
     http: reqwest::Client,
     url: Url,
-    secret: HeaderValue,
+    /// Read per request: a rotated secret is sent from the next request on.
+    secret: SecretHeader,
     retry_for: Duration,
     in_flight: tokio::sync::Semaphore,
 }
@@ -132,15 +136,10 @@ impl Ingest {
             .timeout(settings.request_timeout)
             .build()
             .map_err(|e| ClientError(error_chain(&e)))?;
-        let mut secret = HeaderValue::from_str(settings.secret.expose()).map_err(|_| {
-            ClientError("CONVEX_INGEST_SECRET is not a valid HTTP header value".into())
-        })?;
-        // Keeps it out of any Debug output of the request.
-        secret.set_sensitive(true);
         Ok(Ingest {
             http,
             url: settings.ingest_url.clone(),
-            secret,
+            secret: settings.secret.clone(),
             retry_for: settings.retry_for,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         })
@@ -192,7 +191,7 @@ impl Ingest {
             .http
             .post(self.url.clone())
             .header(CONTENT_TYPE, "application/json")
-            .header("x-ingest-secret", self.secret.clone())
+            .header("x-ingest-secret", self.secret.get())
             .body(body)
             .send()
             .await;
@@ -350,7 +349,7 @@ mod tests {
     async fn an_https_client_builds_with_the_ring_provider() {
         let settings = ConvexSettings {
             ingest_url: Url::parse("https://example.convex.site/daytona-ingest").unwrap(),
-            secret: String::from("k").into(),
+            secret: SecretHeader::new("", &String::from("k").into()).unwrap(),
             queue_bytes: 1 << 20,
             request_timeout: Duration::from_secs(1),
             retry_for: Duration::from_secs(1),

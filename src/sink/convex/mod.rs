@@ -363,11 +363,11 @@ async fn next_batches(job: &JobShared, assembler: &Assembler) -> Option<Vec<Batc
     }
 }
 
-/// The sinks the configuration asks for.
-pub fn sinks(args: &ConvexArgs) -> Result<Sinks, SinkSetupError> {
+/// The sinks the configuration asks for (`ConvexArgs::settings`, `None` when the mirror is off).
+pub fn sinks(settings: Option<&ConvexSettings>) -> Result<Sinks, SinkSetupError> {
     let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
-    if let Some(settings) = args.settings()? {
-        sinks.push(Arc::new(ConvexSink::new(&settings)?));
+    if let Some(settings) = settings {
+        sinks.push(Arc::new(ConvexSink::new(settings)?));
     }
     Ok(Sinks::new(sinks))
 }
