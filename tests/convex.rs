@@ -27,11 +27,12 @@ async fn server(fake: &FakeIngest, secret: &str, extra: &[&str]) -> TestServer {
         &url,
         "--convex-ingest-secret",
         secret,
-        "--convex-request-timeout",
-        "500ms",
         "--convex-retry-for",
         "60s",
     ];
+    if !extra.contains(&"--convex-request-timeout") {
+        args.extend_from_slice(&["--convex-request-timeout", "500ms"]);
+    }
     args.extend_from_slice(extra);
     common::start(&args).await
 }
@@ -419,6 +420,34 @@ async fn a_refused_secret_marks_the_sink_unhealthy_and_the_job_still_succeeds() 
     for text in [format!("{health:?}"), format!("{status:?}")] {
         assert!(!text.contains(wrong) && !text.contains(SECRET), "{text}");
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_url_ends_the_jobs_mirror_with_nothing_left_pending() {
+    let fake = FakeIngest::start(SECRET).await;
+    // Requests are held (not timed out) until the fault changes.
+    let server = server(&fake, SECRET, &["--convex-request-timeout", "30s"]).await;
+    let mut client = server.client().await;
+    // The echo is held while the job writes: its output waits, then is taken as one batch of
+    // ten records, the first of which is refused for good.
+    fake.set_fault(Fault::Hang { record: true });
+    const TOTAL: u64 = 600_000;
+    let script = format!("head -c {TOTAL} /dev/zero | tr '\\0' x");
+    let run = common::run(&mut client, mirrored(common::shell(&script), "s-404")).await;
+    assert_eq!(run.stdout.len() as u64, TOTAL);
+    fake.wait_faulted(1, PATIENCE).await;
+    fake.set_fault(Fault::Status(404));
+
+    let mirror = mirror_done(&mut client, &run.job_id).await;
+    assert!(mirror.last_error.contains("404"), "{mirror:?}");
+    assert_eq!(mirror.records_delivered, 1, "{mirror:?}");
+    // Every output byte is dropped, and none is still counted as pending.
+    assert_eq!(mirror.bytes_dropped, TOTAL, "{mirror:?}");
+    assert_eq!(mirror.bytes_pending, 0, "{mirror:?}");
+    // The echo, and one refused request: the rest of the job was not sent.
+    assert_eq!(fake.session("s-404").len(), 1);
+    assert_eq!(fake.faulted(), 2);
     server.stop().await;
 }
 

@@ -290,13 +290,13 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
             SendOutcome::Rejected { status, reason } => {
                 sink.set_unhealthy(&reason);
                 let mut q = job.lock();
-                q.lost(&item, &mut ready);
                 q.record_error(&reason);
                 // A bad secret, a wrong URL: every later record would be refused the same way.
                 let hopeless = matches!(status, 401 | 403 | 404 | 405);
                 if hopeless {
-                    q.drop_unsent(ready.drain(..));
-                    q.close();
+                    q.abandon(Some(&item), &mut ready);
+                } else {
+                    q.lost(&item, &mut ready);
                 }
                 drop(q);
                 if !complained {

@@ -83,6 +83,19 @@ impl Queue {
         }
     }
 
+    /// Delivery of the job ends here: the record being sent (`item`), the records taken with it
+    /// (`ready`) and everything queued or still to come are dropped and counted. Returns the
+    /// bytes that were pending.
+    pub(crate) fn abandon(&mut self, item: Option<&Item>, ready: &mut VecDeque<Item>) -> u64 {
+        let pending = self.pending_bytes();
+        if let Some(item) = item {
+            self.lost(item, ready);
+        }
+        self.drop_unsent(ready.drain(..));
+        self.close();
+        pending
+    }
+
     /// The delivery task has finished: nothing more will be delivered.
     pub(crate) fn mark_complete(&mut self) {
         self.stats.complete = true;
@@ -188,6 +201,32 @@ mod tests {
         let stats = q.stats();
         assert_eq!((stats.retries, stats.ambiguous_retries), (3, 2));
         assert_eq!(stats.last_error.as_deref(), Some("HTTP 400: bad record"));
+    }
+
+    #[test]
+    fn abandoning_drops_what_was_taken_and_queued_and_leaves_nothing_pending() {
+        let now = Instant::now();
+        let mut q = Queue::new(8 << 20);
+        let mut drain = Drain::new();
+        let total = 3 * MAX_RECORD_BYTES;
+        push(&mut q, StreamKind::Stdout, &vec![b'x'; total], 1, now);
+        let Take::Send(batches) = q.take(now, [0, 0]) else {
+            panic!("full records are ready")
+        };
+        let mut ready = VecDeque::new();
+        for batch in batches {
+            drain.asm.assemble(batch, &mut ready);
+        }
+        assert_eq!(ready.len(), 3);
+        push(&mut q, StreamKind::Stderr, b"queued", 2, now);
+        q.push_end(End::ExitCode(0), 3);
+        // The first record is refused for good (e.g. 401): the job's mirror ends with it.
+        let first = ready.pop_front().unwrap();
+        assert_eq!(q.abandon(Some(&first), &mut ready), total as u64 + 6);
+        assert!(ready.is_empty());
+        assert_eq!(q.pending_bytes(), 0);
+        assert_eq!(q.stats().bytes_dropped, total as u64 + 6);
+        assert_eq!(q.take(now, [0, 0]), Take::Done);
     }
 
     #[test]
