@@ -1,12 +1,16 @@
 //! The Convex mirror against a fake of the deployed ingest route (real HTTP on loopback): records
 //! equal the output, in order, once; text decoding; batching; retries; a refused secret; a stalled
-//! server with a small queue; and SIGTERM on the real binary flushing the last records.
+//! server with a small queue; SIGTERM on the real binary flushing the last records; an ingest at
+//! a closed port (Status and Health while it is down, recovery).
 //!
 //! No assertion depends on wall-clock timing; waits are bounded only so a bug cannot hang CI.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use common::{JobState, TestServer};
 use sandbox_runner::{
@@ -21,10 +25,14 @@ const SECRET: &str = "test-ingest-secret-0123456789";
 const PATIENCE: Duration = Duration::from_secs(60);
 
 async fn server(fake: &FakeIngest, secret: &str, extra: &[&str]) -> TestServer {
-    let url = fake.site_url();
+    server_at(&fake.site_url(), secret, extra).await
+}
+
+/// A server mirroring to `site_url`; `extra` may set its own `--convex-request-timeout`.
+async fn server_at(site_url: &str, secret: &str, extra: &[&str]) -> TestServer {
     let mut args = vec![
         "--convex-site-url",
-        &url,
+        site_url,
         "--convex-ingest-secret",
         secret,
         "--convex-retry-for",
@@ -35,6 +43,40 @@ async fn server(fake: &FakeIngest, secret: &str, extra: &[&str]) -> TestServer {
     }
     args.extend_from_slice(extra);
     common::start(&args).await
+}
+
+/// A loopback address where nothing listens (connections are refused), free to listen on later.
+async fn closed_addr() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+async fn health(client: &mut SandboxServiceClient<Channel>) -> pb::HealthResponse {
+    client
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls Status until `done(mirror status)` holds.
+async fn wait_mirror(
+    client: &mut SandboxServiceClient<Channel>,
+    job_id: &str,
+    done: impl Fn(&pb::MirrorStatus) -> bool,
+) -> pb::MirrorStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mirror = common::status(client, job_id)
+            .await
+            .mirror
+            .expect("mirrored");
+        if done(&mirror) {
+            return mirror;
+        }
+        assert!(Instant::now() < deadline, "condition never met: {mirror:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn mirrored(mut req: pb::ExecRequest, session: &str) -> pb::ExecRequest {
@@ -448,6 +490,63 @@ async fn a_refused_url_ends_the_jobs_mirror_with_nothing_left_pending() {
     // The echo, and one refused request: the rest of the job was not sent.
     assert_eq!(fake.session("s-404").len(), 1);
     assert_eq!(fake.faulted(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_closed_port_shows_in_last_error_and_health_until_the_ingest_comes_back() {
+    let addr = closed_addr().await;
+    let server = server_at(&format!("http://{addr}"), SECRET, &[]).await;
+    let mut client = server.client().await;
+    assert!(health(&mut client).await.convex_healthy);
+
+    let run = common::run(
+        &mut client,
+        mirrored(common::shell("echo waiting"), "s-closed"),
+    )
+    .await;
+    // Each retry says why while the record is still being retried.
+    let mirror = wait_mirror(&mut client, &run.job_id, |m| m.retries >= 1).await;
+    assert!(!mirror.complete);
+    assert!(
+        mirror.last_error.to_lowercase().contains("connect"),
+        "{mirror:?}"
+    );
+    // Every recent attempt failed: Health says so long before a record is given up (60 s).
+    let deadline = Instant::now() + PATIENCE;
+    let unhealthy = loop {
+        let health = health(&mut client).await;
+        if !health.convex_healthy {
+            break health;
+        }
+        assert!(Instant::now() < deadline, "still healthy: {health:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(unhealthy.convex_configured);
+    assert!(
+        unhealthy.convex_error.to_lowercase().contains("connect"),
+        "{unhealthy:?}"
+    );
+    let mirror = common::status(&mut client, &run.job_id)
+        .await
+        .mirror
+        .unwrap();
+    assert!(!mirror.complete && mirror.bytes_dropped == 0, "{mirror:?}");
+
+    // The ingest comes back on the same port: the queued records arrive, Health recovers.
+    let fake = FakeIngest::start_at(addr, SECRET).await;
+    let mirror = mirror_done(&mut client, &run.job_id).await;
+    assert_eq!(mirror.bytes_dropped, 0, "{mirror:?}");
+    let records = fake.session("s-closed");
+    assert_eq!(
+        check_records(&records, &run, "$ echo waiting")["exitCode"],
+        0
+    );
+    let health = health(&mut client).await;
+    assert!(health.convex_healthy, "{health:?}");
+    assert!(health.convex_error.is_empty(), "{health:?}");
+    let status = format!("{:?}", common::status(&mut client, &run.job_id).await);
+    assert!(!status.contains(SECRET), "{status}");
     server.stop().await;
 }
 

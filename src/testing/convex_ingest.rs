@@ -89,8 +89,20 @@ impl FakeIngest {
         FakeIngest::start_keeping(secret, Keep::Records).await
     }
 
+    /// Starts a fake that accepts `secret` on `addr`, e.g. a port that was closed until now (an
+    /// ingest coming back), keeping every record.
+    pub async fn start_at(addr: SocketAddr, secret: &str) -> FakeIngest {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        FakeIngest::serve(listener, secret, Keep::Records)
+    }
+
     /// Starts a fake that accepts `secret`, with `ENABLE_DAYTONA_TERMINAL` on.
     pub async fn start_keeping(secret: &str, keep: Keep) -> FakeIngest {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        FakeIngest::serve(listener, secret, keep)
+    }
+
+    fn serve(listener: tokio::net::TcpListener, secret: &str, keep: Keep) -> FakeIngest {
         let shared = Arc::new(Shared {
             secret: secret.to_owned(),
             keep,
@@ -101,7 +113,6 @@ impl FakeIngest {
         let app = Router::new()
             .route("/daytona-ingest", post(ingest))
             .with_state(Arc::clone(&shared));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();

@@ -8,6 +8,7 @@
 
 mod assemble;
 mod config;
+mod health;
 mod ingest;
 mod queue;
 mod record;
@@ -17,10 +18,7 @@ mod utf8;
 
 use std::{
     collections::VecDeque,
-    sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -31,6 +29,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use self::{
     assemble::{Assembled, Assembler},
+    health::{Change, Failure, Health},
     ingest::{Ingest, SendOutcome},
     queue::{Batch, Queue, Take},
     record::{End, Item},
@@ -57,21 +56,27 @@ struct Inner {
     queue_bytes: usize,
     /// Delivery tasks, so shutdown can wait for them.
     tasks: TaskTracker,
-    healthy: AtomicBool,
-    last_error: Mutex<Option<String>>,
+    health: Mutex<Health>,
 }
 
 impl Inner {
-    fn set_healthy(&self) {
-        if !self.healthy.swap(true, Ordering::SeqCst) {
+    fn health(&self) -> MutexGuard<'_, Health> {
+        self.health.lock().expect("sink lock poisoned")
+    }
+
+    /// A record was accepted.
+    fn delivered(&self) {
+        if self.health().succeeded() == Change::TurnedHealthy {
             info!("Convex ingest accepts records again");
-            *self.last_error.lock().expect("sink lock poisoned") = None;
         }
     }
 
-    fn set_unhealthy(&self, reason: &str) {
-        *self.last_error.lock().expect("sink lock poisoned") = Some(reason.to_owned());
-        self.healthy.store(false, Ordering::SeqCst);
+    /// An attempt failed.
+    fn attempt_failed(&self, reason: &str, failure: Failure) {
+        let change = self.health().failed(Instant::now(), reason, failure);
+        if change == Change::TurnedUnhealthy && failure == Failure::Transient {
+            warn!(%reason, "Convex ingest failing: every recent delivery attempt failed");
+        }
     }
 }
 
@@ -83,8 +88,7 @@ impl ConvexSink {
                 ingest: Ingest::new(settings)?,
                 queue_bytes: settings.queue_bytes,
                 tasks: TaskTracker::new(),
-                healthy: AtomicBool::new(true),
-                last_error: Mutex::new(None),
+                health: Mutex::new(Health::default()),
             }),
         })
     }
@@ -132,15 +136,7 @@ impl Sink for ConvexSink {
     }
 
     fn health(&self) -> SinkHealth {
-        SinkHealth {
-            healthy: self.inner.healthy.load(Ordering::SeqCst),
-            error: self
-                .inner
-                .last_error
-                .lock()
-                .expect("sink lock poisoned")
-                .clone(),
-        }
+        self.inner.health().report()
     }
 }
 
@@ -273,8 +269,9 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
         let body = ingest::encode(&meta, &item);
         let outcome = sink
             .ingest
-            .send(body, |ambiguous, _reason| {
-                job.lock().record_retry(ambiguous)
+            .send(body, |ambiguous, reason| {
+                job.lock().record_retry(ambiguous, reason);
+                sink.attempt_failed(reason, Failure::Transient);
             })
             .await;
         match outcome {
@@ -285,10 +282,10 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                     q.settled();
                 }
                 drop(q);
-                sink.set_healthy();
+                sink.delivered();
             }
             SendOutcome::Rejected { status, reason } => {
-                sink.set_unhealthy(&reason);
+                sink.attempt_failed(&reason, Failure::Refused);
                 let mut q = job.lock();
                 q.record_error(&reason);
                 // A bad secret, a wrong URL: every later record would be refused the same way.
@@ -309,7 +306,7 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                 }
             }
             SendOutcome::GaveUp { reason } => {
-                sink.set_unhealthy(&reason);
+                sink.attempt_failed(&reason, Failure::GaveUp);
                 let mut q = job.lock();
                 q.lost(&item, &mut ready);
                 q.record_error(&reason);

@@ -63,11 +63,12 @@ impl Queue {
         self.stats.bytes_dropped += made.dropped;
     }
 
-    /// A record is about to be sent again; `ambiguous` when the server may have stored it
-    /// already, so the retry can duplicate its row.
-    pub(crate) fn record_retry(&mut self, ambiguous: bool) {
+    /// A record is about to be sent again after `reason`; `ambiguous` when the server may have
+    /// stored it already, so the retry can duplicate its row.
+    pub(crate) fn record_retry(&mut self, ambiguous: bool, reason: &str) {
         self.stats.retries += 1;
         self.stats.ambiguous_retries += u64::from(ambiguous);
+        self.record_error(reason);
     }
 
     /// Why the latest record was not delivered, for Status.
@@ -193,10 +194,11 @@ mod tests {
     fn retries_and_the_latest_error_are_kept_for_status() {
         let mut q = Queue::new(1 << 20);
         assert_eq!(q.stats().last_error, None);
-        q.record_retry(false);
-        q.record_retry(true);
-        q.record_retry(true);
-        q.record_error("HTTP 502");
+        q.record_retry(false, "connection refused");
+        assert_eq!(q.stats().last_error.as_deref(), Some("connection refused"));
+        q.record_retry(true, "timed out");
+        q.record_retry(true, "HTTP 502");
+        assert_eq!(q.stats().last_error.as_deref(), Some("HTTP 502"));
         q.record_error("HTTP 400: bad record");
         let stats = q.stats();
         assert_eq!((stats.retries, stats.ambiguous_retries), (3, 2));
