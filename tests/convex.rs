@@ -1,7 +1,7 @@
 //! The Convex mirror against a fake of the deployed ingest route (real HTTP on loopback): records
 //! equal the output, in order, once; text decoding; batching; retries; a refused secret; a stalled
 //! server with a small queue; SIGTERM on the real binary flushing the last records; an ingest at
-//! a closed port (Status and Health while it is down, recovery).
+//! a closed port (Status, Health, recovery, and a shutdown that does not wait for it).
 //!
 //! No assertion depends on wall-clock timing; waits are bounded only so a bug cannot hang CI.
 
@@ -551,6 +551,70 @@ async fn a_closed_port_shows_in_last_error_and_health_until_the_ingest_comes_bac
 }
 
 #[tokio::test]
+async fn sigterm_with_an_unreachable_ingest_does_not_wait_out_the_drain_grace() {
+    // Once with SIGTERM as soon as the job ended (the sink turns unhealthy while flushing), once
+    // after Health said unhealthy (retries are backing off for seconds when the flush starts).
+    for wait_unhealthy in [false, true] {
+        let addr = closed_addr().await;
+        let site_url = format!("http://{addr}");
+        let mut server = common::start_binary(
+            &["--drain-grace", "60s", "--convex-request-timeout", "500ms"],
+            &[
+                ("CONVEX_SITE_URL", &site_url),
+                ("CONVEX_INGEST_SECRET", SECRET),
+            ],
+        )
+        .await;
+        let mut client = SandboxServiceClient::new(server.channel().await.unwrap());
+        let run = common::run(
+            &mut client,
+            mirrored(common::shell("echo never mirrored; exit 4"), "s-gone"),
+        )
+        .await;
+        assert_eq!(run.exited.exit_code, Some(4));
+        wait_mirror(&mut client, &run.job_id, |m| m.retries >= 1).await;
+        if wait_unhealthy {
+            let deadline = Instant::now() + PATIENCE;
+            while health(&mut client).await.convex_healthy {
+                assert!(Instant::now() < deadline, "never unhealthy");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        let sigterm = Instant::now();
+        server.sigterm().unwrap();
+        let lost = server
+            .wait_log(
+                "stopped flushing to Convex; the pending output of these jobs is not mirrored",
+            )
+            .await
+            .unwrap();
+        let (status, all_logs) = server.exit().await.unwrap();
+        let took = sigterm.elapsed();
+        eprintln!(
+            "unreachable ingest (wait_unhealthy={wait_unhealthy}): exited {took:?} after SIGTERM"
+        );
+        assert!(status.success(), "{status}");
+        // The drain grace is 60 s; giving up takes one failed attempt per job, well under 1 s
+        // here. A wide margin: this bounds the wait, it does not time it.
+        assert!(took < Duration::from_secs(20), "{took:?}:\n{all_logs}");
+        let fields = &lost["fields"];
+        assert_eq!(fields["jobs"], 1, "{lost}");
+        // The echo and the output line were pending.
+        let echo = "$ echo never mirrored; exit 4".len() as u64;
+        assert_eq!(fields["bytes"].as_u64(), Some(echo + 15), "{lost}");
+        assert!(
+            fields["reason"]
+                .as_str()
+                .unwrap()
+                .contains("cannot be reached"),
+            "{lost}"
+        );
+        assert!(!all_logs.contains(SECRET), "secret in logs:\n{all_logs}");
+    }
+}
+
+#[tokio::test]
 async fn without_convex_health_says_so_and_jobs_are_not_mirrored() {
     let server = common::start(&[]).await;
     let mut client = server.client().await;
@@ -641,8 +705,10 @@ async fn a_stalled_ingest_with_a_small_queue_stays_bounded_and_marks_the_gap() {
 async fn sigterm_on_the_binary_flushes_a_finished_jobs_last_records() {
     let fake = FakeIngest::start(SECRET).await;
     let site_url = fake.site_url();
+    // Long enough that the held requests do not time out often enough to make the sink unhealthy
+    // before the fault is lifted (an unhealthy sink at shutdown gives up at the next failure).
     let mut server = common::start_binary(
-        &["--drain-grace", "20s", "--convex-request-timeout", "300ms"],
+        &["--drain-grace", "20s", "--convex-request-timeout", "2s"],
         &[
             ("CONVEX_SITE_URL", &site_url),
             ("CONVEX_INGEST_SECRET", SECRET),

@@ -28,6 +28,8 @@ pub enum Fault {
     None,
     /// Answer with this status without storing anything (e.g. 500: the mutation failed).
     Status(u16),
+    /// Answer 429 with `Retry-After: <retry_after>` (seconds), storing nothing: rate limited.
+    Busy { retry_after: u64 },
     /// Hold the response until the fault is changed. With `record`, the row is stored first
     /// (the client cannot tell, and a retry duplicates it); without, nothing is stored and the
     /// held request finally gets a 503.
@@ -248,6 +250,17 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
                 status,
                 json!({ "error": "Internal error", "details": "injected" }),
             );
+        }
+        Fault::Busy { retry_after } => {
+            shared.log.lock().unwrap().faulted += 1;
+            let mut response = reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({ "error": "Too many requests" }),
+            );
+            response
+                .headers_mut()
+                .insert("retry-after", retry_after.into());
+            return response;
         }
         Fault::Hang { record } => {
             shared.log.lock().unwrap().faulted += 1;

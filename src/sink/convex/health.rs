@@ -28,6 +28,13 @@ pub(crate) enum Failure {
     Refused,
 }
 
+impl Failure {
+    /// The ingest could not be reached or did not answer in time (as opposed to answering no).
+    pub(crate) fn is_unreachable(self) -> bool {
+        matches!(self, Failure::Transient | Failure::GaveUp)
+    }
+}
+
 /// The outcome of recent delivery attempts.
 #[derive(Debug, Default)]
 pub(crate) struct Health {

@@ -10,6 +10,7 @@ use reqwest::{
     header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER},
 };
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     config::ConvexSettings,
@@ -147,16 +148,19 @@ impl Ingest {
     }
 
     /// POSTs one record, retrying transient failures with jittered exponential backoff for up
-    /// to the retry time. `on_retry(ambiguous)` is called before each retry; `ambiguous` means
-    /// the server may have stored the record already (a timeout or a broken response), so the
-    /// retry can duplicate its row.
+    /// to the retry time. `on_retry(ambiguous, reason)` is called before each retry; `ambiguous`
+    /// means the server may have stored the record already (a timeout or a broken response), so
+    /// the retry can duplicate its row. Once `retry_now` is cancelled, the next backoff ends at
+    /// once (one per record, so a struggling ingest is not hammered).
     pub(crate) async fn send(
         &self,
         body: Bytes,
+        retry_now: &CancellationToken,
         mut on_retry: impl FnMut(bool, &str),
     ) -> SendOutcome {
         let started = Instant::now();
         let mut backoff = BACKOFF_START;
+        let mut hurried = false;
         loop {
             let (reason, ambiguous, retry_after) = match self.post(body.clone()).await {
                 Attempt::Done => return SendOutcome::Delivered,
@@ -181,7 +185,14 @@ impl Ingest {
                 };
             }
             on_retry(ambiguous, &reason);
-            tokio::time::sleep(delay).await;
+            if hurried {
+                tokio::time::sleep(delay).await;
+            } else {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = retry_now.cancelled() => hurried = true,
+                }
+            }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
@@ -356,6 +367,38 @@ mod tests {
             retry_for: Duration::from_secs(1),
         };
         assert!(Ingest::new(&settings).is_ok());
+    }
+
+    #[tokio::test]
+    async fn retry_now_ends_one_backoff_of_a_record_early() {
+        use crate::testing::convex_ingest::{FakeIngest, Fault};
+        let fake = FakeIngest::start("k").await;
+        // Rate limited for 30 s: without `retry_now` the next attempt is 30 s away.
+        fake.set_fault(Fault::Busy { retry_after: 30 });
+        let settings = ConvexSettings {
+            ingest_url: Url::parse(&format!("{}/daytona-ingest", fake.site_url())).unwrap(),
+            secret: String::from("k").into(),
+            queue_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(5),
+            retry_for: Duration::from_secs(600),
+        };
+        let ingest = Ingest::new(&settings).unwrap();
+        let retry_now = CancellationToken::new();
+        let token = retry_now.clone();
+        let send = tokio::spawn(async move {
+            ingest
+                .send(Bytes::from_static(b"{}"), &token, |_, _| {})
+                .await
+        });
+        let patience = Duration::from_secs(20);
+        fake.wait_faulted(1, patience).await;
+        retry_now.cancel();
+        fake.wait_faulted(2, patience).await;
+        // Only one backoff is cut short: the next attempt waits out its Retry-After again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(fake.faulted(), 2);
+        assert!(!send.is_finished());
+        send.abort();
     }
 
     #[test]
