@@ -97,10 +97,12 @@ pub fn job_spec(req: pb::ExecRequest) -> Result<JobSpec, Error> {
                 t.nanos
             ));
         }
-        Some(t) => match Duration::try_from(t) {
-            Ok(d) if !d.is_zero() => Some(d),
-            _ => return invalid("timeout must be positive"),
-        },
+        // Checked here rather than by prost's conversion, which negates the seconds of a
+        // negative Duration: i64::MIN overflows (a panic in debug builds).
+        Some(t) if t.seconds < 0 || (t.seconds, t.nanos) == (0, 0) => {
+            return invalid("timeout must be positive");
+        }
+        Some(t) => Some(Duration::new(t.seconds as u64, t.nanos as u32)),
     };
     Ok(JobSpec {
         meta,
@@ -355,6 +357,12 @@ mod tests {
             ("timeout must be positive", |r| {
                 r.timeout = Some(prost_types::Duration {
                     seconds: -1,
+                    nanos: 0,
+                })
+            }),
+            ("timeout must be positive", |r| {
+                r.timeout = Some(prost_types::Duration {
+                    seconds: i64::MIN,
                     nanos: 0,
                 })
             }),
