@@ -375,13 +375,27 @@ mod tests {
         let fake = FakeIngest::start("k").await;
         // Rate limited for 30 s: without `retry_now` the next attempt is 30 s away.
         fake.set_fault(Fault::Busy { retry_after: 30 });
-        let settings = ConvexSettings {
-            ingest_url: Url::parse(&format!("{}/daytona-ingest", fake.site_url())).unwrap(),
-            secret: String::from("k").into(),
-            queue_bytes: 1 << 20,
-            request_timeout: Duration::from_secs(5),
-            retry_for: Duration::from_secs(600),
-        };
+        // Parsed as the server parses its flags, so this test does not depend on how the
+        // settings hold the secret.
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            convex: crate::sink::convex::ConvexArgs,
+        }
+        let site_url = fake.site_url();
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "x",
+            "--convex-site-url",
+            &site_url,
+            "--convex-ingest-secret",
+            "k",
+            "--convex-request-timeout",
+            "5s",
+            "--convex-retry-for",
+            "10m",
+        ])
+        .unwrap();
+        let settings = cli.convex.settings().unwrap().unwrap();
         let ingest = Ingest::new(&settings).unwrap();
         let retry_now = CancellationToken::new();
         let token = retry_now.clone();
