@@ -1,12 +1,16 @@
 //! The Convex mirror against a fake of the deployed ingest route (real HTTP on loopback): records
 //! equal the output, in order, once; text decoding; batching; retries; a refused secret; a stalled
-//! server with a small queue; and SIGTERM on the real binary flushing the last records.
+//! server with a small queue; SIGTERM on the real binary flushing the last records; an ingest at
+//! a closed port (Status, Health, recovery, and a shutdown that does not wait for it).
 //!
 //! No assertion depends on wall-clock timing; waits are bounded only so a bug cannot hang CI.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use common::{JobState, TestServer};
 use sandbox_runner::{
@@ -21,19 +25,58 @@ const SECRET: &str = "test-ingest-secret-0123456789";
 const PATIENCE: Duration = Duration::from_secs(60);
 
 async fn server(fake: &FakeIngest, secret: &str, extra: &[&str]) -> TestServer {
-    let url = fake.site_url();
+    server_at(&fake.site_url(), secret, extra).await
+}
+
+/// A server mirroring to `site_url`; `extra` may set its own `--convex-request-timeout`.
+async fn server_at(site_url: &str, secret: &str, extra: &[&str]) -> TestServer {
     let mut args = vec![
         "--convex-site-url",
-        &url,
+        site_url,
         "--convex-ingest-secret",
         secret,
-        "--convex-request-timeout",
-        "500ms",
         "--convex-retry-for",
         "60s",
     ];
+    if !extra.contains(&"--convex-request-timeout") {
+        args.extend_from_slice(&["--convex-request-timeout", "500ms"]);
+    }
     args.extend_from_slice(extra);
     common::start(&args).await
+}
+
+/// A loopback address where nothing listens (connections are refused), free to listen on later.
+async fn closed_addr() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+async fn health(client: &mut SandboxServiceClient<Channel>) -> pb::HealthResponse {
+    client
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls Status until `done(mirror status)` holds.
+async fn wait_mirror(
+    client: &mut SandboxServiceClient<Channel>,
+    job_id: &str,
+    done: impl Fn(&pb::MirrorStatus) -> bool,
+) -> pb::MirrorStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mirror = common::status(client, job_id)
+            .await
+            .mirror
+            .expect("mirrored");
+        if done(&mirror) {
+            return mirror;
+        }
+        assert!(Instant::now() < deadline, "condition never met: {mirror:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn mirrored(mut req: pb::ExecRequest, session: &str) -> pb::ExecRequest {
@@ -423,6 +466,155 @@ async fn a_refused_secret_marks_the_sink_unhealthy_and_the_job_still_succeeds() 
 }
 
 #[tokio::test]
+async fn a_refused_url_ends_the_jobs_mirror_with_nothing_left_pending() {
+    let fake = FakeIngest::start(SECRET).await;
+    // Requests are held (not timed out) until the fault changes.
+    let server = server(&fake, SECRET, &["--convex-request-timeout", "30s"]).await;
+    let mut client = server.client().await;
+    // The echo is held while the job writes: its output waits, then is taken as one batch of
+    // ten records, the first of which is refused for good.
+    fake.set_fault(Fault::Hang { record: true });
+    const TOTAL: u64 = 600_000;
+    let script = format!("head -c {TOTAL} /dev/zero | tr '\\0' x");
+    let run = common::run(&mut client, mirrored(common::shell(&script), "s-404")).await;
+    assert_eq!(run.stdout.len() as u64, TOTAL);
+    fake.wait_faulted(1, PATIENCE).await;
+    fake.set_fault(Fault::Status(404));
+
+    let mirror = mirror_done(&mut client, &run.job_id).await;
+    assert!(mirror.last_error.contains("404"), "{mirror:?}");
+    assert_eq!(mirror.records_delivered, 1, "{mirror:?}");
+    // Every output byte is dropped, and none is still counted as pending.
+    assert_eq!(mirror.bytes_dropped, TOTAL, "{mirror:?}");
+    assert_eq!(mirror.bytes_pending, 0, "{mirror:?}");
+    // The echo, and one refused request: the rest of the job was not sent.
+    assert_eq!(fake.session("s-404").len(), 1);
+    assert_eq!(fake.faulted(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_closed_port_shows_in_last_error_and_health_until_the_ingest_comes_back() {
+    let addr = closed_addr().await;
+    let server = server_at(&format!("http://{addr}"), SECRET, &[]).await;
+    let mut client = server.client().await;
+    assert!(health(&mut client).await.convex_healthy);
+
+    let run = common::run(
+        &mut client,
+        mirrored(common::shell("echo waiting"), "s-closed"),
+    )
+    .await;
+    // Each retry says why while the record is still being retried.
+    let mirror = wait_mirror(&mut client, &run.job_id, |m| m.retries >= 1).await;
+    assert!(!mirror.complete);
+    assert!(
+        mirror.last_error.to_lowercase().contains("connect"),
+        "{mirror:?}"
+    );
+    // Every recent attempt failed: Health says so long before a record is given up (60 s).
+    let deadline = Instant::now() + PATIENCE;
+    let unhealthy = loop {
+        let health = health(&mut client).await;
+        if !health.convex_healthy {
+            break health;
+        }
+        assert!(Instant::now() < deadline, "still healthy: {health:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(unhealthy.convex_configured);
+    assert!(
+        unhealthy.convex_error.to_lowercase().contains("connect"),
+        "{unhealthy:?}"
+    );
+    let mirror = common::status(&mut client, &run.job_id)
+        .await
+        .mirror
+        .unwrap();
+    assert!(!mirror.complete && mirror.bytes_dropped == 0, "{mirror:?}");
+
+    // The ingest comes back on the same port: the queued records arrive, Health recovers.
+    let fake = FakeIngest::start_at(addr, SECRET).await;
+    let mirror = mirror_done(&mut client, &run.job_id).await;
+    assert_eq!(mirror.bytes_dropped, 0, "{mirror:?}");
+    let records = fake.session("s-closed");
+    assert_eq!(
+        check_records(&records, &run, "$ echo waiting")["exitCode"],
+        0
+    );
+    let health = health(&mut client).await;
+    assert!(health.convex_healthy, "{health:?}");
+    assert!(health.convex_error.is_empty(), "{health:?}");
+    let status = format!("{:?}", common::status(&mut client, &run.job_id).await);
+    assert!(!status.contains(SECRET), "{status}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_with_an_unreachable_ingest_does_not_wait_out_the_drain_grace() {
+    // Once with SIGTERM as soon as the job ended (the sink turns unhealthy while flushing), once
+    // after Health said unhealthy (retries are backing off for seconds when the flush starts).
+    for wait_unhealthy in [false, true] {
+        let addr = closed_addr().await;
+        let site_url = format!("http://{addr}");
+        let mut server = common::start_binary(
+            &["--drain-grace", "60s", "--convex-request-timeout", "500ms"],
+            &[
+                ("CONVEX_SITE_URL", &site_url),
+                ("CONVEX_INGEST_SECRET", SECRET),
+            ],
+        )
+        .await;
+        let mut client = SandboxServiceClient::new(server.channel().await.unwrap());
+        let run = common::run(
+            &mut client,
+            mirrored(common::shell("echo never mirrored; exit 4"), "s-gone"),
+        )
+        .await;
+        assert_eq!(run.exited.exit_code, Some(4));
+        wait_mirror(&mut client, &run.job_id, |m| m.retries >= 1).await;
+        if wait_unhealthy {
+            let deadline = Instant::now() + PATIENCE;
+            while health(&mut client).await.convex_healthy {
+                assert!(Instant::now() < deadline, "never unhealthy");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        let sigterm = Instant::now();
+        server.sigterm().unwrap();
+        let lost = server
+            .wait_log(
+                "stopped flushing to Convex; the pending output of these jobs is not mirrored",
+            )
+            .await
+            .unwrap();
+        let (status, all_logs) = server.exit().await.unwrap();
+        let took = sigterm.elapsed();
+        eprintln!(
+            "unreachable ingest (wait_unhealthy={wait_unhealthy}): exited {took:?} after SIGTERM"
+        );
+        assert!(status.success(), "{status}");
+        // The drain grace is 60 s; giving up takes one failed attempt per job, well under 1 s
+        // here. A wide margin: this bounds the wait, it does not time it.
+        assert!(took < Duration::from_secs(20), "{took:?}:\n{all_logs}");
+        let fields = &lost["fields"];
+        assert_eq!(fields["jobs"], 1, "{lost}");
+        // The echo and the output line were pending.
+        let echo = "$ echo never mirrored; exit 4".len() as u64;
+        assert_eq!(fields["bytes"].as_u64(), Some(echo + 15), "{lost}");
+        assert!(
+            fields["reason"]
+                .as_str()
+                .unwrap()
+                .contains("cannot be reached"),
+            "{lost}"
+        );
+        assert!(!all_logs.contains(SECRET), "secret in logs:\n{all_logs}");
+    }
+}
+
+#[tokio::test]
 async fn without_convex_health_says_so_and_jobs_are_not_mirrored() {
     let server = common::start(&[]).await;
     let mut client = server.client().await;
@@ -513,8 +705,10 @@ async fn a_stalled_ingest_with_a_small_queue_stays_bounded_and_marks_the_gap() {
 async fn sigterm_on_the_binary_flushes_a_finished_jobs_last_records() {
     let fake = FakeIngest::start(SECRET).await;
     let site_url = fake.site_url();
+    // Long enough that the held requests do not time out often enough to make the sink unhealthy
+    // before the fault is lifted (an unhealthy sink at shutdown gives up at the next failure).
     let mut server = common::start_binary(
-        &["--drain-grace", "20s", "--convex-request-timeout", "300ms"],
+        &["--drain-grace", "20s", "--convex-request-timeout", "2s"],
         &[
             ("CONVEX_SITE_URL", &site_url),
             ("CONVEX_INGEST_SECRET", SECRET),

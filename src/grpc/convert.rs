@@ -97,10 +97,12 @@ pub fn job_spec(req: pb::ExecRequest) -> Result<JobSpec, Error> {
                 t.nanos
             ));
         }
-        Some(t) => match Duration::try_from(t) {
-            Ok(d) if !d.is_zero() => Some(d),
-            _ => return invalid("timeout must be positive"),
-        },
+        // Checked here rather than by prost's conversion, which negates the seconds of a
+        // negative Duration: i64::MIN overflows (a panic in debug builds).
+        Some(t) if t.seconds < 0 || (t.seconds, t.nanos) == (0, 0) => {
+            return invalid("timeout must be positive");
+        }
+        Some(t) => Some(Duration::new(t.seconds as u64, t.nanos as u32)),
     };
     Ok(JobSpec {
         meta,
@@ -362,6 +364,12 @@ mod tests {
                     nanos: 0,
                 })
             }),
+            ("timeout must be positive", |r| {
+                r.timeout = Some(prost_types::Duration {
+                    seconds: i64::MIN,
+                    nanos: 0,
+                })
+            }),
             ("nanos 2000000000 is outside", |r| {
                 r.timeout = Some(prost_types::Duration {
                     seconds: 1,
@@ -406,5 +414,256 @@ mod tests {
             Err(Error::InvalidArgument(_))
         ));
         assert_eq!(job_id("abc".into()).unwrap().as_str(), "abc");
+    }
+
+    /// Property tests of `job_spec` (proptest, 256 cases each: enough to reach every rule and
+    /// limit, quick enough for every `cargo test`).
+    mod properties {
+        use std::collections::HashMap;
+
+        use proptest::{collection, prelude::*};
+
+        use super::*;
+
+        /// Characters that matter to the rules (NUL, `=`, controls, blanks), and any at all.
+        fn a_char() -> impl Strategy<Value = char> {
+            prop_oneof![
+                6 => proptest::char::range('a', 'z'),
+                2 => any::<char>(),
+                1 => Just('\0'),
+                1 => Just('='),
+                1 => Just(' '),
+                1 => proptest::char::range('\u{1}', '\u{1f}'),
+                1 => prop_oneof![Just('\u{7f}'), Just('\u{85}'), Just('\u{2028}')],
+            ]
+        }
+
+        /// `len` bytes: `s` cut on a character boundary, or padded with `x`.
+        fn sized(s: String, len: usize) -> String {
+            let mut s = s;
+            s.truncate(s.floor_char_boundary(len));
+            while s.len() < len {
+                s.push('x');
+            }
+            s
+        }
+
+        fn short() -> impl Strategy<Value = String> {
+            collection::vec(a_char(), 0..8).prop_map(String::from_iter)
+        }
+
+        /// A field: mostly harmless (so that a request gets past its first fields and the later
+        /// rules are reached too), often a few hostile characters, sometimes right at the `max`
+        /// bytes of the field.
+        fn text(max: usize) -> impl Strategy<Value = String> {
+            let harmless = collection::vec(
+                prop_oneof![
+                    proptest::char::range('a', 'z'),
+                    any::<char>().prop_filter("not a control", |c| !c.is_control()),
+                ],
+                0..8,
+            )
+            .prop_map(String::from_iter);
+            prop_oneof![
+                5 => harmless,
+                2 => short(),
+                1 => (short(), max - 1..=max + 1).prop_map(|(s, len)| sized(s, len)),
+            ]
+        }
+
+        fn argv() -> impl Strategy<Value = Vec<String>> {
+            prop_oneof![
+                3 => Just(Vec::new()),
+                6 => collection::vec(text(MAX_ARG_BYTES), 1..4),
+                1 => (MAX_ARGV_LEN..=MAX_ARGV_LEN + 1).prop_map(|n| vec!["a".to_owned(); n]),
+            ]
+        }
+
+        fn env() -> impl Strategy<Value = HashMap<String, String>> {
+            prop_oneof![
+                8 => collection::hash_map(text(MAX_ARG_BYTES), text(MAX_ARG_BYTES), 0..4),
+                1 => (MAX_ENV_VARS..=MAX_ENV_VARS + 1)
+                    .prop_map(|n| (0..n).map(|i| (format!("V{i}"), String::new())).collect()),
+            ]
+        }
+
+        /// Any seconds and nanos, the edges of both more often.
+        fn timeout() -> impl Strategy<Value = Option<prost_types::Duration>> {
+            let seconds = prop_oneof![
+                any::<i64>(),
+                -2i64..=2,
+                prop_oneof![Just(i64::MIN), Just(i64::MAX)],
+            ];
+            let nanos = prop_oneof![
+                any::<i32>(),
+                -2i32..=2,
+                999_999_998i32..=1_000_000_001,
+                -1_000_000_001i32..=-999_999_998,
+                prop_oneof![Just(i32::MIN), Just(i32::MAX)],
+            ];
+            proptest::option::of(
+                (seconds, nanos)
+                    .prop_map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+            )
+        }
+
+        fn any_request() -> impl Strategy<Value = pb::ExecRequest> {
+            (
+                (text(MAX_ID_BYTES), text(MAX_ID_BYTES), text(MAX_ID_BYTES)),
+                prop_oneof![Just(String::new()), text(MAX_ARG_BYTES)],
+                argv(),
+                prop_oneof![Just(String::new()), text(MAX_PATH_BYTES)],
+                env(),
+                timeout(),
+            )
+                .prop_map(
+                    |((task_id, session_id, sandbox_id), command, argv, cwd, env, timeout)| {
+                        pb::ExecRequest {
+                            task_id,
+                            session_id,
+                            sandbox_id,
+                            command,
+                            argv,
+                            cwd,
+                            env,
+                            timeout,
+                        }
+                    },
+                )
+        }
+
+        /// The valid requests as the proto, the README and the limits above document them
+        /// (whether cwd exists and the server's maximum timeout are checked later).
+        fn documented_valid(r: &pb::ExecRequest) -> bool {
+            let clean = |s: &str, max: usize| !s.contains('\0') && s.len() <= max;
+            let id = |s: &str| s.len() <= MAX_ID_BYTES && !s.chars().any(char::is_control);
+            let program = match (r.command.is_empty(), r.argv.is_empty()) {
+                (false, true) => !r.command.trim().is_empty() && clean(&r.command, MAX_ARG_BYTES),
+                (true, false) => {
+                    r.argv.len() <= MAX_ARGV_LEN
+                        && !r.argv[0].is_empty()
+                        && r.argv.iter().all(|a| clean(a, MAX_ARG_BYTES))
+                }
+                _ => false,
+            };
+            let env = r.env.len() <= MAX_ENV_VARS
+                && r.env.iter().all(|(name, value)| {
+                    !name.is_empty()
+                        && !name.contains('=')
+                        && clean(name, MAX_ARG_BYTES)
+                        && clean(value, MAX_ARG_BYTES)
+                });
+            // Positive, with nanos in 0..1e9 (the sign of positive seconds).
+            let timeout = r.timeout.is_none_or(|d| {
+                (0..1_000_000_000).contains(&d.nanos)
+                    && d.seconds >= 0
+                    && (d.seconds, d.nanos) != (0, 0)
+            });
+            id(&r.task_id)
+                && id(&r.session_id)
+                && id(&r.sandbox_id)
+                && program
+                && clean(&r.cwd, MAX_PATH_BYTES)
+                && env
+                && timeout
+        }
+
+        /// Characters valid anywhere (no NUL, no controls, no `=`), any script.
+        fn clean_text(max_chars: usize) -> impl Strategy<Value = String> {
+            collection::vec(
+                any::<char>().prop_filter("valid anywhere", |c| {
+                    !c.is_control() && *c != '=' && !c.is_whitespace()
+                }),
+                1..max_chars,
+            )
+            .prop_map(String::from_iter)
+        }
+
+        /// Requests of a few valid shapes: a shell command or an argv, ids up to exactly
+        /// their limit, a cwd or none, some env, no timeout or any valid one.
+        fn valid_request() -> impl Strategy<Value = pb::ExecRequest> {
+            let id = prop_oneof![
+                3 => clean_text(16),
+                1 => clean_text(16).prop_map(|s| sized(s, MAX_ID_BYTES)),
+            ];
+            let program = prop_oneof![
+                // Shell command lines keep their blanks and newlines inside.
+                clean_text(12).prop_map(|s| (format!(" {s}\n{s} "), Vec::new())),
+                (clean_text(12), collection::vec(clean_text(6), 0..4)).prop_map(
+                    |(program, mut args)| {
+                        args.insert(0, program);
+                        args.push(String::new()); // empty arguments are fine
+                        (String::new(), args)
+                    }
+                ),
+            ];
+            let timeout = proptest::option::of(
+                (0i64..=i64::MAX, 0i32..1_000_000_000)
+                    .prop_filter("positive", |d| *d != (0, 0))
+                    .prop_map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+            );
+            (
+                (id.clone(), id.clone(), id),
+                program,
+                prop_oneof![Just(String::new()), clean_text(20)],
+                collection::hash_map(clean_text(8), clean_text(8), 0..4),
+                timeout,
+            )
+                .prop_map(
+                    |((task_id, session_id, sandbox_id), (command, argv), cwd, env, timeout)| {
+                        pb::ExecRequest {
+                            task_id,
+                            session_id,
+                            sandbox_id,
+                            command,
+                            argv,
+                            cwd,
+                            env,
+                            timeout,
+                        }
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Never panics; refuses with INVALID_ARGUMENT and a message exactly what the
+            /// documentation refuses.
+            #[test]
+            fn any_request_is_accepted_exactly_when_documented_valid(req in any_request()) {
+                let expected = documented_valid(&req);
+                match job_spec(req.clone()) {
+                    Ok(_) => prop_assert!(expected, "accepted an invalid request: {req:?}"),
+                    Err(Error::InvalidArgument(msg)) => {
+                        prop_assert!(!expected, "refused a valid request ({msg}): {req:?}");
+                        prop_assert!(!msg.is_empty());
+                    }
+                    Err(other) => prop_assert!(false, "not INVALID_ARGUMENT: {other:?}"),
+                }
+            }
+
+            /// A valid request becomes the spec it says.
+            #[test]
+            fn valid_requests_become_the_spec_they_say(req in valid_request()) {
+                prop_assert!(documented_valid(&req), "{req:?}");
+                let spec = job_spec(req.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(&spec.meta.task_id, &req.task_id);
+                prop_assert_eq!(&spec.meta.session_id, &req.session_id);
+                prop_assert_eq!(&spec.meta.sandbox_id, &req.sandbox_id);
+                let program = if req.argv.is_empty() {
+                    Program::Shell(req.command.clone())
+                } else {
+                    Program::Argv(req.argv.clone())
+                };
+                prop_assert_eq!(spec.program, program);
+                prop_assert_eq!(spec.cwd, Some(req.cwd.clone()).filter(|c| !c.is_empty()));
+                prop_assert_eq!(spec.env, req.env.clone().into_iter().collect());
+                let timeout = req
+                    .timeout
+                    .map(|d| Duration::new(d.seconds as u64, d.nanos as u32));
+                prop_assert_eq!(spec.timeout, timeout);
+            }
+        }
     }
 }

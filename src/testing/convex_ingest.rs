@@ -28,6 +28,8 @@ pub enum Fault {
     None,
     /// Answer with this status without storing anything (e.g. 500: the mutation failed).
     Status(u16),
+    /// Answer 429 with `Retry-After: <retry_after>` (seconds), storing nothing: rate limited.
+    Busy { retry_after: u64 },
     /// Hold the response until the fault is changed. With `record`, the row is stored first
     /// (the client cannot tell, and a retry duplicates it); without, nothing is stored and the
     /// held request finally gets a 503.
@@ -89,8 +91,20 @@ impl FakeIngest {
         FakeIngest::start_keeping(secret, Keep::Records).await
     }
 
+    /// Starts a fake that accepts `secret` on `addr`, e.g. a port that was closed until now (an
+    /// ingest coming back), keeping every record.
+    pub async fn start_at(addr: SocketAddr, secret: &str) -> FakeIngest {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        FakeIngest::serve(listener, secret, Keep::Records)
+    }
+
     /// Starts a fake that accepts `secret`, with `ENABLE_DAYTONA_TERMINAL` on.
     pub async fn start_keeping(secret: &str, keep: Keep) -> FakeIngest {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        FakeIngest::serve(listener, secret, keep)
+    }
+
+    fn serve(listener: tokio::net::TcpListener, secret: &str, keep: Keep) -> FakeIngest {
         let shared = Arc::new(Shared {
             secret: secret.to_owned(),
             keep,
@@ -101,7 +115,6 @@ impl FakeIngest {
         let app = Router::new()
             .route("/daytona-ingest", post(ingest))
             .with_state(Arc::clone(&shared));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
@@ -237,6 +250,17 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
                 status,
                 json!({ "error": "Internal error", "details": "injected" }),
             );
+        }
+        Fault::Busy { retry_after } => {
+            shared.log.lock().unwrap().faulted += 1;
+            let mut response = reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({ "error": "Too many requests" }),
+            );
+            response
+                .headers_mut()
+                .insert("retry-after", retry_after.into());
+            return response;
         }
         Fault::Hang { record } => {
             shared.log.lock().unwrap().faulted += 1;

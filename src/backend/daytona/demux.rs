@@ -158,4 +158,100 @@ mod tests {
         pieces = demux.finish();
         assert_eq!(pieces, vec![(Stdout, b"\x01".to_vec())]);
     }
+
+    /// Property tests (proptest, 256 cases each, well under a second).
+    mod properties {
+        use proptest::{collection, prelude::*, sample::Index};
+
+        use super::*;
+
+        /// `data` cut at the given points (any of them, in any order; empty pieces included).
+        fn split<'a>(data: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(data.len() + 1)).collect();
+            at.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut start = 0;
+            for end in at.into_iter().chain([data.len()]) {
+                pieces.push(&data[start..end]);
+                start = end;
+            }
+            pieces
+        }
+
+        fn contains_marker(bytes: &[u8]) -> bool {
+            bytes
+                .windows(3)
+                .any(|w| w == STDOUT_MARKER || w == STDERR_MARKER)
+        }
+
+        /// Any bytes, marker bytes and newlines often; never a whole marker, which a line
+        /// cannot carry (the framing has no escape).
+        fn line() -> impl Strategy<Value = Vec<u8>> {
+            collection::vec(
+                prop_oneof![3 => any::<u8>(), 1 => Just(1u8), 1 => Just(2u8), 1 => Just(b'\n')],
+                0..12,
+            )
+            .prop_filter("no whole marker", |l| !contains_marker(l))
+        }
+
+        fn stream() -> impl Strategy<Value = StreamKind> {
+            prop_oneof![Just(Stdout), Just(Stderr)]
+        }
+
+        /// Adjacent pieces of one stream joined: what is left to compare once chunking is gone.
+        fn merged(
+            pieces: impl IntoIterator<Item = (StreamKind, Vec<u8>)>,
+        ) -> Vec<(StreamKind, Vec<u8>)> {
+            let mut out: Vec<(StreamKind, Vec<u8>)> = Vec::new();
+            for (stream, bytes) in pieces {
+                match out.last_mut() {
+                    Some((last, buf)) if *last == stream => buf.extend_from_slice(&bytes),
+                    _ if bytes.is_empty() => {}
+                    _ => out.push((stream, bytes)),
+                }
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Lines framed as Daytona frames them (shell noise first, the last line perhaps
+            /// cut short of its newline), split into chunks anywhere: demultiplexed, each stream
+            /// gets exactly its lines, in order.
+            #[test]
+            fn any_chunking_of_a_framed_log_gives_each_stream_its_bytes(
+                noise in collection::vec(any::<u8>().prop_filter("not a marker byte", |b| !matches!(b, 1 | 2)), 0..8),
+                lines in collection::vec((stream(), line()), 0..16),
+                last_newline in any::<bool>(),
+                cuts in collection::vec(any::<Index>(), 0..12),
+            ) {
+                let mut log = noise;
+                let mut expected = Vec::new();
+                for (i, (stream, line)) in lines.iter().enumerate() {
+                    log.extend_from_slice(match stream {
+                        Stdout => &STDOUT_MARKER,
+                        Stderr => &STDERR_MARKER,
+                    });
+                    let mut text = line.clone();
+                    if last_newline || i + 1 < lines.len() {
+                        text.push(b'\n');
+                    }
+                    log.extend_from_slice(&text);
+                    expected.push((*stream, text));
+                }
+                let mut demux = Demux::new();
+                let mut pieces = Vec::new();
+                for chunk in split(&log, &cuts) {
+                    let out = demux.feed(chunk);
+                    // Within one feed, adjacent pieces are already merged, and none is empty.
+                    prop_assert!(out.windows(2).all(|w| w[0].0 != w[1].0), "{out:?}");
+                    prop_assert!(out.iter().all(|(_, b)| !b.is_empty()));
+                    pieces.extend(out);
+                }
+                pieces.extend(demux.finish());
+                prop_assert_eq!(merged(pieces), merged(expected));
+            }
+        }
+    }
 }

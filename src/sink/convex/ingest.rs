@@ -10,6 +10,7 @@ use reqwest::{
     header::{CONTENT_TYPE, RETRY_AFTER},
 };
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     config::ConvexSettings,
@@ -146,16 +147,19 @@ impl Ingest {
     }
 
     /// POSTs one record, retrying transient failures with jittered exponential backoff for up
-    /// to the retry time. `on_retry(ambiguous)` is called before each retry; `ambiguous` means
-    /// the server may have stored the record already (a timeout or a broken response), so the
-    /// retry can duplicate its row.
+    /// to the retry time. `on_retry(ambiguous, reason)` is called before each retry; `ambiguous`
+    /// means the server may have stored the record already (a timeout or a broken response), so
+    /// the retry can duplicate its row. Once `retry_now` is cancelled, the next backoff ends at
+    /// once (one per record, so a struggling ingest is not hammered).
     pub(crate) async fn send(
         &self,
         body: Bytes,
+        retry_now: &CancellationToken,
         mut on_retry: impl FnMut(bool, &str),
     ) -> SendOutcome {
         let started = Instant::now();
         let mut backoff = BACKOFF_START;
+        let mut hurried = false;
         loop {
             let (reason, ambiguous, retry_after) = match self.post(body.clone()).await {
                 Attempt::Done => return SendOutcome::Delivered,
@@ -180,7 +184,14 @@ impl Ingest {
                 };
             }
             on_retry(ambiguous, &reason);
-            tokio::time::sleep(delay).await;
+            if hurried {
+                tokio::time::sleep(delay).await;
+            } else {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = retry_now.cancelled() => hurried = true,
+                }
+            }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
@@ -355,6 +366,52 @@ mod tests {
             retry_for: Duration::from_secs(1),
         };
         assert!(Ingest::new(&settings).is_ok());
+    }
+
+    #[tokio::test]
+    async fn retry_now_ends_one_backoff_of_a_record_early() {
+        use crate::testing::convex_ingest::{FakeIngest, Fault};
+        let fake = FakeIngest::start("k").await;
+        // Rate limited for 30 s: without `retry_now` the next attempt is 30 s away.
+        fake.set_fault(Fault::Busy { retry_after: 30 });
+        // Parsed as the server parses its flags, so this test does not depend on how the
+        // settings hold the secret.
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            convex: crate::sink::convex::ConvexArgs,
+        }
+        let site_url = fake.site_url();
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "x",
+            "--convex-site-url",
+            &site_url,
+            "--convex-ingest-secret",
+            "k",
+            "--convex-request-timeout",
+            "5s",
+            "--convex-retry-for",
+            "10m",
+        ])
+        .unwrap();
+        let settings = cli.convex.settings().unwrap().unwrap();
+        let ingest = Ingest::new(&settings).unwrap();
+        let retry_now = CancellationToken::new();
+        let token = retry_now.clone();
+        let send = tokio::spawn(async move {
+            ingest
+                .send(Bytes::from_static(b"{}"), &token, |_, _| {})
+                .await
+        });
+        let patience = Duration::from_secs(20);
+        fake.wait_faulted(1, patience).await;
+        retry_now.cancel();
+        fake.wait_faulted(2, patience).await;
+        // Only one backoff is cut short: the next attempt waits out its Retry-After again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(fake.faulted(), 2);
+        assert!(!send.is_finished());
+        send.abort();
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 mod assemble;
 mod config;
+mod health;
 mod ingest;
 mod queue;
 mod record;
@@ -26,11 +27,12 @@ use std::{
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, info_span, warn};
 
 use self::{
     assemble::{Assembled, Assembler},
+    health::{Change, Failure, Health},
     ingest::{Ingest, SendOutcome},
     queue::{Batch, Queue, Take},
     record::{End, Item},
@@ -57,21 +59,98 @@ struct Inner {
     queue_bytes: usize,
     /// Delivery tasks, so shutdown can wait for them.
     tasks: TaskTracker,
-    healthy: AtomicBool,
-    last_error: Mutex<Option<String>>,
+    health: Mutex<Health>,
+    shutdown: Shutdown,
+}
+
+/// What `flush` and the delivery tasks share at shutdown.
+#[derive(Default)]
+struct Shutdown {
+    /// `flush` started: from now on a failure while unhealthy ends every job's delivery.
+    flushing: AtomicBool,
+    /// Cancelled when `flush` starts with the sink unhealthy: retries waiting out a backoff (up
+    /// to 30 s with `Retry-After`) make their one more attempt now.
+    retry_now: CancellationToken,
+    /// Cancelled when nothing more can be delivered (or the deadline passed): every delivery
+    /// task drops what it has, counts it, and ends.
+    give_up: CancellationToken,
+    /// Why, for the log.
+    reason: Mutex<Option<String>>,
+    lost: Mutex<Lost>,
+}
+
+/// What giving up at shutdown cost.
+#[derive(Debug, Default, Clone, Copy)]
+struct Lost {
+    jobs: u64,
+    /// Output bytes that were pending (queued or in flight).
+    bytes: u64,
 }
 
 impl Inner {
-    fn set_healthy(&self) {
-        if !self.healthy.swap(true, Ordering::SeqCst) {
+    fn health(&self) -> MutexGuard<'_, Health> {
+        self.health.lock().expect("sink lock poisoned")
+    }
+
+    /// A record was accepted.
+    fn delivered(&self) {
+        if self.health().succeeded() == Change::TurnedHealthy {
             info!("Convex ingest accepts records again");
-            *self.last_error.lock().expect("sink lock poisoned") = None;
         }
     }
 
-    fn set_unhealthy(&self, reason: &str) {
-        *self.last_error.lock().expect("sink lock poisoned") = Some(reason.to_owned());
-        self.healthy.store(false, Ordering::SeqCst);
+    /// An attempt failed. At shutdown, failing to reach the ingest while every recent attempt
+    /// failed means waiting out the drain grace would deliver nothing: every job's delivery ends
+    /// now. A refused record (400, 401) says nothing of the others' and ends no other job.
+    fn attempt_failed(&self, reason: &str, failure: Failure) {
+        let (change, healthy) = {
+            let mut health = self.health();
+            let change = health.failed(Instant::now(), reason, failure);
+            (change, health.is_healthy())
+        };
+        if change == Change::TurnedUnhealthy && failure == Failure::Transient {
+            warn!(%reason, "Convex ingest failing: every recent delivery attempt failed");
+        }
+        if !healthy && failure.is_unreachable() && self.shutdown.flushing.load(Ordering::SeqCst) {
+            self.give_up(format!("the Convex ingest cannot be reached ({reason})"));
+        }
+    }
+
+    /// Ends every job's delivery (the first reason is kept).
+    fn give_up(&self, reason: String) {
+        self.shutdown
+            .reason
+            .lock()
+            .expect("sink lock poisoned")
+            .get_or_insert(reason);
+        self.shutdown.give_up.cancel();
+    }
+
+    /// Ends one job's delivery after [`give_up`](Self::give_up): drops what it has (`item`
+    /// being sent, `ready` taken with it, what is queued) and counts it for the log.
+    fn abandon_at_shutdown(
+        &self,
+        job: &JobShared,
+        item: Option<&Item>,
+        ready: &mut VecDeque<Item>,
+    ) {
+        let reason = self
+            .shutdown
+            .reason
+            .lock()
+            .expect("sink lock poisoned")
+            .clone();
+        let bytes = {
+            let mut q = job.lock();
+            q.record_error(&format!(
+                "not mirrored at shutdown: {}",
+                reason.as_deref().unwrap_or("gave up")
+            ));
+            q.abandon(item, ready)
+        };
+        let mut lost = self.shutdown.lost.lock().expect("sink lock poisoned");
+        lost.jobs += 1;
+        lost.bytes += bytes;
     }
 }
 
@@ -83,8 +162,8 @@ impl ConvexSink {
                 ingest: Ingest::new(settings)?,
                 queue_bytes: settings.queue_bytes,
                 tasks: TaskTracker::new(),
-                healthy: AtomicBool::new(true),
-                last_error: Mutex::new(None),
+                health: Mutex::new(Health::default()),
+                shutdown: Shutdown::default(),
             }),
         })
     }
@@ -116,31 +195,50 @@ impl Sink for ConvexSink {
         Some(Box::new(ConvexJobSink { job }))
     }
 
+    /// Waits for every job's records to be delivered, up to `deadline`, or until nothing more
+    /// can be: when the ingest is failing (unhealthy) at shutdown, the next failed attempt ends
+    /// every job's delivery, rather than retrying into an unreachable ingest for the whole grace.
     async fn flush(&self, deadline: Duration) {
-        let tasks = &self.inner.tasks;
-        tasks.close();
-        if tasks.is_empty() {
+        let inner = &self.inner;
+        inner.tasks.close();
+        if inner.tasks.is_empty() {
             return;
         }
-        info!(jobs = tasks.len(), "flushing job output to Convex");
-        if tokio::time::timeout(deadline, tasks.wait()).await.is_err() {
+        info!(jobs = inner.tasks.len(), "flushing job output to Convex");
+        inner.shutdown.flushing.store(true, Ordering::SeqCst);
+        if !inner.health().is_healthy() {
+            inner.shutdown.retry_now.cancel();
+        }
+        if tokio::time::timeout(deadline, inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            inner.give_up(format!(
+                "not flushed within the drain grace ({})",
+                humantime::format_duration(deadline)
+            ));
+            // Giving up takes no I/O: the tasks only count what they drop. Bounded all the same.
+            let _ = tokio::time::timeout(Duration::from_secs(1), inner.tasks.wait()).await;
+        }
+        let Lost { jobs, bytes } = *inner.shutdown.lost.lock().expect("sink lock poisoned");
+        if jobs > 0 {
+            let reason = inner
+                .shutdown
+                .reason
+                .lock()
+                .expect("sink lock poisoned")
+                .clone();
             warn!(
-                jobs = tasks.len(),
-                "Convex mirror not flushed within {deadline:?}; their last records are lost"
+                jobs,
+                bytes,
+                reason = reason.as_deref().unwrap_or_default(),
+                "stopped flushing to Convex; the pending output of these jobs is not mirrored"
             );
         }
     }
 
     fn health(&self) -> SinkHealth {
-        SinkHealth {
-            healthy: self.inner.healthy.load(Ordering::SeqCst),
-            error: self
-                .inner
-                .last_error
-                .lock()
-                .expect("sink lock poisoned")
-                .clone(),
-        }
+        self.inner.health().report()
     }
 }
 
@@ -248,9 +346,18 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
     // Decoding happens here, at send time, so output the queue drops is never decoded.
     let mut assembler = Assembler::default();
     let mut ready = VecDeque::new();
+    let give_up = &sink.shutdown.give_up;
     loop {
         let Some(item) = ready.pop_front() else {
-            let Some(batches) = next_batches(&job, &assembler).await else {
+            let batches = tokio::select! {
+                biased;
+                () = give_up.cancelled() => {
+                    sink.abandon_at_shutdown(&job, None, &mut ready);
+                    break;
+                }
+                batches = next_batches(&job, &assembler) => batches,
+            };
+            let Some(batches) = batches else {
                 break;
             };
             let mut found = Assembled::default();
@@ -271,12 +378,20 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
             ended_at = Some(Instant::now());
         }
         let body = ingest::encode(&meta, &item);
-        let outcome = sink
+        let send = sink
             .ingest
-            .send(body, |ambiguous, _reason| {
-                job.lock().record_retry(ambiguous)
-            })
-            .await;
+            .send(body, &sink.shutdown.retry_now, |ambiguous, reason| {
+                job.lock().record_retry(ambiguous, reason);
+                sink.attempt_failed(reason, Failure::Transient);
+            });
+        let outcome = tokio::select! {
+            biased;
+            () = give_up.cancelled() => {
+                sink.abandon_at_shutdown(&job, Some(&item), &mut ready);
+                break;
+            }
+            outcome = send => outcome,
+        };
         match outcome {
             SendOutcome::Delivered => {
                 let mut q = job.lock();
@@ -285,18 +400,18 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                     q.settled();
                 }
                 drop(q);
-                sink.set_healthy();
+                sink.delivered();
             }
             SendOutcome::Rejected { status, reason } => {
-                sink.set_unhealthy(&reason);
+                sink.attempt_failed(&reason, Failure::Refused);
                 let mut q = job.lock();
-                q.lost(&item, &mut ready);
                 q.record_error(&reason);
                 // A bad secret, a wrong URL: every later record would be refused the same way.
                 let hopeless = matches!(status, 401 | 403 | 404 | 405);
                 if hopeless {
-                    q.drop_unsent(ready.drain(..));
-                    q.close();
+                    q.abandon(Some(&item), &mut ready);
+                } else {
+                    q.lost(&item, &mut ready);
                 }
                 drop(q);
                 if !complained {
@@ -309,7 +424,7 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                 }
             }
             SendOutcome::GaveUp { reason } => {
-                sink.set_unhealthy(&reason);
+                sink.attempt_failed(&reason, Failure::GaveUp);
                 let mut q = job.lock();
                 q.lost(&item, &mut ready);
                 q.record_error(&reason);

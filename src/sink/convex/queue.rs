@@ -466,9 +466,11 @@ impl Queue {
         Ok((batch, taken, stream, tail))
     }
 
-    /// Gives up on the job: every queued and future record is dropped (counted).
+    /// Gives up on the job: every queued and future record is dropped (counted). The delivery
+    /// task drops what it took too (see [`abandon`](Self::abandon)), so nothing is in flight.
     pub(crate) fn close(&mut self) {
         self.closed = true;
+        self.stats.in_flight_bytes = 0;
         self.stats.bytes_dropped += self.queued_bytes as u64;
         self.queued_bytes = 0;
         self.entries = [0; 2];

@@ -244,4 +244,92 @@ mod tests {
         assert_eq!(d.finish(&mut out), 0);
         assert_eq!(out, "done €");
     }
+
+    /// Property tests (proptest, 256 cases each, well under a second).
+    mod properties {
+        use proptest::{collection, prelude::*, sample::Index};
+
+        use super::*;
+
+        /// `data` cut at the given points (any of them, in any order; empty pieces included).
+        fn split<'a>(data: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(data.len() + 1)).collect();
+            at.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut start = 0;
+            for end in at.into_iter().chain([data.len()]) {
+                pieces.push(&data[start..end]);
+                start = end;
+            }
+            pieces
+        }
+
+        /// Bytes that exercise the decoder: ASCII, whole characters of every length, the first
+        /// bytes of one (cut short), stray bytes, and sequences UTF-8 forbids (surrogates,
+        /// overlong forms, past U+10FFFF).
+        fn bytes() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                2 => any::<u8>().prop_map(|b| vec![b]),
+                3 => any::<char>().prop_map(|c| c.to_string().into_bytes()),
+                2 => (any::<char>(), any::<Index>()).prop_map(|(c, cut)| {
+                    let bytes = c.to_string().into_bytes();
+                    bytes[..cut.index(bytes.len())].to_vec()
+                }),
+                1 => prop_oneof![
+                    Just(vec![0xED, 0xA0, 0x80]),
+                    Just(vec![0xC0, 0x80]),
+                    Just(vec![0xE0, 0x80, 0x80]),
+                    Just(vec![0xF4, 0x90, 0x80, 0x80]),
+                    Just(vec![0xF8, 0x88, 0x80, 0x80, 0x80]),
+                    Just(vec![0x80, 0xBF]),
+                ],
+            ];
+            collection::vec(piece, 0..24).prop_map(|pieces| pieces.concat())
+        }
+
+        /// What one pass over the whole input counts as invalid: the bytes of every maximal
+        /// invalid sequence, each of which becomes one U+FFFD.
+        fn invalid_bytes(data: &[u8]) -> u64 {
+            data.utf8_chunks().map(|c| c.invalid().len() as u64).sum()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Decoding in chunks, wherever they are cut, gives what decoding the whole at once
+            /// gives, and counts the same invalid bytes.
+            #[test]
+            fn any_chunking_decodes_like_the_whole(
+                data in bytes(),
+                cuts in collection::vec(any::<Index>(), 0..8),
+            ) {
+                let mut d = Utf8Stream::default();
+                let mut out = String::new();
+                let mut invalid = 0;
+                for chunk in split(&data, &cuts) {
+                    invalid += d.decode(chunk, &mut out);
+                    prop_assert!(d.carried() <= 3);
+                }
+                invalid += d.finish(&mut out);
+                prop_assert_eq!(&out, &String::from_utf8_lossy(&data));
+                prop_assert_eq!(invalid, invalid_bytes(&data));
+            }
+
+            /// For valid text, what the queue reckons the decoder will carry after each chunk
+            /// (`incomplete_tail`, used to size records) is what it carries.
+            #[test]
+            fn the_incomplete_tail_of_valid_text_is_what_is_carried(
+                text in any::<String>(),
+                cuts in collection::vec(any::<Index>(), 0..8),
+            ) {
+                let mut d = Utf8Stream::default();
+                let mut taken = Vec::new();
+                for chunk in split(text.as_bytes(), &cuts) {
+                    d.decode(chunk, &mut String::new());
+                    taken.push(Bytes::copy_from_slice(chunk));
+                    prop_assert_eq!(incomplete_tail(&taken), d.carried());
+                }
+            }
+        }
+    }
 }

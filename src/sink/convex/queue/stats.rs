@@ -63,11 +63,12 @@ impl Queue {
         self.stats.bytes_dropped += made.dropped;
     }
 
-    /// A record is about to be sent again; `ambiguous` when the server may have stored it
-    /// already, so the retry can duplicate its row.
-    pub(crate) fn record_retry(&mut self, ambiguous: bool) {
+    /// A record is about to be sent again after `reason`; `ambiguous` when the server may have
+    /// stored it already, so the retry can duplicate its row.
+    pub(crate) fn record_retry(&mut self, ambiguous: bool, reason: &str) {
         self.stats.retries += 1;
         self.stats.ambiguous_retries += u64::from(ambiguous);
+        self.record_error(reason);
     }
 
     /// Why the latest record was not delivered, for Status.
@@ -81,6 +82,19 @@ impl Queue {
         for item in unsent {
             self.stats.bytes_dropped += item.text_len() as u64;
         }
+    }
+
+    /// Delivery of the job ends here: the record being sent (`item`), the records taken with it
+    /// (`ready`) and everything queued or still to come are dropped and counted. Returns the
+    /// bytes that were pending.
+    pub(crate) fn abandon(&mut self, item: Option<&Item>, ready: &mut VecDeque<Item>) -> u64 {
+        let pending = self.pending_bytes();
+        if let Some(item) = item {
+            self.lost(item, ready);
+        }
+        self.drop_unsent(ready.drain(..));
+        self.close();
+        pending
     }
 
     /// The delivery task has finished: nothing more will be delivered.
@@ -180,14 +194,41 @@ mod tests {
     fn retries_and_the_latest_error_are_kept_for_status() {
         let mut q = Queue::new(1 << 20);
         assert_eq!(q.stats().last_error, None);
-        q.record_retry(false);
-        q.record_retry(true);
-        q.record_retry(true);
-        q.record_error("HTTP 502");
+        q.record_retry(false, "connection refused");
+        assert_eq!(q.stats().last_error.as_deref(), Some("connection refused"));
+        q.record_retry(true, "timed out");
+        q.record_retry(true, "HTTP 502");
+        assert_eq!(q.stats().last_error.as_deref(), Some("HTTP 502"));
         q.record_error("HTTP 400: bad record");
         let stats = q.stats();
         assert_eq!((stats.retries, stats.ambiguous_retries), (3, 2));
         assert_eq!(stats.last_error.as_deref(), Some("HTTP 400: bad record"));
+    }
+
+    #[test]
+    fn abandoning_drops_what_was_taken_and_queued_and_leaves_nothing_pending() {
+        let now = Instant::now();
+        let mut q = Queue::new(8 << 20);
+        let mut drain = Drain::new();
+        let total = 3 * MAX_RECORD_BYTES;
+        push(&mut q, StreamKind::Stdout, &vec![b'x'; total], 1, now);
+        let Take::Send(batches) = q.take(now, [0, 0]) else {
+            panic!("full records are ready")
+        };
+        let mut ready = VecDeque::new();
+        for batch in batches {
+            drain.asm.assemble(batch, &mut ready);
+        }
+        assert_eq!(ready.len(), 3);
+        push(&mut q, StreamKind::Stderr, b"queued", 2, now);
+        q.push_end(End::ExitCode(0), 3);
+        // The first record is refused for good (e.g. 401): the job's mirror ends with it.
+        let first = ready.pop_front().unwrap();
+        assert_eq!(q.abandon(Some(&first), &mut ready), total as u64 + 6);
+        assert!(ready.is_empty());
+        assert_eq!(q.pending_bytes(), 0);
+        assert_eq!(q.stats().bytes_dropped, total as u64 + 6);
+        assert_eq!(q.take(now, [0, 0]), Take::Done);
     }
 
     #[test]
