@@ -322,6 +322,7 @@ mod tests {
                 &["--convex-site-url", "https://x.convex.site"],
                 "CONVEX_INGEST_SECRET is not",
             ),
+            (&["--job-cgroups", "maybe"], "maybe"),
         ];
         for (args, needle) in cases {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));

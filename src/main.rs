@@ -15,7 +15,7 @@ const EXIT_CONFIG: u8 = 64;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let mut config = Config::parse();
     if let Err(e) = config.validate() {
         eprintln!("sandbox-runner: invalid configuration: {e}");
         return ExitCode::from(EXIT_CONFIG);
@@ -37,6 +37,7 @@ async fn main() -> ExitCode {
     }
 
     raise_fd_limit();
+    become_subreaper(&mut config);
 
     let addr = config.listen_addr();
     let listener = match TcpListener::bind(addr).await {
@@ -67,6 +68,21 @@ fn raise_fd_limit() {
         },
         Ok((soft, hard)) => tracing::info!(soft, hard, "open-file limit already at its maximum"),
         Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
+/// Makes this process the reaper of everything its jobs start: a process that leaves its job
+/// and whose parent exits is re-parented here rather than to init, so the server can find it,
+/// stop it with its job, and reap it. Only the binary does this: it starts no other children,
+/// which the local backend relies on to tell orphans from its own children.
+fn become_subreaper(config: &mut Config) {
+    match nix::sys::prctl::set_child_subreaper(true) {
+        Ok(()) => config.local.subreaper = true,
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot become a child subreaper: processes that leave their job are re-parented to \
+             init, out of the server's reach"
+        ),
     }
 }
 

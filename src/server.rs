@@ -225,6 +225,8 @@ fn backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
             grace: config.cancel_grace,
             chunk_bytes: config.local.output_chunk_bytes as usize,
             withheld_env: Config::secret_env_names(),
+            cgroups: config.local.job_cgroups,
+            subreaper: config.local.subreaper,
         })),
         BackendKind::Daytona => Arc::new(DaytonaBackend::new(config.daytona.settings())?),
     })
