@@ -1,6 +1,6 @@
 //! The embedded default backend: each job is a process on this host, leader of its own session
 //! and process group (and, where the host allows, of its own cgroup), with stdin closed and
-//! stdout/stderr piped.
+//! stdout/stderr piped, optionally under another user (`--job-user`).
 //!
 //! Stopping a job signals every process of it, wherever it moved (see `tree.rs`): SIGTERM, then
 //! SIGKILL after the grace period. When the leader exits, processes it left get the same grace to
@@ -9,9 +9,10 @@
 //!
 //! - `spawn.rs`: what the job's first process does before exec (the crate's one unsafe block).
 //! - `tree.rs`: a job's processes (cgroup or /proc), the server's orphans, reaping.
-//! - `cgroup.rs`: per-job cgroups. `procfs.rs`: /proc parsing.
+//! - `cgroup.rs`: per-job cgroups. `identity.rs`: `--job-user`. `procfs.rs`: /proc parsing.
 
 mod cgroup;
+mod identity;
 mod procfs;
 mod spawn;
 mod tree;
@@ -35,6 +36,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use self::identity::JobIdentity;
 use self::{
     cgroup::CgroupRoot,
     spawn::{ChildSetup, setup_child},
@@ -62,6 +64,17 @@ pub struct LocalArgs {
           value_parser = clap::value_parser!(u32).range(4096..=(2 << 20)))]
     pub output_chunk_bytes: u32,
 
+    /// Run jobs as this user (name or numeric uid), so that they cannot signal the server, nor
+    /// read its /proc entries or its files. Needs root, or CAP_SETUID, CAP_SETGID and CAP_KILL;
+    /// the server refuses to start without them. Unset: jobs run as the server's own user.
+    #[arg(long, env = "JOB_USER")]
+    pub job_user: Option<String>,
+
+    /// Group of the jobs (name or numeric gid) [default: the job user's primary group]. Jobs
+    /// have no supplementary groups.
+    #[arg(long, env = "JOB_GROUP")]
+    pub job_group: Option<String>,
+
     /// Per-job cgroups: `auto` gives each job a cgroup v2 of its own where this process's
     /// cgroup is writable (the strongest hold on its processes), `off` follows jobs through
     /// /proc only.
@@ -88,14 +101,73 @@ pub enum JobCgroups {
 pub enum LocalConfigError {
     #[error("--default-cwd {0} is not a directory")]
     DefaultCwd(PathBuf),
+    #[error("--job-group needs --job-user")]
+    GroupWithoutUser,
+    #[error("--job-user {0}: no such user")]
+    UnknownUser(String),
+    #[error("--job-group {0}: no such group")]
+    UnknownGroup(String),
+    #[error("cannot look up {0} in the user database: {1}")]
+    UserLookup(String, String),
+    #[error(
+        "--job-user {0} is not in the user database, so it has no primary group: set --job-group"
+    )]
+    UserWithoutGroup(u32),
+    #[error("--job-user must not be root: jobs would hold every privilege")]
+    RootJobUser,
+    #[error(
+        "--job-user is the server's own user (uid {0}): jobs could signal it and read its files; \
+         use a dedicated user"
+    )]
+    SameUser(u32),
+    #[error(
+        "cannot run jobs as --job-user {user}: the server lacks {missing} (run it as root, or \
+         grant it CAP_SETUID, CAP_SETGID and CAP_KILL)"
+    )]
+    CannotSwitch { user: String, missing: String },
+    #[error("cannot read this process's capabilities from /proc/self/status")]
+    UnknownCapabilities,
+    #[error(
+        "jobs' working directory {dir} is not usable by --job-user {user}: {reason} (set \
+         --default-cwd to a directory it can use)"
+    )]
+    DirNotUsable {
+        dir: PathBuf,
+        user: String,
+        reason: String,
+    },
 }
 
 impl LocalArgs {
     /// Checks the flags against this host; only called when the local backend is selected.
     pub fn validate(&self) -> Result<(), LocalConfigError> {
-        match &self.default_cwd {
-            Some(cwd) if !cwd.is_dir() => Err(LocalConfigError::DefaultCwd(cwd.clone())),
-            _ => Ok(()),
+        if let Some(cwd) = &self.default_cwd
+            && !cwd.is_dir()
+        {
+            return Err(LocalConfigError::DefaultCwd(cwd.clone()));
+        }
+        if let Some(identity) = self.job_identity()? {
+            identity::check_can_switch(&identity)?;
+            // Jobs start in --default-cwd, or else in the server's own working directory.
+            let cwd = match &self.default_cwd {
+                Some(cwd) => cwd.clone(),
+                None => std::env::current_dir().map_err(|e| LocalConfigError::DirNotUsable {
+                    dir: PathBuf::from("."),
+                    user: identity.describe(),
+                    reason: e.to_string(),
+                })?,
+            };
+            identity::check_usable_dir(&cwd, &identity)?;
+        }
+        Ok(())
+    }
+
+    /// Who jobs run as: `None` for the server's own user.
+    pub fn job_identity(&self) -> Result<Option<JobIdentity>, LocalConfigError> {
+        match (&self.job_user, &self.job_group) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(LocalConfigError::GroupWithoutUser),
+            (Some(user), group) => identity::resolve(user, group.as_deref()).map(Some),
         }
     }
 }
@@ -111,6 +183,8 @@ pub struct LocalConfig {
     pub chunk_bytes: usize,
     /// Variables of the service's own environment that jobs never inherit: its secrets.
     pub withheld_env: Vec<String>,
+    /// Who jobs run as (`None`: the server's user).
+    pub identity: Option<JobIdentity>,
     /// Whether jobs get cgroups of their own.
     pub cgroups: JobCgroups,
     /// This process is a child subreaper that starts no children but jobs (see `LocalArgs`).
@@ -143,6 +217,13 @@ impl LocalBackend {
                 }
             },
         };
+        match &config.identity {
+            Some(identity) => info!(user = %identity.describe(), "jobs run as the job user"),
+            None => warn!(
+                "--job-user is unset: jobs run as the server's own user, so a job can signal \
+                 the server (and every other job) and read its files; set --job-user"
+            ),
+        }
         LocalBackend {
             processes: Processes::new(config.subreaper, cgroups),
             config,
@@ -204,6 +285,17 @@ impl Backend for LocalBackend {
         for name in &self.config.withheld_env {
             cmd.env_remove(name);
         }
+        if let Some(identity) = &self.config.identity {
+            // std clears the supplementary groups when it changes the uid (it has CAP_SETGID).
+            cmd.uid(identity.uid).gid(identity.gid);
+            // The job user's own, not the server's (requests may still set them).
+            if let Some(name) = &identity.name {
+                cmd.env("USER", name).env("LOGNAME", name);
+            }
+            if let Some(home) = &identity.home {
+                cmd.env("HOME", home);
+            }
+        }
         cmd.envs(&spec.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -223,6 +315,7 @@ impl Backend for LocalBackend {
             ChildSetup {
                 server_pid: std::process::id(),
                 cgroup_procs,
+                drop_privileges: self.config.identity.is_some(),
             },
         );
 
@@ -487,6 +580,7 @@ mod tests {
             grace: Duration::from_secs(1),
             chunk_bytes: 1 << 16,
             withheld_env: Vec::new(),
+            identity: None,
             cgroups: JobCgroups::Off,
             subreaper: false,
         });

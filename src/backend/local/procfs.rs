@@ -1,6 +1,6 @@
 //! What the local backend reads from /proc: the status of every process (to follow a job's
-//! processes wherever they move, and to reap orphans), and where this process's cgroup v2
-//! lives. The parsers are pure functions of the files' text.
+//! processes wherever they move, and to reap orphans), effective capabilities, and where this
+//! process's cgroup v2 lives. The parsers are pure functions of the files' text.
 
 use std::path::PathBuf;
 
@@ -73,6 +73,25 @@ pub(super) fn processes() -> Vec<ProcStat> {
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(read_stat)
         .collect()
+}
+
+/// Capability numbers (linux/capability.h) the backend needs to run jobs as another user.
+pub(super) const CAP_KILL: u32 = 5;
+pub(super) const CAP_SETGID: u32 = 6;
+pub(super) const CAP_SETUID: u32 = 7;
+
+/// The effective capability set from `/proc/<pid>/status` (`CapEff:` in hex).
+pub(super) fn effective_caps(status: &str) -> Option<u64> {
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))?
+        .trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// This process's effective capabilities, or `None` when /proc cannot tell.
+pub(super) fn own_effective_caps() -> Option<u64> {
+    effective_caps(&std::fs::read_to_string("/proc/self/status").ok()?)
 }
 
 /// The cgroup v2 path in a `/proc/<pid>/cgroup` text: the `0::<path>` line. `None` on a host
@@ -172,6 +191,19 @@ mod tests {
         assert_eq!(me.pid, std::process::id());
         assert_eq!(me.ppid, nix::unistd::getppid().as_raw() as u32);
         assert!(processes().iter().any(|p| p.pid == me.pid));
+    }
+
+    #[test]
+    fn effective_capabilities_come_from_cap_eff() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapPrm:\t00000000000000e0\n\
+                      CapEff:\t00000000000000e0\nCapBnd:\t000001ffffffffff\n";
+        let caps = effective_caps(status).unwrap();
+        for cap in [CAP_KILL, CAP_SETGID, CAP_SETUID] {
+            assert_ne!(caps & (1 << cap), 0, "capability {cap}");
+        }
+        assert_eq!(caps & 1, 0);
+        assert_eq!(effective_caps("Name:\tx\n"), None);
+        assert!(own_effective_caps().is_some());
     }
 
     #[test]

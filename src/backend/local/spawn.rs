@@ -13,6 +13,7 @@ use std::{fs::File, io};
 
 use nix::{
     errno::Errno,
+    libc,
     sys::{prctl, signal::Signal},
     unistd,
 };
@@ -25,10 +26,16 @@ pub(super) struct ChildSetup {
     pub server_pid: u32,
     /// `cgroup.procs` of the job's cgroup (close-on-exec, so the program never holds it).
     pub cgroup_procs: Option<File>,
+    /// The job runs as another user than the server: it must keep none of the server's
+    /// capabilities and gain none by exec. Ambient capabilities (how systemd and `setpriv` give
+    /// a non-root server CAP_SETUID and friends) survive a change between non-root uids and
+    /// exec, so they are cleared; no_new_privs stops set-user-ID programs and file
+    /// capabilities, which would otherwise hand the job back the power to signal the server.
+    pub drop_privileges: bool,
 }
 
 /// Makes the job's first process: leader of a new session (and process group), in the job's
-/// cgroup, and SIGKILLed when the server dies.
+/// cgroup, without privileges (with a job user), and SIGKILLed when the server dies.
 ///
 /// The parent-death signal follows the *thread* that forked, not the process: jobs are spawned
 /// from the runtime's worker threads, which live as long as the server.
@@ -37,6 +44,7 @@ pub(super) fn setup_child(cmd: &mut Command, setup: ChildSetup) {
     let ChildSetup {
         server_pid,
         cgroup_procs,
+        drop_privileges,
     } = setup;
     let server_pid = server_pid as i32;
     let hook = move || -> io::Result<()> {
@@ -47,6 +55,23 @@ pub(super) fn setup_child(cmd: &mut Command, setup: ChildSetup) {
             // "0" moves the writer. Not fatal: the server checks after the spawn and moves
             // the process itself, or follows the job through /proc instead.
             let _ = unistd::write(procs, b"0");
+        }
+        if drop_privileges {
+            // SAFETY: prctl with integer arguments only, no memory passed.
+            let cleared = unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                    0,
+                    0,
+                    0,
+                )
+            };
+            // EINVAL: a kernel before 4.3, which has no ambient capabilities to clear.
+            if cleared == -1 && Errno::last() != Errno::EINVAL {
+                return Err(os_error(Errno::last()));
+            }
+            prctl::set_no_new_privs().map_err(os_error)?;
         }
         prctl::set_pdeathsig(Signal::SIGKILL).map_err(os_error)?;
         if unistd::getppid().as_raw() != server_pid {
