@@ -497,6 +497,12 @@ mod tests {
                 &["--convex-site-url", "https://x.convex.site"],
                 "CONVEX_INGEST_SECRET is not",
             ),
+            (
+                &["--job-user", "no-such-user-here"],
+                "--job-user no-such-user-here: no such user",
+            ),
+            (&["--job-group", "nogroup"], "--job-group needs --job-user"),
+            (&["--job-cgroups", "maybe"], "maybe"),
         ];
         for (args, needle) in cases {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
@@ -552,6 +558,19 @@ mod tests {
                 "SANDBOX_RUNNER_TOKEN_FILE",
             ]
         );
+    }
+
+    #[test]
+    fn job_user_flags_are_checked_only_for_the_local_backend() {
+        parse(&[
+            "--backend",
+            "daytona",
+            "--daytona-api-key",
+            "k",
+            "--job-user",
+            "no-such-user-here",
+        ])
+        .unwrap();
     }
 
     #[test]

@@ -16,7 +16,7 @@ const EXIT_CONFIG: u8 = 64;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::load_from(std::env::args_os()) {
+    let mut config = match Config::load_from(std::env::args_os()) {
         Ok(config) => config,
         Err(LoadError::Usage(e)) => e.exit(),
         Err(LoadError::Invalid(e)) => {
@@ -42,6 +42,7 @@ async fn main() -> ExitCode {
 
     raise_fd_limit();
     let reload = reload_on_sighup();
+    become_subreaper(&mut config);
 
     let addr = config.listen_addr();
     let listener = match TcpListener::bind(addr).await {
@@ -88,6 +89,21 @@ fn reload_on_sighup() -> Arc<Notify> {
         }
     });
     reload
+}
+
+/// Makes this process the reaper of everything its jobs start: a process that leaves its job
+/// and whose parent exits is re-parented here rather than to init, so the server can find it,
+/// stop it with its job, and reap it. Only the binary does this: it starts no other children,
+/// which the local backend relies on to tell orphans from its own children.
+fn become_subreaper(config: &mut Config) {
+    match nix::sys::prctl::set_child_subreaper(true) {
+        Ok(()) => config.local.subreaper = true,
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot become a child subreaper: processes that leave their job are re-parented to \
+             init, out of the server's reach"
+        ),
+    }
 }
 
 /// Completes on the first SIGTERM or SIGINT.

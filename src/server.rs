@@ -45,6 +45,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("cannot set up the Daytona backend: {0}")]
     Daytona(#[from] ClientSetupError),
+    #[error("invalid local backend configuration: {0}")]
+    Local(#[from] crate::backend::local::LocalConfigError),
     #[error("no OS randomness for the job-id signing key: {0}")]
     Randomness(String),
     #[error("invalid configuration: {0}")]
@@ -289,6 +291,9 @@ fn backend(config: &Config, secret_files: &mut Watcher) -> Result<Arc<dyn Backen
             grace: config.cancel_grace,
             chunk_bytes: config.local.output_chunk_bytes as usize,
             withheld_env: Config::secret_env_names(),
+            identity: config.local.job_identity()?,
+            cgroups: config.local.job_cgroups,
+            subreaper: config.local.subreaper,
         })),
         BackendKind::Daytona => {
             let settings = config.daytona.settings().map_err(ConfigError::from)?;

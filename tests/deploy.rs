@@ -264,13 +264,28 @@ fn check_deployment(docs: &[Value], backend: &str) {
         .as_array()
         .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
         .unwrap_or_default();
-    let out = Command::new(BIN)
-        .env_clear()
-        .envs(&env)
-        .args(&args)
-        .arg("--check-config")
-        .output()
-        .unwrap();
+    let check_config = |env: &BTreeMap<String, String>| {
+        Command::new(BIN)
+            .env_clear()
+            .envs(env)
+            .args(&args)
+            .arg("--check-config")
+            .output()
+            .unwrap()
+    };
+    let mut env_here = env.clone();
+    if backend == "local" && !can_switch_users() {
+        // The binary checks it can run jobs as JOB_USER; this test process cannot, so it must
+        // refuse, naming what it lacks. The rest is checked without a job user.
+        let out = check_config(&env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains("CAP_SETUID"), "{stderr}");
+        eprintln!("not root: checking the manifest's config without JOB_USER/JOB_GROUP");
+        env_here.remove("JOB_USER");
+        env_here.remove("JOB_GROUP");
+    }
+    let out = check_config(&env_here);
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -329,6 +344,29 @@ fn check_deployment(docs: &[Value], backend: &str) {
             .unwrap()
             .contains(&"ALL".into())
     );
+    // Exactly the capabilities the image's binary carries as file capabilities: without them
+    // in the bounding set the kernel refuses to run it, and nothing else is needed.
+    let mut added: Vec<&str> = security["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    added.sort();
+    assert_eq!(added, FILE_CAPABILITIES, "capabilities.add");
+    // Jobs run as the image's job user, never as the server's.
+    let job_user: u64 = env["JOB_USER"].parse().expect("numeric JOB_USER");
+    let job_group: u64 = env["JOB_GROUP"].parse().expect("numeric JOB_GROUP");
+    let server_user = pod["securityContext"]["runAsUser"].as_u64().unwrap();
+    assert_ne!(job_user, server_user, "JOB_USER is the server's own user");
+    assert_ne!(job_user, 0);
+    let image = dockerfile();
+    assert_eq!(
+        (job_user, job_group),
+        (image.job_user.0, image.job_user.1),
+        "JOB_USER/JOB_GROUP vs the user the image creates"
+    );
+    assert_eq!(server_user, image.user, "runAsUser vs the image's USER");
     for key in ["requests", "limits"] {
         assert!(
             container["resources"][key]["cpu"].is_string(),
@@ -403,9 +441,111 @@ fn check_daytona_overlay(docs: &[Value]) {
     );
 }
 
+/// Capabilities the image's binary carries (`setcap ...+ep`), as Kubernetes names them.
+const FILE_CAPABILITIES: [&str; 3] = ["KILL", "SETGID", "SETUID"];
+
+/// What deploy/Dockerfile says.
+struct Dockerfile {
+    exposed: Option<String>,
+    stop_signal: Option<String>,
+    /// `USER`'s uid.
+    user: u64,
+    builds_with_script: bool,
+    /// `ENV` names and values.
+    env: BTreeMap<String, String>,
+    /// `ENTRYPOINT`'s exec form.
+    entrypoint: Vec<String>,
+    /// Arguments of `setcap` (capabilities, file).
+    setcap: Vec<String>,
+    /// (uid, gid) of the `useradd` of JOB_USER.
+    job_user: (u64, u64),
+}
+
+fn dockerfile() -> Dockerfile {
+    let text = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    // Continuation lines joined, comments dropped: one instruction per entry.
+    let mut instructions = Vec::new();
+    let mut current = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.is_empty() && current.is_empty() {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(part) => current.push_str(part),
+            None => {
+                current.push_str(line);
+                instructions.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    let mut image = Dockerfile {
+        exposed: None,
+        stop_signal: None,
+        user: 0,
+        builds_with_script: false,
+        env: BTreeMap::new(),
+        entrypoint: Vec::new(),
+        setcap: Vec::new(),
+        job_user: (0, 0),
+    };
+    let mut useradds = Vec::new();
+    for instruction in &instructions {
+        let words: Vec<&str> = instruction.split_whitespace().collect();
+        match words.first().copied() {
+            Some("EXPOSE") => image.exposed = Some(words[1].to_owned()),
+            Some("STOPSIGNAL") => image.stop_signal = Some(words[1].to_owned()),
+            Some("USER") => {
+                image.user = words[1]
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .expect("numeric USER")
+            }
+            Some("ENV") => {
+                for pair in &words[1..] {
+                    let (name, value) = pair.split_once('=').expect("ENV name=value");
+                    image.env.insert(name.to_owned(), value.to_owned());
+                }
+            }
+            Some("ENTRYPOINT") => {
+                let json = instruction.strip_prefix("ENTRYPOINT").unwrap();
+                image.entrypoint = serde_json::from_str(json).expect("exec-form ENTRYPOINT");
+            }
+            Some("RUN") => {
+                image.builds_with_script |= words.get(1) == Some(&"deploy/build.sh");
+                for command in instruction.split("&&") {
+                    let args: Vec<&str> = command.split_whitespace().collect();
+                    let args = args.strip_prefix(&["RUN"]).unwrap_or(&args);
+                    match args.first().copied() {
+                        Some("setcap") => {
+                            image.setcap = args[1..].iter().map(|a| a.to_string()).collect()
+                        }
+                        Some("useradd") => useradds.push(args.to_vec().join(" ")),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let option = |useradd: &str, name: &str| -> u64 {
+        let words: Vec<&str> = useradd.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == name).unwrap();
+        words[at + 1].parse().unwrap()
+    };
+    let job_uid: u64 = image.env["JOB_USER"].parse().expect("numeric JOB_USER");
+    let useradd = useradds
+        .iter()
+        .find(|u| option(u, "--uid") == job_uid)
+        .expect("the image creates JOB_USER");
+    image.job_user = (job_uid, option(useradd, "--gid"));
+    image
+}
+
 #[test]
 fn dockerfile_matches_the_binary() {
-    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    let image = dockerfile();
     let default_port = Config::command()
         .get_arguments()
         .find(|a| a.get_id() == "port")
@@ -415,53 +555,64 @@ fn dockerfile_matches_the_binary() {
                 .map(|v| v.to_string_lossy().into_owned())
         })
         .unwrap();
-    let mut env_names = Vec::new();
-    let mut lines = dockerfile.lines().peekable();
-    let (mut exposed, mut stop_signal, mut user, mut builds_with_script) =
-        (None, None, None, false);
-    while let Some(line) = lines.next() {
-        let line = line.trim();
-        if let Some(port) = line.strip_prefix("EXPOSE ") {
-            exposed = Some(port.trim().to_owned());
-        } else if let Some(signal) = line.strip_prefix("STOPSIGNAL ") {
-            stop_signal = Some(signal.trim().to_owned());
-        } else if let Some(u) = line.strip_prefix("USER ") {
-            user = Some(u.trim().to_owned());
-        } else if line.starts_with("RUN deploy/build.sh") {
-            builds_with_script = true;
-        } else if let Some(first) = line.strip_prefix("ENV ") {
-            let mut entry = first.to_owned();
-            while entry.ends_with('\\') {
-                entry = lines.next().unwrap().trim().to_owned();
-                env_names.push(entry.split('=').next().unwrap().to_owned());
-            }
-            env_names.push(first.split('=').next().unwrap().to_owned());
-        }
-    }
     assert_eq!(
-        exposed.as_deref(),
+        image.exposed.as_deref(),
         Some(default_port.as_str()),
         "EXPOSE vs the default PORT"
     );
-    assert_eq!(stop_signal.as_deref(), Some("SIGTERM"));
-    let uid: u32 = user
-        .unwrap()
-        .split(':')
-        .next()
-        .unwrap()
-        .parse()
-        .expect("numeric USER");
-    assert_ne!(uid, 0, "image must not run as root");
+    assert_eq!(image.stop_signal.as_deref(), Some("SIGTERM"));
+    assert_ne!(image.user, 0, "image must not run as root");
     assert!(
-        builds_with_script,
+        image.builds_with_script,
         "the image must build with deploy/build.sh, which CI runs"
     );
     let known = known_env();
-    for name in &env_names {
+    for name in image.env.keys() {
         assert!(
             known.contains(name),
             "Dockerfile sets {name}, which the binary does not read"
         );
     }
-    assert!(env_names.iter().any(|n| n == "PORT"), "{env_names:?}");
+    assert!(image.env.contains_key("PORT"), "{:?}", image.env);
+
+    // Jobs run as a user of their own, in its own group.
+    let (job_uid, job_gid) = image.job_user;
+    assert_ne!(job_uid, image.user, "JOB_USER is the server's own user");
+    assert_ne!(job_uid, 0);
+    assert_eq!(image.env["JOB_GROUP"], job_gid.to_string());
+    // The binary is the entrypoint itself: under no_new_privs, file capabilities reach only the
+    // process the container runtime starts, not one an init wrapper starts.
+    assert_eq!(
+        image.entrypoint.first().map(String::as_str),
+        Some("/usr/local/bin/sandbox-runner"),
+        "ENTRYPOINT"
+    );
+    let mut caps: Vec<String> = image
+        .setcap
+        .first()
+        .expect("setcap on the binary")
+        .strip_suffix("+ep")
+        .expect("permitted and effective")
+        .split(',')
+        .map(|c| c.trim_start_matches("cap_").to_uppercase())
+        .collect();
+    caps.sort();
+    assert_eq!(caps, FILE_CAPABILITIES);
+    assert_eq!(
+        image.setcap.get(1).map(String::as_str),
+        Some("/usr/local/bin/sandbox-runner")
+    );
+}
+
+/// Whether this process may run processes as another user and signal them (what
+/// `--job-user` needs).
+fn can_switch_users() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    // CAP_KILL (5), CAP_SETGID (6), CAP_SETUID (7).
+    caps & 0xe0 == 0xe0
 }

@@ -368,3 +368,209 @@ async fn connections_that_start_a_job_and_reset_leave_nothing_running() {
     assert_eq!(run.stdout, b"still here\n");
     server.stop().await;
 }
+
+/// Jobs under `--job-user` (defect 4 of issue 11): a job cannot kill the server or read its
+/// environment, keeps none of its groups or capabilities, and still ends with everything it
+/// started; a server that cannot switch to the job user refuses to start. Switching users needs
+/// root: without it these tests say so and pass.
+mod job_user {
+    use std::process::Stdio;
+
+    use sandbox_runner::proto::JobState;
+
+    use super::*;
+
+    /// A secret the server holds, which no job may see.
+    const SECRET: &str = "job-user-test-signing-key-0123456789abcdef";
+
+    fn is_root() -> bool {
+        nix::unistd::Uid::effective().is_root()
+    }
+
+    fn have_setpriv() -> bool {
+        std::process::Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| out.status.success())
+    }
+
+    /// The binary with `--job-user nobody`, run through `setpriv` with these options first
+    /// (`None`: directly), with supplementary groups so that a job inheriting them would show.
+    async fn server(setpriv: Option<&[&str]>) -> ServerProcess {
+        let mut command = match setpriv {
+            Some(options) => {
+                let mut command = tokio::process::Command::new("setpriv");
+                command.args(options).args(["--groups", "4,27", "--", BIN]);
+                command
+            }
+            None => tokio::process::Command::new(BIN),
+        };
+        command.args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"]);
+        command.args(["--cancel-grace", "1s", "--job-user", "nobody"]);
+        command.env("JOB_ID_SIGNING_KEY", SECRET);
+        ServerProcess::spawn(command).await.expect("server starts")
+    }
+
+    /// The ways a root test process can run the server with a job user: as root, and (with
+    /// `setpriv`) as a non-root user holding only CAP_SETUID, CAP_SETGID and CAP_KILL, as
+    /// deploy/ runs it.
+    fn setups() -> Vec<(&'static str, Option<&'static [&'static str]>)> {
+        let mut setups: Vec<(&str, Option<&[&str]>)> = vec![("root", Some(&[]))];
+        if !have_setpriv() {
+            eprintln!("setpriv missing: testing the server as root only");
+            setups[0].1 = None;
+            return setups;
+        }
+        setups.push((
+            "uid 1 with CAP_SETUID, CAP_SETGID, CAP_KILL",
+            Some(&[
+                "--reuid",
+                "1",
+                "--regid",
+                "1",
+                "--inh-caps",
+                "+setuid,+setgid,+kill",
+                "--ambient-caps",
+                "+setuid,+setgid,+kill",
+            ]),
+        ));
+        setups
+    }
+
+    #[tokio::test]
+    async fn a_job_cannot_kill_the_server_nor_read_it() {
+        if !is_root() {
+            eprintln!("SKIP: switching to a job user needs root");
+            return;
+        }
+        for (name, setpriv) in setups() {
+            let server = server(setpriv).await;
+            let mut client = SandboxServiceClient::new(server.channel().await.unwrap());
+            let run = common::run(
+                &mut client,
+                common::shell(
+                    "id -u; id -g; grep -E '^(Groups|CapPrm|CapEff|CapAmb):' /proc/self/status; \
+                     kill -9 $PPID && echo killed-the-server; \
+                     cat /proc/$PPID/environ && echo read-the-environment; \
+                     ls /proc/$PPID/fd >/dev/null && echo listed-its-files; \
+                     echo done",
+                ),
+            )
+            .await;
+            let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+            eprintln!("{name}:\n{stdout}{stderr}");
+            let lines: Vec<&str> = stdout.lines().map(str::trim_end).collect();
+            // No supplementary group and no capability left; none of the attacks worked.
+            let expected = [
+                "65534",
+                "65534",
+                "Groups:",
+                "CapPrm:\t0000000000000000",
+                "CapEff:\t0000000000000000",
+                "CapAmb:\t0000000000000000",
+                "done",
+            ];
+            assert_eq!(lines, expected, "{name}");
+            assert!(!stderr.contains(SECRET), "{name}");
+            assert!(
+                stderr.contains("Operation not permitted"),
+                "{name}: {stderr}"
+            );
+            assert!(stderr.contains("Permission denied"), "{name}: {stderr}");
+
+            // The server lives and serves, and still stops jobs of the other user.
+            assert!(procfs::memory_kib(server.pid).0 > 0, "{name}: server gone");
+            let run = common::run(&mut client, common::shell("echo hi")).await;
+            assert_eq!(run.stdout, b"hi\n", "{name}");
+            let mark = format!("JOB_USER_TEST_MARK={}", uuid::Uuid::new_v4());
+            let mut req = common::shell("setsid sleep 300 & trap '' TERM; sleep 300");
+            let (key, value) = mark.split_once('=').unwrap();
+            req.env.insert(key.into(), value.into());
+            let job = common::Job::start(&mut client, req).await;
+            // sh (ignoring SIGTERM, so SIGKILL must reach it across uids), the setsid sleep and
+            // the foreground sleep.
+            for _ in 0..200 {
+                if procfs::with_env(&mark).len() >= 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let started = procfs::with_env(&mark).len();
+            assert!(started >= 2, "{name}: the job did not start ({started})");
+            common::cancel(&mut client, &job.job_id).await;
+            let run = job.finish().await;
+            assert_eq!(run.state(), JobState::Cancelled, "{name}");
+            let left = procfs::with_env(&mark);
+            assert!(left.is_empty(), "{name}: alive after Exited: {left:?}");
+            server.stop().await;
+        }
+    }
+
+    /// Runs the binary (through `setpriv` when given) with these flags; it must exit at once
+    /// with 64 and say `needle`.
+    async fn refuses(setpriv: &[&str], args: &[&str], needle: &str) {
+        let mut command = if setpriv.is_empty() {
+            tokio::process::Command::new(BIN)
+        } else {
+            let mut command = tokio::process::Command::new("setpriv");
+            command.args(setpriv).args(["--", BIN]);
+            command
+        };
+        command
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(30), command.output())
+            .await
+            .unwrap_or_else(|_| panic!("{setpriv:?} {args:?}: did not exit"))
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{setpriv:?} {args:?}: {stderr}"
+        );
+        assert!(stderr.contains(needle), "{setpriv:?} {args:?}: {stderr}");
+    }
+
+    #[tokio::test]
+    async fn a_job_user_the_server_cannot_switch_to_is_refused_at_start() {
+        refuses(
+            &[],
+            &["--job-user", "no-such-user-here"],
+            "--job-user no-such-user-here: no such user",
+        )
+        .await;
+        refuses(
+            &[],
+            &["--job-group", "nogroup"],
+            "--job-group needs --job-user",
+        )
+        .await;
+        if !is_root() {
+            eprintln!("SKIP the privilege cases: they need root");
+            return;
+        }
+        refuses(&[], &["--job-user", "root"], "must not be root").await;
+        if !have_setpriv() {
+            eprintln!("SKIP the capability cases: setpriv is missing");
+            return;
+        }
+        // Root without the capabilities (as in a container that dropped them), and a plain
+        // user.
+        refuses(
+            &["--bounding-set", "-setuid,-setgid,-kill"],
+            &["--job-user", "nobody"],
+            "lacks CAP_SETUID, CAP_SETGID, CAP_KILL",
+        )
+        .await;
+        refuses(
+            &["--reuid", "1", "--regid", "1", "--clear-groups"],
+            &["--job-user", "nobody"],
+            "lacks CAP_SETUID, CAP_SETGID, CAP_KILL",
+        )
+        .await;
+    }
+}

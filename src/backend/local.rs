@@ -1,33 +1,47 @@
-//! The embedded default backend: each job is a process on this host, leader of its own process
-//! group, with stdin closed and stdout/stderr piped.
+//! The embedded default backend: each job is a process on this host, leader of its own session
+//! and process group (and, where the host allows, of its own cgroup), with stdin closed and
+//! stdout/stderr piped, optionally under another user (`--job-user`).
 //!
-//! Stopping a job signals the whole group: SIGTERM, then SIGKILL after the grace period. When the
-//! leader exits, processes it left in its group get the same grace to finish writing, then the
-//! same treatment, so a backgrounded child holding the pipes cannot keep a job open forever.
+//! Stopping a job signals every process of it, wherever it moved (see `tree.rs`): SIGTERM, then
+//! SIGKILL after the grace period. When the leader exits, processes it left get the same grace to
+//! finish writing, then the same treatment, so a backgrounded child holding the pipes cannot
+//! keep a job open forever, and a job ends only once nothing of it is left.
+//!
+//! - `spawn.rs`: what the job's first process does before exec (the crate's one unsafe block).
+//! - `tree.rs`: a job's processes (cgroup or /proc), the server's orphans, reaping.
+//! - `cgroup.rs`: per-job cgroups. `identity.rs`: `--job-user`. `procfs.rs`: /proc parsing.
+
+mod cgroup;
+mod identity;
+mod procfs;
+mod spawn;
+mod tree;
 
 use std::{
     io,
     os::unix::process::ExitStatusExt,
     path::PathBuf,
     process::{ExitStatus, Stdio},
+    sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use nix::{
-    errno::Errno,
-    sys::signal::{Signal, killpg},
-    unistd::Pid,
-};
 use tokio::{
     net::unix::pipe,
     process::{Child, Command},
-    time::{Instant, sleep, sleep_until},
+    time::{Instant, sleep},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+pub use self::identity::JobIdentity;
+use self::{
+    cgroup::CgroupRoot,
+    spawn::{ChildSetup, setup_child},
+    tree::{JobTree, Leader, Processes},
+};
 use crate::job::{
     Backend, BackendError, Credit, Execution, JobBudget, JobOutput, JobSpec, Outcome, Program,
     StreamKind,
@@ -50,6 +64,37 @@ pub struct LocalArgs {
     #[arg(long, env = "OUTPUT_CHUNK_BYTES", default_value_t = 1 << 20,
           value_parser = clap::value_parser!(u32).range(4096..=(2 << 20)))]
     pub output_chunk_bytes: u32,
+
+    /// Run jobs as this user (name or numeric uid), so that they cannot signal the server, nor
+    /// read its /proc entries or its files. Needs root, or CAP_SETUID, CAP_SETGID and CAP_KILL;
+    /// the server refuses to start without them. Unset: jobs run as the server's own user.
+    #[arg(long, env = "JOB_USER")]
+    pub job_user: Option<String>,
+
+    /// Group of the jobs (name or numeric gid) [default: the job user's primary group]. Jobs
+    /// have no supplementary groups.
+    #[arg(long, env = "JOB_GROUP")]
+    pub job_group: Option<String>,
+
+    /// Per-job cgroups: `auto` gives each job a cgroup v2 of its own where this process's
+    /// cgroup is writable (the strongest hold on its processes), `off` follows jobs through
+    /// /proc only.
+    #[arg(long, env = "JOB_CGROUPS", value_enum, default_value_t = JobCgroups::Auto)]
+    pub job_cgroups: JobCgroups,
+
+    /// Not a flag: set by the binary once it made itself a child subreaper, which it is the only
+    /// spawner in (so every child that is not a job leader is a job's orphan).
+    #[arg(skip)]
+    pub subreaper: bool,
+}
+
+/// Whether jobs get cgroups of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum JobCgroups {
+    /// Where this process's cgroup v2 is writable.
+    Auto,
+    /// Never; jobs are followed through /proc.
+    Off,
 }
 
 /// A local-backend configuration that cannot work.
@@ -57,14 +102,73 @@ pub struct LocalArgs {
 pub enum LocalConfigError {
     #[error("--default-cwd {0} is not a directory")]
     DefaultCwd(PathBuf),
+    #[error("--job-group needs --job-user")]
+    GroupWithoutUser,
+    #[error("--job-user {0}: no such user")]
+    UnknownUser(String),
+    #[error("--job-group {0}: no such group")]
+    UnknownGroup(String),
+    #[error("cannot look up {0} in the user database: {1}")]
+    UserLookup(String, String),
+    #[error(
+        "--job-user {0} is not in the user database, so it has no primary group: set --job-group"
+    )]
+    UserWithoutGroup(u32),
+    #[error("--job-user must not be root: jobs would hold every privilege")]
+    RootJobUser,
+    #[error(
+        "--job-user is the server's own user (uid {0}): jobs could signal it and read its files; \
+         use a dedicated user"
+    )]
+    SameUser(u32),
+    #[error(
+        "cannot run jobs as --job-user {user}: the server lacks {missing} (run it as root, or \
+         grant it CAP_SETUID, CAP_SETGID and CAP_KILL)"
+    )]
+    CannotSwitch { user: String, missing: String },
+    #[error("cannot read this process's capabilities from /proc/self/status")]
+    UnknownCapabilities,
+    #[error(
+        "jobs' working directory {dir} is not usable by --job-user {user}: {reason} (set \
+         --default-cwd to a directory it can use)"
+    )]
+    DirNotUsable {
+        dir: PathBuf,
+        user: String,
+        reason: String,
+    },
 }
 
 impl LocalArgs {
     /// Checks the flags against this host; only called when the local backend is selected.
     pub fn validate(&self) -> Result<(), LocalConfigError> {
-        match &self.default_cwd {
-            Some(cwd) if !cwd.is_dir() => Err(LocalConfigError::DefaultCwd(cwd.clone())),
-            _ => Ok(()),
+        if let Some(cwd) = &self.default_cwd
+            && !cwd.is_dir()
+        {
+            return Err(LocalConfigError::DefaultCwd(cwd.clone()));
+        }
+        if let Some(identity) = self.job_identity()? {
+            identity::check_can_switch(&identity)?;
+            // Jobs start in --default-cwd, or else in the server's own working directory.
+            let cwd = match &self.default_cwd {
+                Some(cwd) => cwd.clone(),
+                None => std::env::current_dir().map_err(|e| LocalConfigError::DirNotUsable {
+                    dir: PathBuf::from("."),
+                    user: identity.describe(),
+                    reason: e.to_string(),
+                })?,
+            };
+            identity::check_usable_dir(&cwd, &identity)?;
+        }
+        Ok(())
+    }
+
+    /// Who jobs run as: `None` for the server's own user.
+    pub fn job_identity(&self) -> Result<Option<JobIdentity>, LocalConfigError> {
+        match (&self.job_user, &self.job_group) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(LocalConfigError::GroupWithoutUser),
+            (Some(user), group) => identity::resolve(user, group.as_deref()).map(Some),
         }
     }
 }
@@ -80,16 +184,52 @@ pub struct LocalConfig {
     pub chunk_bytes: usize,
     /// Variables of the service's own environment that jobs never inherit: its secrets.
     pub withheld_env: Vec<String>,
+    /// Who jobs run as (`None`: the server's user).
+    pub identity: Option<JobIdentity>,
+    /// Whether jobs get cgroups of their own.
+    pub cgroups: JobCgroups,
+    /// This process is a child subreaper that starts no children but jobs (see `LocalArgs`).
+    pub subreaper: bool,
 }
 
-/// Runs jobs as local process groups.
+/// Runs jobs as local processes.
 pub struct LocalBackend {
     config: LocalConfig,
+    processes: Arc<Processes>,
+    /// Whether moving a job into its cgroup failed before (warned once, then debug).
+    cgroup_failed: AtomicBool,
 }
 
 impl LocalBackend {
     pub fn new(config: LocalConfig) -> Self {
-        LocalBackend { config }
+        let cgroups = match config.cgroups {
+            JobCgroups::Off => None,
+            JobCgroups::Auto => match CgroupRoot::open() {
+                Ok(root) => {
+                    info!(cgroup = %root.dir().display(), "jobs run in cgroups of their own");
+                    Some(root)
+                }
+                Err(reason) => {
+                    info!(
+                        %reason,
+                        "no per-job cgroups; jobs' processes are followed through /proc"
+                    );
+                    None
+                }
+            },
+        };
+        match &config.identity {
+            Some(identity) => info!(user = %identity.describe(), "jobs run as the job user"),
+            None => warn!(
+                "--job-user is unset: jobs run as the server's own user, so a job can signal \
+                 the server (and every other job) and read its files; set --job-user"
+            ),
+        }
+        LocalBackend {
+            processes: Processes::new(config.subreaper, cgroups),
+            config,
+            cgroup_failed: AtomicBool::new(false),
+        }
     }
 
     fn working_dir(&self, requested: Option<&str>) -> Result<Option<PathBuf>, BackendError> {
@@ -127,6 +267,10 @@ impl Backend for LocalBackend {
 
     async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, BackendError> {
         let cwd = self.working_dir(spec.cwd.as_deref())?;
+        let spawn_error = |source| BackendError::Spawn {
+            program: spec.program.display_name().to_owned(),
+            source,
+        };
         let mut cmd = match &spec.program {
             Program::Shell(line) => {
                 let mut cmd = Command::new("/bin/sh");
@@ -142,42 +286,82 @@ impl Backend for LocalBackend {
         for name in &self.config.withheld_env {
             cmd.env_remove(name);
         }
+        if let Some(identity) = &self.config.identity {
+            // std clears the supplementary groups when it changes the uid (it has CAP_SETGID).
+            cmd.uid(identity.uid).gid(identity.gid);
+            // The job user's own, not the server's (requests may still set them).
+            if let Some(name) = &identity.name {
+                cmd.env("USER", name).env("LOGNAME", name);
+            }
+            if let Some(home) = &identity.home {
+                cmd.env("HOME", home);
+            }
+        }
         cmd.envs(&spec.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
-            // Backstop only: the group is signalled explicitly, this reaches just the leader.
+            // Backstop only: the job's processes are stopped explicitly, this reaches the leader.
             .kill_on_drop(true);
         if let Some(dir) = &cwd {
             cmd.current_dir(dir);
         }
+        let cgroup = self.job_cgroup();
+        let cgroup_procs = match &cgroup {
+            Some(cgroup) => Some(cgroup.procs_file().try_clone().map_err(spawn_error)?),
+            None => None,
+        };
+        setup_child(
+            &mut cmd,
+            ChildSetup {
+                server_pid: std::process::id(),
+                cgroup_procs,
+                drop_privileges: self.config.identity.is_some(),
+            },
+        );
 
-        let mut child = cmd.spawn().map_err(|source| BackendError::Spawn {
-            program: spec.program.display_name().to_owned(),
-            source,
-        })?;
-        let pid = child.id().expect("a just-spawned child has a pid");
+        let (mut child, leader) = self.processes.spawn_leader(&mut cmd).map_err(spawn_error)?;
+        drop(cmd);
+        let pid = leader.pid();
+        let tree = Arc::new(self.processes.tree(pid, cgroup));
         let (stdout, stderr) = match open_pipes(&mut child) {
             Ok(pipes) => pipes,
             Err(source) => {
                 // Not expected; don't leave the process running when we cannot read it.
-                terminate_group(pid, Duration::ZERO).await;
+                tree.terminate(Duration::ZERO).await;
                 let _ = child.wait().await;
-                return Err(BackendError::Spawn {
-                    program: spec.program.display_name().to_owned(),
-                    source,
-                });
+                return Err(spawn_error(source));
             }
         };
         Ok(Box::new(LocalExecution {
             child,
             pid,
+            leader,
+            tree,
             stdout,
             stderr,
             grace: self.config.grace,
             chunk_bytes: self.config.chunk_bytes,
         }))
+    }
+}
+
+impl LocalBackend {
+    /// A fresh cgroup for a job, when jobs get them and one can be made.
+    fn job_cgroup(&self) -> Option<cgroup::JobCgroup> {
+        let root = self.processes.cgroups()?;
+        match root.create_job() {
+            Ok(cgroup) => Some(cgroup),
+            Err(e) => {
+                if !self
+                    .cgroup_failed
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    warn!(error = %e, "cannot create a job's cgroup; following it through /proc");
+                }
+                None
+            }
+        }
     }
 }
 
@@ -193,8 +377,12 @@ fn open_pipes(child: &mut Child) -> io::Result<(pipe::Receiver, pipe::Receiver)>
 
 struct LocalExecution {
     child: Child,
-    /// Leader pid, which is also the process group id.
+    /// Leader pid, which is also the session and process group id.
     pid: u32,
+    /// Keeps the reaper off the leader until tokio has waited for it.
+    leader: Leader,
+    /// Every process of the job.
+    tree: Arc<JobTree>,
     stdout: pipe::Receiver,
     stderr: pipe::Receiver,
     grace: Duration,
@@ -220,11 +408,14 @@ impl Execution for LocalExecution {
         let LocalExecution {
             mut child,
             pid,
+            leader,
+            tree,
             stdout,
             stderr,
             grace,
             chunk_bytes,
         } = *self;
+        let mut leader = Some(leader);
 
         // Signalling runs on its own task so a stop takes effect even while output waits for a
         // slow reader.
@@ -232,12 +423,13 @@ impl Execution for LocalExecution {
         let signaller = tokio::spawn({
             let stop = stop.clone();
             let stop_leftovers = stop_leftovers.clone();
+            let tree = Arc::clone(&tree);
             async move {
                 tokio::select! {
                     _ = stop.cancelled() => {}
                     _ = stop_leftovers.cancelled() => {}
                 }
-                terminate_group(pid, grace).await;
+                tree.terminate(grace).await;
             }
         });
 
@@ -260,6 +452,8 @@ impl Execution for LocalExecution {
                     None => stderr = None,
                 },
                 exit = child.wait(), if status.is_none() => {
+                    // Waited for (reaped): the reaper may now take its pid for an orphan's.
+                    leader.take();
                     status = Some(match exit {
                         Ok(s) => s,
                         Err(e) => {
@@ -276,13 +470,13 @@ impl Execution for LocalExecution {
                         Some(AfterLeaderExit::StopLeftovers) => {
                             debug!(pid, "processes left by the job still hold its output; stopping them");
                             stop_leftovers.cancel();
-                            // terminate_group takes at most `grace`; then allow as much again.
+                            // Stopping takes `grace` and a moment after SIGKILL; allow as much again.
                             timer.as_mut().reset(Instant::now() + grace * 2 + Duration::from_secs(1));
                             next_step = Some(AfterLeaderExit::AbandonPipes);
                         }
                         Some(AfterLeaderExit::AbandonPipes) => {
-                            warn!(pid, "job output still open after SIGKILL of its group \
-                                  (a process left the group); no longer reading it");
+                            warn!(pid, "job output still open after SIGKILL of the job's processes \
+                                  (a process outside the job holds it); no longer reading it");
                             stdout = None;
                             stderr = None;
                         }
@@ -292,10 +486,11 @@ impl Execution for LocalExecution {
             }
         }
 
-        // The pipes are closed but daemonised leftovers may live on: the job owns them.
-        if group_alive(pid).await {
-            debug!(pid, "stopping processes left in the job's group");
-            terminate_group(pid, grace).await;
+        // The pipes are closed but daemonised leftovers may live on, wherever they moved: the job
+        // owns them, and it ends once they are gone.
+        if tree.alive().await {
+            debug!(pid, "stopping processes the job left behind");
+            tree.terminate(grace).await;
         }
         signaller.abort();
 
@@ -382,85 +577,9 @@ async fn read_next(reader: Option<&mut PipeReader>) -> Option<(Bytes, Credit)> {
     }
 }
 
-/// Whether any process of the group still runs. Zombies do not count: once a job's leader
-/// dies, its orphans are reaped by init, which may take a while (and a zombie holds no pipe).
-async fn group_alive(pgid: u32) -> bool {
-    // Signal 0 checks for existence cheaply; EPERM would mean someone else's process, not ours.
-    if killpg(Pid::from_raw(pgid as i32), None).is_err() {
-        return false;
-    }
-    // Reading /proc blocks; keep it off the async workers.
-    tokio::task::spawn_blocking(move || has_live_member(pgid))
-        .await
-        .unwrap_or(true)
-}
-
-fn has_live_member(pgid: u32) -> bool {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return true; // cannot tell zombies apart; assume alive
-    };
-    entries.flatten().any(|entry| {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            return false;
-        };
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .is_some_and(|stat| is_live_member(&stat, pgid))
-    })
-}
-
-/// Parses `/proc/<pid>/stat`: fields after the parenthesised command are state, ppid, pgrp.
-fn is_live_member(stat: &str, pgid: u32) -> bool {
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return false;
-    };
-    let mut fields = rest.split_whitespace();
-    let state = fields.next();
-    let pgrp = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
-    pgrp == Some(pgid) && state != Some("Z") && state != Some("X")
-}
-
-/// SIGTERM to the whole group, up to `grace` for it to empty, then SIGKILL.
-pub(crate) async fn terminate_group(pgid: u32, grace: Duration) {
-    let group = Pid::from_raw(pgid as i32);
-    match killpg(group, Signal::SIGTERM) {
-        Ok(()) => {}
-        Err(Errno::ESRCH) => return,
-        Err(e) => warn!(pgid, error = %e, "SIGTERM to the job's process group failed"),
-    }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if !group_alive(pgid).await {
-            return;
-        }
-        sleep_until((Instant::now() + Duration::from_millis(20)).min(deadline)).await;
-    }
-    match killpg(group, Signal::SIGKILL) {
-        Ok(()) => debug!(
-            pgid,
-            "process group did not stop within the grace; sent SIGKILL"
-        ),
-        Err(Errno::ESRCH) => {}
-        Err(e) => warn!(pgid, error = %e, "SIGKILL to the job's process group failed"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zombies_are_not_live_group_members() {
-        let stat = |state: &str| format!("123 (sleep (x) 1) {state} 1 4242 4242 0 -1 4194560");
-        assert!(is_live_member(&stat("S"), 4242));
-        assert!(!is_live_member(&stat("Z"), 4242));
-        assert!(!is_live_member(&stat("S"), 4243));
-        assert!(!is_live_member("garbage", 4242));
-    }
 
     #[test]
     fn cwd_must_be_an_existing_directory() {
@@ -469,6 +588,9 @@ mod tests {
             grace: Duration::from_secs(1),
             chunk_bytes: 1 << 16,
             withheld_env: Vec::new(),
+            identity: None,
+            cgroups: JobCgroups::Off,
+            subreaper: false,
         });
         assert!(backend.working_dir(Some("/")).is_ok());
         let err = backend.working_dir(Some("/etc/hostname")).unwrap_err();

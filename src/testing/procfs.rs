@@ -1,6 +1,6 @@
 //! What tests and benchmarks read about processes from /proc (Linux): the members of a process
-//! group, CPU time, memory and open file descriptors. A process that is gone reads as nothing
-//! (no members, zeros).
+//! group, processes carrying an environment marker, zombie children, CPU time, memory and open
+//! file descriptors. A process that is gone reads as nothing (no members, zeros).
 
 /// Pids of live (non-zombie) processes whose process group is `pgid`.
 pub fn group_members(pgid: u32) -> Vec<u32> {
@@ -20,6 +20,58 @@ pub fn group_members(pgid: u32) -> Vec<u32> {
         }
     }
     members
+}
+
+/// Pids of live (non-zombie) processes whose initial environment holds `entry` (`NAME=value`)
+/// exactly: how tests find every process a job started, wherever it moved. Needs the right to
+/// read their `environ` (same user, or root).
+pub fn with_env(entry: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry_dir in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry_dir.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if environ
+            .split(|&b| b == 0)
+            .any(|var| var == entry.as_bytes())
+            && !is_zombie(pid)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Pids of the zombie children of `ppid`: exited, not yet reaped by it.
+pub fn zombie_children(ppid: u32) -> Vec<u32> {
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some(fields) = stat_fields(&stat)
+            && fields.len() > 1
+            && fields[0] == "Z"
+            && fields[1] == ppid.to_string()
+        {
+            zombies.push(pid);
+        }
+    }
+    zombies
+}
+
+/// Whether `pid` is a zombie (or gone).
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat_fields(&stat).map(|f| f.first() == Some(&"Z")))
+        .unwrap_or(true)
 }
 
 /// (user, system) CPU seconds that process `pid` has used so far (USER_HZ is 100 on Linux).
