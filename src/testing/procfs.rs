@@ -1,6 +1,6 @@
 //! What tests and benchmarks read about processes from /proc (Linux): the members of a process
-//! group, CPU time, memory and open file descriptors. A process that is gone reads as nothing
-//! (no members, zeros).
+//! group, the live groups, CPU time, memory and open file descriptors. A process that is gone
+//! reads as nothing (no members, zeros).
 
 /// Pids of live (non-zombie) processes whose process group is `pgid`.
 pub fn group_members(pgid: u32) -> Vec<u32> {
@@ -20,6 +20,28 @@ pub fn group_members(pgid: u32) -> Vec<u32> {
         }
     }
     members
+}
+
+/// Process groups with at least one live (non-zombie) member, read in one pass over /proc: for
+/// checking many groups at once (`group_members` reads /proc once per group).
+pub fn live_groups() -> std::collections::HashSet<u32> {
+    let mut groups = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if entry.file_name().to_string_lossy().parse::<u32>().is_err() {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some(fields) = stat_fields(&stat)
+            && fields.len() > 2
+            && fields[0] != "Z"
+            && let Ok(pgid) = fields[2].parse()
+        {
+            groups.insert(pgid);
+        }
+    }
+    groups
 }
 
 /// (user, system) CPU seconds that process `pid` has used so far (USER_HZ is 100 on Linux).
