@@ -57,6 +57,9 @@ pub(crate) struct StalledReadersArgs {
     /// has a slot while the streams are held.
     #[arg(long, allow_hyphen_values = true, default_value = "")]
     server_args: String,
+    /// Extra server environment, as `K=V K2=V2` (e.g. to try allocator settings).
+    #[arg(long, default_value = "")]
+    server_env: String,
     /// Measure this (older) server binary first, then the current one, same settings.
     #[arg(long)]
     before: Option<PathBuf>,
@@ -125,8 +128,13 @@ async fn run(a: &StalledReadersArgs, bin: &Path, label: &str) -> anyhow::Result<
         args.extend(["--max-concurrent-jobs".into(), (a.streams + 1).to_string()]);
     }
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env: Vec<(&str, &str)> = a
+        .server_env
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
     let load_start = loadavg();
-    let server = Server::spawn_bin(bin, &arg_refs, &[]).await?;
+    let server = Server::spawn_bin(bin, &arg_refs, &env).await?;
     let url = server.url();
     let mut control = server.client(false).await?;
     let limit = health(&mut control).await?.max_concurrent_jobs;
@@ -293,8 +301,10 @@ async fn run(a: &StalledReadersArgs, bin: &Path, label: &str) -> anyhow::Result<
         ));
     }
     tokio::time::sleep_until((t_close + Duration::from_secs(a.settle_secs)).into()).await;
+    // Cleaning up can take longer than the settle time (1,000 jobs here: up to ~30 s): the row
+    // says when it was read.
     let settled = Moment::read(
-        format!("closed, +{} s", a.settle_secs),
+        format!("closed, +{:.1} s", t_close.elapsed().as_secs_f64()),
         &server,
         Some(health(&mut control).await?.active_jobs),
     );
@@ -326,13 +336,18 @@ async fn run(a: &StalledReadersArgs, bin: &Path, label: &str) -> anyhow::Result<
         window_name(a.window_kib)
     );
     println!(
-        "Server `{}` {}(job limit {limit}); opened {opened} of {} streams in {:.1} s{}; held {} s, \
+        "Server `{}` {}{}(job limit {limit}); opened {opened} of {} streams in {:.1} s{}; held {} s, \
          then the probe.\n",
         bin.display(),
         if args.is_empty() {
             String::new()
         } else {
             format!("`{}` ", args.join(" "))
+        },
+        if a.server_env.is_empty() {
+            String::new()
+        } else {
+            format!("with `{}` ", a.server_env)
         },
         a.streams,
         opened_in.as_secs_f64(),
