@@ -409,16 +409,21 @@ async fn run(a: &StalledReadersArgs, bin: &Path, label: &str) -> anyhow::Result<
 
     let per_stream = max_rss.saturating_sub(idle.rss) as f64 / opened.max(1) as f64;
     let p = produced.sorted();
+    let over_4_mib = p.iter().filter(|b| **b > 4.0 * 1048576.0).count();
     println!(
         "\nPer held stream: **{:.2} MiB** of server RSS ((max − idle) / {opened}) and {:.2} fds. \
          Each job's stdout_bytes (Status, after the probe; bytes the server read from its pipe): \
-         median {:.2} MiB ({:.2}..{:.2}), {running} of {opened} running{}. The client window \
-         takes at most {} of that; the rest is held by the server (or its socket).",
+         median {:.2} MiB (min {:.2}, p10 {:.2}, p90 {:.2}, max {:.2}), {over_4_mib} jobs over \
+         4 MiB, {:.2} GiB in all; {running} of {opened} running{}. The client window takes at \
+         most {} of each; the rest is held by the server (or its socket).",
         per_stream / 1024.0,
         (peaks.fds.saturating_sub(idle.fds)) as f64 / opened.max(1) as f64,
         produced.median() / 1048576.0,
         p.first().unwrap_or(&f64::NAN) / 1048576.0,
+        produced.pct(10.0) / 1048576.0,
+        produced.pct(90.0) / 1048576.0,
         p.last().unwrap_or(&f64::NAN) / 1048576.0,
+        p.iter().sum::<f64>() / (1u64 << 30) as f64,
         if status_failed > 0 {
             format!(", {status_failed} Status calls failed")
         } else {
