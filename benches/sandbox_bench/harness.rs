@@ -142,6 +142,11 @@ impl Server {
         self.0.pid
     }
 
+    /// `http://127.0.0.1:PORT`, for clients with their own `Endpoint` settings.
+    pub(crate) fn url(&self) -> String {
+        self.0.url()
+    }
+
     /// (VmRSS, VmHWM) in KiB.
     pub(crate) fn memory(&self) -> (u64, u64) {
         procfs::memory_kib(self.0.pid)

@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release --features testing --bin sandbox-bench -- all
-//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|mirror
+//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|stalled-readers|mirror
 //! ```
 //!
 //! The server under test is the real `sandbox-runner` binary, run as a child process so its
@@ -22,6 +22,7 @@ mod harness;
 mod latency;
 mod mirror;
 mod slow_reader;
+mod stalled_readers;
 mod stats;
 mod throughput;
 
@@ -33,6 +34,7 @@ use harness::{ensure_server_built, machine_header, raise_fd_limit};
 use latency::{LatencyArgs, latency};
 use mirror::{MirrorArgs, mirror};
 use slow_reader::{SlowReaderArgs, slow_reader};
+use stalled_readers::{StalledReadersArgs, stalled_readers};
 use throughput::{ThroughputArgs, throughput};
 
 #[derive(Parser)]
@@ -54,6 +56,9 @@ enum Bench {
     Concurrency(ConcurrencyArgs),
     /// A client reading ~1 KiB/s while the job writes without limit: server RSS and throttling.
     SlowReader(SlowReaderArgs),
+    /// Many Exec streams of 4 KiB-line `yes` that are never read, one connection each: server
+    /// RSS and fds while held and after they close, a new client's latency meanwhile (issue 11).
+    StalledReaders(StalledReadersArgs),
     /// The Convex mirror against a local ingest receiver: throughput cost, requests/MiB, lag.
     Mirror(MirrorArgs),
     /// Two server binaries (before/after a change) interleaved: latency and throughput.
@@ -75,12 +80,14 @@ fn main() -> anyhow::Result<()> {
                 latency(parse_args::<LatencyArgs>()).await?;
                 concurrency(parse_args::<ConcurrencyArgs>()).await?;
                 slow_reader(parse_args::<SlowReaderArgs>()).await?;
+                stalled_readers(parse_args::<StalledReadersArgs>()).await?;
                 mirror(parse_args::<MirrorArgs>()).await
             }
             Bench::Throughput(a) => throughput(a).await,
             Bench::Latency(a) => latency(a).await,
             Bench::Concurrency(a) => concurrency(a).await,
             Bench::SlowReader(a) => slow_reader(a).await,
+            Bench::StalledReaders(a) => stalled_readers(a).await,
             Bench::Mirror(a) => mirror(a).await,
             Bench::Compare(a) => compare(a).await,
         }

@@ -1,6 +1,7 @@
 //! What tests and benchmarks read about processes from /proc (Linux): the members of a process
-//! group, processes carrying an environment marker, zombie children, CPU time, memory and open
-//! file descriptors. A process that is gone reads as nothing (no members, zeros).
+//! group, the live groups, processes carrying an environment marker, zombie children, CPU
+//! time, memory and open file descriptors. A process that is gone reads as nothing (no
+//! members, zeros).
 
 /// Pids of live (non-zombie) processes whose process group is `pgid`.
 pub fn group_members(pgid: u32) -> Vec<u32> {
@@ -72,6 +73,28 @@ fn is_zombie(pid: u32) -> bool {
         .ok()
         .and_then(|stat| stat_fields(&stat).map(|f| f.first() == Some(&"Z")))
         .unwrap_or(true)
+}
+
+/// Process groups with at least one live (non-zombie) member, read in one pass over /proc: for
+/// checking many groups at once (`group_members` reads /proc once per group).
+pub fn live_groups() -> std::collections::HashSet<u32> {
+    let mut groups = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if entry.file_name().to_string_lossy().parse::<u32>().is_err() {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some(fields) = stat_fields(&stat)
+            && fields.len() > 2
+            && fields[0] != "Z"
+            && let Ok(pgid) = fields[2].parse()
+        {
+            groups.insert(pgid);
+        }
+    }
+    groups
 }
 
 /// (user, system) CPU seconds that process `pid` has used so far (USER_HZ is 100 on Linux).
