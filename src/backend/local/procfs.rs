@@ -62,6 +62,24 @@ pub(super) fn read_stat(pid: u32) -> Option<ProcStat> {
     parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// Pids of this process's children (every thread's: a child belongs to the thread that forked
+/// it), zombies included; `None` when the kernel does not list them (CONFIG_PROC_CHILDREN).
+pub(super) fn own_children() -> Option<Vec<u32>> {
+    let mut pids = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        match std::fs::read_to_string(task.path().join("children")) {
+            Ok(text) => pids.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            ),
+            // A thread that ended since the directory was read.
+            Err(_) if !task.path().exists() => {}
+            Err(_) => return None,
+        }
+    }
+    Some(pids)
+}
+
 /// Every process of this host (of this pid namespace) now. Blocking: call it off the async
 /// workers. Processes that exit while it reads are skipped.
 pub(super) fn processes() -> Vec<ProcStat> {

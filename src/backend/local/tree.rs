@@ -27,7 +27,7 @@ use std::{
 use nix::{
     errno::Errno,
     sys::{
-        signal::{Signal, kill},
+        signal::{Signal, kill, killpg},
         wait::{WaitPidFlag, waitpid},
     },
     unistd::Pid,
@@ -269,6 +269,47 @@ impl Processes {
         })
     }
 
+    /// Whether the job is surely over, without a scan of /proc (which is rate-limited: waiting
+    /// for one made every job's end take ~50 ms). True when its leader's process group is empty,
+    /// no member an earlier scan saw lives, and the server has no live child but job leaders.
+    /// That covers every process of the job: one still in the group is seen by `killpg`; any
+    /// other lives below an ancestor whose parent is gone, and such an ancestor was re-parented
+    /// to this process, a subreaper. Anything less certain says false, and the caller scans.
+    fn surely_gone(&self, key: u64) -> bool {
+        if !self.subreaper {
+            return false;
+        }
+        let leader = {
+            let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+            match tracked.jobs.get(&key) {
+                Some(job) => job.leader,
+                None => return false,
+            }
+        };
+        // The leader leads its session and its group (setsid at spawn).
+        if killpg(Pid::from_raw(leader as i32), None) != Err(Errno::ESRCH) {
+            return false;
+        }
+        let lives = |pid: u32, same: Option<ProcKey>| {
+            procfs::read_stat(pid)
+                .is_some_and(|p| !p.is_dead() && same.is_none_or(|k| k == p.key()))
+        };
+        if self
+            .tracked_members(key)
+            .into_iter()
+            .any(|member| lives(member.pid, Some(member)))
+        {
+            return false;
+        }
+        let Some(children) = procfs::own_children() else {
+            return false;
+        };
+        let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
+        !children
+            .into_iter()
+            .any(|pid| !leaders.contains(&pid) && lives(pid, None))
+    }
+
     fn tracked_members(&self, key: u64) -> Vec<ProcKey> {
         let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
         tracked
@@ -391,6 +432,9 @@ impl JobTree {
             // cgroupfs is in memory: reading one file does not block.
             JobTree::Cgroup(cgroup) => cgroup.populated(),
             JobTree::Tracked(tree) => {
+                if tree.processes.surely_gone(tree.key) {
+                    return false;
+                }
                 tree.processes.fresh_scan().await;
                 !tree.processes.tracked_members(tree.key).is_empty()
             }
