@@ -17,3 +17,17 @@ pub mod daytona;
 pub mod fake_backend;
 pub mod procfs;
 pub mod server_process;
+
+/// `data` cut at the given offsets (in any order, each at most `data.len()`; empty pieces
+/// included): for tests that feed a streaming decoder every way of splitting its input.
+pub fn cut_at(data: &[u8], cuts: impl IntoIterator<Item = usize>) -> Vec<&[u8]> {
+    let mut at: Vec<usize> = cuts.into_iter().collect();
+    at.sort_unstable();
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for end in at.into_iter().chain([data.len()]) {
+        pieces.push(&data[start..end]);
+        start = end;
+    }
+    pieces
+}

@@ -167,15 +167,7 @@ mod tests {
 
         /// `data` cut at the given points (any of them, in any order; empty pieces included).
         fn split<'a>(data: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
-            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(data.len() + 1)).collect();
-            at.sort_unstable();
-            let mut pieces = Vec::new();
-            let mut start = 0;
-            for end in at.into_iter().chain([data.len()]) {
-                pieces.push(&data[start..end]);
-                start = end;
-            }
-            pieces
+            crate::testing::cut_at(data, cuts.iter().map(|i| i.index(data.len() + 1)))
         }
 
         fn contains_marker(bytes: &[u8]) -> bool {
