@@ -507,6 +507,26 @@ mod tests {
             )
         }
 
+        /// A request from its parts: (task, session, sandbox) ids and (command, argv).
+        fn exec_request(
+            (task_id, session_id, sandbox_id): (String, String, String),
+            (command, argv): (String, Vec<String>),
+            cwd: String,
+            env: std::collections::HashMap<String, String>,
+            timeout: Option<prost_types::Duration>,
+        ) -> pb::ExecRequest {
+            pb::ExecRequest {
+                task_id,
+                session_id,
+                sandbox_id,
+                command,
+                argv,
+                cwd,
+                env,
+                timeout,
+            }
+        }
+
         fn any_request() -> impl Strategy<Value = pb::ExecRequest> {
             (
                 (text(MAX_ID_BYTES), text(MAX_ID_BYTES), text(MAX_ID_BYTES)),
@@ -516,20 +536,9 @@ mod tests {
                 env(),
                 timeout(),
             )
-                .prop_map(
-                    |((task_id, session_id, sandbox_id), command, argv, cwd, env, timeout)| {
-                        pb::ExecRequest {
-                            task_id,
-                            session_id,
-                            sandbox_id,
-                            command,
-                            argv,
-                            cwd,
-                            env,
-                            timeout,
-                        }
-                    },
-                )
+                .prop_map(|(ids, command, argv, cwd, env, timeout)| {
+                    exec_request(ids, (command, argv), cwd, env, timeout)
+                })
         }
 
         /// The valid requests as the proto, the README and the limits above document them
@@ -609,20 +618,9 @@ mod tests {
                 collection::hash_map(clean_text(8), clean_text(8), 0..4),
                 timeout,
             )
-                .prop_map(
-                    |((task_id, session_id, sandbox_id), (command, argv), cwd, env, timeout)| {
-                        pb::ExecRequest {
-                            task_id,
-                            session_id,
-                            sandbox_id,
-                            command,
-                            argv,
-                            cwd,
-                            env,
-                            timeout,
-                        }
-                    },
-                )
+                .prop_map(|(ids, program, cwd, env, timeout)| {
+                    exec_request(ids, program, cwd, env, timeout)
+                })
         }
 
         proptest! {
