@@ -534,7 +534,7 @@ impl PipeReader {
             }
             // Credit and buffer are taken only once data is ready, so idle jobs hold neither.
             let mut credit = self.budget.acquire(self.chunk_bytes).await;
-            let mut buf = BytesMut::with_capacity(credit.bytes());
+            let mut buf = BytesMut::with_capacity(credit.allowance());
             match self.pipe.try_read_buf(&mut buf) {
                 Ok(0) => return None,
                 Ok(n) => {

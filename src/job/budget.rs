@@ -9,12 +9,23 @@
 //! bytes. Memory for output is therefore bounded by `shared + jobs x reserve`, however many
 //! clients stop reading.
 
-use std::sync::Arc;
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
 
 /// Smallest credit worth waiting for: smaller reads cost more than they save.
 const MIN_GRANT: usize = 4096;
+
+/// What a stopped job may read with no credit once the stopped-client grace has passed (see
+/// [`JobBudget::acquire`]).
+pub const OVERDRAFT_BYTES: usize = 64 * 1024;
 
 /// The whole server's output budget.
 #[derive(Debug, Clone)]
@@ -34,12 +45,16 @@ impl OutputBudget {
         }
     }
 
-    /// A new job's share: its own reserve and access to the shared pool.
-    pub fn for_job(&self) -> JobBudget {
+    /// A new job's share: its own reserve and access to the shared pool. `stop` is the job's
+    /// stop token and `grace` the stopped-client grace (see [`JobBudget::acquire`]).
+    pub fn for_job(&self, stop: CancellationToken, grace: Duration) -> JobBudget {
         JobBudget {
             shared: Arc::clone(&self.shared),
             reserve: Arc::new(Semaphore::new(self.reserve_bytes)),
             reserve_bytes: self.reserve_bytes,
+            stop,
+            grace,
+            stop_seen: Arc::new(OnceLock::new()),
         }
     }
 
@@ -59,13 +74,38 @@ pub struct JobBudget {
     shared: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
     reserve_bytes: usize,
+    stop: CancellationToken,
+    grace: Duration,
+    /// When a wait for credit first saw the job stopped: the grace runs from then, once, not
+    /// again for every read.
+    stop_seen: Arc<OnceLock<Instant>>,
 }
 
 impl JobBudget {
     /// Up to `want` bytes of credit, waiting until at least `min(want, 4 KiB, reserve)` is
     /// free. Takes the job's reserve first, then whatever the shared pool has, without waiting
     /// for more than that least amount.
+    ///
+    /// Once the job is stopped, the wait lasts at most the stopped-client grace: then an empty
+    /// credit is returned and the caller reads up to [`Credit::allowance`] anyway. The caller
+    /// that holds the credit up is the one not reading; the output then goes to the sinks and
+    /// waits for that caller, which is dropped after the same grace, freeing what it held. A
+    /// stopped job therefore ends in bounded time however its caller behaves, overdrawing by
+    /// at most one read.
     pub async fn acquire(&self, want: usize) -> Credit {
+        let stopped_past_grace = async {
+            self.stop.cancelled().await;
+            let since = *self.stop_seen.get_or_init(Instant::now);
+            tokio::time::sleep_until(since + self.grace).await;
+        };
+        tokio::select! {
+            biased;
+            credit = self.acquire_within_budget(want) => credit,
+            _ = stopped_past_grace => Credit::default(),
+        }
+    }
+
+    async fn acquire_within_budget(&self, want: usize) -> Credit {
         if want == 0 {
             return Credit::default();
         }
@@ -118,6 +158,15 @@ pub struct Credit {
 }
 
 impl Credit {
+    /// How much may be read with this credit: its bytes, or the overdraft of a stopped job
+    /// whose credit did not come in time (an empty credit).
+    pub fn allowance(&self) -> usize {
+        match self.bytes() {
+            0 => OVERDRAFT_BYTES,
+            bytes => bytes,
+        }
+    }
+
     pub fn bytes(&self) -> usize {
         self.reserve.as_ref().map_or(0, |p| p.num_permits())
             + self.shared.as_ref().map_or(0, |p| p.num_permits())
@@ -181,7 +230,7 @@ mod tests {
     #[tokio::test]
     async fn the_reserve_comes_first_then_the_shared_pool() {
         let budget = OutputBudget::new(100_000, 10_000);
-        let job = budget.for_job();
+        let job = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
         let credit = job.acquire(30_000).await;
         assert_eq!(credit.bytes(), 30_000);
         assert_eq!(credit.reserve.as_ref().unwrap().num_permits(), 10_000);
@@ -193,7 +242,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_gets_what_is_free_without_waiting_for_all_it_asked() {
         let budget = OutputBudget::new(50_000, 10_000);
-        let hog = budget.for_job();
+        let hog = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
         let _held = hog.acquire(60_000).await;
         assert_eq!(
             budget.shared_in_use(),
@@ -201,7 +250,7 @@ mod tests {
             "the hog took the whole pool"
         );
         // Another job still gets its own reserve at once.
-        let other = budget.for_job();
+        let other = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
         let credit = tokio::time::timeout(Duration::from_secs(5), other.acquire(1 << 20))
             .await
             .expect("the reserve is guaranteed");
@@ -211,7 +260,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn with_nothing_free_a_job_waits_until_output_is_taken() {
         let budget = OutputBudget::new(0, 8192);
-        let job = budget.for_job();
+        let job = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
         let first = job.acquire(8192).await;
         assert_eq!(first.bytes(), 8192);
         let waiting = tokio::spawn({
@@ -227,7 +276,7 @@ mod tests {
     #[tokio::test]
     async fn small_requests_are_granted_in_full_and_large_ones_at_least_4_kib() {
         let budget = OutputBudget::new(0, 6000);
-        let job = budget.for_job();
+        let job = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
         let small = job.acquire(100).await;
         assert_eq!(small.bytes(), 100);
         let large = job.acquire(1 << 20).await;
@@ -237,7 +286,7 @@ mod tests {
     #[tokio::test]
     async fn shrinking_gives_back_the_shared_pool_first() {
         let budget = OutputBudget::new(100_000, 10_000);
-        let job = budget.for_job();
+        let job = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
         let mut credit = job.acquire(50_000).await;
         credit.shrink_to(12_000);
         assert_eq!(credit.bytes(), 12_000);
@@ -251,7 +300,7 @@ mod tests {
     #[tokio::test]
     async fn splitting_moves_bytes_between_credits() {
         let budget = OutputBudget::new(100_000, 10_000);
-        let job = budget.for_job();
+        let job = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
         let mut credit = job.acquire(30_000).await;
         let piece = credit.split(12_000);
         assert_eq!((piece.bytes(), credit.bytes()), (12_000, 18_000));
@@ -259,5 +308,45 @@ mod tests {
         assert_eq!((all.bytes(), credit.bytes()), (18_000, 0));
         drop((piece, all));
         assert_eq!(budget.shared_in_use(), 0);
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_job_waits_for_credit_only_for_the_grace() {
+        let budget = OutputBudget::new(0, 8192);
+        let stop = CancellationToken::new();
+        let job = budget.for_job(stop.clone(), Duration::from_secs(2));
+        let _held = job.acquire(8192).await;
+        let waiting = tokio::spawn({
+            let job = job.clone();
+            async move {
+                let credit = job.acquire(8192).await;
+                (credit.bytes(), credit.allowance())
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a running job waits as long as it takes"
+        );
+        stop.cancel();
+        tokio::time::sleep(Duration::from_millis(1999)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a stopped job still waits for the grace"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(waiting.await.unwrap(), (0, OVERDRAFT_BYTES));
+        // The grace was spent: later reads without credit do not wait for it again.
+        let credit = tokio::time::timeout(Duration::from_millis(1), job.acquire(8192))
+            .await
+            .expect("no second grace");
+        assert_eq!(credit.allowance(), OVERDRAFT_BYTES);
     }
 }

@@ -95,7 +95,7 @@ impl JobOutput {
                 return;
             }
             let credit = self.budget.acquire(data.len()).await;
-            let piece = data.split_to(credit.bytes().clamp(1, data.len()));
+            let piece = data.split_to(credit.allowance().min(data.len()));
             self.output_within(stream, piece, credit).await;
         }
     }

@@ -164,7 +164,8 @@ impl Jobs {
             Arc::clone(&record),
             (tx, Arc::clone(&queue)),
             sinks,
-            self.budget.for_job(),
+            self.budget
+                .for_job(record.stop.clone(), self.config.stopped_client_grace),
             self.config.stopped_client_grace,
         );
         let job = lifecycle::drive(Arc::clone(&record), execution, output, timeout, permit);
@@ -183,10 +184,10 @@ impl Jobs {
         drop(starting);
         Ok(JobStream {
             job_id: id,
-            events: queue,
+            events: Arc::clone(&queue),
             in_transport: None,
             exited: false,
-            _stop_on_drop: StopOnDrop(record),
+            _stop_on_drop: StopOnDrop(record, queue),
         })
     }
 
@@ -465,10 +466,17 @@ impl Stream for JobStream {
     }
 }
 
-struct StopOnDrop(Arc<JobRecord>);
+/// What a dropped [`JobStream`] does: the caller has gone.
+struct StopOnDrop(Arc<JobRecord>, ClientQueue);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
+        // Close its queue so the job stops sending to it, and free what it left unread (and
+        // the credit that holds) now, rather than when the job notices.
+        let mut unread = self.1.lock().expect("client queue poisoned");
+        unread.close();
+        while unread.try_recv().is_ok() {}
+        drop(unread);
         // No-op for a job that already finished.
         self.0.request_stop(StopReason::ClientGone);
     }

@@ -2,8 +2,10 @@
 //! job is never starved by stalled ones, and a caller that reads gets every byte.
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
 use super::*;
+use crate::job::{JobState, StreamKind::Stdout};
 
 const MIB: usize = 1 << 20;
 
@@ -120,6 +122,39 @@ async fn dropping_a_stalled_caller_gives_its_credit_back() {
     // what it left unread is freed at once, though its stream object is still held.
     h.jobs.cancel(&id).await.unwrap();
     within(h.sink.exited(&id)).await;
+    assert_eq!(h.jobs.output_budget().shared_in_use(), 0);
+    drop(stream);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_job_whose_caller_holds_all_its_credit_still_ends() {
+    // No shared pool and a 4 KiB reserve: the unread first piece holds all the job's credit.
+    let h = Harness::new(budget_config(0, 4096));
+    let script = Script::new()
+        .stdout(Bytes::from(vec![b'a'; MIB]))
+        .until_stopped()
+        .stop_output(Stdout, "bye");
+    let t0 = Instant::now();
+    let stream = h.run("stuck", script).await;
+    let id = stream.job_id.clone();
+    tokio::time::sleep(secs(30)).await;
+    assert_eq!(
+        h.backend.runs()[0].stop_seen,
+        None,
+        "waiting for credit, not stopped"
+    );
+
+    h.jobs.cancel(&id).await.unwrap();
+    let exit = within(h.sink.exited(&id)).await;
+    // The wait for credit gets the 2s grace, then reads overdraw; the caller, who never reads,
+    // is dropped after the grace for the first event it did not take: about twice the grace.
+    let took = t0.elapsed() - secs(30);
+    assert!(took <= secs(5), "the stopped job took {took:?} to end");
+    assert_eq!(exit.state, JobState::Cancelled);
+    // Every byte still reached the sinks, in order.
+    let sunk = h.sink.events(&id);
+    check_events(&sunk);
+    assert_eq!(exit.stdout_bytes, MIB as u64 + 3);
     assert_eq!(h.jobs.output_budget().shared_in_use(), 0);
     drop(stream);
 }
