@@ -538,7 +538,12 @@ impl PipeReader {
             match self.pipe.try_read_buf(&mut buf) {
                 Ok(0) => return None,
                 Ok(n) => {
-                    if !self.grown && n >= DEFAULT_PIPE_BYTES {
+                    // Grown only when the pipe, not the budget, was what limited this read: a
+                    // full pipe read with credit to spare. A job whose caller does not read
+                    // soon runs on its reserve alone and keeps its small pipe, so grown pipes
+                    // (kernel memory outside the budget, charged to the pod) are bounded by the
+                    // jobs the budget can feed at full speed, not by every stalled job.
+                    if !self.grown && n >= DEFAULT_PIPE_BYTES && credit.allowance() > n {
                         self.grow_pipe();
                     }
                     // Small reads are copied out so the large buffer is freed at once, and the
