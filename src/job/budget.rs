@@ -187,26 +187,6 @@ impl Credit {
         }
     }
 
-    /// Splits off `bytes` of this credit (or all of it, if it has less).
-    pub fn split(&mut self, bytes: usize) -> Credit {
-        let mut taken = Credit::default();
-        let mut left = bytes;
-        for (from, to) in [
-            (&mut self.reserve, &mut taken.reserve),
-            (&mut self.shared, &mut taken.shared),
-        ] {
-            let Some(permit) = from else { continue };
-            let n = left.min(permit.num_permits());
-            if n == permit.num_permits() {
-                *to = from.take();
-            } else if n > 0 {
-                *to = permit.split(n);
-            }
-            left -= n;
-        }
-        taken
-    }
-
     fn merge(&mut self, other: Credit) {
         for (into, from) in [
             (&mut self.reserve, other.reserve),
@@ -296,26 +276,6 @@ mod tests {
         assert_eq!(budget.shared_in_use(), 0);
         assert_eq!(job.reserve.available_permits(), 7_000);
     }
-
-    #[tokio::test]
-    async fn splitting_moves_bytes_between_credits() {
-        let budget = OutputBudget::new(100_000, 10_000);
-        let job = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
-        let mut credit = job.acquire(30_000).await;
-        let piece = credit.split(12_000);
-        assert_eq!((piece.bytes(), credit.bytes()), (12_000, 18_000));
-        let all = credit.split(1 << 30);
-        assert_eq!((all.bytes(), credit.bytes()), (18_000, 0));
-        drop((piece, all));
-        assert_eq!(budget.shared_in_use(), 0);
-    }
-}
-
-#[cfg(test)]
-mod stop_tests {
-    use std::time::Duration;
-
-    use super::*;
 
     #[tokio::test(start_paused = true)]
     async fn a_stopped_job_waits_for_credit_only_for_the_grace() {

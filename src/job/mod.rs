@@ -21,7 +21,7 @@ mod spec;
 mod tests;
 
 pub use backend::{Backend, BackendCause, BackendError, Execution, Outcome, RemoteState};
-pub use budget::{Credit, JobBudget, OVERDRAFT_BYTES, OutputBudget};
+pub use budget::{Credit, JobBudget, OutputBudget};
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};
 pub use id::{JobIdCodec, JobIdError, JobLocation};
 pub use output::JobOutput;
