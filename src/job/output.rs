@@ -27,6 +27,13 @@ pub(crate) struct Delivery {
 /// caller also frees what it left unread (and its credit), not only what comes after.
 pub(crate) type ClientQueue = Arc<Mutex<mpsc::Receiver<Delivery>>>;
 
+/// Closes a caller's queue and drops what it left unread, freeing the credit that holds.
+pub(crate) fn free_unread(queue: &ClientQueue) {
+    let mut unread = queue.lock().expect("client queue poisoned");
+    unread.close();
+    while unread.try_recv().is_ok() {}
+}
+
 /// Hands a job's events, in order, to its sinks and to the Exec caller.
 ///
 /// Backends call [`JobOutput::output`] (or read within a credit from [`JobOutput::budget`] and
@@ -160,10 +167,8 @@ impl JobOutput {
     /// Stops sending to the caller, and frees what it left unread: its stream then ends
     /// without `Exited` (DATA_LOSS), which is what it gets for not reading.
     fn drop_client(&mut self) {
-        if let Some((sender, queue)) = self.client.take() {
-            drop(sender);
-            let mut unread = queue.lock().expect("client queue poisoned");
-            while unread.try_recv().is_ok() {}
+        if let Some((_sender, queue)) = self.client.take() {
+            free_unread(&queue);
         }
     }
 }

@@ -24,7 +24,7 @@ use super::{
     JobState, RemoteState, Sinks,
     budget::{Credit, OutputBudget},
     lifecycle,
-    output::{ClientQueue, Delivery},
+    output::{ClientQueue, Delivery, free_unread},
     record::{JobRecord, JobSnapshot, StopReason},
 };
 use crate::error::Error;
@@ -473,10 +473,7 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         // Close its queue so the job stops sending to it, and free what it left unread (and
         // the credit that holds) now, rather than when the job notices.
-        let mut unread = self.1.lock().expect("client queue poisoned");
-        unread.close();
-        while unread.try_recv().is_ok() {}
-        drop(unread);
+        free_unread(&self.1);
         // No-op for a job that already finished.
         self.0.request_stop(StopReason::ClientGone);
     }
