@@ -46,6 +46,16 @@ const PREFACE_LEN: usize = 24;
 /// How long accepting pauses when the process is out of file descriptors.
 const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit; returns (soft before, hard).
+pub fn raise_open_file_limit() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, hard))
+}
+
 /// Bounds on connections.
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {

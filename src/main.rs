@@ -71,14 +71,12 @@ async fn main() -> ExitCode {
 /// 1,024) is raised to the hard limit so that the server's own limits, not the kernel's, are
 /// what callers meet. Jobs inherit the raised limit.
 fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
-            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
-        },
+    match sandbox_runner::connection::raise_open_file_limit() {
+        Ok((soft, hard)) if soft < hard => {
+            tracing::info!(from = soft, to = hard, "raised the open-file limit")
+        }
         Ok((soft, hard)) => tracing::info!(soft, hard, "open-file limit already at its maximum"),
-        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
 }
 

@@ -26,12 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 /// 5,000 Daytona jobs need ~3 fds each in the fake (in this process) and ~2 in the server;
 /// the soft limit is raised to the hard one here and inherited by the server.
 pub(crate) fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-    {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
+    let _ = sandbox_runner::connection::raise_open_file_limit();
 }
 
 pub(crate) fn server_bin() -> PathBuf {
