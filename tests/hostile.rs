@@ -8,8 +8,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
 use sandbox_runner::{
+    connection::raise_open_file_limit,
     proto::{self as pb, sandbox_service_client::SandboxServiceClient},
-    testing::{procfs, server_process::ServerProcess},
+    testing::{
+        procfs,
+        server_process::{SERVE_ON_LOOPBACK, ServerProcess},
+    },
 };
 use tokio::net::TcpStream;
 use tonic::{
@@ -186,17 +190,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_sandbox-runner");
 async fn server_with_256_fds(extra: &[&str]) -> ServerProcess {
     let mut command = tokio::process::Command::new("/bin/sh");
     command.args(["-c", "ulimit -n 256 && exec \"$@\"", "sh", BIN]);
-    command.args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"]);
+    command.args(SERVE_ON_LOOPBACK);
     command.args(extra);
     ServerProcess::spawn(command).await.expect("server starts")
-}
-
-/// Raises this process's soft open-file limit to its hard limit; returns the new limit.
-fn raise_own_fd_limit() -> u64 {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-    hard
 }
 
 #[tokio::test]
@@ -204,7 +200,7 @@ async fn silent_connections_cannot_lock_out_a_real_client() {
     let server = server_with_256_fds(&["--max-concurrent-jobs", "8"]).await;
     // As many silent connections as this process can hold, up to 2,000; each attempt is
     // bounded, since past the server's backlog the kernel stops answering SYNs.
-    let wanted = 2_000.min(raise_own_fd_limit().saturating_sub(200) as usize);
+    let wanted = 2_000.min(raise_open_file_limit().unwrap().1.saturating_sub(200) as usize);
     let mut silent = Vec::new();
     for _ in 0..wanted {
         if let Ok(Ok(conn)) =
@@ -405,7 +401,7 @@ mod job_user {
             }
             None => tokio::process::Command::new(BIN),
         };
-        command.args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"]);
+        command.args(SERVE_ON_LOOPBACK);
         command.args(["--cancel-grace", "1s", "--job-user", "nobody"]);
         command.env("JOB_ID_SIGNING_KEY", SECRET);
         ServerProcess::spawn(command).await.expect("server starts")

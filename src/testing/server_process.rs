@@ -34,12 +34,17 @@ pub struct ServerProcess {
     seen: String,
 }
 
+/// The flags [`ServerProcess::spawn`] expects: loopback, port 0, JSON logs. For a command that
+/// runs the binary through a wrapper (`sh -c 'ulimit ...'`, `setpriv`), after the binary.
+pub const SERVE_ON_LOOPBACK: [&str; 6] =
+    ["--host", "127.0.0.1", "--port", "0", "--log-format", "json"];
+
 impl ServerProcess {
     /// The binary's command line: loopback, port 0, JSON logs. Callers add flags and environment,
     /// then [`ServerProcess::spawn`] it.
     pub fn command(bin: impl AsRef<OsStr>) -> Command {
         let mut command = Command::new(bin);
-        command.args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json"]);
+        command.args(SERVE_ON_LOOPBACK);
         command
     }
 
