@@ -94,11 +94,23 @@ pub struct Config {
     #[arg(long, env = "FINISHED_JOB_CAPACITY", default_value_t = 10_000)]
     pub finished_job_capacity: usize,
 
-    /// Events buffered per job between the process and a slow client; when full, the process is
-    /// paused by pipe backpressure rather than buffered in memory.
-    #[arg(long, env = "STREAM_BUFFER_EVENTS", default_value_t = 8,
-          value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub stream_buffer_events: u32,
+    /// Output bytes each job's event log holds, within the output budget. Readers resume from
+    /// what it holds; with a reader attached and behind, a full log pauses the job; with none,
+    /// the oldest output is evicted (a later reader is told exactly what it lost).
+    #[arg(long, env = "JOB_LOG_BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u64).range((64 << 10)..=(1 << 30)))]
+    pub job_log_bytes: u64,
+
+    /// Events each job's event log holds (as for `--job-log-bytes`).
+    #[arg(long, env = "JOB_LOG_EVENTS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(16..=(1 << 20)))]
+    pub job_log_events: u32,
+
+    /// How long an Exec or Attach stream may be silent before it gets a keepalive event, so
+    /// that proxies with idle timeouts do not cut it.
+    #[arg(long, env = "STREAM_KEEPALIVE", default_value = "15s",
+          value_parser = humantime::parse_duration)]
+    pub stream_keepalive: Duration,
 
     /// Output held in memory for callers, all jobs together: what a job reads waits here
     /// until its caller takes it. When it is used up, jobs whose callers do not read stop being
@@ -345,6 +357,7 @@ impl Config {
             ("--max-timeout", self.max_timeout),
             ("--cancel-grace", self.cancel_grace),
             ("--handshake-timeout", self.handshake_timeout),
+            ("--stream-keepalive", self.stream_keepalive),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::Zero { flag });

@@ -45,12 +45,17 @@ pub enum Error {
         detail: &'static str,
     },
 
-    /// The job's stream ended without its `Exited` event: the caller did not read the stopped
-    /// job's output in time, or the server stopped first.
-    #[error(
-        "the stream of job {0:?} was cut before its end (the client did not read the stopped job's output in time, or the server stopped); its final state is in Status"
-    )]
-    StreamAbandoned(String),
+    /// A reader's position is not in the job's log: beyond its end, or no longer held (with
+    /// the fail gap policy).
+    #[error("job {job_id:?}: {source}")]
+    Position {
+        job_id: String,
+        source: crate::job::PositionError,
+    },
+
+    /// An Exec reused an idempotency key with a different request.
+    #[error("idempotency key {0:?} was used for a different request; use a new key for a new job")]
+    IdempotencyKeyReused(String),
 
     /// The caller presented no valid credentials.
     #[error("missing or invalid bearer token")]

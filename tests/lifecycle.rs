@@ -265,7 +265,15 @@ async fn concurrency_limit_returns_resource_exhausted_and_recovers() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_cannot_keep_a_timed_out_job_alive() {
-    let server = common::start(&["--stream-buffer-events", "1", "--cancel-grace", "300ms"]).await;
+    let server = common::start(&[
+        "--job-log-events",
+        "16",
+        "--job-log-bytes",
+        "65536",
+        "--cancel-grace",
+        "300ms",
+    ])
+    .await;
     let mut client = server.client().await;
     let req = common::with_timeout(argv(&["cat", "/dev/zero"]), Duration::from_millis(300));
     let mut stream = client.exec(req).await.unwrap().into_inner();
@@ -280,17 +288,26 @@ async fn a_client_that_stops_reading_cannot_keep_a_timed_out_job_alive() {
         .unwrap()
         .into_inner();
     assert_eq!(health.active_jobs, 0);
-    // Reading now: what was buffered, then an error instead of a silent end without Exited.
-    let end = loop {
-        match stream.message().await {
-            Ok(Some(event)) => {
-                assert!(!matches!(event.kind, Some(pb::exec_event::Kind::Exited(_))))
-            }
-            Ok(None) => panic!("stream ended without Exited and without an error"),
-            Err(status) => break status,
+    // Reading now: a gap that says what it missed (never a silent one), then the end of the
+    // output and Exited.
+    let mut gaps = Vec::new();
+    let exited = loop {
+        match stream.message().await.expect("the stream goes on") {
+            Some(event) => match event.kind {
+                Some(pb::exec_event::Kind::Gap(gap)) => gaps.push(gap),
+                Some(pb::exec_event::Kind::Exited(exited)) => break exited,
+                _ => {}
+            },
+            None => panic!("stream ended without Exited"),
         }
     };
-    assert_eq!(end.code(), Code::DataLoss, "{end:?}");
+    assert_eq!(exited.state, JobState::TimedOut as i32);
+    assert!(!gaps.is_empty(), "the reader lost output and was told");
+    assert!(
+        gaps.iter()
+            .all(|gap| gap.lost_stdout_bytes > 0 && gap.exact),
+        "{gaps:?}"
+    );
     server.stop().await;
 }
 
@@ -303,7 +320,7 @@ fn status_pid(started: &pb::ExecEvent) -> u32 {
 
 #[tokio::test]
 async fn a_slow_reader_pauses_the_process_instead_of_buffering() {
-    let server = common::start(&["--stream-buffer-events", "2"]).await;
+    let server = common::start(&["--job-log-bytes", "2097152"]).await;
     let mut client = server.client().await;
     let job = Job::start(&mut client, argv(&["cat", "/dev/zero"])).await;
     // Not reading: the job may only get as far as the bounded buffers allow.
@@ -316,7 +333,7 @@ async fn a_slow_reader_pauses_the_process_instead_of_buffering() {
         }
         emitted = now;
     }
-    // Channel (2 x 1 MiB) + HTTP/2 windows and socket buffers; far below what cat could write.
+    // The log (2 MiB) + HTTP/2 windows and socket buffers; far below what cat could write.
     assert!(
         emitted < 64 << 20,
         "{emitted} bytes emitted to a client that reads nothing"

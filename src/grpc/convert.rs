@@ -6,8 +6,9 @@ use std::time::{Duration, SystemTime};
 use crate::{
     error::Error,
     job::{
-        DeliveryProgress, EventKind, ExitSummary, JobEvent, JobId, JobMeta, JobSnapshot, JobSpec,
-        JobState, Program, SinkHealth, StreamKind,
+        Delivered, DeliveryProgress, DisconnectPolicy, EventKind, ExitSummary, GapPolicy, JobEvent,
+        JobFilter, JobId, JobMeta, JobSnapshot, JobSpec, JobState, ListCursor, Position, Program,
+        SinkHealth, StreamKind,
     },
     proto as pb,
 };
@@ -87,22 +88,33 @@ pub fn job_spec(req: pb::ExecRequest) -> Result<JobSpec, Error> {
             ));
         }
     }
-    let timeout = match req.timeout {
-        None => None,
-        // A Duration's nanos lie within ±999,999,999 with the sign of its seconds; prost would
-        // otherwise normalise {1s, 2e9 ns} into 3s rather than refuse it.
-        Some(t) if !(0..1_000_000_000).contains(&t.nanos) => {
+    let timeout = positive_duration("timeout", req.timeout)?;
+    let grace = positive_duration("disconnect_grace", req.disconnect_grace)?;
+    let on_disconnect = match (pb::DisconnectPolicy::try_from(req.on_disconnect), grace) {
+        (Ok(pb::DisconnectPolicy::CancelAfterGrace), Some(grace)) => {
+            DisconnectPolicy::CancelAfter(grace)
+        }
+        (Ok(pb::DisconnectPolicy::CancelAfterGrace), None) => {
+            return invalid("on_disconnect CANCEL_AFTER_GRACE needs a disconnect_grace");
+        }
+        (Ok(_), Some(_)) => {
+            return invalid("disconnect_grace is only for on_disconnect CANCEL_AFTER_GRACE");
+        }
+        (Ok(pb::DisconnectPolicy::Detach), None) => DisconnectPolicy::Detach,
+        (Ok(pb::DisconnectPolicy::Unspecified | pb::DisconnectPolicy::Cancel), None) => {
+            DisconnectPolicy::Cancel
+        }
+        (Err(_), _) => {
             return invalid(format!(
-                "timeout is not a valid Duration: nanos {} is outside 0..=999999999",
-                t.nanos
+                "on_disconnect {} is not a DisconnectPolicy",
+                req.on_disconnect
             ));
         }
-        // Checked here rather than by prost's conversion, which negates the seconds of a
-        // negative Duration: i64::MIN overflows (a panic in debug builds).
-        Some(t) if t.seconds < 0 || (t.seconds, t.nanos) == (0, 0) => {
-            return invalid("timeout must be positive");
-        }
-        Some(t) => Some(Duration::new(t.seconds as u64, t.nanos as u32)),
+    };
+    let idempotency_key = if req.idempotency_key.is_empty() {
+        None
+    } else {
+        Some(label("idempotency_key", req.idempotency_key)?)
     };
     Ok(JobSpec {
         meta,
@@ -110,7 +122,149 @@ pub fn job_spec(req: pb::ExecRequest) -> Result<JobSpec, Error> {
         cwd,
         env: req.env.into_iter().collect(),
         timeout,
+        on_disconnect,
+        idempotency_key,
     })
+}
+
+/// A positive protobuf Duration, checked field by field.
+fn positive_duration(
+    field: &str,
+    value: Option<prost_types::Duration>,
+) -> Result<Option<Duration>, Error> {
+    match value {
+        None => Ok(None),
+        // A Duration's nanos lie within ±999,999,999 with the sign of its seconds; prost would
+        // otherwise normalise {1s, 2e9 ns} into 3s rather than refuse it.
+        Some(t) if !(0..1_000_000_000).contains(&t.nanos) => invalid(format!(
+            "{field} is not a valid Duration: nanos {} is outside 0..=999999999",
+            t.nanos
+        )),
+        // Checked here rather than by prost's conversion, which negates the seconds of a
+        // negative Duration: i64::MIN overflows (a panic in debug builds).
+        Some(t) if t.seconds < 0 || (t.seconds, t.nanos) == (0, 0) => {
+            invalid(format!("{field} must be positive"))
+        }
+        Some(t) => Ok(Some(Duration::new(t.seconds as u64, t.nanos as u32))),
+    }
+}
+
+/// Validates an Attach stream's first request.
+pub fn attach_open(req: Option<pb::AttachRequest>) -> Result<(JobId, Position, GapPolicy), Error> {
+    let open = match req.and_then(|r| r.kind) {
+        Some(pb::attach_request::Kind::Open(open)) => open,
+        None => return invalid("the first Attach request must be `open`"),
+    };
+    let id = job_id(open.job_id)?;
+    let position = open.from.map_or(Ok(Position::Start), resume_from)?;
+    let on_gap = match pb::GapPolicy::try_from(open.on_gap) {
+        Ok(pb::GapPolicy::Unspecified | pb::GapPolicy::Report) => GapPolicy::Report,
+        Ok(pb::GapPolicy::Fail) => GapPolicy::Fail,
+        Err(_) => return invalid(format!("on_gap {} is not a GapPolicy", open.on_gap)),
+    };
+    Ok((id, position, on_gap))
+}
+
+fn resume_from(from: pb::ResumeFrom) -> Result<Position, Error> {
+    use pb::resume_from::Position as P;
+    Ok(match from.position {
+        None | Some(P::FromStart(_)) => Position::Start,
+        Some(P::AfterSeq(seq)) => Position::AfterSeq(seq),
+        Some(P::Offsets(o)) => Position::Offsets {
+            stdout: o.stdout,
+            stderr: o.stderr,
+        },
+        Some(P::NewOnly(_)) => Position::New,
+    })
+}
+
+fn position(position: Position) -> pb::ResumeFrom {
+    use pb::resume_from::Position as P;
+    let position = match position {
+        Position::Start => P::FromStart(pb::FromStart {}),
+        Position::AfterSeq(seq) => P::AfterSeq(seq),
+        Position::Offsets { stdout, stderr } => P::Offsets(pb::StreamOffsets { stdout, stderr }),
+        Position::New => P::NewOnly(pb::NewOnly {}),
+    };
+    pb::ResumeFrom {
+        position: Some(position),
+    }
+}
+
+/// Most jobs per ListJobs page, and the default.
+const MAX_PAGE_SIZE: u32 = 500;
+const DEFAULT_PAGE_SIZE: u32 = 50;
+
+/// A validated ListJobs request: the filter, the page size and where the page starts.
+pub fn list_request(
+    req: pb::ListJobsRequest,
+) -> Result<(JobFilter, usize, Option<ListCursor>), Error> {
+    let state = match pb::JobState::try_from(req.state) {
+        Ok(pb::JobState::Unspecified) => None,
+        Ok(pb::JobState::Running) => Some(JobState::Running),
+        Ok(pb::JobState::Succeeded) => Some(JobState::Succeeded),
+        Ok(pb::JobState::Failed) => Some(JobState::Failed),
+        Ok(pb::JobState::Cancelled) => Some(JobState::Cancelled),
+        Ok(pb::JobState::TimedOut) => Some(JobState::TimedOut),
+        Err(_) => return invalid(format!("state {} is not a JobState", req.state)),
+    };
+    let filter = JobFilter {
+        task_id: (!req.task_id.is_empty())
+            .then(|| label("task_id", req.task_id))
+            .transpose()?,
+        session_id: (!req.session_id.is_empty())
+            .then(|| label("session_id", req.session_id))
+            .transpose()?,
+        state,
+    };
+    let size = match req.page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n > MAX_PAGE_SIZE => {
+            return invalid(format!("page_size {n} is above the most, {MAX_PAGE_SIZE}"));
+        }
+        n => n,
+    };
+    let after = if req.page_token.is_empty() {
+        None
+    } else {
+        Some(page_cursor(&req.page_token)?)
+    };
+    Ok((filter, size as usize, after))
+}
+
+/// A page token: the last job of the page, as `<start, ns since the epoch>.<job id>` in
+/// URL-safe base64. Not secret and not signed: it only says where to go on.
+pub fn page_token(cursor: &ListCursor) -> String {
+    use base64::Engine;
+    let nanos = cursor
+        .started_at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{nanos}.{}", cursor.id))
+}
+
+fn page_cursor(token: &str) -> Result<ListCursor, Error> {
+    use base64::Engine;
+    let bad = || Error::InvalidArgument("page_token is not one ListJobs returned".into());
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let (nanos, id) = raw.split_once('.').ok_or_else(bad)?;
+    let nanos: u64 = nanos.parse().map_err(|_| bad())?;
+    Ok(ListCursor {
+        started_at: SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos),
+        id: JobId::from_caller(id),
+    })
+}
+
+/// A ListJobs page.
+pub fn list_response(jobs: Vec<JobSnapshot>, next: Option<ListCursor>) -> pb::ListJobsResponse {
+    pb::ListJobsResponse {
+        jobs: jobs.into_iter().map(status_response).collect(),
+        next_page_token: next.as_ref().map(page_token).unwrap_or_default(),
+    }
 }
 
 /// Parses a job id from Cancel or Status.
@@ -142,6 +296,34 @@ fn text(field: &str, value: &str, max_bytes: usize) -> Result<(), Error> {
 
 fn invalid<T>(message: impl Into<String>) -> Result<T, Error> {
     Err(Error::InvalidArgument(message.into()))
+}
+
+/// What a reader receives, as sent on the Exec and Attach streams.
+pub fn delivered(job_id: &JobId, delivered: Delivered) -> pb::ExecEvent {
+    match delivered {
+        Delivered::Event(event) => exec_event(job_id, event),
+        Delivered::Gap(gap) => pb::ExecEvent {
+            job_id: job_id.to_string(),
+            seq: gap.resumed_seq.saturating_sub(1),
+            time: Some(SystemTime::now().into()),
+            kind: Some(pb::exec_event::Kind::Gap(pb::Gap {
+                requested: Some(position(gap.requested)),
+                resumed_seq: gap.resumed_seq,
+                lost_events: gap.lost_events,
+                lost_stdout_bytes: gap.lost_stdout_bytes,
+                lost_stderr_bytes: gap.lost_stderr_bytes,
+                resumed_stdout_offset: gap.resumed_stdout_offset,
+                resumed_stderr_offset: gap.resumed_stderr_offset,
+                exact: gap.exact,
+            })),
+        },
+        Delivered::Keepalive { last_seq } => pb::ExecEvent {
+            job_id: job_id.to_string(),
+            seq: last_seq.unwrap_or(0),
+            time: Some(SystemTime::now().into()),
+            kind: Some(pb::exec_event::Kind::Keepalive(pb::Keepalive {})),
+        },
+    }
 }
 
 /// One job event as sent on the Exec stream.
@@ -225,6 +407,24 @@ pub fn status_response(job: JobSnapshot) -> pb::StatusResponse {
         message: exit.map(|e| e.message.clone()).unwrap_or_default(),
         mirrored: job.mirror.is_some(),
         mirror: job.mirror.map(mirror_status),
+        on_disconnect: match (&job.log, job.on_disconnect) {
+            (None, _) => pb::DisconnectPolicy::Unspecified,
+            (Some(_), DisconnectPolicy::Cancel) => pb::DisconnectPolicy::Cancel,
+            (Some(_), DisconnectPolicy::Detach) => pb::DisconnectPolicy::Detach,
+            (Some(_), DisconnectPolicy::CancelAfter(_)) => pb::DisconnectPolicy::CancelAfterGrace,
+        } as i32,
+        disconnect_grace: match job.on_disconnect {
+            DisconnectPolicy::CancelAfter(grace) => Some(duration(grace)),
+            _ => None,
+        },
+        attached_clients: job.log.map_or(0, |log| log.attached as u32),
+        log: job.log.map(|log| pb::JobLog {
+            first_seq: log.first_seq,
+            next_seq: log.next_seq,
+            stdout_from: log.stdout_from,
+            stderr_from: log.stderr_from,
+            held_bytes: log.held_bytes as u64,
+        }),
     }
 }
 
@@ -256,6 +456,7 @@ pub struct HealthReport {
     pub uptime: Duration,
     pub output_budget_in_use: usize,
     pub output_budget: usize,
+    pub output_retained: usize,
 }
 
 pub fn health_response(report: HealthReport) -> pb::HealthResponse {
@@ -279,6 +480,7 @@ pub fn health_response(report: HealthReport) -> pb::HealthResponse {
         sinks: report.sinks.into_iter().map(str::to_owned).collect(),
         output_budget_in_use_bytes: report.output_budget_in_use as u64,
         output_budget_bytes: report.output_budget as u64,
+        output_retained_bytes: report.output_retained as u64,
         time: Some(SystemTime::now().into()),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime: Some(duration(report.uptime)),
@@ -524,6 +726,7 @@ mod tests {
                 cwd,
                 env,
                 timeout,
+                ..Default::default()
             }
         }
 

@@ -24,8 +24,9 @@ impl From<Error> for Status {
             // Like any unknown id: forged and malformed ids name no job.
             Error::InvalidJobId { .. } => Code::NotFound,
             Error::JobElsewhere { .. } => Code::FailedPrecondition,
-            // Output the caller did not read is gone.
-            Error::StreamAbandoned(_) => Code::DataLoss,
+            // Like Kafka's offset reset `none`: the position is outside what the log holds.
+            Error::Position { .. } => Code::OutOfRange,
+            Error::IdempotencyKeyReused(_) => Code::AlreadyExists,
             Error::Unauthenticated => Code::Unauthenticated,
         };
         Status::new(code, err.to_string())
@@ -65,7 +66,17 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (Error::Unauthenticated, Code::Unauthenticated),
-            (Error::StreamAbandoned("j".into()), Code::DataLoss),
+            (
+                Error::Position {
+                    job_id: "j".into(),
+                    source: crate::job::PositionError::SeqBeyondEnd {
+                        after: 9,
+                        last: Some(3),
+                    },
+                },
+                Code::OutOfRange,
+            ),
+            (Error::IdempotencyKeyReused("k".into()), Code::AlreadyExists),
             (
                 BackendError::SandboxNotFound {
                     what: "sandbox \"s\"".into(),

@@ -1,15 +1,22 @@
 //! `SandboxService` handlers: validate and convert, call the job core, convert back.
 
-use std::{pin::Pin, sync::Arc, time::Instant};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
 use crate::{
-    job::Jobs,
+    job::{JobStream, Jobs},
     proto::{self as pb, sandbox_service_server::SandboxService},
 };
+
+/// How long an Attach stream may take to send its `open` request.
+const ATTACH_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Facts about this instance that Health reports.
 #[derive(Debug, Clone)]
@@ -38,6 +45,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ExecEvent, Status>> + Se
 #[tonic::async_trait]
 impl SandboxService for SandboxApi {
     type ExecStream = EventStream;
+    type AttachStream = EventStream;
 
     async fn exec(
         &self,
@@ -46,12 +54,39 @@ impl SandboxService for SandboxApi {
         let spec = convert::job_spec(request.into_inner())?;
         let events = self.jobs.start(spec).await?;
         let job_id = events.job_id.clone();
-        let stream = events.map(move |event| {
+        let stream = events.into_stream().map(move |event| {
             event
-                .map(|event| convert::exec_event(&job_id, event))
+                .map(|event| convert::delivered(&job_id, event))
                 .map_err(Status::from)
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<pb::AttachRequest>>,
+    ) -> Result<Response<EventStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(ATTACH_OPEN_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no `open` request within {}s of opening the Attach stream",
+                    ATTACH_OPEN_TIMEOUT.as_secs()
+                ))
+            })??;
+        let (id, position, on_gap) = convert::attach_open(first)?;
+        let events = self.jobs.attach(&id, position, on_gap)?;
+        Ok(Response::new(Box::pin(attach_stream(events, inbound))))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let (filter, limit, after) = convert::list_request(request.into_inner())?;
+        let (jobs, next) = self.jobs.list(&filter, limit, after.as_ref());
+        Ok(Response::new(convert::list_response(jobs, next)))
     }
 
     async fn cancel(
@@ -88,7 +123,65 @@ impl SandboxService for SandboxApi {
             uptime: self.info.started.elapsed(),
             output_budget_in_use: self.jobs.output_budget().shared_in_use(),
             output_budget: self.jobs.output_budget().shared_bytes(),
+            output_retained: self.jobs.output_budget().retained_bytes(),
         };
         Ok(Response::new(convert::health_response(report)))
     }
+}
+
+/// An Attach stream: the job's events, while watching what the client sends. A half-close ends
+/// nothing; a client that goes away detaches (the stream ends, the job runs on); follow-up
+/// requests are not implemented yet.
+fn attach_stream(
+    events: JobStream,
+    inbound: Streaming<pb::AttachRequest>,
+) -> impl Stream<Item = Result<pb::ExecEvent, Status>> + Send + 'static {
+    let job_id = events.job_id.clone();
+    futures_util::stream::unfold(
+        (events, Some(inbound), false),
+        move |(mut events, mut inbound, ended)| {
+            let job_id = job_id.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    let from_client = async {
+                        match inbound.as_mut() {
+                            Some(inbound) => inbound.message().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        next = events.next() => {
+                            return match next? {
+                                Ok(event) => Some((
+                                    Ok(convert::delivered(&job_id, event)),
+                                    (events, inbound, false),
+                                )),
+                                Err(e) => Some((Err(Status::from(e)), (events, inbound, true))),
+                            };
+                        }
+                        message = from_client => match message {
+                            // Half-closed: nothing more will come, the events go on.
+                            Ok(None) => inbound = None,
+                            // Reset or gone (often `Unknown`, not `Cancelled`): a detach.
+                            Err(_) => return None,
+                            Ok(Some(request)) => {
+                                let status = match request.kind {
+                                    Some(pb::attach_request::Kind::Open(_)) => {
+                                        Status::invalid_argument("`open` was already sent on this stream")
+                                    }
+                                    None => Status::unimplemented(
+                                        "Attach follow-up requests (stdin, resize, signals) are not implemented yet",
+                                    ),
+                                };
+                                return Some((Err(status), (events, None, true)));
+                            }
+                        },
+                    }
+                }
+            }
+        },
+    )
 }

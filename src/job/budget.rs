@@ -20,6 +20,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use super::log::{EventLog, RetiredLogs};
+
 /// Smallest credit worth waiting for: smaller reads cost more than they save.
 const MIN_GRANT: usize = 4096;
 
@@ -33,6 +35,8 @@ pub struct OutputBudget {
     shared: Arc<Semaphore>,
     shared_bytes: usize,
     reserve_bytes: usize,
+    /// Finished jobs' logs, which give up their history when running jobs need credit.
+    retired: Arc<RetiredLogs>,
 }
 
 impl OutputBudget {
@@ -42,13 +46,27 @@ impl OutputBudget {
             shared: Arc::new(Semaphore::new(shared_bytes)),
             shared_bytes,
             reserve_bytes: reserve_bytes.max(1),
+            retired: Arc::default(),
         }
     }
 
+    /// Where finished jobs' logs go (see [`RetiredLogs`]).
+    pub fn retired(&self) -> &RetiredLogs {
+        &self.retired
+    }
+
     /// A new job's share: its own reserve and access to the shared pool. `stop` is the job's
-    /// stop token and `grace` the stopped-client grace (see [`JobBudget::acquire`]).
-    pub fn for_job(&self, stop: CancellationToken, grace: Duration) -> JobBudget {
+    /// stop token and `grace` the stopped-client grace (see [`JobBudget::acquire`]); `log` is
+    /// the job's log, whose history is given up when the job needs credit and none is free.
+    pub fn for_job(
+        &self,
+        stop: CancellationToken,
+        grace: Duration,
+        log: Arc<EventLog>,
+    ) -> JobBudget {
         JobBudget {
+            log,
+            retired: Arc::clone(&self.retired),
             shared: Arc::clone(&self.shared),
             reserve: Arc::new(Semaphore::new(self.reserve_bytes)),
             reserve_bytes: self.reserve_bytes,
@@ -66,11 +84,19 @@ impl OutputBudget {
     pub fn shared_bytes(&self) -> usize {
         self.shared_bytes
     }
+
+    /// Output held by finished jobs' logs for late readers: in use, but given back to running
+    /// jobs as soon as they need it.
+    pub fn retained_bytes(&self) -> usize {
+        self.retired.held_bytes()
+    }
 }
 
 /// One job's access to the budget; cheap to clone (one per output pipe).
 #[derive(Debug, Clone)]
 pub struct JobBudget {
+    log: Arc<EventLog>,
+    retired: Arc<RetiredLogs>,
     shared: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
     reserve_bytes: usize,
@@ -93,16 +119,29 @@ impl JobBudget {
     /// stopped job therefore ends in bounded time however its caller behaves, overdrawing by
     /// at most one read.
     pub async fn acquire(&self, want: usize) -> Credit {
-        let stopped_past_grace = async {
-            self.stop.cancelled().await;
-            let since = *self.stop_seen.get_or_init(Instant::now);
-            tokio::time::sleep_until(since + self.grace).await;
-        };
         tokio::select! {
             biased;
             credit = self.acquire_within_budget(want) => credit,
-            _ = stopped_past_grace => Credit::default(),
+            _ = self.stopped_past_grace() => Credit::default(),
         }
+    }
+
+    /// Completes once the job is stopped and the stopped-client grace has passed since that
+    /// was first seen (by any wait of this job: the grace runs once).
+    async fn stopped_past_grace(&self) {
+        self.stop.cancelled().await;
+        let since = *self.stop_seen.get_or_init(Instant::now);
+        tokio::time::sleep_until(since + self.grace).await;
+    }
+
+    /// The job's stop token.
+    pub(crate) fn stop(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// How long a reader of a stopped job may take to make room for each event.
+    pub(crate) fn grace(&self) -> Duration {
+        self.grace
     }
 
     async fn acquire_within_budget(&self, want: usize) -> Credit {
@@ -111,21 +150,37 @@ impl JobBudget {
         }
         // Never more than the reserve alone can give, so the wait below always ends.
         let least = want.min(MIN_GRANT).min(self.reserve_bytes);
-        let credit = self.try_acquire(want);
-        if credit.bytes() >= least {
+        loop {
+            // Registered before looking, so a reader moving on meanwhile is not missed.
+            let progressed = self.log.progressed();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
+            let mut credit = self.try_acquire(want);
+            // Running jobs come before finished jobs' history.
+            if credit.bytes() < want && self.retired.reclaim(want - credit.bytes()) > 0 {
+                credit.merge(self.try_acquire(want - credit.bytes()));
+            }
+            if credit.bytes() >= least {
+                return credit;
+            }
+            drop(credit);
+            // Before waiting, this job's own history (what no reader needs) gives way.
+            if self.log.release_history(want) > 0 {
+                continue;
+            }
+            let mut credit = tokio::select! {
+                permit = Arc::clone(&self.reserve).acquire_many_owned(least as u32) => {
+                    Credit { reserve: permit.ok(), shared: None }
+                }
+                permit = Arc::clone(&self.shared).acquire_many_owned(least as u32) => {
+                    Credit { reserve: None, shared: permit.ok() }
+                }
+                // A reader took events: this job's history may now be given up.
+                _ = progressed => continue,
+            };
+            credit.merge(self.try_acquire(want - credit.bytes()));
             return credit;
         }
-        drop(credit);
-        let mut credit = tokio::select! {
-            permit = Arc::clone(&self.reserve).acquire_many_owned(least as u32) => {
-                Credit { reserve: permit.ok(), shared: None }
-            }
-            permit = Arc::clone(&self.shared).acquire_many_owned(least as u32) => {
-                Credit { reserve: None, shared: permit.ok() }
-            }
-        };
-        credit.merge(self.try_acquire(want - credit.bytes()));
-        credit
     }
 
     /// Whatever of `want` is free right now, possibly nothing.
@@ -206,11 +261,23 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::job::log::LogLimits;
+
+    fn log() -> Arc<EventLog> {
+        EventLog::new(LogLimits {
+            max_bytes: 1 << 20,
+            max_events: 1024,
+        })
+    }
+
+    fn for_job(budget: &OutputBudget, stop: CancellationToken) -> JobBudget {
+        budget.for_job(stop, Duration::from_secs(5), log())
+    }
 
     #[tokio::test]
     async fn the_reserve_comes_first_then_the_shared_pool() {
         let budget = OutputBudget::new(100_000, 10_000);
-        let job = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
+        let job = for_job(&budget, CancellationToken::new());
         let credit = job.acquire(30_000).await;
         assert_eq!(credit.bytes(), 30_000);
         assert_eq!(credit.reserve.as_ref().unwrap().num_permits(), 10_000);
@@ -222,7 +289,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_gets_what_is_free_without_waiting_for_all_it_asked() {
         let budget = OutputBudget::new(50_000, 10_000);
-        let hog = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
+        let hog = for_job(&budget, CancellationToken::new());
         let _held = hog.acquire(60_000).await;
         assert_eq!(
             budget.shared_in_use(),
@@ -230,7 +297,7 @@ mod tests {
             "the hog took the whole pool"
         );
         // Another job still gets its own reserve at once.
-        let other = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
+        let other = for_job(&budget, CancellationToken::new());
         let credit = tokio::time::timeout(Duration::from_secs(5), other.acquire(1 << 20))
             .await
             .expect("the reserve is guaranteed");
@@ -240,7 +307,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn with_nothing_free_a_job_waits_until_output_is_taken() {
         let budget = OutputBudget::new(0, 8192);
-        let job = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
+        let job = for_job(&budget, CancellationToken::new());
         let first = job.acquire(8192).await;
         assert_eq!(first.bytes(), 8192);
         let waiting = tokio::spawn({
@@ -256,7 +323,7 @@ mod tests {
     #[tokio::test]
     async fn small_requests_are_granted_in_full_and_large_ones_at_least_4_kib() {
         let budget = OutputBudget::new(0, 6000);
-        let job = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
+        let job = for_job(&budget, CancellationToken::new());
         let small = job.acquire(100).await;
         assert_eq!(small.bytes(), 100);
         let large = job.acquire(1 << 20).await;
@@ -266,7 +333,7 @@ mod tests {
     #[tokio::test]
     async fn shrinking_gives_back_the_shared_pool_first() {
         let budget = OutputBudget::new(100_000, 10_000);
-        let job = budget.for_job(CancellationToken::new(), Duration::from_secs(5));
+        let job = for_job(&budget, CancellationToken::new());
         let mut credit = job.acquire(50_000).await;
         credit.shrink_to(12_000);
         assert_eq!(credit.bytes(), 12_000);
@@ -281,7 +348,7 @@ mod tests {
     async fn a_stopped_job_waits_for_credit_only_for_the_grace() {
         let budget = OutputBudget::new(0, 8192);
         let stop = CancellationToken::new();
-        let job = budget.for_job(stop.clone(), Duration::from_secs(2));
+        let job = budget.for_job(stop.clone(), Duration::from_secs(2), log());
         let _held = job.acquire(8192).await;
         let waiting = tokio::spawn({
             let job = job.clone();

@@ -6,11 +6,11 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::info;
 
+use super::{DisconnectPolicy, Execution, Outcome};
 use super::{
     EventKind, ExitSummary, JobOutput, JobState,
     record::{JobRecord, StopReason},
 };
-use super::{Execution, Outcome};
 
 /// Runs a started job to the end. `permit` holds the job's slot in the concurrency limit; it is
 /// released as soon as the program is gone, before `Exited` is delivered.
@@ -19,6 +19,7 @@ pub(super) async fn drive(
     execution: Box<dyn Execution>,
     mut out: JobOutput,
     timeout: Duration,
+    on_disconnect: DisconnectPolicy,
     permit: OwnedSemaphorePermit,
 ) {
     out.emit(EventKind::Started {
@@ -32,6 +33,7 @@ pub(super) async fn drive(
         async move {
             tokio::select! {
                 _ = tokio::time::sleep(timeout) => job.request_stop(StopReason::TimedOut(timeout)),
+                grace = unattached_for(&job, on_disconnect) => job.request_stop(StopReason::NoClient(grace)),
                 _ = job.stop.cancelled() => {}
             }
         }
@@ -39,7 +41,6 @@ pub(super) async fn drive(
     let outcome = execution.run(&mut out, job.stop.clone()).await;
     timer.abort();
     drop(permit);
-    out.program_ended();
 
     let summary = summarize(&job, outcome);
     info!(
@@ -55,6 +56,31 @@ pub(super) async fn drive(
     // Recorded before the event goes out, so a Status call made on seeing `Exited` agrees.
     job.finish(summary.clone());
     out.emit(EventKind::Exited(summary)).await;
+}
+
+/// Completes (with the grace) once no client has been attached for the grace of a
+/// `CancelAfter` policy; never for the other policies.
+async fn unattached_for(job: &JobRecord, policy: DisconnectPolicy) -> Duration {
+    let DisconnectPolicy::CancelAfter(grace) = policy else {
+        return std::future::pending().await;
+    };
+    let mut attached = job.log.attached();
+    loop {
+        // Wait until nobody is attached...
+        if attached.wait_for(|&n| n == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        // ...and stays so for the grace.
+        let reattached = async { attached.wait_for(|&n| n > 0).await.is_ok() };
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => return grace,
+            ok = reattached => {
+                if !ok {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
 }
 
 fn summarize(job: &JobRecord, outcome: Outcome) -> ExitSummary {

@@ -1,5 +1,5 @@
 //! The job core: what a job is (`spec`), the events it emits (`event`), how its output is
-//! sequenced and fanned out (`output`), how one job runs from start to its single `Exited`
+//! sequenced (`output`) and kept for any number of readers (`log`), how one job runs from start to its single `Exited`
 //! event (`lifecycle`), and the table of running and recently finished jobs (`registry`).
 //!
 //! The core owns the traits of what it drives: [`Backend`]/[`Execution`] (`backend`: where
@@ -12,6 +12,7 @@ mod budget;
 mod event;
 mod id;
 mod lifecycle;
+mod log;
 mod output;
 mod record;
 mod registry;
@@ -24,8 +25,11 @@ pub use backend::{Backend, BackendCause, BackendError, Execution, Outcome, Remot
 pub use budget::{Credit, JobBudget, OutputBudget};
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};
 pub use id::{JobIdCodec, JobIdError, JobLocation};
+pub use log::{
+    Delivered, EventLog, Gap, GapPolicy, LogLimits, LogReader, LogSummary, Position, PositionError,
+};
 pub use output::JobOutput;
 pub use record::JobSnapshot;
-pub use registry::{JobStream, Jobs, JobsConfig};
+pub use registry::{JobFilter, JobStream, Jobs, JobsConfig, ListCursor};
 pub use sink::{DeliveryProgress, DeliveryReport, JobSink, Sink, SinkHealth, Sinks};
-pub use spec::{JobId, JobMeta, JobSpec, Program};
+pub use spec::{DisconnectPolicy, JobId, JobMeta, JobSpec, Program};

@@ -11,7 +11,10 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use super::{DeliveryProgress, DeliveryReport};
-use super::{ExitSummary, JobId, JobMeta, JobState, StreamKind};
+use super::{
+    DisconnectPolicy, ExitSummary, JobId, JobMeta, JobSpec, JobState, StreamKind,
+    log::{EventLog, LogSummary},
+};
 
 /// Why a job was asked to stop before it ended on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,15 +27,18 @@ pub(crate) enum StopReason {
     TimedOut(Duration),
     /// The server is shutting down.
     Shutdown,
+    /// No client was attached for this long (the `CancelAfter` disconnect policy).
+    NoClient(Duration),
 }
 
 impl StopReason {
     pub(crate) fn final_state(self) -> JobState {
         match self {
             StopReason::TimedOut(_) => JobState::TimedOut,
-            StopReason::Cancelled | StopReason::ClientGone | StopReason::Shutdown => {
-                JobState::Cancelled
-            }
+            StopReason::Cancelled
+            | StopReason::ClientGone
+            | StopReason::Shutdown
+            | StopReason::NoClient(_) => JobState::Cancelled,
         }
     }
 
@@ -44,6 +50,10 @@ impl StopReason {
                 format!("timed out after {}", humantime::format_duration(after))
             }
             StopReason::Shutdown => "cancelled: the server is shutting down".into(),
+            StopReason::NoClient(after) => format!(
+                "cancelled: no client attached for {}",
+                humantime::format_duration(after)
+            ),
         }
     }
 }
@@ -64,6 +74,9 @@ pub struct JobSnapshot {
     pub stderr_bytes: u64,
     /// Delivery of the job's copy to the mirror sink; `None` when the job is not mirrored.
     pub mirror: Option<DeliveryProgress>,
+    pub on_disconnect: DisconnectPolicy,
+    /// What the job's log holds and who reads it; `None` for a job of another replica.
+    pub log: Option<LogSummary>,
 }
 
 pub(crate) struct JobRecord {
@@ -79,19 +92,25 @@ pub(crate) struct JobRecord {
     stderr_bytes: AtomicU64,
     exit: OnceLock<ExitSummary>,
     mirror: Option<Arc<dyn DeliveryReport>>,
+    pub(crate) on_disconnect: DisconnectPolicy,
+    /// Every event of the job, for its readers.
+    pub(crate) log: Arc<EventLog>,
+    /// The Exec request's idempotency key, forgotten with the job.
+    pub(crate) idempotency_key: Option<String>,
 }
 
 impl JobRecord {
     pub(crate) fn new(
         id: JobId,
-        meta: JobMeta,
+        spec: &JobSpec,
         backend: &'static str,
         stop: CancellationToken,
         mirror: Option<Arc<dyn DeliveryReport>>,
+        log: Arc<EventLog>,
     ) -> Self {
         JobRecord {
             id,
-            meta,
+            meta: spec.meta.clone(),
             backend,
             started_at: SystemTime::now(),
             started: Instant::now(),
@@ -101,6 +120,9 @@ impl JobRecord {
             stderr_bytes: AtomicU64::new(0),
             exit: OnceLock::new(),
             mirror,
+            on_disconnect: spec.on_disconnect,
+            log,
+            idempotency_key: spec.idempotency_key.clone(),
         }
     }
 
@@ -161,6 +183,8 @@ impl JobRecord {
             stderr_bytes: self.output_bytes(StreamKind::Stderr),
             exit,
             mirror: self.mirror.as_ref().map(|m| m.report()),
+            on_disconnect: self.on_disconnect,
+            log: Some(self.log.summary()),
         }
     }
 }

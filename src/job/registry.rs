@@ -2,16 +2,14 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, watch};
 // Tokio's clock: the system's monotonic clock unless a test pauses time, so tests can age
 // finished jobs without waiting.
 use tokio::time::Instant;
@@ -20,11 +18,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{
-    Backend, EventKind, ExitSummary, JobEvent, JobId, JobIdCodec, JobLocation, JobOutput, JobSpec,
-    JobState, RemoteState, Sinks,
-    budget::{Credit, OutputBudget},
+    Backend, DisconnectPolicy, EventKind, ExitSummary, JobEvent, JobId, JobIdCodec, JobLocation,
+    JobMeta, JobOutput, JobSpec, JobState, RemoteState, Sinks,
+    budget::OutputBudget,
     lifecycle,
-    output::{ClientQueue, Delivery, free_unread},
+    log::{Delivered, EventLog, GapPolicy, LogLimits, LogReader, Position},
     record::{JobRecord, JobSnapshot, StopReason},
 };
 use crate::error::Error;
@@ -39,8 +37,11 @@ pub struct JobsConfig {
     pub max_concurrent: u32,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
-    /// Events buffered between a job and its Exec caller.
-    pub stream_buffer: usize,
+    /// Bounds of each job's event log.
+    pub log_limits: LogLimits,
+    /// How long a reader's stream may be silent before it gets a keepalive.
+    pub keepalive: Duration,
+    /// How long finished jobs (their logs and idempotency keys) are kept.
     pub finished_ttl: Duration,
     pub finished_capacity: usize,
     /// Once a job is stopped, how long its caller may take to make room for each event before
@@ -72,6 +73,85 @@ struct Table {
     jobs: HashMap<JobId, Arc<JobRecord>>,
     /// Finished jobs, oldest first, for forgetting them.
     finished: VecDeque<(Instant, JobId)>,
+    /// Idempotency keys of running and remembered jobs.
+    keys: HashMap<String, KeyState>,
+}
+
+/// What an idempotency key stands for.
+enum KeyState {
+    /// A job is being started with it; the receiver's sender is dropped once that is decided.
+    Starting {
+        spec: Box<JobSpec>,
+        decided: watch::Receiver<()>,
+    },
+    Started {
+        spec: Box<JobSpec>,
+        id: JobId,
+    },
+}
+
+impl KeyState {
+    fn spec(&self) -> &JobSpec {
+        match self {
+            KeyState::Starting { spec, .. } | KeyState::Started { spec, .. } => spec,
+        }
+    }
+}
+
+/// What a start with an idempotency key found.
+enum Claim {
+    /// The key is this call's to start a job with.
+    Mine(KeyClaim),
+    /// Another call is starting the job: wait for it, then look again.
+    Wait(watch::Receiver<()>),
+    /// The job the key started, still known.
+    Existing(Arc<JobRecord>),
+}
+
+/// An idempotency key being started with; released (for a retry to start afresh) unless the
+/// job started.
+struct KeyClaim {
+    jobs: Arc<Jobs>,
+    key: String,
+    _decided: watch::Sender<()>,
+    started: bool,
+}
+
+impl Drop for KeyClaim {
+    fn drop(&mut self) {
+        if !self.started {
+            let mut table = self.jobs.table.lock().expect("job table poisoned");
+            if matches!(table.keys.get(&self.key), Some(KeyState::Starting { .. })) {
+                table.keys.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Which jobs ListJobs returns.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub task_id: Option<String>,
+    pub session_id: Option<String>,
+    pub state: Option<JobState>,
+}
+
+impl JobFilter {
+    fn matches(&self, meta: &JobMeta, state: JobState) -> bool {
+        self.task_id.as_ref().is_none_or(|t| *t == meta.task_id)
+            && self
+                .session_id
+                .as_ref()
+                .is_none_or(|s| *s == meta.session_id)
+            && self.state.is_none_or(|s| s == state)
+    }
+}
+
+/// Where a page of ListJobs ends: jobs are listed newest first, by start time then id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListCursor {
+    pub started_at: SystemTime,
+    pub id: JobId,
 }
 
 impl Jobs {
@@ -95,8 +175,73 @@ impl Jobs {
         })
     }
 
-    /// Starts a job and returns its event stream. Dropping the stream cancels the job.
+    /// Starts a job and returns its event stream from the start. With the `Cancel` disconnect
+    /// policy, dropping the stream cancels the job. A start with the idempotency key of a job
+    /// still remembered returns that job's stream instead (from the start), when the request
+    /// is the same.
     pub async fn start(self: &Arc<Self>, spec: JobSpec) -> Result<JobStream, Error> {
+        let Some(key) = spec.idempotency_key.clone() else {
+            return self.start_new(spec, None).await;
+        };
+        loop {
+            match self.claim(&key, &spec)? {
+                Claim::Mine(claim) => return self.start_new(spec, Some(claim)).await,
+                Claim::Existing(record) => {
+                    info!(job_id = %record.id, "idempotent Exec retried: attaching to its job");
+                    let reader = record
+                        .log
+                        .reader(Position::Start, GapPolicy::Report)
+                        .map_err(|source| Error::Position {
+                            job_id: record.id.to_string(),
+                            source,
+                        })?;
+                    return Ok(self.stream(&record, reader, true));
+                }
+                Claim::Wait(mut decided) => {
+                    // Ends (as an error) when the other start is decided either way.
+                    let _ = decided.changed().await;
+                }
+            }
+        }
+    }
+
+    fn claim(self: &Arc<Self>, key: &str, spec: &JobSpec) -> Result<Claim, Error> {
+        let mut table = self.table.lock().expect("job table poisoned");
+        self.forget_expired(&mut table);
+        if let Some(state) = table.keys.get(key) {
+            if state.spec() != spec {
+                return Err(Error::IdempotencyKeyReused(key.to_owned()));
+            }
+            match state {
+                KeyState::Starting { decided, .. } => return Ok(Claim::Wait(decided.clone())),
+                KeyState::Started { id, .. } => {
+                    if let Some(record) = table.jobs.get(id) {
+                        return Ok(Claim::Existing(Arc::clone(record)));
+                    }
+                }
+            }
+        }
+        let (decide, decided) = watch::channel(());
+        table.keys.insert(
+            key.to_owned(),
+            KeyState::Starting {
+                spec: Box::new(spec.clone()),
+                decided,
+            },
+        );
+        Ok(Claim::Mine(KeyClaim {
+            jobs: Arc::clone(self),
+            key: key.to_owned(),
+            _decided: decide,
+            started: false,
+        }))
+    }
+
+    async fn start_new(
+        self: &Arc<Self>,
+        spec: JobSpec,
+        mut claim: Option<KeyClaim>,
+    ) -> Result<JobStream, Error> {
         // Counts as a running job from before the draining check until it is registered (the
         // backend's start may take seconds), so a drain that begins meanwhile either is seen
         // here or waits for this job and cancels it; it never misses it.
@@ -114,6 +259,15 @@ impl Jobs {
             Some(t) => t,
             None => self.config.default_timeout,
         };
+        if let DisconnectPolicy::CancelAfter(grace) = spec.on_disconnect
+            && grace > self.config.max_timeout
+        {
+            return Err(Error::InvalidArgument(format!(
+                "disconnect_grace {} exceeds the server maximum timeout of {}",
+                humantime::format_duration(grace),
+                humantime::format_duration(self.config.max_timeout)
+            )));
+        }
         let permit =
             Arc::clone(&self.permits)
                 .try_acquire_owned()
@@ -151,29 +305,48 @@ impl Jobs {
 
         let sinks = self.sinks.open(&id, &spec);
         let mirror = sinks.iter().find_map(|s| s.progress());
+        let log = EventLog::new(self.config.log_limits);
         let record = Arc::new(JobRecord::new(
             id.clone(),
-            spec.meta.clone(),
+            &spec,
             self.backend.name(),
             self.root.child_token(),
             mirror,
+            Arc::clone(&log),
         ));
-        let (tx, rx) = mpsc::channel(self.config.stream_buffer);
-        let queue: ClientQueue = Arc::new(Mutex::new(rx));
+        // Attached before the job emits anything, so the caller gets every event.
+        let reader = log
+            .reader(Position::Start, GapPolicy::Report)
+            .expect("the start of an empty log is held");
         let output = JobOutput::new(
             Arc::clone(&record),
-            (tx, Arc::clone(&queue)),
             sinks,
             self.budget
-                .for_job(record.stop.clone(), self.config.stopped_client_grace),
-            self.config.stopped_client_grace,
+                .for_job(record.stop.clone(), self.config.stopped_client_grace, log),
         );
-        let job = lifecycle::drive(Arc::clone(&record), execution, output, timeout, permit);
+        let job = lifecycle::drive(
+            Arc::clone(&record),
+            execution,
+            output,
+            timeout,
+            spec.on_disconnect,
+            permit,
+        );
         let jobs = Arc::clone(self);
         let finished_id = id.clone();
         let tracked = {
             let mut table = self.table.lock().expect("job table poisoned");
             table.jobs.insert(id.clone(), Arc::clone(&record));
+            if let (Some(claim), Some(key)) = (claim.as_mut(), &spec.idempotency_key) {
+                claim.started = true;
+                table.keys.insert(
+                    key.clone(),
+                    KeyState::Started {
+                        spec: Box::new(spec.clone()),
+                        id: id.clone(),
+                    },
+                );
+            }
             // Tracked while the lock is held so a concurrent drain cannot miss this job.
             self.tracker.track_future(async move {
                 job.await;
@@ -182,13 +355,93 @@ impl Jobs {
         };
         tokio::spawn(tracked.instrument(span));
         drop(starting);
-        Ok(JobStream {
-            job_id: id,
-            events: Arc::clone(&queue),
-            in_transport: None,
-            exited: false,
-            _stop_on_drop: StopOnDrop(record, queue),
-        })
+        drop(claim);
+        Ok(self.stream(&record, reader, true))
+    }
+
+    /// A reader's stream; the Exec caller's (`exec_caller`) cancels a job with the `Cancel`
+    /// policy when dropped.
+    fn stream(&self, record: &Arc<JobRecord>, reader: LogReader, exec_caller: bool) -> JobStream {
+        let cancel = exec_caller && record.on_disconnect == DisconnectPolicy::Cancel;
+        JobStream {
+            job_id: record.id.clone(),
+            reader,
+            keepalive: self.config.keepalive,
+            _cancel_on_drop: cancel.then(|| CancelOnDrop(Arc::clone(record))),
+        }
+    }
+
+    /// Follows a job of this replica from `position`. Dropping the stream detaches; it never
+    /// stops the job.
+    pub fn attach(
+        &self,
+        id: &JobId,
+        position: Position,
+        on_gap: GapPolicy,
+    ) -> Result<JobStream, Error> {
+        let record = match self.lookup(id)? {
+            Found::Here(record) => record,
+            Found::Elsewhere(location, _) => {
+                return Err(Error::JobElsewhere {
+                    job_id: id.to_string(),
+                    replica: location.replica,
+                    detail: "runs (Attach follows only this replica's jobs for now)",
+                });
+            }
+        };
+        let reader = record
+            .log
+            .reader(position, on_gap)
+            .map_err(|source| Error::Position {
+                job_id: id.to_string(),
+                source,
+            })?;
+        Ok(self.stream(&record, reader, false))
+    }
+
+    /// This replica's running and remembered jobs that match `filter`, newest first, at most
+    /// `limit` after `after`; and where the next page starts when there may be one.
+    pub fn list(
+        &self,
+        filter: &JobFilter,
+        limit: usize,
+        after: Option<&ListCursor>,
+    ) -> (Vec<JobSnapshot>, Option<ListCursor>) {
+        let mut matching: Vec<JobSnapshot> = {
+            let mut table = self.table.lock().expect("job table poisoned");
+            self.forget_expired(&mut table);
+            table
+                .jobs
+                .values()
+                .map(|record| record.snapshot())
+                .collect()
+        };
+        matching.retain(|job| filter.matches(&job.meta, job.state));
+        // Newest first; the id breaks ties so that pages never overlap or skip.
+        let key = |job: &JobSnapshot| {
+            (
+                std::cmp::Reverse(job.started_at),
+                std::cmp::Reverse(job.id.clone()),
+            )
+        };
+        matching.sort_by_key(key);
+        if let Some(after) = after {
+            let boundary = (
+                std::cmp::Reverse(after.started_at),
+                std::cmp::Reverse(after.id.clone()),
+            );
+            matching.retain(|job| key(job) > boundary);
+        }
+        let more = matching.len() > limit;
+        matching.truncate(limit);
+        let next = more
+            .then(|| matching.last())
+            .flatten()
+            .map(|last| ListCursor {
+                started_at: last.started_at,
+                id: last.id.clone(),
+            });
+        (matching, next)
     }
 
     /// A job that could not start still ends its copy in the sinks: they see one `Exited`
@@ -324,13 +577,18 @@ impl Jobs {
             }),
             stdout_bytes: 0,
             stderr_bytes: 0,
-            // Mirror delivery, too, is tracked by the replica that ran the job.
+            // Mirror delivery, the policy and the log, too, live with the replica that ran it.
             mirror: None,
+            on_disconnect: DisconnectPolicy::default(),
+            log: None,
         })
     }
 
     fn retire(&self, id: JobId) {
         let mut table = self.table.lock().expect("job table poisoned");
+        if let Some(record) = table.jobs.get(&id) {
+            self.budget.retired().retire(&record.log);
+        }
         table.finished.push_back((Instant::now(), id));
         self.forget_expired(&mut table);
     }
@@ -342,7 +600,12 @@ impl Jobs {
                 break;
             }
             let (_, id) = table.finished.pop_front().expect("front exists");
-            table.jobs.remove(&id);
+            if let Some(record) = table.jobs.remove(&id)
+                && let Some(key) = &record.idempotency_key
+                && matches!(table.keys.get(key), Some(KeyState::Started { id: started, .. }) if *started == id)
+            {
+                table.keys.remove(key);
+            }
         }
     }
 
@@ -427,53 +690,39 @@ enum Found {
     Elsewhere(JobLocation, String),
 }
 
-/// A job's events for its Exec caller. Dropping it before `Exited` cancels the job.
+/// A job's events for one reader (the Exec caller or an Attach). Dropping it detaches; for the
+/// Exec caller of a job with the `Cancel` policy it also cancels the job.
 pub struct JobStream {
     pub job_id: JobId,
-    events: ClientQueue,
-    /// Credit of the event the transport took last: its bytes sit in the transport's buffers
-    /// until the caller's flow-control window lets them out, which is when it asks for more.
-    in_transport: Option<Credit>,
-    /// Whether `Exited` came through; a stream that ends without it ends with an error.
-    exited: bool,
-    _stop_on_drop: StopOnDrop,
+    reader: LogReader,
+    keepalive: Duration,
+    _cancel_on_drop: Option<CancelOnDrop>,
 }
 
-impl Stream for JobStream {
-    type Item = Result<JobEvent, Error>;
+impl JobStream {
+    /// The next event, gap or keepalive; `None` after `Exited`.
+    pub async fn next(&mut self) -> Option<Result<Delivered, Error>> {
+        let next = self.reader.next(self.keepalive).await?;
+        Some(next.map_err(|source| Error::Position {
+            job_id: self.job_id.to_string(),
+            source,
+        }))
+    }
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        // Asked again: what was taken last has left (see `in_transport`).
-        self.in_transport = None;
-        let next = self
-            .events
-            .lock()
-            .expect("client queue poisoned")
-            .poll_recv(cx);
-        match next {
-            Poll::Ready(Some(Delivery { event, credit })) => {
-                self.in_transport = Some(credit);
-                self.exited |= matches!(event.kind, super::EventKind::Exited(_));
-                Poll::Ready(Some(Ok(event)))
-            }
-            Poll::Ready(None) if !self.exited => {
-                self.exited = true; // report once, then end
-                Poll::Ready(Some(Err(Error::StreamAbandoned(self.job_id.to_string()))))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
+    /// As a `Stream`, for the transport.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Delivered, Error>> + Send + 'static {
+        futures_util::stream::unfold(self, |mut stream| async move {
+            let next = stream.next().await?;
+            Some((next, stream))
+        })
     }
 }
 
-/// What a dropped [`JobStream`] does: the caller has gone.
-struct StopOnDrop(Arc<JobRecord>, ClientQueue);
+/// What a dropped Exec stream of a job with the `Cancel` policy does: the caller has gone.
+struct CancelOnDrop(Arc<JobRecord>);
 
-impl Drop for StopOnDrop {
+impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        // Close its queue so the job stops sending to it, and free what it left unread (and
-        // the credit that holds) now, rather than when the job notices.
-        free_unread(&self.1);
         // No-op for a job that already finished.
         self.0.request_stop(StopReason::ClientGone);
     }

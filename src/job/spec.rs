@@ -50,6 +50,18 @@ pub struct JobMeta {
     pub sandbox_id: String,
 }
 
+/// What happens to a job when its clients go away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DisconnectPolicy {
+    /// Cancel it when the Exec caller's stream drops (Attach streams never cancel).
+    #[default]
+    Cancel,
+    /// Let it run on (to its timeout) with nobody attached.
+    Detach,
+    /// Cancel it once no client (Exec or Attach) has been attached for this long.
+    CancelAfter(Duration),
+}
+
 /// A validated request to run something.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobSpec {
@@ -61,4 +73,8 @@ pub struct JobSpec {
     pub env: BTreeMap<String, String>,
     /// Requested timeout; `None` means the server default.
     pub timeout: Option<Duration>,
+    pub on_disconnect: DisconnectPolicy,
+    /// A retried Exec with the same key (and the same request) attaches to the job the first
+    /// call started instead of starting another.
+    pub idempotency_key: Option<String>,
 }

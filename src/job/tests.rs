@@ -15,12 +15,11 @@ mod stop;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use tokio_stream::StreamExt;
-
 use super::{
-    EventKind, ExitSummary, JobEvent, JobIdCodec, JobMeta, JobSpec, JobStream, Jobs, JobsConfig,
-    Program, Sinks, StreamKind,
+    Delivered, EventKind, ExitSummary, JobEvent, JobIdCodec, JobMeta, JobSpec, JobStream, Jobs,
+    JobsConfig, LogLimits, Program, Sinks, StreamKind,
 };
+use crate::error::Error;
 use crate::testing::fake_backend::{FakeBackend, RecordingSink, Script};
 
 const fn secs(n: u64) -> Duration {
@@ -33,7 +32,11 @@ fn config() -> JobsConfig {
         max_concurrent: 4,
         default_timeout: secs(60),
         max_timeout: secs(600),
-        stream_buffer: 16,
+        log_limits: LogLimits {
+            max_bytes: 1 << 20,
+            max_events: 16,
+        },
+        keepalive: secs(15),
         finished_ttl: secs(300),
         finished_capacity: 8,
         stopped_client_grace: secs(2),
@@ -88,6 +91,8 @@ fn spec(command: &str) -> JobSpec {
         cwd: None,
         env: BTreeMap::new(),
         timeout: None,
+        on_disconnect: Default::default(),
+        idempotency_key: None,
     }
 }
 
@@ -106,16 +111,34 @@ async fn within<F: Future>(wait: F) -> F::Output {
         .expect("still waiting after a (virtual) hour")
 }
 
-/// Reads a stream to its end; panics on an error item.
+/// Reads a stream to its end; panics on an error item or a gap.
 async fn read_all(mut stream: JobStream) -> Vec<JobEvent> {
     within(async {
         let mut events = Vec::new();
-        while let Some(item) = stream.next().await {
+        while let Some(item) = stream.event().await {
             events.push(item.expect("the stream ends with Exited, not an error"));
         }
         events
     })
     .await
+}
+
+/// A reader's stream seen as job events only: keepalives are skipped, a gap fails the test.
+trait EventsOnly {
+    async fn event(&mut self) -> Option<Result<JobEvent, Error>>;
+}
+
+impl EventsOnly for JobStream {
+    async fn event(&mut self) -> Option<Result<JobEvent, Error>> {
+        loop {
+            match self.next().await? {
+                Ok(Delivered::Event(event)) => return Some(Ok(event)),
+                Ok(Delivered::Keepalive { .. }) => {}
+                Ok(Delivered::Gap(gap)) => panic!("unexpected gap: {gap:?}"),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
 }
 
 /// Checks what every job's events must be: `Started` with seq 0, seq without gaps, per-stream

@@ -39,6 +39,8 @@ pub struct Run {
     pub first_output: Option<Duration>,
     /// From the request (or from reading a stream handed over) to `Exited`.
     pub exited_after: Duration,
+    /// Gaps the stream reported (none for a reader that kept up).
+    pub gaps: Vec<pb::Gap>,
 }
 
 impl Run {
@@ -67,6 +69,7 @@ pub struct Job {
     chunks: Vec<(OutputStream, Vec<u8>)>,
     first_output: Option<Duration>,
     exited: Option<(pb::Exited, Duration)>,
+    gaps: Vec<pb::Gap>,
 }
 
 impl Job {
@@ -117,7 +120,70 @@ impl Job {
             chunks: Vec::new(),
             first_output: None,
             exited: None,
+            gaps: Vec::new(),
         })
+    }
+
+    /// Follows an Attach stream (or any event stream) that starts after seq `after` (`None`:
+    /// from the start, `Started` included) with `received` bytes of stdout and stderr already
+    /// had. `pid` is 0 unless `Started` is read.
+    pub async fn resume(
+        mut stream: Streaming<pb::ExecEvent>,
+        output: Output,
+        after: Option<u64>,
+        received: [u64; 2],
+    ) -> anyhow::Result<Job> {
+        let Some(after) = after else {
+            return Job::read_started(stream, output, Instant::now()).await;
+        };
+        // The job id comes with the first event; peek at it without consuming anything else.
+        let first = stream
+            .message()
+            .await
+            .context("the event stream failed")?
+            .context("the stream ended before its first event")?;
+        let mut job = Job {
+            stream,
+            job_id: first.job_id.clone(),
+            pid: 0,
+            output,
+            t0: Instant::now(),
+            next_seq: after + 1,
+            received,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            chunks: Vec::new(),
+            first_output: None,
+            exited: None,
+            gaps: Vec::new(),
+        };
+        job.check(first)?;
+        Ok(job)
+    }
+
+    /// Gaps met so far.
+    pub fn gaps(&self) -> &[pb::Gap] {
+        &self.gaps
+    }
+
+    /// The seq of the last event read (a gap counts as its last lost seq).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Bytes of stdout and stderr received (or accounted for by gaps).
+    pub fn received(&self) -> [u64; 2] {
+        self.received
+    }
+
+    /// Whether `Exited` was read.
+    pub fn has_exited(&self) -> bool {
+        self.exited.is_some()
+    }
+
+    /// The output kept so far (stdout, stderr).
+    pub fn kept(&self) -> (&[u8], &[u8]) {
+        (&self.stdout, &self.stderr)
     }
 
     /// Reads one event; false at the end of the stream.
@@ -130,7 +196,42 @@ impl Job {
         else {
             return Ok(false);
         };
+        self.check(event)?;
+        Ok(true)
+    }
+
+    fn check(&mut self, event: pb::ExecEvent) -> anyhow::Result<()> {
         ensure!(self.exited.is_none(), "event after Exited: {event:?}");
+        if let Some(Kind::Keepalive(_)) = event.kind {
+            // Not a log event: it repeats the last seq sent.
+            ensure!(
+                event.seq + 1 == self.next_seq,
+                "keepalive with seq {} after seq {}",
+                event.seq,
+                self.next_seq - 1
+            );
+            return Ok(());
+        }
+        if let Some(Kind::Gap(gap)) = &event.kind {
+            // Never silent: it says where the stream goes on, and what was lost.
+            ensure!(
+                gap.resumed_seq >= self.next_seq && event.seq + 1 == gap.resumed_seq,
+                "gap to seq {} (event seq {}) where {} was due",
+                gap.resumed_seq,
+                event.seq,
+                self.next_seq
+            );
+            ensure!(
+                gap.resumed_stdout_offset == self.received[0] + gap.lost_stdout_bytes
+                    && gap.resumed_stderr_offset == self.received[1] + gap.lost_stderr_bytes,
+                "gap offsets do not add up after {:?} bytes: {gap:?}",
+                self.received
+            );
+            self.next_seq = gap.resumed_seq;
+            self.received = [gap.resumed_stdout_offset, gap.resumed_stderr_offset];
+            self.gaps.push(*gap);
+            return Ok(());
+        }
         ensure!(
             event.seq == self.next_seq,
             "seq gap: {} where {} was due",
@@ -169,8 +270,9 @@ impl Job {
                 }
             }
             Kind::Exited(e) => self.exited = Some((e, self.t0.elapsed())),
+            Kind::Gap(_) | Kind::Keepalive(_) => unreachable!("handled above"),
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Reads until at least `n` bytes of stdout arrived.
@@ -210,6 +312,7 @@ impl Job {
             exited,
             first_output: self.first_output,
             exited_after,
+            gaps: self.gaps,
         })
     }
 }

@@ -102,6 +102,8 @@ mod tests {
             cwd: Some("/".into()),
             env: Default::default(),
             timeout: None,
+            on_disconnect: Default::default(),
+            idempotency_key: None,
         };
         spec.env
             .insert("V".into(), "it's $(echo pwned)\n; echo injected".into());

@@ -12,7 +12,6 @@ const MIB: usize = 1 << 20;
 fn budget_config(shared: usize, reserve: usize) -> JobsConfig {
     JobsConfig {
         max_concurrent: 64,
-        stream_buffer: 8,
         output_budget_bytes: shared,
         output_reserve_bytes: reserve,
         ..config()
@@ -107,7 +106,7 @@ async fn a_caller_that_reads_gets_every_byte_with_only_the_reserve() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn dropping_a_stalled_caller_gives_its_credit_back() {
+async fn a_finished_jobs_log_gives_its_credit_to_running_jobs_and_back_when_forgotten() {
     let h = Harness::new(budget_config(2 * MIB, 64 << 10));
     let stream = h.run("stalled", writer(32).until_stopped()).await;
     let id = stream.job_id.clone();
@@ -118,12 +117,43 @@ async fn dropping_a_stalled_caller_gives_its_credit_back() {
         "the unread output holds {held} bytes of the pool"
     );
 
-    // Stopped, the caller gets the 2s grace per event; it does not read, so it is dropped and
-    // what it left unread is freed at once, though its stream object is still held.
+    // Stopped, its reader gets the grace, then the job ends; its log keeps the newest output
+    // (within its 1 MiB bound) for late readers.
     h.jobs.cancel(&id).await.unwrap();
     within(h.sink.exited(&id)).await;
-    assert_eq!(h.jobs.output_budget().shared_in_use(), 0);
+    let retained = h.jobs.output_budget().shared_in_use();
+    assert!(retained <= MIB, "the finished log holds {retained} bytes");
+
+    // Running jobs that need credit take it from the finished job's log.
+    let hog = h.run("hog", writer(32).until_stopped()).await;
+    let hog2 = h.run("hog 2", writer(32).until_stopped()).await;
+    tokio::time::sleep(secs(10)).await;
+    let log = h.jobs.status(&id).await.unwrap().log.unwrap();
+    assert_eq!(log.held_bytes, 0, "history given up: {log:?}");
+    assert_eq!(h.jobs.output_budget().shared_in_use(), 2 * MIB);
+    // Its end is still there for a late reader.
+    let mut late = h
+        .jobs
+        .attach(
+            &id,
+            crate::job::Position::AfterSeq(log.next_seq - 2),
+            Default::default(),
+        )
+        .unwrap();
+    match late.next().await {
+        Some(Ok(Delivered::Event(JobEvent {
+            kind: EventKind::Exited(exit),
+            ..
+        }))) => assert_eq!(exit.state, JobState::Cancelled),
+        other => panic!("expected Exited, got {other:?}"),
+    }
+    drop((late, hog, hog2));
+
+    // Forgotten after the TTL, with its reader gone: nothing of it is held.
     drop(stream);
+    tokio::time::sleep(secs(301)).await;
+    assert!(h.jobs.status(&id).await.is_err());
+    assert_eq!(h.jobs.output_budget().shared_in_use(), 0);
 }
 
 #[tokio::test(start_paused = true)]

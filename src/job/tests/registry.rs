@@ -9,11 +9,10 @@ use crate::job::{
 
 #[tokio::test(start_paused = true)]
 async fn the_concurrency_limit_frees_a_slot_when_a_program_ends() {
-    // One slot of buffer and nobody reading: the quick job's `Exited` waits for its client,
-    // but its slot is free as soon as its program ended.
+    // Nobody reading: the quick job's events wait in its log for its client, but its slot is
+    // free as soon as its program ended.
     let h = Harness::new(JobsConfig {
         max_concurrent: 2,
-        stream_buffer: 1,
         ..config()
     });
     let mut quick = h.run("quick", Script::new().wait(secs(1)).exit(0)).await;
@@ -40,13 +39,13 @@ async fn the_concurrency_limit_frees_a_slot_when_a_program_ends() {
 
     // The quick job's client still gets all of it.
     assert!(matches!(
-        quick.next().await.unwrap().unwrap().kind,
+        quick.event().await.unwrap().unwrap().kind,
         EventKind::Started { .. }
     ));
     let Some(Ok(JobEvent {
         kind: EventKind::Exited(exit),
         ..
-    })) = quick.next().await
+    })) = quick.event().await
     else {
         panic!("Exited follows");
     };

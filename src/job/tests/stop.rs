@@ -18,8 +18,8 @@ async fn cancel_request_cancels() {
         .run("sleep", Script::new().stdout("working\n").until_stopped())
         .await;
     let id = stream.job_id.clone();
-    let started = stream.next().await.unwrap().unwrap();
-    let working = stream.next().await.unwrap().unwrap();
+    let started = stream.event().await.unwrap().unwrap();
+    let working = stream.event().await.unwrap().unwrap();
     tokio::time::sleep(secs(3)).await;
 
     let snapshot = h.jobs.cancel(&id).await.expect("cancel");
@@ -64,7 +64,7 @@ async fn dropping_the_stream_cancels_the_job() {
     let h = Harness::new(config());
     let mut stream = h.run("sleep", Script::new().until_stopped()).await;
     let id = stream.job_id.clone();
-    stream.next().await.unwrap().unwrap();
+    stream.event().await.unwrap().unwrap();
     tokio::time::sleep(secs(2)).await;
     drop(stream);
 
@@ -177,10 +177,13 @@ async fn output_after_the_stop_is_delivered_before_exited() {
     assert_eq!(h.backend.runs()[0].ran_for, Some(secs(2)));
 }
 
-/// One slot of buffer: `Started` fills it, so the job's first output waits for the client.
+/// A log of one event: `Started` fills it, so the job's first output waits for the client.
 fn one_slot_config() -> JobsConfig {
     JobsConfig {
-        stream_buffer: 1,
+        log_limits: crate::job::LogLimits {
+            max_bytes: 1 << 20,
+            max_events: 1,
+        },
         stopped_client_grace: secs(2),
         ..config()
     }
@@ -222,12 +225,23 @@ async fn a_client_that_does_not_read_a_stopped_job_is_dropped_after_the_grace() 
     );
     check_events(&sunk);
 
-    // What it left unread was freed when it was dropped: it gets the error once, then the end.
+    // What it had not read was evicted after the grace: it is told exactly what it lost
+    // (Started and "one"), then gets the rest.
     match stream.next().await {
-        Some(Err(Error::StreamAbandoned(job))) => assert_eq!(job, id.to_string()),
-        other => panic!("expected StreamAbandoned, got {other:?}"),
+        Some(Ok(Delivered::Gap(gap))) => assert_eq!(
+            (
+                gap.resumed_seq,
+                gap.lost_events,
+                gap.lost_stdout_bytes,
+                gap.resumed_stdout_offset,
+                gap.exact
+            ),
+            (2, 2, 3, 3, true)
+        ),
+        other => panic!("expected a gap, got {other:?}"),
     }
-    assert!(stream.next().await.is_none());
+    let rest = read_all(stream).await;
+    assert_eq!(rest, sunk[2..]);
     assert_eq!(h.jobs.status(&id).await.unwrap().state, Cancelled);
 }
 
@@ -248,7 +262,7 @@ async fn a_client_that_reads_within_the_grace_gets_everything() {
     let mut events = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        match stream.next().await {
+        match stream.event().await {
             Some(item) => events.push(item.expect("not abandoned")),
             None => break,
         }
@@ -259,15 +273,15 @@ async fn a_client_that_reads_within_the_grace_gets_everything() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_client_that_does_not_read_a_job_that_ended_by_itself_is_dropped_after_the_grace() {
+async fn a_job_that_ended_by_itself_is_retired_at_once_and_its_reader_still_gets_everything() {
     let h = Harness::new(JobsConfig {
         finished_ttl: secs(60),
         ..one_slot_config()
     });
     let t0 = Instant::now();
-    let mut stream = h.run("done", Script::new().exit(0)).await;
+    let stream = h.run("done", Script::new().exit(0)).await;
     let id = stream.job_id.clone();
-    // The buffer of one holds Started: Exited waits for a reader that never comes.
+    // The log of one holds Started; Exited never waits for a reader.
     within(h.backend.runs_ended(1)).await;
     assert_eq!(h.jobs.active(), 0, "the program is gone");
     let exit = within(h.sink.exited(&id)).await;
@@ -276,18 +290,20 @@ async fn a_client_that_does_not_read_a_job_that_ended_by_itself_is_dropped_after
         (Succeeded, Some(0), None, "exited with code 0")
     );
 
-    // Not held forever: Exited got the 2s grace, then the client was dropped and the job
-    // retired, so it is forgotten once the finished-job TTL has passed.
+    // Not held by its reader: the job retired at once, so it is forgotten once the
+    // finished-job TTL has passed.
     tokio::time::sleep(secs(120)).await;
     assert!(t0.elapsed() >= secs(120));
     match h.jobs.status(&id).await {
         Err(Error::JobNotFound(_)) => {}
         other => panic!("expected the finished job to be forgotten, got {other:?}"),
     }
-    // What it left unread was freed when it was dropped: it gets the error once, then the end.
-    match stream.next().await {
-        Some(Err(Error::StreamAbandoned(job))) => assert_eq!(job, id.to_string()),
-        other => panic!("expected StreamAbandoned, got {other:?}"),
-    }
-    assert!(stream.next().await.is_none());
+    // Its reader holds the log: it still gets every event.
+    let events = read_all(stream).await;
+    assert_eq!(check_events(&events).state, Succeeded);
+    assert!(
+        h.jobs
+            .attach(&id, crate::job::Position::Start, Default::default())
+            .is_err()
+    );
 }
