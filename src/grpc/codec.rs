@@ -60,14 +60,25 @@ impl<U: Message + Default> Decoder for ProtoDecoder<U> {
     }
 }
 
+/// What tonic's decoder says of a message over the size limit
+/// ("Error, decoded message length too large: found N bytes, the limit is: M bytes").
+const OVERSIZE_MESSAGE: &str = "message length too large";
+
 /// Rewrites tonic's `OUT_OF_RANGE` for a request over the size limit into `RESOURCE_EXHAUSTED`,
 /// the code gRPC's own implementations use for it. Only a trailers-only response (status in the
-/// headers) is touched: that is how tonic refuses a request before its handler runs, so a
-/// status a handler returns mid-stream is never changed.
+/// headers) with tonic's own message is touched: that is how tonic refuses a request before its
+/// handler runs, so a status a handler returns (mid-stream, or OUT_OF_RANGE of its own) is never
+/// changed.
 pub fn oversize_as_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
     let out_of_range = HeaderValue::from(Code::OutOfRange as i32);
-    if headers.get("grpc-status") == Some(&out_of_range) {
+    // Handlers answer OUT_OF_RANGE too (a resume position outside a job's log): only tonic's
+    // own size refusal is changed.
+    let oversize = headers
+        .get("grpc-message")
+        .map(|m| percent_encoding::percent_decode(m.as_bytes()).decode_utf8_lossy())
+        .is_some_and(|m| m.contains(OVERSIZE_MESSAGE));
+    if oversize && headers.get("grpc-status") == Some(&out_of_range) {
         headers.insert(
             "grpc-status",
             HeaderValue::from(Code::ResourceExhausted as i32),
@@ -80,26 +91,35 @@ pub fn oversize_as_resource_exhausted<B>(mut response: http::Response<B>) -> htt
 mod tests {
     use super::*;
 
-    fn with_status(code: Code) -> http::Response<()> {
+    const TONIC_OVERSIZE: &str = "Error,%20decoded%20message%20length%20too%20large:%20found%2099%20bytes,%20the%20limit%20is:%2010%20bytes";
+
+    fn with_status(code: Code, message: &'static str) -> http::Response<()> {
         let mut response = http::Response::new(());
-        response
-            .headers_mut()
-            .insert("grpc-status", HeaderValue::from(code as i32));
+        let headers = response.headers_mut();
+        headers.insert("grpc-status", HeaderValue::from(code as i32));
+        headers.insert("grpc-message", HeaderValue::from_static(message));
         response
     }
 
     #[test]
-    fn only_out_of_range_in_headers_becomes_resource_exhausted() {
+    fn only_tonics_oversize_refusal_becomes_resource_exhausted() {
         let status = |r: http::Response<()>| r.headers()["grpc-status"].clone();
         assert_eq!(
             status(oversize_as_resource_exhausted(with_status(
-                Code::OutOfRange
+                Code::OutOfRange,
+                TONIC_OVERSIZE
             ))),
             HeaderValue::from(Code::ResourceExhausted as i32)
         );
-        for code in [Code::Ok, Code::InvalidArgument, Code::Internal] {
+        for (code, message) in [
+            (Code::Ok, ""),
+            (Code::InvalidArgument, TONIC_OVERSIZE),
+            (Code::Internal, ""),
+            // A handler's own OUT_OF_RANGE (a resume position outside a job's log).
+            (Code::OutOfRange, "job%20j:%20seq%209%20is%20beyond"),
+        ] {
             assert_eq!(
-                status(oversize_as_resource_exhausted(with_status(code))),
+                status(oversize_as_resource_exhausted(with_status(code, message))),
                 HeaderValue::from(code as i32)
             );
         }

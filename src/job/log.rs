@@ -714,3 +714,424 @@ impl RetiredLogs {
         freed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use bytes::Bytes;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::job::{ExitSummary, JobState, budget::OutputBudget};
+
+    const KEEPALIVE: Duration = Duration::from_secs(15);
+
+    /// A log and a writer for it, numbering events like `JobOutput`.
+    struct Writer {
+        log: Arc<EventLog>,
+        budget: JobBudget,
+        stop: CancellationToken,
+        seq: u64,
+        ends: [u64; 2],
+    }
+
+    impl Writer {
+        fn new(max_bytes: usize, max_events: usize) -> Writer {
+            let log = EventLog::new(LogLimits {
+                max_bytes,
+                max_events,
+            });
+            let stop = CancellationToken::new();
+            let budget = OutputBudget::new(64 << 20, 64 << 10).for_job(
+                stop.clone(),
+                Duration::from_secs(2),
+                Arc::clone(&log),
+            );
+            Writer {
+                log,
+                budget,
+                stop,
+                seq: 0,
+                ends: [0; 2],
+            }
+        }
+
+        fn event(&mut self, kind: EventKind) -> JobEvent {
+            let event = JobEvent {
+                seq: self.seq,
+                time: SystemTime::UNIX_EPOCH,
+                kind,
+            };
+            self.seq += 1;
+            event
+        }
+
+        async fn started(&mut self) {
+            let event = self.event(EventKind::Started {
+                backend: "test",
+                pid: None,
+            });
+            self.log.push(event, Credit::default(), &self.budget).await;
+        }
+
+        async fn output(&mut self, stream: StreamKind, data: &str) {
+            let slot = stream_index(stream);
+            let offset = self.ends[slot];
+            self.ends[slot] += data.len() as u64;
+            let event = self.event(EventKind::Output {
+                stream,
+                offset,
+                data: Bytes::copy_from_slice(data.as_bytes()),
+            });
+            self.log.push(event, Credit::default(), &self.budget).await;
+        }
+
+        async fn exited(&mut self) {
+            let event = self.event(EventKind::Exited(ExitSummary {
+                state: JobState::Succeeded,
+                exit_code: Some(0),
+                signal: None,
+                duration: Duration::ZERO,
+                finished_at: SystemTime::UNIX_EPOCH,
+                stdout_bytes: self.ends[0],
+                stderr_bytes: self.ends[1],
+                message: String::new(),
+            }));
+            self.log.push(event, Credit::default(), &self.budget).await;
+        }
+    }
+
+    use StreamKind::{Stderr, Stdout};
+
+    /// Everything a reader gets until `Exited`, as short strings: `S0` (Started, seq 0),
+    /// `o3:12@5` (stdout, seq 3, "12" at offset 5), `e4:..`, `X9`, `gap(...)`.
+    async fn drain(reader: &mut LogReader) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Some(next) = tokio::time::timeout(KEEPALIVE, reader.next(KEEPALIVE))
+            .await
+            .expect("not stuck")
+        {
+            seen.push(match next.expect("no error") {
+                Delivered::Event(e) => describe(&e),
+                Delivered::Gap(g) => format!(
+                    "gap(seq {}, {} events, lost {}+{}, at {}+{}, exact {})",
+                    g.resumed_seq,
+                    g.lost_events,
+                    g.lost_stdout_bytes,
+                    g.lost_stderr_bytes,
+                    g.resumed_stdout_offset,
+                    g.resumed_stderr_offset,
+                    g.exact
+                ),
+                Delivered::Keepalive { .. } => break,
+            });
+        }
+        seen
+    }
+
+    fn describe(event: &JobEvent) -> String {
+        match &event.kind {
+            EventKind::Started { .. } => format!("S{}", event.seq),
+            EventKind::Output {
+                stream,
+                offset,
+                data,
+            } => format!(
+                "{}{}:{}@{offset}",
+                if *stream == Stdout { 'o' } else { 'e' },
+                event.seq,
+                String::from_utf8_lossy(data)
+            ),
+            EventKind::Exited(_) => format!("X{}", event.seq),
+        }
+    }
+
+    /// Started, "ab" on stdout, "cd" on stderr, "ef" on stdout, Exited.
+    async fn short_job(w: &mut Writer) {
+        w.started().await;
+        w.output(Stdout, "ab").await;
+        w.output(Stderr, "cd").await;
+        w.output(Stdout, "ef").await;
+        w.exited().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readers_get_the_same_events_from_wherever_they_start() {
+        let mut w = Writer::new(1 << 20, 100);
+        short_job(&mut w).await;
+        let all = ["S0", "o1:ab@0", "e2:cd@0", "o3:ef@2", "X4"];
+        let from = |p| w.log.reader(p, GapPolicy::Report).unwrap();
+        assert_eq!(drain(&mut from(Position::Start)).await, all);
+        assert_eq!(drain(&mut from(Position::Start)).await, all);
+        assert_eq!(drain(&mut from(Position::AfterSeq(1))).await, all[2..]);
+        assert_eq!(drain(&mut from(Position::AfterSeq(3))).await, ["X4"]);
+        assert!(drain(&mut from(Position::AfterSeq(4))).await.is_empty());
+        // By offsets: mid-chunk positions are trimmed, Started is not sent again.
+        assert_eq!(
+            drain(&mut from(Position::Offsets {
+                stdout: 1,
+                stderr: 2
+            }))
+            .await,
+            ["o1:b@1", "o3:ef@2", "X4"]
+        );
+        assert_eq!(
+            drain(&mut from(Position::Offsets {
+                stdout: 4,
+                stderr: 0
+            }))
+            .await,
+            ["e2:cd@0", "X4"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn positions_beyond_the_end_are_refused() {
+        let mut w = Writer::new(1 << 20, 100);
+        w.started().await;
+        w.output(Stdout, "ab").await;
+        assert_eq!(
+            w.log.reader(Position::AfterSeq(2), GapPolicy::Report).err(),
+            Some(PositionError::SeqBeyondEnd {
+                after: 2,
+                last: Some(1)
+            })
+        );
+        assert!(matches!(
+            w.log.reader(
+                Position::Offsets {
+                    stdout: 3,
+                    stderr: 0
+                },
+                GapPolicy::Report
+            ),
+            Err(PositionError::OffsetBeyondEnd {
+                stream: "stdout",
+                requested: 3,
+                produced: 2
+            })
+        ));
+        // After the last event so far is fine: the reader waits for the next.
+        let mut reader = w
+            .log
+            .reader(Position::AfterSeq(1), GapPolicy::Report)
+            .unwrap();
+        w.output(Stderr, "x").await;
+        assert!(matches!(
+            reader.next(KEEPALIVE).await,
+            Some(Ok(Delivered::Event(JobEvent { seq: 2, .. })))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_nobody_attached_the_newest_events_are_kept_and_late_readers_told_what_they_lost()
+    {
+        // 4 bytes: the log holds two 2-byte chunks at most.
+        let mut w = Writer::new(4, 100);
+        short_job(&mut w).await;
+        // Started and "ab" were evicted.
+        let summary = w.log.summary();
+        assert_eq!(
+            (summary.first_seq, summary.stdout_from, summary.stderr_from),
+            (2, 2, 0)
+        );
+        let from = |p, policy| w.log.reader(p, policy);
+        assert_eq!(
+            drain(&mut from(Position::Start, GapPolicy::Report).unwrap()).await,
+            [
+                "gap(seq 2, 2 events, lost 2+0, at 2+0, exact true)",
+                "e2:cd@0",
+                "o3:ef@2",
+                "X4"
+            ]
+        );
+        assert_eq!(
+            drain(&mut from(Position::AfterSeq(0), GapPolicy::Report).unwrap()).await[0],
+            "gap(seq 2, 1 events, lost 2+0, at 2+0, exact true)"
+        );
+        // By offsets: only what the reader lacks counts.
+        assert_eq!(
+            drain(
+                &mut from(
+                    Position::Offsets {
+                        stdout: 1,
+                        stderr: 0
+                    },
+                    GapPolicy::Report
+                )
+                .unwrap()
+            )
+            .await,
+            [
+                "gap(seq 2, 0 events, lost 1+0, at 2+0, exact true)",
+                "e2:cd@0",
+                "o3:ef@2",
+                "X4"
+            ]
+        );
+        assert_eq!(
+            drain(
+                &mut from(
+                    Position::Offsets {
+                        stdout: 2,
+                        stderr: 0
+                    },
+                    GapPolicy::Report
+                )
+                .unwrap()
+            )
+            .await,
+            ["e2:cd@0", "o3:ef@2", "X4"],
+            "nothing it lacks was evicted: no gap"
+        );
+        // The fail policy refuses instead.
+        match from(Position::Start, GapPolicy::Fail) {
+            Err(PositionError::Lost(gap)) => assert_eq!(gap.lost_stdout_bytes, 2),
+            other => panic!("expected Lost, got {:?}", other.err()),
+        }
+        assert!(from(Position::AfterSeq(1), GapPolicy::Fail).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attached_reader_holds_the_writer_back_until_it_reads() {
+        let mut w = Writer::new(4, 100);
+        let mut reader = w.log.reader(Position::Start, GapPolicy::Report).unwrap();
+        w.started().await;
+        w.output(Stdout, "ab").await;
+        w.output(Stdout, "cd").await;
+        // Full of what the reader still needs: the next write waits.
+        let log = Arc::clone(&w.log);
+        let blocked = tokio::spawn(async move {
+            w.output(Stdout, "ef").await;
+            w
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!blocked.is_finished(), "the writer waits for the reader");
+        assert_eq!(log.summary().next_seq, 3);
+        // Taking Started is not enough (it holds no bytes); taking "ab" is.
+        assert_eq!(describe(&event(reader.next(KEEPALIVE).await)), "S0");
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished());
+        assert_eq!(describe(&event(reader.next(KEEPALIVE).await)), "o1:ab@0");
+        let mut w = blocked.await.unwrap();
+        w.exited().await;
+        assert_eq!(drain(&mut reader).await, ["o2:cd@2", "o3:ef@4", "X4"]);
+    }
+
+    fn event(next: Option<Result<Delivered, PositionError>>) -> JobEvent {
+        match next {
+            Some(Ok(Delivered::Event(event))) => event,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_does_not_read_a_stopped_job_stops_holding_it_after_the_grace() {
+        let mut w = Writer::new(4, 100);
+        let mut stuck = w.log.reader(Position::Start, GapPolicy::Report).unwrap();
+        w.started().await;
+        w.output(Stdout, "ab").await;
+        w.output(Stdout, "cd").await;
+        w.stop.cancel();
+        let t0 = tokio::time::Instant::now();
+        w.output(Stdout, "ef").await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(2), "one grace");
+        // Demoted: later writes do not wait for it again.
+        w.output(Stdout, "gh").await;
+        w.exited().await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(2));
+        assert_eq!(
+            drain(&mut stuck).await,
+            [
+                "gap(seq 3, 3 events, lost 4+0, at 4+0, exact true)",
+                "o3:ef@4",
+                "o4:gh@6",
+                "X5"
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_attached_count_follows_readers() {
+        let w = Writer::new(4, 100);
+        let attached = w.log.attached();
+        let a = w.log.reader(Position::Start, GapPolicy::Report).unwrap();
+        let b = w.log.reader(Position::New, GapPolicy::Report).unwrap();
+        assert_eq!((*attached.borrow(), w.log.summary().attached), (2, 2));
+        drop(a);
+        assert_eq!(*attached.borrow(), 1);
+        drop(b);
+        assert_eq!(*attached.borrow(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_reader_gets_keepalives() {
+        let mut w = Writer::new(1 << 20, 100);
+        w.started().await;
+        let mut reader = w.log.reader(Position::Start, GapPolicy::Report).unwrap();
+        assert!(matches!(
+            reader.next(KEEPALIVE).await,
+            Some(Ok(Delivered::Event(_)))
+        ));
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(
+            reader.next(KEEPALIVE).await,
+            Some(Ok(Delivered::Keepalive { last_seq: Some(0) }))
+        );
+        assert_eq!(t0.elapsed(), KEEPALIVE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_is_given_up_for_credit_but_never_what_a_reader_needs_or_the_end() {
+        let mut w = Writer::new(1 << 20, 100);
+        let mut reader = w.log.reader(Position::Start, GapPolicy::Report).unwrap();
+        short_job(&mut w).await;
+        assert_eq!(w.log.release_history(100), 0, "the reader needs it all");
+        reader.next(KEEPALIVE).await;
+        reader.next(KEEPALIVE).await;
+        assert_eq!(
+            w.log.release_history(100),
+            2,
+            "Started and \"ab\" were read"
+        );
+        drain(&mut reader).await;
+        assert_eq!(w.log.release_history(100), 4);
+        let summary = w.log.summary();
+        assert_eq!(
+            (summary.first_seq, summary.held_bytes),
+            (4, 0),
+            "Exited stays"
+        );
+    }
+
+    #[test]
+    fn sizes_of_evicted_events_are_remembered_up_to_a_bound() {
+        let mut index = EvictedIndex::default();
+        let chunk = |stream, len| Entry {
+            event: JobEvent {
+                seq: 0,
+                time: SystemTime::UNIX_EPOCH,
+                kind: EventKind::Output {
+                    stream,
+                    offset: 0,
+                    data: Bytes::from(vec![0; len]),
+                },
+            },
+            len,
+            _credit: Credit::default(),
+        };
+        index.push(&chunk(Stdout, 3));
+        index.push(&chunk(Stderr, 5));
+        index.push(&chunk(Stdout, 7));
+        assert_eq!(index.offsets_before(0), ([0, 0], true));
+        assert_eq!(index.offsets_before(2), ([3, 5], true));
+        assert_eq!(index.offsets_before(3), ([10, 5], true));
+        for _ in 0..EVICTED_INDEX_LEN {
+            index.push(&chunk(Stdout, 1));
+        }
+        assert_eq!(index.first_seq, 3);
+        assert_eq!(index.offsets_before(1), ([10, 5], false), "a lower bound");
+        assert_eq!(index.offsets_before(3), ([10, 5], true));
+    }
+}

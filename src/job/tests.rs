@@ -6,7 +6,9 @@
 //! - `registry`: limits, failed starts, finished-job retention.
 //! - `drain`: shutdown.
 //! - `budget`: the server-wide output budget under callers that do not read.
+//! - `attach`: disconnect policies, Attach, idempotent starts, ListJobs.
 
+mod attach;
 mod budget;
 mod drain;
 mod lifecycle;

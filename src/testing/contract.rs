@@ -124,18 +124,15 @@ impl Job {
         })
     }
 
-    /// Follows an Attach stream (or any event stream) that starts after seq `after` (`None`:
-    /// from the start, `Started` included) with `received` bytes of stdout and stderr already
-    /// had. `pid` is 0 unless `Started` is read.
+    /// Follows an Attach stream that starts after seq `after` (`None`: wherever its first event
+    /// says, as when resuming by offsets) with `received` bytes of stdout and stderr already
+    /// had. `pid` is 0: `Started` is not read (use [`Job::from_stream`] from the start).
     pub async fn resume(
         mut stream: Streaming<pb::ExecEvent>,
         output: Output,
         after: Option<u64>,
         received: [u64; 2],
     ) -> anyhow::Result<Job> {
-        let Some(after) = after else {
-            return Job::read_started(stream, output, Instant::now()).await;
-        };
         // The job id comes with the first event; peek at it without consuming anything else.
         let first = stream
             .message()
@@ -148,7 +145,12 @@ impl Job {
             pid: 0,
             output,
             t0: Instant::now(),
-            next_seq: after + 1,
+            next_seq: match (after, &first.kind) {
+                (Some(after), _) => after + 1,
+                // A gap or a keepalive names the seq before the next event.
+                (None, Some(Kind::Gap(_) | Kind::Keepalive(_))) => first.seq + 1,
+                (None, _) => first.seq,
+            },
             received,
             stdout: Vec::new(),
             stderr: Vec::new(),

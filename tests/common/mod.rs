@@ -161,6 +161,65 @@ impl Job {
     }
 }
 
+/// Opens an Attach stream on `job_id` from `from` (`None`: the start). The request stream
+/// half-closes after `open`, which ends nothing.
+pub async fn attach(
+    client: &mut SandboxServiceClient<Channel>,
+    job_id: &str,
+    from: Option<pb::resume_from::Position>,
+    on_gap: pb::GapPolicy,
+) -> Result<Streaming<pb::ExecEvent>, tonic::Status> {
+    let open = pb::AttachRequest {
+        kind: Some(pb::attach_request::Kind::Open(pb::AttachOpen {
+            job_id: job_id.into(),
+            from: from.map(|position| pb::ResumeFrom {
+                position: Some(position),
+            }),
+            on_gap: on_gap as i32,
+        })),
+    };
+    client
+        .attach(tokio_stream::iter([open]))
+        .await
+        .map(|r| r.into_inner())
+}
+
+impl Job {
+    /// Follows an Attach stream that starts after seq `after` (`None`: wherever it starts) with
+    /// `received` bytes of stdout and stderr already had, through the contract reader.
+    pub async fn resume(
+        stream: Streaming<pb::ExecEvent>,
+        after: Option<u64>,
+        received: [u64; 2],
+    ) -> Job {
+        Job::new(checked(
+            contract::Job::resume(stream, Output::Keep, after, received).await,
+        ))
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.reader.last_seq()
+    }
+
+    pub fn received(&self) -> [u64; 2] {
+        self.reader.received()
+    }
+
+    pub fn has_exited(&self) -> bool {
+        self.reader.has_exited()
+    }
+
+    /// Output kept so far (stdout, stderr).
+    pub fn kept(&self) -> (Vec<u8>, Vec<u8>) {
+        let (stdout, stderr) = self.reader.kept();
+        (stdout.to_vec(), stderr.to_vec())
+    }
+
+    pub fn gaps(&self) -> Vec<pb::Gap> {
+        self.reader.gaps().to_vec()
+    }
+}
+
 pub async fn run(client: &mut SandboxServiceClient<Channel>, req: pb::ExecRequest) -> Run {
     Job::start(client, req).await.finish().await
 }
