@@ -64,6 +64,7 @@ async fn a_detached_job_resumed_by_seq_or_by_offsets_gets_exactly_what_was_misse
         &id,
         Some(Position::AfterSeq(after)),
         GapPolicy::Fail,
+        true,
     )
     .await
     .unwrap();
@@ -85,6 +86,7 @@ async fn a_detached_job_resumed_by_seq_or_by_offsets_gets_exactly_what_was_misse
         &id,
         Some(Position::Offsets(offsets)),
         GapPolicy::Fail,
+        true,
     )
     .await
     .unwrap();
@@ -93,10 +95,10 @@ async fn a_detached_job_resumed_by_seq_or_by_offsets_gets_exactly_what_was_misse
     assert_eq!([seen_err, rest.stderr].concat(), chatty_text("err"));
 
     // Two watchers from the start see identical streams: same seqs, same chunks.
-    let a = attach(&mut client, &id, None, GapPolicy::Report)
+    let a = attach(&mut client, &id, None, GapPolicy::Report, true)
         .await
         .unwrap();
-    let b = attach(&mut client, &id, None, GapPolicy::Report)
+    let b = attach(&mut client, &id, None, GapPolicy::Report, true)
         .await
         .unwrap();
     let (a, b) = tokio::join!(async { Job::from_stream(a).await.finish().await }, async {
@@ -113,10 +115,10 @@ async fn watchers_of_a_running_job_see_identical_events() {
     let mut client = server.client().await;
     let exec = Job::start(&mut client, shell(CHATTY)).await;
     let id = exec.job_id.clone();
-    let a = attach(&mut client, &id, None, GapPolicy::Fail)
+    let a = attach(&mut client, &id, None, GapPolicy::Fail, true)
         .await
         .unwrap();
-    let b = attach(&mut client, &id, None, GapPolicy::Fail)
+    let b = attach(&mut client, &id, None, GapPolicy::Fail, true)
         .await
         .unwrap();
     let (exec, a, b) = tokio::join!(
@@ -148,7 +150,7 @@ async fn output_evicted_while_nobody_watched_is_reported_as_a_gap_or_refused() {
     );
     assert!(log.held_bytes <= 65536 && log.stdout_from > 0, "{log:?}");
 
-    let stream = attach(&mut client, &id, None, GapPolicy::Report)
+    let stream = attach(&mut client, &id, None, GapPolicy::Report, true)
         .await
         .unwrap();
     let run = Job::resume(stream, None, [0, 0]).await.finish().await;
@@ -174,6 +176,7 @@ async fn output_evicted_while_nobody_watched_is_reported_as_a_gap_or_refused() {
         &id,
         Some(Position::AfterSeq(0)),
         GapPolicy::Fail,
+        true,
     )
     .await;
     let refused = match refused {
@@ -201,7 +204,8 @@ async fn attach_refuses_what_it_cannot_serve_with_the_right_codes() {
                 &mut client,
                 &id,
                 Some(Position::AfterSeq(99)),
-                GapPolicy::Report
+                GapPolicy::Report,
+                true,
             )
             .await
         ),
@@ -217,14 +221,15 @@ async fn attach_refuses_what_it_cannot_serve_with_the_right_codes() {
                 &mut client,
                 &id,
                 Some(Position::Offsets(beyond)),
-                GapPolicy::Report
+                GapPolicy::Report,
+                true,
             )
             .await
         ),
         Code::OutOfRange
     );
     assert_eq!(
-        code(attach(&mut client, "nope", None, GapPolicy::Report).await),
+        code(attach(&mut client, "nope", None, GapPolicy::Report, true).await),
         Code::NotFound
     );
     // A stream whose first request is not `open`.
@@ -250,6 +255,7 @@ async fn attach_follow_ups_are_unimplemented_a_half_close_ends_nothing_and_idle_
         &id,
         Some(Position::AfterSeq(0)),
         GapPolicy::Report,
+        true,
     )
     .await
     .unwrap();
@@ -278,6 +284,7 @@ async fn attach_follow_ups_are_unimplemented_a_half_close_ends_nothing_and_idle_
                 position: Some(Position::NewOnly(pb::NewOnly {})),
             }),
             on_gap: 0,
+            lossless: false,
         })),
     })
     .await
@@ -481,7 +488,7 @@ async fn random_disconnects_and_resumes_never_lose_or_duplicate_a_byte() {
                 stderr: received[1],
             })
         };
-        let stream = attach(&mut client, &id, Some(from), GapPolicy::Fail)
+        let stream = attach(&mut client, &id, Some(from), GapPolicy::Fail, true)
             .await
             .unwrap();
         job = Job::resume(stream, by_seq.then_some(after), received).await;

@@ -7,8 +7,8 @@ use crate::{
     error::Error,
     job::{
         Delivered, DeliveryProgress, DisconnectPolicy, EventKind, ExitSummary, GapPolicy, JobEvent,
-        JobFilter, JobId, JobMeta, JobSnapshot, JobSpec, JobState, ListCursor, Position, Program,
-        SinkHealth, StreamKind,
+        JobFilter, JobId, JobMeta, JobSnapshot, JobSpec, JobState, ListCursor, Pace, Position,
+        Program, SinkHealth, StreamKind,
     },
     proto as pb,
 };
@@ -150,7 +150,9 @@ fn positive_duration(
 }
 
 /// Validates an Attach stream's first request.
-pub fn attach_open(req: Option<pb::AttachRequest>) -> Result<(JobId, Position, GapPolicy), Error> {
+pub fn attach_open(
+    req: Option<pb::AttachRequest>,
+) -> Result<(JobId, Position, GapPolicy, Pace), Error> {
     let open = match req.and_then(|r| r.kind) {
         Some(pb::attach_request::Kind::Open(open)) => open,
         None => return invalid("the first Attach request must be `open`"),
@@ -162,7 +164,12 @@ pub fn attach_open(req: Option<pb::AttachRequest>) -> Result<(JobId, Position, G
         Ok(pb::GapPolicy::Fail) => GapPolicy::Fail,
         Err(_) => return invalid(format!("on_gap {} is not a GapPolicy", open.on_gap)),
     };
-    Ok((id, position, on_gap))
+    let pace = if open.lossless {
+        Pace::Lossless
+    } else {
+        Pace::Watch
+    };
+    Ok((id, position, on_gap, pace))
 }
 
 fn resume_from(from: pb::ResumeFrom) -> Result<Position, Error> {

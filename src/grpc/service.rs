@@ -75,8 +75,8 @@ impl SandboxService for SandboxApi {
                     ATTACH_OPEN_TIMEOUT.as_secs()
                 ))
             })??;
-        let (id, position, on_gap) = convert::attach_open(first)?;
-        let events = self.jobs.attach(&id, position, on_gap)?;
+        let (id, position, on_gap, pace) = convert::attach_open(first)?;
+        let events = self.jobs.attach(&id, position, on_gap, pace)?;
         Ok(Response::new(Box::pin(attach_stream(events, inbound))))
     }
 

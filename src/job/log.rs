@@ -54,6 +54,18 @@ pub enum Position {
     New,
 }
 
+/// Whether a reader holds the job back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pace {
+    /// The job waits for this reader rather than evict what it has not read (the Exec caller;
+    /// a client resuming its own job): it never gets a gap once attached, unless it stops
+    /// reading a stopped job for the stopped-client grace.
+    #[default]
+    Lossless,
+    /// Never slows the job: when it falls behind by more than the log holds, it gets a gap.
+    Watch,
+}
+
 /// What a reader does when its position is no longer held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GapPolicy {
@@ -450,6 +462,7 @@ impl EventLog {
         self: &Arc<Self>,
         position: Position,
         on_gap: GapPolicy,
+        pace: Pace,
     ) -> Result<LogReader, PositionError> {
         let mut state = self.lock();
         let last = state.next_seq.checked_sub(1);
@@ -493,12 +506,14 @@ impl EventLog {
         }
         let id = state.next_reader;
         state.next_reader += 1;
-        state.readers.insert(id, Some(cursor));
+        let holds = pace == Pace::Lossless;
+        state.readers.insert(id, holds.then_some(cursor));
         self.attached.send_replace(state.readers.len());
         drop(state);
         Ok(LogReader {
             log: Arc::clone(self),
             id,
+            holds,
             cursor,
             requested: position,
             on_gap,
@@ -558,6 +573,8 @@ impl std::fmt::Debug for EventLog {
 pub struct LogReader {
     log: Arc<EventLog>,
     id: u64,
+    /// Its cursor holds the job back (`Pace::Lossless`).
+    holds: bool,
     /// The next seq this reader needs.
     cursor: u64,
     requested: Position,
@@ -606,7 +623,9 @@ impl LogReader {
             self.skip_below = self.delivered_ends;
             // From here on the reader follows by seq.
             self.requested = Position::AfterSeq(gap.resumed_seq.saturating_sub(1));
-            state.readers.insert(self.id, Some(self.cursor));
+            state
+                .readers
+                .insert(self.id, self.holds.then_some(self.cursor));
             drop(state);
             return Some(match self.on_gap {
                 GapPolicy::Report => Ok(Delivered::Gap(gap)),
@@ -652,7 +671,9 @@ impl LogReader {
             delivered = Some(event);
             break;
         }
-        state.readers.insert(self.id, Some(self.cursor));
+        state
+            .readers
+            .insert(self.id, self.holds.then_some(self.cursor));
         drop(state);
         // What was delivered or skipped is consumed: a writer waiting for room looks again.
         self.log.progressed.notify_waiters();
@@ -861,7 +882,7 @@ mod tests {
         let mut w = Writer::new(1 << 20, 100);
         short_job(&mut w).await;
         let all = ["S0", "o1:ab@0", "e2:cd@0", "o3:ef@2", "X4"];
-        let from = |p| w.log.reader(p, GapPolicy::Report).unwrap();
+        let from = |p| w.log.reader(p, GapPolicy::Report, Pace::Lossless).unwrap();
         assert_eq!(drain(&mut from(Position::Start)).await, all);
         assert_eq!(drain(&mut from(Position::Start)).await, all);
         assert_eq!(drain(&mut from(Position::AfterSeq(1))).await, all[2..]);
@@ -892,7 +913,9 @@ mod tests {
         w.started().await;
         w.output(Stdout, "ab").await;
         assert_eq!(
-            w.log.reader(Position::AfterSeq(2), GapPolicy::Report).err(),
+            w.log
+                .reader(Position::AfterSeq(2), GapPolicy::Report, Pace::Lossless)
+                .err(),
             Some(PositionError::SeqBeyondEnd {
                 after: 2,
                 last: Some(1)
@@ -904,7 +927,8 @@ mod tests {
                     stdout: 3,
                     stderr: 0
                 },
-                GapPolicy::Report
+                GapPolicy::Report,
+                Pace::Lossless
             ),
             Err(PositionError::OffsetBeyondEnd {
                 stream: "stdout",
@@ -915,7 +939,7 @@ mod tests {
         // After the last event so far is fine: the reader waits for the next.
         let mut reader = w
             .log
-            .reader(Position::AfterSeq(1), GapPolicy::Report)
+            .reader(Position::AfterSeq(1), GapPolicy::Report, Pace::Lossless)
             .unwrap();
         w.output(Stderr, "x").await;
         assert!(matches!(
@@ -936,7 +960,7 @@ mod tests {
             (summary.first_seq, summary.stdout_from, summary.stderr_from),
             (2, 2, 0)
         );
-        let from = |p, policy| w.log.reader(p, policy);
+        let from = |p, policy| w.log.reader(p, policy, Pace::Watch);
         assert_eq!(
             drain(&mut from(Position::Start, GapPolicy::Report).unwrap()).await,
             [
@@ -996,7 +1020,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_attached_reader_holds_the_writer_back_until_it_reads() {
         let mut w = Writer::new(4, 100);
-        let mut reader = w.log.reader(Position::Start, GapPolicy::Report).unwrap();
+        let mut reader = w
+            .log
+            .reader(Position::Start, GapPolicy::Report, Pace::Lossless)
+            .unwrap();
         w.started().await;
         w.output(Stdout, "ab").await;
         w.output(Stdout, "cd").await;
@@ -1019,6 +1046,27 @@ mod tests {
         assert_eq!(drain(&mut reader).await, ["o2:cd@2", "o3:ef@4", "X4"]);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_never_holds_the_writer_back_and_is_told_what_it_missed() {
+        let mut w = Writer::new(4, 100);
+        let mut watcher = w
+            .log
+            .reader(Position::Start, GapPolicy::Report, Pace::Watch)
+            .unwrap();
+        let t0 = tokio::time::Instant::now();
+        short_job(&mut w).await;
+        assert_eq!(t0.elapsed(), Duration::ZERO, "no wait for the watcher");
+        assert_eq!(
+            drain(&mut watcher).await,
+            [
+                "gap(seq 2, 2 events, lost 2+0, at 2+0, exact true)",
+                "e2:cd@0",
+                "o3:ef@2",
+                "X4"
+            ]
+        );
+    }
+
     fn event(next: Option<Result<Delivered, PositionError>>) -> JobEvent {
         match next {
             Some(Ok(Delivered::Event(event))) => event,
@@ -1029,7 +1077,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reader_that_does_not_read_a_stopped_job_stops_holding_it_after_the_grace() {
         let mut w = Writer::new(4, 100);
-        let mut stuck = w.log.reader(Position::Start, GapPolicy::Report).unwrap();
+        let mut stuck = w
+            .log
+            .reader(Position::Start, GapPolicy::Report, Pace::Lossless)
+            .unwrap();
         w.started().await;
         w.output(Stdout, "ab").await;
         w.output(Stdout, "cd").await;
@@ -1056,8 +1107,14 @@ mod tests {
     async fn the_attached_count_follows_readers() {
         let w = Writer::new(4, 100);
         let attached = w.log.attached();
-        let a = w.log.reader(Position::Start, GapPolicy::Report).unwrap();
-        let b = w.log.reader(Position::New, GapPolicy::Report).unwrap();
+        let a = w
+            .log
+            .reader(Position::Start, GapPolicy::Report, Pace::Lossless)
+            .unwrap();
+        let b = w
+            .log
+            .reader(Position::New, GapPolicy::Report, Pace::Watch)
+            .unwrap();
         assert_eq!((*attached.borrow(), w.log.summary().attached), (2, 2));
         drop(a);
         assert_eq!(*attached.borrow(), 1);
@@ -1069,7 +1126,10 @@ mod tests {
     async fn a_quiet_reader_gets_keepalives() {
         let mut w = Writer::new(1 << 20, 100);
         w.started().await;
-        let mut reader = w.log.reader(Position::Start, GapPolicy::Report).unwrap();
+        let mut reader = w
+            .log
+            .reader(Position::Start, GapPolicy::Report, Pace::Lossless)
+            .unwrap();
         assert!(matches!(
             reader.next(KEEPALIVE).await,
             Some(Ok(Delivered::Event(_)))
@@ -1085,7 +1145,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn history_is_given_up_for_credit_but_never_what_a_reader_needs_or_the_end() {
         let mut w = Writer::new(1 << 20, 100);
-        let mut reader = w.log.reader(Position::Start, GapPolicy::Report).unwrap();
+        let mut reader = w
+            .log
+            .reader(Position::Start, GapPolicy::Report, Pace::Lossless)
+            .unwrap();
         short_job(&mut w).await;
         assert_eq!(w.log.release_history(100), 0, "the reader needs it all");
         reader.next(KEEPALIVE).await;

@@ -26,7 +26,8 @@ pub use budget::{Credit, JobBudget, OutputBudget};
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};
 pub use id::{JobIdCodec, JobIdError, JobLocation};
 pub use log::{
-    Delivered, EventLog, Gap, GapPolicy, LogLimits, LogReader, LogSummary, Position, PositionError,
+    Delivered, EventLog, Gap, GapPolicy, LogLimits, LogReader, LogSummary, Pace, Position,
+    PositionError,
 };
 pub use output::JobOutput;
 pub use record::JobSnapshot;

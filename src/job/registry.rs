@@ -22,7 +22,7 @@ use super::{
     JobMeta, JobOutput, JobSpec, JobState, RemoteState, Sinks,
     budget::OutputBudget,
     lifecycle,
-    log::{Delivered, EventLog, GapPolicy, LogLimits, LogReader, Position},
+    log::{Delivered, EventLog, GapPolicy, LogLimits, LogReader, Pace, Position},
     record::{JobRecord, JobSnapshot, StopReason},
 };
 use crate::error::Error;
@@ -190,7 +190,7 @@ impl Jobs {
                     info!(job_id = %record.id, "idempotent Exec retried: attaching to its job");
                     let reader = record
                         .log
-                        .reader(Position::Start, GapPolicy::Report)
+                        .reader(Position::Start, GapPolicy::Report, Pace::Lossless)
                         .map_err(|source| Error::Position {
                             job_id: record.id.to_string(),
                             source,
@@ -316,7 +316,7 @@ impl Jobs {
         ));
         // Attached before the job emits anything, so the caller gets every event.
         let reader = log
-            .reader(Position::Start, GapPolicy::Report)
+            .reader(Position::Start, GapPolicy::Report, Pace::Lossless)
             .expect("the start of an empty log is held");
         let output = JobOutput::new(
             Arc::clone(&record),
@@ -371,13 +371,14 @@ impl Jobs {
         }
     }
 
-    /// Follows a job of this replica from `position`. Dropping the stream detaches; it never
-    /// stops the job.
+    /// Follows a job of this replica from `position`, holding the job back or not (`pace`).
+    /// Dropping the stream detaches; it never stops the job.
     pub fn attach(
         &self,
         id: &JobId,
         position: Position,
         on_gap: GapPolicy,
+        pace: Pace,
     ) -> Result<JobStream, Error> {
         let record = match self.lookup(id)? {
             Found::Here(record) => record,
@@ -391,7 +392,7 @@ impl Jobs {
         };
         let reader = record
             .log
-            .reader(position, on_gap)
+            .reader(position, on_gap, pace)
             .map_err(|source| Error::Position {
                 job_id: id.to_string(),
                 source,

@@ -161,13 +161,15 @@ impl Job {
     }
 }
 
-/// Opens an Attach stream on `job_id` from `from` (`None`: the start). The request stream
-/// half-closes after `open`, which ends nothing.
+/// Opens an Attach stream on `job_id` from `from` (`None`: the start), holding the job back
+/// (`lossless`) or as a watcher. The request stream half-closes after `open`, which ends
+/// nothing.
 pub async fn attach(
     client: &mut SandboxServiceClient<Channel>,
     job_id: &str,
     from: Option<pb::resume_from::Position>,
     on_gap: pb::GapPolicy,
+    lossless: bool,
 ) -> Result<Streaming<pb::ExecEvent>, tonic::Status> {
     let open = pb::AttachRequest {
         kind: Some(pb::attach_request::Kind::Open(pb::AttachOpen {
@@ -176,6 +178,7 @@ pub async fn attach(
                 position: Some(position),
             }),
             on_gap: on_gap as i32,
+            lossless,
         })),
     };
     client

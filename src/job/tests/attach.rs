@@ -5,7 +5,7 @@ use super::*;
 use crate::job::{
     DisconnectPolicy, GapPolicy, JobFilter, JobState,
     JobState::{Cancelled, Running, Succeeded},
-    Position,
+    Pace, Position,
     StreamKind::Stdout,
 };
 
@@ -37,7 +37,7 @@ async fn the_cancel_policy_cancels_when_the_exec_stream_drops_but_never_for_an_a
     let id = exec.job_id.clone();
     let watcher = h
         .jobs
-        .attach(&id, Position::New, GapPolicy::Report)
+        .attach(&id, Position::New, GapPolicy::Report, Pace::Watch)
         .unwrap();
     drop(watcher);
     assert_eq!(state_after(&h, &id, secs(10)).await, Running);
@@ -75,7 +75,12 @@ async fn a_detached_job_runs_on_and_a_later_attach_gets_all_of_it() {
     // After the last seq it saw: exactly the rest, no duplicate.
     let rest = read_all(
         h.jobs
-            .attach(&id, Position::AfterSeq(started.seq), GapPolicy::Report)
+            .attach(
+                &id,
+                Position::AfterSeq(started.seq),
+                GapPolicy::Report,
+                Pace::Lossless,
+            )
             .unwrap(),
     )
     .await;
@@ -84,7 +89,7 @@ async fn a_detached_job_runs_on_and_a_later_attach_gets_all_of_it() {
     // From the start, and by offsets, the same bytes.
     let from_start = read_all(
         h.jobs
-            .attach(&id, Position::Start, GapPolicy::Report)
+            .attach(&id, Position::Start, GapPolicy::Report, Pace::Lossless)
             .unwrap(),
     )
     .await;
@@ -98,6 +103,7 @@ async fn a_detached_job_runs_on_and_a_later_attach_gets_all_of_it() {
                     stderr: 0,
                 },
                 GapPolicy::Report,
+                Pace::Lossless,
             )
             .unwrap(),
     )
@@ -126,7 +132,7 @@ async fn the_grace_policy_cancels_only_after_the_grace_with_nobody_attached() {
     assert_eq!(state_after(&h, &id, secs(20)).await, Running);
     let watcher = h
         .jobs
-        .attach(&id, Position::New, GapPolicy::Report)
+        .attach(&id, Position::New, GapPolicy::Report, Pace::Watch)
         .unwrap();
     assert_eq!(state_after(&h, &id, secs(120)).await, Running);
     // They leave: the grace starts again.

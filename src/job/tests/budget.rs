@@ -138,6 +138,7 @@ async fn a_finished_jobs_log_gives_its_credit_to_running_jobs_and_back_when_forg
             &id,
             crate::job::Position::AfterSeq(log.next_seq - 2),
             Default::default(),
+            Default::default(),
         )
         .unwrap();
     match late.next().await {

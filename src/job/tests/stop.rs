@@ -303,7 +303,12 @@ async fn a_job_that_ended_by_itself_is_retired_at_once_and_its_reader_still_gets
     assert_eq!(check_events(&events).state, Succeeded);
     assert!(
         h.jobs
-            .attach(&id, crate::job::Position::Start, Default::default())
+            .attach(
+                &id,
+                crate::job::Position::Start,
+                Default::default(),
+                Default::default()
+            )
             .is_err()
     );
 }
