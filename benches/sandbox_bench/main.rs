@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release --features testing --bin sandbox-bench -- all
-//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|stalled-readers|mirror
+//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|stalled-readers|mirror|replay
 //! ```
 //!
 //! The server under test is the real `sandbox-runner` binary, run as a child process so its
@@ -21,6 +21,7 @@ mod concurrency;
 mod harness;
 mod latency;
 mod mirror;
+mod replay;
 mod slow_reader;
 mod stalled_readers;
 mod stats;
@@ -33,6 +34,7 @@ use concurrency::{ConcurrencyArgs, concurrency};
 use harness::{ensure_server_built, machine_header, raise_fd_limit};
 use latency::{LatencyArgs, latency};
 use mirror::{MirrorArgs, mirror};
+use replay::{ReplayArgs, replay};
 use slow_reader::{SlowReaderArgs, slow_reader};
 use stalled_readers::{StalledReadersArgs, stalled_readers};
 use throughput::{ThroughputArgs, throughput};
@@ -61,6 +63,9 @@ enum Bench {
     StalledReaders(StalledReadersArgs),
     /// The Convex mirror against a local ingest receiver: throughput cost, requests/MiB, lag.
     Mirror(MirrorArgs),
+    /// Attach to a finished log (first byte, replay throughput against live Exec) and many
+    /// watchers of one job writing flat out (server memory, the job's throughput) (issue 12).
+    Replay(ReplayArgs),
     /// Two server binaries (before/after a change) interleaved: latency and throughput.
     Compare(CompareArgs),
 }
@@ -81,7 +86,8 @@ fn main() -> anyhow::Result<()> {
                 concurrency(parse_args::<ConcurrencyArgs>()).await?;
                 slow_reader(parse_args::<SlowReaderArgs>()).await?;
                 stalled_readers(parse_args::<StalledReadersArgs>()).await?;
-                mirror(parse_args::<MirrorArgs>()).await
+                mirror(parse_args::<MirrorArgs>()).await?;
+                replay(parse_args::<ReplayArgs>()).await
             }
             Bench::Throughput(a) => throughput(a).await,
             Bench::Latency(a) => latency(a).await,
@@ -89,6 +95,7 @@ fn main() -> anyhow::Result<()> {
             Bench::SlowReader(a) => slow_reader(a).await,
             Bench::StalledReaders(a) => stalled_readers(a).await,
             Bench::Mirror(a) => mirror(a).await,
+            Bench::Replay(a) => replay(a).await,
             Bench::Compare(a) => compare(a).await,
         }
     })

@@ -159,7 +159,15 @@ impl Job {
             exited: None,
             gaps: Vec::new(),
         };
-        job.check(first)?;
+        match (&first.kind, after) {
+            // From the start after all: a watcher that found the start still held.
+            (Some(Kind::Started(started)), None) => {
+                ensure!(first.seq == 0, "Started with seq {}", first.seq);
+                job.pid = started.pid;
+                job.next_seq = 1;
+            }
+            _ => job.check(first)?,
+        }
         Ok(job)
     }
 
