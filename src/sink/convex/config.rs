@@ -45,6 +45,14 @@ pub struct ConvexArgs {
           value_parser = clap::value_parser!(u64).range(65_536..=(1 << 30)))]
     pub queue_bytes: u64,
 
+    /// Most output bytes queued for Convex by all jobs together, beyond one record (64 KiB)
+    /// each job may always queue: the mirror's server-wide memory bound. A job that needs more
+    /// when it is used up drops its own oldest undelivered output, with a gap marker.
+    #[arg(long = "convex-queue-total-bytes", env = "CONVEX_QUEUE_TOTAL_BYTES",
+          default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range((1 << 20)..=(64 << 30)))]
+    pub queue_total_bytes: u64,
+
     /// Time limit of one request to the ingest route.
     #[arg(long = "convex-request-timeout", env = "CONVEX_REQUEST_TIMEOUT", default_value = "10s",
           value_parser = humantime::parse_duration)]
@@ -65,6 +73,7 @@ pub struct ConvexSettings {
     /// The `x-ingest-secret` value, swapped when the secret file changes.
     pub secret: SecretHeader,
     pub queue_bytes: usize,
+    pub queue_total_bytes: usize,
     pub request_timeout: Duration,
     pub retry_for: Duration,
 }
@@ -161,6 +170,7 @@ impl ConvexArgs {
             secret: SecretHeader::new("", &secret)
                 .map_err(|_| ConvexConfigError::SecretNotAHeader)?,
             queue_bytes: usize::try_from(self.queue_bytes).unwrap_or(usize::MAX),
+            queue_total_bytes: usize::try_from(self.queue_total_bytes).unwrap_or(usize::MAX),
             request_timeout: self.request_timeout,
             retry_for: self.retry_for,
         }))
@@ -215,6 +225,7 @@ mod tests {
                 "https://a.convex.site/daytona-ingest"
             );
             assert_eq!(s.queue_bytes, 8 << 20);
+            assert_eq!(s.queue_total_bytes, 64 << 20);
         }
         for bad in [
             "ftp://x",

@@ -362,6 +362,7 @@ mod tests {
             ingest_url: Url::parse("https://example.convex.site/daytona-ingest").unwrap(),
             secret: SecretHeader::new("", &String::from("k").into()).unwrap(),
             queue_bytes: 1 << 20,
+            queue_total_bytes: 1 << 20,
             request_timeout: Duration::from_secs(1),
             retry_for: Duration::from_secs(1),
         };

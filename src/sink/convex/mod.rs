@@ -34,7 +34,7 @@ use self::{
     assemble::{Assembled, Assembler},
     health::{Change, Failure, Health},
     ingest::{Ingest, SendOutcome},
-    queue::{Batch, Queue, Take},
+    queue::{Batch, Queue, SharedBound, Take},
     record::{End, Item},
 };
 pub use self::{
@@ -57,6 +57,8 @@ pub struct ConvexSink {
 struct Inner {
     ingest: Ingest,
     queue_bytes: usize,
+    /// The bound of all jobs' queues together.
+    queue_total: Arc<SharedBound>,
     /// Delivery tasks, so shutdown can wait for them.
     tasks: TaskTracker,
     health: Mutex<Health>,
@@ -156,11 +158,17 @@ impl Inner {
 
 impl ConvexSink {
     pub fn new(settings: &ConvexSettings) -> Result<Self, ClientError> {
-        info!(url = %settings.ingest_url, queue_bytes = settings.queue_bytes, "mirroring jobs to Convex");
+        info!(
+            url = %settings.ingest_url,
+            queue_bytes = settings.queue_bytes,
+            queue_total_bytes = settings.queue_total_bytes,
+            "mirroring jobs to Convex"
+        );
         Ok(ConvexSink {
             inner: Arc::new(Inner {
                 ingest: Ingest::new(settings)?,
                 queue_bytes: settings.queue_bytes,
+                queue_total: SharedBound::new(settings.queue_total_bytes),
                 tasks: TaskTracker::new(),
                 health: Mutex::new(Health::default()),
                 shutdown: Shutdown::default(),
@@ -180,7 +188,7 @@ impl Sink for ConvexSink {
         if spec.meta.task_id.is_empty() || spec.meta.session_id.is_empty() {
             return None;
         }
-        let mut queue = Queue::new(self.inner.queue_bytes);
+        let mut queue = Queue::sharing(self.inner.queue_bytes, Arc::clone(&self.inner.queue_total));
         queue.push_echo(echo_line(&spec.program), epoch_ms(SystemTime::now()));
         let job = Arc::new(JobShared {
             queue: Mutex::new(queue),

@@ -9,6 +9,10 @@
 
 use std::{
     collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -149,7 +153,57 @@ enum Entry {
     },
 }
 
-/// The output of one job not yet handed to the delivery task, bounded in bytes.
+/// Output queued for Convex by all jobs together beyond what each job may always queue (one
+/// record, [`MAX_RECORD_BYTES`]): the server-wide bound of the mirror's memory. A job whose
+/// queue needs more than its own record and finds the shared bound used up drops its own oldest
+/// output (with a gap marker), as it does at its per-job bound.
+#[derive(Debug)]
+pub(crate) struct SharedBound {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl SharedBound {
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(SharedBound {
+            used: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// Bytes of the shared bound held by queues now.
+    #[cfg(test)]
+    fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Takes up to `want` bytes of what is free; returns what it took.
+    fn take_up_to(&self, want: usize) -> usize {
+        let mut used = self.used.load(Ordering::Acquire);
+        loop {
+            let got = want.min(self.limit.saturating_sub(used));
+            if got == 0 {
+                return 0;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + got,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return got,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// The output of one job not yet handed to the delivery task, bounded in bytes: by its own
+/// limit, and by what it holds of the [`SharedBound`] of all jobs.
 #[derive(Debug)]
 pub(crate) struct Queue {
     items: VecDeque<Entry>,
@@ -166,11 +220,21 @@ pub(crate) struct Queue {
     closed: bool,
     /// Changed only by the queue's own methods, so the counters stay consistent with it.
     stats: Stats,
+    shared: Arc<SharedBound>,
+    /// Bytes of `shared` this queue holds: what it queues beyond its own record.
+    charged: usize,
 }
 
 impl Queue {
-    /// `limit` is the most output bytes queued at once; at least [`MAX_RECORD_BYTES`].
+    /// A queue of its own: `limit` is the most output bytes queued at once; at least
+    /// [`MAX_RECORD_BYTES`].
+    #[cfg(test)]
     pub(crate) fn new(limit: usize) -> Self {
+        Queue::sharing(limit, SharedBound::new(usize::MAX))
+    }
+
+    /// A queue bounded by `limit` and by what it can take of `shared`.
+    pub(crate) fn sharing(limit: usize, shared: Arc<SharedBound>) -> Self {
         Queue {
             items: VecDeque::new(),
             queued_bytes: 0,
@@ -180,6 +244,28 @@ impl Queue {
             finished: false,
             closed: false,
             stats: Stats::default(),
+            shared,
+            charged: 0,
+        }
+    }
+
+    /// Bytes this queue may hold now: its own record plus its share of the shared bound,
+    /// within its limit.
+    fn room(&self) -> usize {
+        (MAX_RECORD_BYTES + self.charged).min(self.limit)
+    }
+
+    /// Holds as much of the shared bound as the queued bytes need (and no more).
+    fn settle_charge(&mut self) {
+        let want = self
+            .queued_bytes
+            .min(self.limit)
+            .saturating_sub(MAX_RECORD_BYTES);
+        if want > self.charged {
+            self.charged += self.shared.take_up_to(want - self.charged);
+        } else if want < self.charged {
+            self.shared.give_back(self.charged - want);
+            self.charged = want;
         }
     }
 
@@ -243,8 +329,9 @@ impl Queue {
     /// says how much went missing there. A chunk is cut at the next character start (at most 3
     /// bytes further), so what is kept does not begin inside a character.
     fn enforce_bound(&mut self) {
-        while self.queued_bytes > self.limit {
-            let excess = self.queued_bytes - self.limit;
+        self.settle_charge();
+        while self.queued_bytes > self.room() {
+            let excess = self.queued_bytes - self.room();
             let at = usize::from(matches!(self.items.front(), Some(Entry::Gap { .. })));
             let (bytes, ts, stream) = match self.items.get_mut(at) {
                 Some(Entry::Output {
@@ -277,6 +364,8 @@ impl Queue {
             self.queued_bytes -= bytes;
             self.record_gap(bytes as u64, ts, stream);
         }
+        // Drops may leave more of the shared bound held than is needed.
+        self.settle_charge();
     }
 
     /// Counts `bytes` of output as lost just before the queued records and marks the spot.
@@ -376,6 +465,7 @@ impl Queue {
             };
         }
         self.stats.in_flight_bytes = taken as u64;
+        self.settle_charge();
         Take::Send(batches)
     }
 
@@ -475,6 +565,13 @@ impl Queue {
         self.queued_bytes = 0;
         self.entries = [0; 2];
         self.items.clear();
+        self.settle_charge();
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.shared.give_back(self.charged);
     }
 }
 
@@ -761,6 +858,37 @@ mod tests {
         q.push_end(End::ExitCode(0), 3);
         assert_eq!(q.take(now, [0, 0]), Take::Done);
         assert_eq!(q.stats.bytes_dropped, 5);
+    }
+
+    #[test]
+    fn queues_share_one_bound_beyond_their_own_record_and_give_it_back() {
+        let shared = SharedBound::new(3 * MAX_RECORD_BYTES);
+        let chunk = Bytes::from(vec![b'x'; MAX_RECORD_BYTES]);
+        let now = Instant::now();
+        let mut hog = Queue::sharing(8 << 20, Arc::clone(&shared));
+        for ts in 0..6 {
+            hog.push_output(StreamKind::Stdout, &chunk, ts, now);
+        }
+        // Its own record plus the whole shared bound; the oldest output went, with a marker.
+        assert_eq!(hog.queued_bytes, 4 * MAX_RECORD_BYTES);
+        assert_eq!(shared.used(), 3 * MAX_RECORD_BYTES);
+        assert_eq!(hog.stats.bytes_dropped, 2 * MAX_RECORD_BYTES as u64);
+        // Another job still queues its own record, and no more while the bound is used up.
+        let mut other = Queue::sharing(8 << 20, Arc::clone(&shared));
+        other.push_output(StreamKind::Stdout, &chunk, 0, now);
+        other.push_output(StreamKind::Stdout, &chunk, 1, now);
+        assert_eq!(other.queued_bytes, MAX_RECORD_BYTES);
+        assert_eq!(other.stats.bytes_dropped, MAX_RECORD_BYTES as u64);
+        // What a queue hands to delivery, and a dropped queue, give the bound back.
+        let Take::Send(_) = hog.take(now + LINGER, [0, 0]) else {
+            panic!("full records are ready")
+        };
+        assert!(shared.used() < 3 * MAX_RECORD_BYTES);
+        drop(hog);
+        assert_eq!(shared.used(), 0);
+        other.push_output(StreamKind::Stdout, &chunk, 2, now);
+        assert_eq!(other.queued_bytes, 2 * MAX_RECORD_BYTES);
+        assert_eq!(shared.used(), MAX_RECORD_BYTES);
     }
 
     #[test]
