@@ -5,31 +5,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Job, JobState, attach, shell};
-use sandbox_runner::proto::{
-    self as pb, GapPolicy, exec_event::Kind, resume_from::Position,
-    sandbox_service_client::SandboxServiceClient,
-};
-use sha2::{Digest, Sha256};
-use tonic::{Code, transport::Channel};
+use common::{Job, JobState, attach, sha256, shell, wait_finished};
+use sandbox_runner::proto::{self as pb, GapPolicy, exec_event::Kind, resume_from::Position};
+use tonic::Code;
 
 fn detached(command: &str) -> pb::ExecRequest {
     pb::ExecRequest {
         on_disconnect: pb::DisconnectPolicy::Detach as i32,
         ..shell(command)
     }
-}
-
-/// Polls Status until the job has finished (bounded: 30 s).
-async fn wait_finished(client: &mut SandboxServiceClient<Channel>, id: &str) -> pb::StatusResponse {
-    for _ in 0..600 {
-        let status = common::status(client, id).await;
-        if status.state != JobState::Running as i32 {
-            return status;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("job {id} did not finish");
 }
 
 /// 40 numbered lines on each stream, a little apart.
@@ -500,7 +484,7 @@ async fn random_disconnects_and_resumes_never_lose_or_duplicate_a_byte() {
     assert!(gaps.is_empty(), "{gaps:?}");
     assert_eq!(stdout.len() as u64, SIZE);
     let written = std::fs::read(&copy).unwrap();
-    assert_eq!(Sha256::digest(&stdout), Sha256::digest(&written));
+    assert_eq!(sha256(&stdout), sha256(&written));
     eprintln!("{reconnects} reconnects");
     assert!(reconnects >= 10, "only {reconnects} reconnects");
     std::fs::remove_dir_all(&dir).unwrap();

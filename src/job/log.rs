@@ -1017,16 +1017,22 @@ mod tests {
         assert!(from(Position::AfterSeq(1), GapPolicy::Fail).is_ok());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_attached_reader_holds_the_writer_back_until_it_reads() {
+    /// A log of 4 bytes holding Started, "ab" and "cd", none of it read by its lossless reader.
+    async fn full_log_with_a_reader() -> (Writer, LogReader) {
         let mut w = Writer::new(4, 100);
-        let mut reader = w
+        let reader = w
             .log
             .reader(Position::Start, GapPolicy::Report, Pace::Lossless)
             .unwrap();
         w.started().await;
         w.output(Stdout, "ab").await;
         w.output(Stdout, "cd").await;
+        (w, reader)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attached_reader_holds_the_writer_back_until_it_reads() {
+        let (mut w, mut reader) = full_log_with_a_reader().await;
         // Full of what the reader still needs: the next write waits.
         let log = Arc::clone(&w.log);
         let blocked = tokio::spawn(async move {
@@ -1076,14 +1082,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reader_that_does_not_read_a_stopped_job_stops_holding_it_after_the_grace() {
-        let mut w = Writer::new(4, 100);
-        let mut stuck = w
-            .log
-            .reader(Position::Start, GapPolicy::Report, Pace::Lossless)
-            .unwrap();
-        w.started().await;
-        w.output(Stdout, "ab").await;
-        w.output(Stdout, "cd").await;
+        let (mut w, mut stuck) = full_log_with_a_reader().await;
         w.stop.cancel();
         let t0 = tokio::time::Instant::now();
         w.output(Stdout, "ef").await;

@@ -54,6 +54,14 @@ impl Run {
     }
 }
 
+async fn first_event(stream: &mut Streaming<pb::ExecEvent>) -> anyhow::Result<pb::ExecEvent> {
+    stream
+        .message()
+        .await
+        .context("the event stream failed")?
+        .context("the stream ended before its first event")
+}
+
 /// A job being read, its `Started` event already checked.
 pub struct Job {
     stream: Streaming<pb::ExecEvent>,
@@ -97,11 +105,7 @@ impl Job {
         output: Output,
         t0: Instant,
     ) -> anyhow::Result<Job> {
-        let event = stream
-            .message()
-            .await
-            .context("the event stream failed")?
-            .context("the stream ended before its first event")?;
+        let event = first_event(&mut stream).await?;
         ensure!(event.seq == 0, "first seq is {}, not 0", event.seq);
         let pid = match event.kind {
             Some(Kind::Started(s)) => s.pid,
@@ -133,12 +137,8 @@ impl Job {
         after: Option<u64>,
         received: [u64; 2],
     ) -> anyhow::Result<Job> {
-        // The job id comes with the first event; peek at it without consuming anything else.
-        let first = stream
-            .message()
-            .await
-            .context("the event stream failed")?
-            .context("the stream ended before its first event")?;
+        // The job id comes with the first event.
+        let first = first_event(&mut stream).await?;
         let mut job = Job {
             stream,
             job_id: first.job_id.clone(),
