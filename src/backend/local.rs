@@ -7,21 +7,26 @@
 //! finish writing, then the same treatment, so a backgrounded child holding the pipes cannot
 //! keep a job open forever, and a job ends only once nothing of it is left.
 //!
-//! - `spawn.rs`: what the job's first process does before exec (the crate's one unsafe block).
+//! - `spawn.rs`: how the job's first process is made, a vfork-style clone and exec (the crate's
+//!   one unsafe code).
+//! - `leader.rs`: waiting for the job's first process, and killing it if the job is dropped.
 //! - `tree.rs`: a job's processes (cgroup or /proc), the server's orphans, reaping.
 //! - `cgroup.rs`: per-job cgroups. `identity.rs`: `--job-user`. `procfs.rs`: /proc parsing.
 
 mod cgroup;
 mod identity;
+mod leader;
 mod procfs;
 mod spawn;
 mod tree;
 
 use std::{
+    collections::BTreeMap,
+    ffi::OsString,
     io,
-    os::unix::process::ExitStatusExt,
+    os::{fd::OwnedFd, unix::process::ExitStatusExt},
     path::PathBuf,
-    process::{ExitStatus, Stdio},
+    process::ExitStatus,
     sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
@@ -30,7 +35,6 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio::{
     net::unix::pipe,
-    process::{Child, Command},
     time::{Instant, sleep},
 };
 use tokio_util::sync::CancellationToken;
@@ -39,8 +43,9 @@ use tracing::{debug, info, warn};
 pub use self::identity::JobIdentity;
 use self::{
     cgroup::CgroupRoot,
-    spawn::{ChildSetup, setup_child},
-    tree::{JobTree, Leader, Processes},
+    leader::LeaderProcess,
+    spawn::{JobCommand, JobSetup},
+    tree::{JobTree, Processes},
 };
 use crate::job::{
     Backend, BackendError, Credit, Execution, JobBudget, JobOutput, JobSpec, Outcome, Program,
@@ -271,72 +276,41 @@ impl Backend for LocalBackend {
             program: spec.program.display_name().to_owned(),
             source,
         };
-        let mut cmd = match &spec.program {
-            Program::Shell(line) => {
-                let mut cmd = Command::new("/bin/sh");
-                cmd.arg("-c").arg(line);
-                cmd
-            }
-            Program::Argv(argv) => {
-                let mut cmd = Command::new(&argv[0]);
-                cmd.args(&argv[1..]);
-                cmd
-            }
+        let argv: Vec<OsString> = match &spec.program {
+            Program::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.into()],
+            Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
         };
-        for name in &self.config.withheld_env {
-            cmd.env_remove(name);
-        }
-        if let Some(identity) = &self.config.identity {
-            // std clears the supplementary groups when it changes the uid (it has CAP_SETGID).
-            cmd.uid(identity.uid).gid(identity.gid);
-            // The job user's own, not the server's (requests may still set them).
-            if let Some(name) = &identity.name {
-                cmd.env("USER", name).env("LOGNAME", name);
-            }
-            if let Some(home) = &identity.home {
-                cmd.env("HOME", home);
-            }
-        }
-        cmd.envs(&spec.env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Backstop only: the job's processes are stopped explicitly, this reaches the leader.
-            .kill_on_drop(true);
-        if let Some(dir) = &cwd {
-            cmd.current_dir(dir);
-        }
         let cgroup = self.job_cgroup();
         let cgroup_procs = match &cgroup {
             Some(cgroup) => Some(cgroup.procs_file().try_clone().map_err(spawn_error)?),
             None => None,
         };
-        setup_child(
-            &mut cmd,
-            ChildSetup {
-                server_pid: std::process::id(),
-                cgroup_procs,
-                drop_privileges: self.config.identity.is_some(),
-            },
-        );
+        let command = JobCommand::new(JobSetup {
+            argv,
+            env: self.job_env(&spec.env),
+            cwd: cwd.as_deref(),
+            identity: self.config.identity.as_ref().map(|id| (id.uid, id.gid)),
+            cgroup_procs,
+            server_pid: std::process::id(),
+        })
+        .map_err(spawn_error)?;
 
-        let (mut child, leader) = self.processes.spawn_leader(&mut cmd).map_err(spawn_error)?;
-        drop(cmd);
+        let (leader, spawned) = self.processes.spawn_leader(&command).map_err(spawn_error)?;
+        drop(command);
         let pid = leader.pid();
+        let mut process = LeaderProcess::new(leader);
         let tree = Arc::new(self.processes.tree(pid, cgroup));
-        let (stdout, stderr) = match open_pipes(&mut child) {
+        let (stdout, stderr) = match open_pipes(spawned.stdout, spawned.stderr) {
             Ok(pipes) => pipes,
             Err(source) => {
                 // Not expected; don't leave the process running when we cannot read it.
                 tree.terminate(Duration::ZERO).await;
-                let _ = child.wait().await;
+                let _ = process.wait().await;
                 return Err(spawn_error(source));
             }
         };
         Ok(Box::new(LocalExecution {
-            child,
-            pid,
-            leader,
+            process,
             tree,
             stdout,
             stderr,
@@ -347,6 +321,36 @@ impl Backend for LocalBackend {
 }
 
 impl LocalBackend {
+    /// The job's environment: the server's, without the variables it withholds (its secrets),
+    /// with the job user's USER, LOGNAME and HOME, then the request's variables over all.
+    fn job_env(&self, requested: &BTreeMap<String, String>) -> BTreeMap<OsString, OsString> {
+        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+            .filter(|(name, _)| {
+                !self
+                    .config
+                    .withheld_env
+                    .iter()
+                    .any(|w| name.as_os_str() == w.as_str())
+            })
+            .collect();
+        if let Some(identity) = &self.config.identity {
+            // The job user's own, not the server's (requests may still set them).
+            if let Some(name) = &identity.name {
+                env.insert("USER".into(), name.into());
+                env.insert("LOGNAME".into(), name.into());
+            }
+            if let Some(home) = &identity.home {
+                env.insert("HOME".into(), home.into());
+            }
+        }
+        env.extend(
+            requested
+                .iter()
+                .map(|(name, value)| (name.into(), value.into())),
+        );
+        env
+    }
+
     /// A fresh cgroup for a job, when jobs get them and one can be made.
     fn job_cgroup(&self) -> Option<cgroup::JobCgroup> {
         let root = self.processes.cgroups()?;
@@ -365,10 +369,7 @@ impl LocalBackend {
     }
 }
 
-fn open_pipes(child: &mut Child) -> io::Result<(pipe::Receiver, pipe::Receiver)> {
-    let missing = || io::Error::other("child output pipe missing");
-    let stdout = child.stdout.take().ok_or_else(missing)?.into_owned_fd()?;
-    let stderr = child.stderr.take().ok_or_else(missing)?.into_owned_fd()?;
+fn open_pipes(stdout: OwnedFd, stderr: OwnedFd) -> io::Result<(pipe::Receiver, pipe::Receiver)> {
     Ok((
         pipe::Receiver::from_owned_fd(stdout)?,
         pipe::Receiver::from_owned_fd(stderr)?,
@@ -376,11 +377,9 @@ fn open_pipes(child: &mut Child) -> io::Result<(pipe::Receiver, pipe::Receiver)>
 }
 
 struct LocalExecution {
-    child: Child,
-    /// Leader pid, which is also the session and process group id.
-    pid: u32,
-    /// Keeps the reaper off the leader until tokio has waited for it.
-    leader: Leader,
+    /// The leader, whose pid is also the session and process group id. Registered as a leader
+    /// (kept from the orphan reaper) until reaped; killed if dropped before.
+    process: LeaderProcess,
     /// Every process of the job.
     tree: Arc<JobTree>,
     stdout: pipe::Receiver,
@@ -401,21 +400,19 @@ enum AfterLeaderExit {
 #[async_trait]
 impl Execution for LocalExecution {
     fn pid(&self) -> Option<u32> {
-        Some(self.pid)
+        Some(self.process.pid())
     }
 
     async fn run(self: Box<Self>, out: &mut JobOutput, stop: CancellationToken) -> Outcome {
         let LocalExecution {
-            mut child,
-            pid,
-            leader,
+            mut process,
             tree,
             stdout,
             stderr,
             grace,
             chunk_bytes,
         } = *self;
-        let mut leader = Some(leader);
+        let pid = process.pid();
 
         // Signalling runs on its own task so a stop takes effect even while output waits for a
         // slow reader.
@@ -451,9 +448,8 @@ impl Execution for LocalExecution {
                     Some((data, credit)) => out.output_within(StreamKind::Stderr, data, credit).await,
                     None => stderr = None,
                 },
-                exit = child.wait(), if status.is_none() => {
-                    // Waited for (reaped): the reaper may now take its pid for an orphan's.
-                    leader.take();
+                exit = process.wait(), if status.is_none() => {
+                    // Reaped and unregistered: the reaper may now take its pid for an orphan's.
                     status = Some(match exit {
                         Ok(s) => s,
                         Err(e) => {
