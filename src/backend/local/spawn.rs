@@ -412,8 +412,9 @@ impl Step {
 /// groups, its gid and uid (raw system calls: glibc's wrappers signal every thread of the
 /// process to change theirs too, which would act on the server's threads), no ambient
 /// capabilities, no_new_privs; SIGKILL on the parent's death and a check that the parent is
-/// still the server; stdin, stdout, stderr; the working directory (as the job user); every
-/// signal back to its default disposition, then an empty signal mask; execve of each candidate.
+/// still the server; stdin, stdout, stderr, and every other descriptor close-on-exec; the
+/// working directory (as the job user); every signal back to its default disposition, then an
+/// empty signal mask; execve of each candidate.
 #[allow(unsafe_code)]
 fn run_child(plan: &mut Plan<'_>, failure: &Failure) -> isize {
     // SAFETY: glibc's errno of the calling thread (C, not Rust, thread-local storage).
@@ -498,24 +499,51 @@ fn run_child(plan: &mut Plan<'_>, failure: &Failure) -> isize {
                 }
             }
         }
+        // Nothing but 0, 1 and 2 for the program: the server's own descriptors are
+        // close-on-exec, but not always what the server inherited (its parent's leaks).
+        // CLOSE_RANGE_CLOEXEC (Linux 5.11) only marks them; before it, close them (5.9);
+        // older kernels keep inherited descriptors, as std's spawn does.
+        let first = 3 as libc::c_long;
+        let last = libc::c_long::from(u32::MAX);
+        let marked = libc::syscall(
+            libc::SYS_close_range,
+            first,
+            last,
+            libc::c_long::from(libc::CLOSE_RANGE_CLOEXEC),
+        );
+        if marked == -1 && errno() == libc::EINVAL {
+            libc::syscall(libc::SYS_close_range, first, last, 0 as libc::c_long);
+        }
         if !plan.cwd.is_null() && libc::chdir(plan.cwd) == -1 {
             child_failed(failure, Step::Chdir, errno());
         }
         // Handlers are the server's code: none may run here once signals are unblocked, and
         // the job starts with default dispositions (an ignored signal stays ignored across
-        // exec: the server ignores SIGPIPE). SIGKILL and SIGSTOP cannot be changed; glibc
-        // refuses its two internal signals, which nobody sends to this process.
-        let mut current: libc::sigaction = std::mem::zeroed();
-        let mut to_default: libc::sigaction = std::mem::zeroed();
-        to_default.sa_sigaction = libc::SIG_DFL;
+        // exec: the server ignores SIGPIPE, and its parent may have it ignore more). SIGKILL
+        // and SIGSTOP cannot be changed. Raw system calls: glibc's wrapper refuses its two
+        // internal signals (32 and 33), which may be ignored too. The child has its own copy
+        // of the table (no CLONE_SIGHAND): the server's is untouched.
+        let mut current = KernelSigaction::default();
+        let to_default = KernelSigaction::default();
         for signal in 1..NSIG {
             if signal == libc::SIGKILL || signal == libc::SIGSTOP {
                 continue;
             }
-            if libc::sigaction(signal, ptr::null(), &mut current) == 0
-                && current.sa_sigaction != libc::SIG_DFL
-            {
-                libc::sigaction(signal, &to_default, ptr::null_mut());
+            let queried = libc::syscall(
+                libc::SYS_rt_sigaction,
+                libc::c_long::from(signal),
+                ptr::null::<KernelSigaction>(),
+                &mut current as *mut KernelSigaction,
+                KERNEL_SIGSET_BYTES,
+            );
+            if queried == 0 && current.handler != libc::SIG_DFL {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    libc::c_long::from(signal),
+                    &to_default as *const KernelSigaction,
+                    ptr::null_mut::<KernelSigaction>(),
+                    KERNEL_SIGSET_BYTES,
+                );
             }
         }
         // Empty signal mask, as std gives children; the kernel's mask is 64 bits.
@@ -571,6 +599,16 @@ fn child_failed(failure: &Failure, step: Step, errno: i32) -> ! {
     // SAFETY: ends the child without running anything of the server's (no atexit handlers, no
     // stdio flush: _exit is the system call).
     unsafe { libc::_exit(SPAWN_FAILED) }
+}
+
+/// The kernel's `struct sigaction` (`rt_sigaction`'s), as on x86_64 and aarch64.
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
 }
 
 /// Signals 1..=64.
