@@ -580,11 +580,20 @@ async fn read_next(reader: Option<&mut PipeReader>) -> Option<(Bytes, Credit)> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::{
+        fs::File,
+        io::Read,
+        os::unix::fs::PermissionsExt,
+        path::{Path, PathBuf},
+    };
 
-    #[test]
-    fn cwd_must_be_an_existing_directory() {
-        let backend = LocalBackend::new(LocalConfig {
+    use super::*;
+    use nix::libc;
+
+    use crate::backend::local::spawn::Spawned;
+
+    fn config() -> LocalConfig {
+        LocalConfig {
             default_cwd: None,
             grace: Duration::from_secs(1),
             chunk_bytes: 1 << 16,
@@ -592,12 +601,348 @@ mod tests {
             identity: None,
             cgroups: JobCgroups::Off,
             subreaper: false,
-        });
+        }
+    }
+
+    #[test]
+    fn cwd_must_be_an_existing_directory() {
+        let backend = LocalBackend::new(config());
         assert!(backend.working_dir(Some("/")).is_ok());
         let err = backend.working_dir(Some("/etc/hostname")).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
         let err = backend.working_dir(Some("/no/such/dir")).unwrap_err();
         assert!(err.to_string().contains("not usable"), "{err}");
         assert_eq!(backend.working_dir(None).unwrap(), None);
+    }
+
+    #[test]
+    fn the_job_environment_is_the_servers_minus_secrets_plus_the_user_then_the_request() {
+        let backend = LocalBackend::new(LocalConfig {
+            withheld_env: vec!["PATH".into()],
+            identity: Some(JobIdentity {
+                uid: 65534,
+                gid: 65534,
+                name: Some("jobuser".into()),
+                home: Some("/home/jobuser".into()),
+            }),
+            ..config()
+        });
+        let requested = BTreeMap::from([
+            ("LOGNAME".to_owned(), "asked".to_owned()),
+            ("EXTRA".to_owned(), "x=y".to_owned()),
+        ]);
+        let env = backend.job_env(&requested);
+        let get = |name: &str| env.get(std::ffi::OsStr::new(name)).cloned();
+        assert_eq!(get("PATH"), None, "withheld");
+        assert_eq!(get("USER"), Some("jobuser".into()));
+        assert_eq!(get("HOME"), Some("/home/jobuser".into()));
+        assert_eq!(get("LOGNAME"), Some("asked".into()), "the request wins");
+        assert_eq!(get("EXTRA"), Some("x=y".into()));
+        // The rest of the server's environment is inherited.
+        for (name, value) in std::env::vars_os() {
+            if !["PATH", "USER", "HOME", "LOGNAME", "EXTRA"].contains(&name.to_str().unwrap_or(""))
+            {
+                assert_eq!(env.get(&name), Some(&value), "{name:?}");
+            }
+        }
+    }
+
+    /// A job of `argv` with this environment and working directory, as `start` prepares it.
+    fn command(argv: &[&str], env: &[(&str, &str)], cwd: Option<&Path>) -> JobCommand {
+        JobCommand::new(JobSetup {
+            argv: argv.iter().map(OsString::from).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+                .collect(),
+            cwd,
+            identity: None,
+            cgroup_procs: None,
+            server_pid: std::process::id(),
+        })
+        .unwrap()
+    }
+
+    fn read_all(fd: OwnedFd) -> tokio::task::JoinHandle<String> {
+        tokio::task::spawn_blocking(move || {
+            let mut text = String::new();
+            File::from(fd).read_to_string(&mut text).unwrap();
+            text
+        })
+    }
+
+    /// Runs a job to its end: stdout, stderr, exit status.
+    async fn run(command: &JobCommand) -> io::Result<(String, String, ExitStatus)> {
+        let processes = Processes::new(false, None);
+        let (leader, Spawned { stdout, stderr, .. }) = processes.spawn_leader(command)?;
+        let mut process = LeaderProcess::new(leader);
+        let (stdout, stderr) = (read_all(stdout), read_all(stderr));
+        let status = process.wait().await?;
+        Ok((stdout.await.unwrap(), stderr.await.unwrap(), status))
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("local-{name}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write_file(path: &Path, text: &str, mode: u32) {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// Zombie children of this process whose name is `comm` (a child that failed before exec
+    /// still has the name of the thread that spawned it).
+    fn zombies_named(comm: &str) -> Vec<u32> {
+        let me = std::process::id();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+            if &stat[open + 1..close] == comm && fields[0] == "Z" && fields[1] == me.to_string() {
+                found.push(stat[..open].trim().parse().unwrap());
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn failures_before_exec_are_errors_with_their_errno_and_leave_no_zombie() {
+        const THREAD: &str = "spawnfail-test"; // under 16 bytes: a process name
+        let dir = temp_dir("fail");
+        let not_executable = dir.join("not-executable");
+        write_file(&not_executable, "#!/bin/sh\necho no\n", 0o644);
+        let not_executable = not_executable.to_str().unwrap().to_owned();
+        let dir_path = dir.to_str().unwrap().to_owned();
+        let errors = std::thread::Builder::new()
+            .name(THREAD.into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let mut errors = Vec::new();
+                    for command in [
+                        command(&["/no/such/program"], &[], None),
+                        command(
+                            &["no-such-program-anywhere"],
+                            &[("PATH", "/bin:/usr/bin")],
+                            None,
+                        ),
+                        command(&[not_executable.as_str()], &[], None),
+                        // Searched: not executable in the first directory, missing in the
+                        // second: EACCES, as execvp reports.
+                        command(
+                            &["not-executable"],
+                            &[("PATH", &format!("{dir_path}:/bin"))],
+                            None,
+                        ),
+                        command(&["/bin/true"], &[], Some(Path::new("/no/such/dir"))),
+                    ] {
+                        errors.push(run(&command).await.unwrap_err());
+                    }
+                    errors
+                })
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let codes: Vec<Option<i32>> = errors.iter().map(io::Error::raw_os_error).collect();
+        let kinds: Vec<io::ErrorKind> = errors.iter().map(io::Error::kind).collect();
+        use io::ErrorKind::{NotFound, PermissionDenied};
+        assert_eq!(
+            kinds,
+            [
+                NotFound,
+                NotFound,
+                PermissionDenied,
+                PermissionDenied,
+                NotFound
+            ],
+            "{errors:?}"
+        );
+        assert_eq!(
+            codes[..4],
+            [
+                Some(libc::ENOENT),
+                Some(libc::ENOENT),
+                Some(libc::EACCES),
+                Some(libc::EACCES)
+            ]
+        );
+        assert!(
+            errors[4]
+                .to_string()
+                .starts_with("changing to the working directory: No such file or directory"),
+            "{}",
+            errors[4]
+        );
+        // Each failed child was reaped by the spawn itself.
+        assert_eq!(zombies_named(THREAD), Vec::<u32>::new());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn programs_are_found_in_the_jobs_path_and_scripts_without_a_shebang_run() {
+        let dir = temp_dir("path");
+        write_file(
+            &dir.join("hello-vfork"),
+            "#!/bin/sh\necho \"hello $1\"\n",
+            0o755,
+        );
+        // Not executable here: skipped for the next directory's.
+        let later = dir.join("later");
+        std::fs::create_dir(&later).unwrap();
+        write_file(&dir.join("twice"), "#!/bin/sh\necho first\n", 0o644);
+        write_file(&later.join("twice"), "#!/bin/sh\necho second\n", 0o755);
+        // No `#!`: execve says ENOEXEC, and execvp runs it with /bin/sh.
+        write_file(&dir.join("plain"), "echo \"plain $1 $2\"\n", 0o755);
+        let path = format!("/no/such/dir:{}:{}", dir.display(), later.display());
+        for (argv, expected) in [
+            (&["hello-vfork", "you"][..], "hello you\n"),
+            (&["twice"][..], "second\n"),
+            (&["plain", "a", "b c"][..], "plain a b c\n"),
+        ] {
+            let (stdout, stderr, status) =
+                run(&command(argv, &[("PATH", &path)], None)).await.unwrap();
+            assert_eq!(
+                (stdout.as_str(), stderr.as_str()),
+                (expected, ""),
+                "{argv:?}"
+            );
+            assert!(status.success(), "{argv:?}");
+        }
+        // Without PATH in the job's environment, glibc's default /bin:/usr/bin.
+        let (stdout, _, _) = run(&command(&["echo", "default"], &[], None))
+            .await
+            .unwrap();
+        assert_eq!(stdout, "default\n");
+        // A relative name with a '/' is relative to the job's working directory.
+        let (stdout, _, _) = run(&command(&["./hello-vfork", "cwd"], &[], Some(&dir)))
+            .await
+            .unwrap();
+        assert_eq!(stdout, "hello cwd\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn status_field(pid: u32, name: &str) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+            .trim()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn jobs_lead_their_session_with_default_signals_and_only_stdio() {
+        // The server side: SIGPIPE ignored (std does it), and a signal blocked in the spawning
+        // thread; the job must have neither.
+        assert_ne!(
+            u64::from_str_radix(&status_field(std::process::id(), "SigIgn"), 16).unwrap()
+                & (1 << (libc::SIGPIPE - 1)),
+            0
+        );
+        let mut usr1 = nix::sys::signal::SigSet::empty();
+        usr1.add(nix::sys::signal::Signal::SIGUSR1);
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&usr1),
+            None,
+        )
+        .unwrap();
+        let dir = temp_dir("cwd");
+        let processes = Processes::new(false, None);
+        let (leader, spawned) = processes
+            .spawn_leader(&command(
+                &["sleep", "30"],
+                &[("PATH", "/bin:/usr/bin"), ("MARK", "vfork")],
+                Some(&dir),
+            ))
+            .unwrap();
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+            Some(&usr1),
+            None,
+        )
+        .unwrap();
+        let pid = leader.pid();
+        let mut process = LeaderProcess::new(leader);
+        // The spawn returns once the child is in execve, which closes the close-on-exec
+        // descriptors a moment later: wait for the program to be running.
+        for _ in 0..500 {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+            if comm == "sleep\n" && status_field(pid, "State").starts_with('S') {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for field in ["SigBlk", "SigIgn", "SigCgt"] {
+            assert_eq!(status_field(pid, field), "0000000000000000", "{field}");
+        }
+        let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        fds.sort();
+        assert_eq!(fds, ["0", "1", "2"]);
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap(),
+            Path::new("/dev/null")
+        );
+        let stat = crate::backend::local::procfs::read_stat(pid).unwrap();
+        assert_eq!(
+            (stat.session, stat.pgrp, stat.ppid),
+            (pid, pid, std::process::id())
+        );
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+            dir.canonicalize().unwrap()
+        );
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert_eq!(environ, b"MARK=vfork\0PATH=/bin:/usr/bin\0");
+        // The parent-death signal is armed.
+        assert!(processes.is_leader(pid));
+
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = process.wait().await.unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
+        assert!(!processes.is_leader(pid), "unregistered once reaped");
+        drop(spawned);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_is_killed_and_reaped() {
+        let processes = Processes::new(false, None);
+        let (leader, spawned) = processes
+            .spawn_leader(&command(&["/bin/sleep", "300"], &[], None))
+            .unwrap();
+        let pid = leader.pid();
+        drop(LeaderProcess::new(leader));
+        for _ in 0..250 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                assert!(!processes.is_leader(pid));
+                drop(spawned);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "the leader {pid} is still there: {:?}",
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        );
     }
 }

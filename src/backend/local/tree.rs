@@ -112,6 +112,13 @@ impl Processes {
         self.cgroups.as_ref()
     }
 
+    /// Whether `pid` is registered as a job leader (not yet reaped).
+    #[cfg(test)]
+    pub fn is_leader(&self, pid: u32) -> bool {
+        let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
+        leaders.contains(&pid)
+    }
+
     /// Spawns a job's leader and registers it, under the lock the reaper takes, so that the
     /// reaper never waits for it (its `LeaderProcess` does). A child that failed before exec was
     /// reaped by the spawn, under the same lock.
