@@ -925,6 +925,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn without_pidfds_exits_are_polled() {
+        let processes = Processes::new(false, None);
+        for (line, code, signal) in [("exit 3", Some(3), None), ("kill -9 $$", None, Some(9))] {
+            let (leader, _pipes) = processes
+                .spawn_leader(&command(&["/bin/sh", "-c", line], &[], None))
+                .unwrap();
+            let pid = leader.pid();
+            let mut process = LeaderProcess::polling(leader);
+            let status = tokio::time::timeout(Duration::from_secs(10), process.wait())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((status.code(), status.signal()), (code, signal), "{line}");
+            assert!(!processes.is_leader(pid));
+            assert!(!Path::new(&format!("/proc/{pid}")).exists(), "reaped");
+        }
+    }
+
+    #[tokio::test]
     async fn a_dropped_leader_is_killed_and_reaped() {
         let processes = Processes::new(false, None);
         let (leader, spawned) = processes

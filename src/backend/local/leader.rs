@@ -70,6 +70,8 @@ impl LeaderProcess {
         let pid = leader.pid();
         let exit = match watch_exit(pid) {
             Ok(fd) => ExitWatch::Pidfd(fd),
+            // ENOSYS: a kernel before 5.3, without pidfds. Any other failure (EMFILE) polls
+            // too rather than failing a job that is running already.
             Err(e) => {
                 if !POLLING_LOGGED.swap(true, Ordering::Relaxed) {
                     if e.raw_os_error() == Some(Errno::ENOSYS as i32) {
@@ -91,6 +93,22 @@ impl LeaderProcess {
         }
     }
 
+    /// Without a pidfd, as on a kernel before 5.3.
+    #[cfg(test)]
+    pub fn polling(leader: Leader) -> LeaderProcess {
+        LeaderProcess {
+            pid: leader.pid(),
+            waiter: Some(Waiter {
+                leader,
+                exit: ExitWatch::Poll {
+                    next: Instant::now() + POLL_FIRST,
+                    interval: POLL_FIRST,
+                },
+            }),
+            status: None,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -105,10 +123,21 @@ impl LeaderProcess {
             .waiter
             .as_mut()
             .ok_or_else(|| io::Error::other("the job's process was handed over"))?;
-        let status = waiter.wait().await?;
-        self.waiter = None;
-        self.status = Some(status);
-        Ok(status)
+        match waiter.wait().await {
+            Ok(status) => {
+                self.waiter = None;
+                self.status = Some(status);
+                Ok(status)
+            }
+            Err(e) => {
+                if e.raw_os_error() == Some(Errno::ECHILD as i32) {
+                    // Reaped by someone else: the pid is free for reuse, so it must not be
+                    // signalled when this handle is dropped. Unregistered with the waiter.
+                    self.waiter = None;
+                }
+                Err(e)
+            }
+        }
     }
 }
 
