@@ -12,9 +12,11 @@
 //! `echo hi` took 2.3x as long as on an idle server (7.7x with 1,000 streams, issue 11).
 //!
 //! So the child is made with `clone(CLONE_VM | CLONE_VFORK | SIGCHLD)` on a stack allocated
-//! here: it shares the server's memory (nothing is copied, whatever the server holds: the clone
-//! takes tens of microseconds) and the calling thread is suspended until the child has called
-//! `execve` or exited. The alternatives were an external wrapper (`setpriv --pdeathsig`, not on
+//! here: it shares the server's memory (no page table is copied, whatever the server holds) and
+//! the calling thread is suspended until the child has called `execve` or exited. With 256
+//! streams held, that whole call (the child's setup included) took 0.17 ms at p50 against the
+//! fork's 2.0 ms, and the held `echo hi` went from 2.3x to 1.4x of the idle one (BENCHMARKS.md,
+//! issue 11). The alternatives were an external wrapper (`setpriv --pdeathsig`, not on
 //! every image, and "program not found" would become the wrapper's exit code) or re-executing
 //! this binary as a shim (a second exec per job, and the job's pid would be the shim's).
 //!
