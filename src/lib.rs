@@ -19,7 +19,8 @@
 //!   fixtures (the binary as a child process, the stream-contract reader) shared by the tests
 //!   and the benchmark.
 
-// Denied, not forbidden: one audited `pre_exec` hook is allowed (src/backend/local/spawn.rs).
+// Denied, not forbidden: the audited job spawn (vfork-style clone and exec) is allowed
+// (src/backend/local/spawn.rs).
 #![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 

@@ -233,3 +233,70 @@ async fn bad_requests_get_invalid_argument_with_a_reason() {
     assert_eq!(run.stdout, b"ok\n");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn jobs_start_clean_in_their_own_session() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    // The shell's own signal state and session, and the fds of a program it execs (ls opens
+    // the directory it lists: 3).
+    let run = run(
+        &mut client,
+        shell(
+            "grep -E '^Sig(Blk|Ign)' /proc/self/status; echo \"$$ $(cut -d' ' -f6 /proc/$$/stat)\"; \
+             exec ls /proc/self/fd",
+        ),
+    )
+    .await;
+    let stdout = String::from_utf8(run.stdout.clone()).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[..2],
+        ["SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000"],
+        "no blocked or ignored signal (the server ignores SIGPIPE): {stdout}"
+    );
+    // Session leader: its session id is its pid, the job's pid.
+    assert_eq!(lines[2], format!("{} {}", run.pid, run.pid), "{stdout}");
+    assert_eq!(lines[3..], ["0", "1", "2", "3"], "{stdout}");
+    assert_eq!(run.state(), JobState::Succeeded);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn programs_are_looked_up_in_the_jobs_path_and_must_be_executable() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    let dir = std::env::temp_dir().join(format!("sr-path-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("sr-greet");
+    std::fs::write(&script, "#!/bin/sh\necho \"greetings $1\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // Found through the PATH the request sets (and the other tools still through it).
+    let mut req = argv(&["sr-greet", "you"]);
+    req.env.insert(
+        "PATH".into(),
+        format!("{}:/usr/bin:/bin", dir.to_str().unwrap()),
+    );
+    let done = run(&mut client, req.clone()).await;
+    assert_eq!(done.stdout, b"greetings you\n");
+    assert_eq!(done.state(), JobState::Succeeded);
+
+    // Not in the server's PATH.
+    let err = client.exec(argv(&["sr-greet"])).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("No such file"), "{}", err.message());
+
+    // Not executable: EACCES, the same code as a missing program.
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = client.exec(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("sr-greet") && err.message().contains("Permission denied"),
+        "{}",
+        err.message()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    server.stop().await;
+}

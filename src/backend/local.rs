@@ -7,21 +7,26 @@
 //! finish writing, then the same treatment, so a backgrounded child holding the pipes cannot
 //! keep a job open forever, and a job ends only once nothing of it is left.
 //!
-//! - `spawn.rs`: what the job's first process does before exec (the crate's one unsafe block).
+//! - `spawn.rs`: how the job's first process is made, a vfork-style clone and exec (the crate's
+//!   one unsafe code).
+//! - `leader.rs`: waiting for the job's first process, and killing it if the job is dropped.
 //! - `tree.rs`: a job's processes (cgroup or /proc), the server's orphans, reaping.
 //! - `cgroup.rs`: per-job cgroups. `identity.rs`: `--job-user`. `procfs.rs`: /proc parsing.
 
 mod cgroup;
 mod identity;
+mod leader;
 mod procfs;
 mod spawn;
 mod tree;
 
 use std::{
+    collections::BTreeMap,
+    ffi::OsString,
     io,
-    os::unix::process::ExitStatusExt,
+    os::{fd::OwnedFd, unix::process::ExitStatusExt},
     path::PathBuf,
-    process::{ExitStatus, Stdio},
+    process::ExitStatus,
     sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
@@ -30,7 +35,6 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio::{
     net::unix::pipe,
-    process::{Child, Command},
     time::{Instant, sleep},
 };
 use tokio_util::sync::CancellationToken;
@@ -39,8 +43,9 @@ use tracing::{debug, info, warn};
 pub use self::identity::JobIdentity;
 use self::{
     cgroup::CgroupRoot,
-    spawn::{ChildSetup, setup_child},
-    tree::{JobTree, Leader, Processes},
+    leader::LeaderProcess,
+    spawn::{JobCommand, JobSetup},
+    tree::{JobTree, Processes},
 };
 use crate::job::{
     Backend, BackendError, Credit, Execution, JobBudget, JobOutput, JobSpec, Outcome, Program,
@@ -271,72 +276,41 @@ impl Backend for LocalBackend {
             program: spec.program.display_name().to_owned(),
             source,
         };
-        let mut cmd = match &spec.program {
-            Program::Shell(line) => {
-                let mut cmd = Command::new("/bin/sh");
-                cmd.arg("-c").arg(line);
-                cmd
-            }
-            Program::Argv(argv) => {
-                let mut cmd = Command::new(&argv[0]);
-                cmd.args(&argv[1..]);
-                cmd
-            }
+        let argv: Vec<OsString> = match &spec.program {
+            Program::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.into()],
+            Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
         };
-        for name in &self.config.withheld_env {
-            cmd.env_remove(name);
-        }
-        if let Some(identity) = &self.config.identity {
-            // std clears the supplementary groups when it changes the uid (it has CAP_SETGID).
-            cmd.uid(identity.uid).gid(identity.gid);
-            // The job user's own, not the server's (requests may still set them).
-            if let Some(name) = &identity.name {
-                cmd.env("USER", name).env("LOGNAME", name);
-            }
-            if let Some(home) = &identity.home {
-                cmd.env("HOME", home);
-            }
-        }
-        cmd.envs(&spec.env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Backstop only: the job's processes are stopped explicitly, this reaches the leader.
-            .kill_on_drop(true);
-        if let Some(dir) = &cwd {
-            cmd.current_dir(dir);
-        }
         let cgroup = self.job_cgroup();
         let cgroup_procs = match &cgroup {
             Some(cgroup) => Some(cgroup.procs_file().try_clone().map_err(spawn_error)?),
             None => None,
         };
-        setup_child(
-            &mut cmd,
-            ChildSetup {
-                server_pid: std::process::id(),
-                cgroup_procs,
-                drop_privileges: self.config.identity.is_some(),
-            },
-        );
+        let command = JobCommand::new(JobSetup {
+            argv,
+            env: self.job_env(&spec.env),
+            cwd: cwd.as_deref(),
+            identity: self.config.identity.as_ref().map(|id| (id.uid, id.gid)),
+            cgroup_procs,
+            server_pid: std::process::id(),
+        })
+        .map_err(spawn_error)?;
 
-        let (mut child, leader) = self.processes.spawn_leader(&mut cmd).map_err(spawn_error)?;
-        drop(cmd);
+        let (leader, spawned) = self.processes.spawn_leader(&command).map_err(spawn_error)?;
+        drop(command);
         let pid = leader.pid();
+        let mut process = LeaderProcess::new(leader);
         let tree = Arc::new(self.processes.tree(pid, cgroup));
-        let (stdout, stderr) = match open_pipes(&mut child) {
+        let (stdout, stderr) = match open_pipes(spawned.stdout, spawned.stderr) {
             Ok(pipes) => pipes,
             Err(source) => {
                 // Not expected; don't leave the process running when we cannot read it.
                 tree.terminate(Duration::ZERO).await;
-                let _ = child.wait().await;
+                let _ = process.wait().await;
                 return Err(spawn_error(source));
             }
         };
         Ok(Box::new(LocalExecution {
-            child,
-            pid,
-            leader,
+            process,
             tree,
             stdout,
             stderr,
@@ -347,6 +321,36 @@ impl Backend for LocalBackend {
 }
 
 impl LocalBackend {
+    /// The job's environment: the server's, without the variables it withholds (its secrets),
+    /// with the job user's USER, LOGNAME and HOME, then the request's variables over all.
+    fn job_env(&self, requested: &BTreeMap<String, String>) -> BTreeMap<OsString, OsString> {
+        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+            .filter(|(name, _)| {
+                !self
+                    .config
+                    .withheld_env
+                    .iter()
+                    .any(|w| name.as_os_str() == w.as_str())
+            })
+            .collect();
+        if let Some(identity) = &self.config.identity {
+            // The job user's own, not the server's (requests may still set them).
+            if let Some(name) = &identity.name {
+                env.insert("USER".into(), name.into());
+                env.insert("LOGNAME".into(), name.into());
+            }
+            if let Some(home) = &identity.home {
+                env.insert("HOME".into(), home.into());
+            }
+        }
+        env.extend(
+            requested
+                .iter()
+                .map(|(name, value)| (name.into(), value.into())),
+        );
+        env
+    }
+
     /// A fresh cgroup for a job, when jobs get them and one can be made.
     fn job_cgroup(&self) -> Option<cgroup::JobCgroup> {
         let root = self.processes.cgroups()?;
@@ -365,10 +369,7 @@ impl LocalBackend {
     }
 }
 
-fn open_pipes(child: &mut Child) -> io::Result<(pipe::Receiver, pipe::Receiver)> {
-    let missing = || io::Error::other("child output pipe missing");
-    let stdout = child.stdout.take().ok_or_else(missing)?.into_owned_fd()?;
-    let stderr = child.stderr.take().ok_or_else(missing)?.into_owned_fd()?;
+fn open_pipes(stdout: OwnedFd, stderr: OwnedFd) -> io::Result<(pipe::Receiver, pipe::Receiver)> {
     Ok((
         pipe::Receiver::from_owned_fd(stdout)?,
         pipe::Receiver::from_owned_fd(stderr)?,
@@ -376,11 +377,9 @@ fn open_pipes(child: &mut Child) -> io::Result<(pipe::Receiver, pipe::Receiver)>
 }
 
 struct LocalExecution {
-    child: Child,
-    /// Leader pid, which is also the session and process group id.
-    pid: u32,
-    /// Keeps the reaper off the leader until tokio has waited for it.
-    leader: Leader,
+    /// The leader, whose pid is also the session and process group id. Registered as a leader
+    /// (kept from the orphan reaper) until reaped; killed if dropped before.
+    process: LeaderProcess,
     /// Every process of the job.
     tree: Arc<JobTree>,
     stdout: pipe::Receiver,
@@ -401,21 +400,19 @@ enum AfterLeaderExit {
 #[async_trait]
 impl Execution for LocalExecution {
     fn pid(&self) -> Option<u32> {
-        Some(self.pid)
+        Some(self.process.pid())
     }
 
     async fn run(self: Box<Self>, out: &mut JobOutput, stop: CancellationToken) -> Outcome {
         let LocalExecution {
-            mut child,
-            pid,
-            leader,
+            mut process,
             tree,
             stdout,
             stderr,
             grace,
             chunk_bytes,
         } = *self;
-        let mut leader = Some(leader);
+        let pid = process.pid();
 
         // Signalling runs on its own task so a stop takes effect even while output waits for a
         // slow reader.
@@ -451,9 +448,8 @@ impl Execution for LocalExecution {
                     Some((data, credit)) => out.output_within(StreamKind::Stderr, data, credit).await,
                     None => stderr = None,
                 },
-                exit = child.wait(), if status.is_none() => {
-                    // Waited for (reaped): the reaper may now take its pid for an orphan's.
-                    leader.take();
+                exit = process.wait(), if status.is_none() => {
+                    // Reaped and unregistered: the reaper may now take its pid for an orphan's.
                     status = Some(match exit {
                         Ok(s) => s,
                         Err(e) => {
@@ -584,11 +580,20 @@ async fn read_next(reader: Option<&mut PipeReader>) -> Option<(Bytes, Credit)> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::{
+        fs::File,
+        io::Read,
+        os::unix::fs::PermissionsExt,
+        path::{Path, PathBuf},
+    };
 
-    #[test]
-    fn cwd_must_be_an_existing_directory() {
-        let backend = LocalBackend::new(LocalConfig {
+    use super::*;
+    use nix::libc;
+
+    use crate::backend::local::spawn::Spawned;
+
+    fn config() -> LocalConfig {
+        LocalConfig {
             default_cwd: None,
             grace: Duration::from_secs(1),
             chunk_bytes: 1 << 16,
@@ -596,12 +601,367 @@ mod tests {
             identity: None,
             cgroups: JobCgroups::Off,
             subreaper: false,
-        });
+        }
+    }
+
+    #[test]
+    fn cwd_must_be_an_existing_directory() {
+        let backend = LocalBackend::new(config());
         assert!(backend.working_dir(Some("/")).is_ok());
         let err = backend.working_dir(Some("/etc/hostname")).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
         let err = backend.working_dir(Some("/no/such/dir")).unwrap_err();
         assert!(err.to_string().contains("not usable"), "{err}");
         assert_eq!(backend.working_dir(None).unwrap(), None);
+    }
+
+    #[test]
+    fn the_job_environment_is_the_servers_minus_secrets_plus_the_user_then_the_request() {
+        let backend = LocalBackend::new(LocalConfig {
+            withheld_env: vec!["PATH".into()],
+            identity: Some(JobIdentity {
+                uid: 65534,
+                gid: 65534,
+                name: Some("jobuser".into()),
+                home: Some("/home/jobuser".into()),
+            }),
+            ..config()
+        });
+        let requested = BTreeMap::from([
+            ("LOGNAME".to_owned(), "asked".to_owned()),
+            ("EXTRA".to_owned(), "x=y".to_owned()),
+        ]);
+        let env = backend.job_env(&requested);
+        let get = |name: &str| env.get(std::ffi::OsStr::new(name)).cloned();
+        assert_eq!(get("PATH"), None, "withheld");
+        assert_eq!(get("USER"), Some("jobuser".into()));
+        assert_eq!(get("HOME"), Some("/home/jobuser".into()));
+        assert_eq!(get("LOGNAME"), Some("asked".into()), "the request wins");
+        assert_eq!(get("EXTRA"), Some("x=y".into()));
+        // The rest of the server's environment is inherited.
+        for (name, value) in std::env::vars_os() {
+            if !["PATH", "USER", "HOME", "LOGNAME", "EXTRA"].contains(&name.to_str().unwrap_or(""))
+            {
+                assert_eq!(env.get(&name), Some(&value), "{name:?}");
+            }
+        }
+    }
+
+    /// A job of `argv` with this environment and working directory, as `start` prepares it.
+    fn command(argv: &[&str], env: &[(&str, &str)], cwd: Option<&Path>) -> JobCommand {
+        JobCommand::new(JobSetup {
+            argv: argv.iter().map(OsString::from).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+                .collect(),
+            cwd,
+            identity: None,
+            cgroup_procs: None,
+            server_pid: std::process::id(),
+        })
+        .unwrap()
+    }
+
+    fn read_all(fd: OwnedFd) -> tokio::task::JoinHandle<String> {
+        tokio::task::spawn_blocking(move || {
+            let mut text = String::new();
+            File::from(fd).read_to_string(&mut text).unwrap();
+            text
+        })
+    }
+
+    /// Runs a job to its end: stdout, stderr, exit status.
+    async fn run(command: &JobCommand) -> io::Result<(String, String, ExitStatus)> {
+        let processes = Processes::new(false, None);
+        let (leader, Spawned { stdout, stderr, .. }) = processes.spawn_leader(command)?;
+        let mut process = LeaderProcess::new(leader);
+        let (stdout, stderr) = (read_all(stdout), read_all(stderr));
+        let status = process.wait().await?;
+        Ok((stdout.await.unwrap(), stderr.await.unwrap(), status))
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("local-{name}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write_file(path: &Path, text: &str, mode: u32) {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// Zombie children of this process whose name is `comm` (a child that failed before exec
+    /// still has the name of the thread that spawned it).
+    fn zombies_named(comm: &str) -> Vec<u32> {
+        let me = std::process::id();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+            if &stat[open + 1..close] == comm && fields[0] == "Z" && fields[1] == me.to_string() {
+                found.push(stat[..open].trim().parse().unwrap());
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn failures_before_exec_are_errors_with_their_errno_and_leave_no_zombie() {
+        const THREAD: &str = "spawnfail-test"; // under 16 bytes: a process name
+        let dir = temp_dir("fail");
+        let not_executable = dir.join("not-executable");
+        write_file(&not_executable, "#!/bin/sh\necho no\n", 0o644);
+        let not_executable = not_executable.to_str().unwrap().to_owned();
+        let dir_path = dir.to_str().unwrap().to_owned();
+        let errors = std::thread::Builder::new()
+            .name(THREAD.into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let mut errors = Vec::new();
+                    for command in [
+                        command(&["/no/such/program"], &[], None),
+                        command(
+                            &["no-such-program-anywhere"],
+                            &[("PATH", "/bin:/usr/bin")],
+                            None,
+                        ),
+                        command(&[not_executable.as_str()], &[], None),
+                        // Searched: not executable in the first directory, missing in the
+                        // second: EACCES, as execvp reports.
+                        command(
+                            &["not-executable"],
+                            &[("PATH", &format!("{dir_path}:/bin"))],
+                            None,
+                        ),
+                        command(&["/bin/true"], &[], Some(Path::new("/no/such/dir"))),
+                    ] {
+                        errors.push(run(&command).await.unwrap_err());
+                    }
+                    errors
+                })
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let codes: Vec<Option<i32>> = errors.iter().map(io::Error::raw_os_error).collect();
+        let kinds: Vec<io::ErrorKind> = errors.iter().map(io::Error::kind).collect();
+        use io::ErrorKind::{NotFound, PermissionDenied};
+        assert_eq!(
+            kinds,
+            [
+                NotFound,
+                NotFound,
+                PermissionDenied,
+                PermissionDenied,
+                NotFound
+            ],
+            "{errors:?}"
+        );
+        assert_eq!(
+            codes[..4],
+            [
+                Some(libc::ENOENT),
+                Some(libc::ENOENT),
+                Some(libc::EACCES),
+                Some(libc::EACCES)
+            ]
+        );
+        assert!(
+            errors[4]
+                .to_string()
+                .starts_with("changing to the working directory: No such file or directory"),
+            "{}",
+            errors[4]
+        );
+        // Each failed child was reaped by the spawn itself.
+        assert_eq!(zombies_named(THREAD), Vec::<u32>::new());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn programs_are_found_in_the_jobs_path_and_scripts_without_a_shebang_run() {
+        let dir = temp_dir("path");
+        write_file(
+            &dir.join("hello-vfork"),
+            "#!/bin/sh\necho \"hello $1\"\n",
+            0o755,
+        );
+        // Not executable here: skipped for the next directory's.
+        let later = dir.join("later");
+        std::fs::create_dir(&later).unwrap();
+        write_file(&dir.join("twice"), "#!/bin/sh\necho first\n", 0o644);
+        write_file(&later.join("twice"), "#!/bin/sh\necho second\n", 0o755);
+        // No `#!`: execve says ENOEXEC, and execvp runs it with /bin/sh.
+        write_file(&dir.join("plain"), "echo \"plain $1 $2\"\n", 0o755);
+        let path = format!("/no/such/dir:{}:{}", dir.display(), later.display());
+        for (argv, expected) in [
+            (&["hello-vfork", "you"][..], "hello you\n"),
+            (&["twice"][..], "second\n"),
+            (&["plain", "a", "b c"][..], "plain a b c\n"),
+        ] {
+            let (stdout, stderr, status) =
+                run(&command(argv, &[("PATH", &path)], None)).await.unwrap();
+            assert_eq!(
+                (stdout.as_str(), stderr.as_str()),
+                (expected, ""),
+                "{argv:?}"
+            );
+            assert!(status.success(), "{argv:?}");
+        }
+        // Without PATH in the job's environment, glibc's default /bin:/usr/bin.
+        let (stdout, _, _) = run(&command(&["echo", "default"], &[], None))
+            .await
+            .unwrap();
+        assert_eq!(stdout, "default\n");
+        // A relative name with a '/' is relative to the job's working directory.
+        let (stdout, _, _) = run(&command(&["./hello-vfork", "cwd"], &[], Some(&dir)))
+            .await
+            .unwrap();
+        assert_eq!(stdout, "hello cwd\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn status_field(pid: u32, name: &str) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+            .trim()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn jobs_lead_their_session_with_default_signals_and_only_stdio() {
+        // The server side: SIGPIPE ignored (std does it), and a signal blocked in the spawning
+        // thread; the job must have neither.
+        assert_ne!(
+            u64::from_str_radix(&status_field(std::process::id(), "SigIgn"), 16).unwrap()
+                & (1 << (libc::SIGPIPE - 1)),
+            0
+        );
+        let mut usr1 = nix::sys::signal::SigSet::empty();
+        usr1.add(nix::sys::signal::Signal::SIGUSR1);
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&usr1),
+            None,
+        )
+        .unwrap();
+        let dir = temp_dir("cwd");
+        let processes = Processes::new(false, None);
+        let (leader, spawned) = processes
+            .spawn_leader(&command(
+                &["sleep", "30"],
+                &[("PATH", "/bin:/usr/bin"), ("MARK", "vfork")],
+                Some(&dir),
+            ))
+            .unwrap();
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+            Some(&usr1),
+            None,
+        )
+        .unwrap();
+        let pid = leader.pid();
+        let mut process = LeaderProcess::new(leader);
+        // The spawn returns once the child is in execve, which closes the close-on-exec
+        // descriptors a moment later: wait for the program to be running.
+        for _ in 0..500 {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+            if comm == "sleep\n" && status_field(pid, "State").starts_with('S') {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for field in ["SigBlk", "SigIgn", "SigCgt"] {
+            assert_eq!(status_field(pid, field), "0000000000000000", "{field}");
+        }
+        let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        fds.sort();
+        assert_eq!(fds, ["0", "1", "2"]);
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap(),
+            Path::new("/dev/null")
+        );
+        let stat = crate::backend::local::procfs::read_stat(pid).unwrap();
+        assert_eq!(
+            (stat.session, stat.pgrp, stat.ppid),
+            (pid, pid, std::process::id())
+        );
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+            dir.canonicalize().unwrap()
+        );
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert_eq!(environ, b"MARK=vfork\0PATH=/bin:/usr/bin\0");
+        // The parent-death signal is armed.
+        assert!(processes.is_leader(pid));
+
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = process.wait().await.unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
+        assert!(!processes.is_leader(pid), "unregistered once reaped");
+        drop(spawned);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_pidfds_exits_are_polled() {
+        let processes = Processes::new(false, None);
+        for (line, code, signal) in [("exit 3", Some(3), None), ("kill -9 $$", None, Some(9))] {
+            let (leader, _pipes) = processes
+                .spawn_leader(&command(&["/bin/sh", "-c", line], &[], None))
+                .unwrap();
+            let pid = leader.pid();
+            let mut process = LeaderProcess::polling(leader);
+            let status = tokio::time::timeout(Duration::from_secs(10), process.wait())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((status.code(), status.signal()), (code, signal), "{line}");
+            assert!(!processes.is_leader(pid));
+            assert!(!Path::new(&format!("/proc/{pid}")).exists(), "reaped");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_is_killed_and_reaped() {
+        let processes = Processes::new(false, None);
+        let (leader, spawned) = processes
+            .spawn_leader(&command(&["/bin/sleep", "300"], &[], None))
+            .unwrap();
+        let pid = leader.pid();
+        drop(LeaderProcess::new(leader));
+        for _ in 0..250 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                assert!(!processes.is_leader(pid));
+                drop(spawned);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "the leader {pid} is still there: {:?}",
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        );
     }
 }

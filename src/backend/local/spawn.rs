@@ -1,96 +1,758 @@
-//! What a job's first process does to itself between fork and exec: the crate's one piece of
+//! How a job's first process is made: a vfork-style `clone` followed by `execve`, the way
+//! glibc's `posix_spawn` does it, with the job's own steps in between. The crate's one piece of
 //! unsafe code, kept to this file.
 //!
-//! Why not a safe API: a parent-death signal must be armed by the child itself, after std has
-//! changed its uid/gid (a credential change clears it) and before the program runs, and std
-//! offers no hook there other than `pre_exec`. The alternatives were an external wrapper
-//! (`setpriv --pdeathsig`, which is not on every image and would turn "program not found" into
-//! an exit code of the wrapper) or re-executing this binary as a shim (a second exec per job,
-//! and the job's pid would be the shim's). The hook also joins the job's cgroup before the
-//! program can fork, which doing it from the parent after the spawn cannot promise.
+//! Why not `std`/tokio's `Command`: the job's first process must make itself a session leader,
+//! join the job's cgroup before the program can fork, change to the job user and drop every
+//! privilege, and arm a parent-death signal after the credential change (which clears it) but
+//! before the program runs. `Command` can do that only through `pre_exec`, and a `pre_exec` hook
+//! makes std `fork()` instead of using `posix_spawn`. `fork` copies the server's page tables,
+//! so its cost grows with the server's memory: with 256 stalled Exec streams (RSS ~177 MiB) a
+//! `clone(SIGCHLD)` took 2.0 ms instead of 0.25 ms on an idle server, and a new client's
+//! `echo hi` took 2.3x as long as on an idle server (7.7x with 1,000 streams, issue 11).
+//!
+//! So the child is made with `clone(CLONE_VM | CLONE_VFORK | SIGCHLD)` on a stack allocated
+//! here: it shares the server's memory (no page table is copied, whatever the server holds) and
+//! the calling thread is suspended until the child has called `execve` or exited. With 256
+//! streams held, that whole call (the child's setup included) took 0.17 ms at p50 against the
+//! fork's 2.0 ms, and the held `echo hi` went from 2.3x to 1.4x of the idle one (BENCHMARKS.md,
+//! issue 11). The alternatives were an external wrapper (`setpriv --pdeathsig`, not on
+//! every image, and "program not found" would become the wrapper's exit code) or re-executing
+//! this binary as a shim (a second exec per job, and the job's pid would be the shim's).
+//!
+//! The child runs on the server's memory and on the calling thread's thread-local storage, so it
+//! must not disturb either (see [`run_child`]): everything it needs is prepared before the
+//! clone; it allocates nothing, takes no lock, cannot panic, touches no Rust thread-local, and
+//! changes credentials with raw system calls (glibc's `setuid` and friends would make the
+//! server's threads change theirs). All signals are blocked in the calling thread across the
+//! clone, so none of the server's signal handlers runs in the child, which sets every
+//! disposition back to default before it unblocks them. A failure before `execve` is written
+//! into memory the parent reads once the clone returns; the parent then reaps the child.
 
-use std::{fs::File, io};
+use std::{
+    collections::BTreeMap,
+    ffi::{CString, OsStr, OsString},
+    fs::File,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::ffi::{OsStrExt, OsStringExt},
+    },
+    path::Path,
+    ptr,
+    sync::atomic::{AtomicI32, AtomicU8, Ordering},
+};
 
 use nix::{
     errno::Errno,
+    fcntl::{FcntlArg, OFlag, fcntl},
     libc,
-    sys::{prctl, signal::Signal},
-    unistd,
+    sched::{CloneFlags, clone},
+    sys::wait::waitpid,
+    unistd::{Pid, pipe2},
 };
-use tokio::process::Command;
+use tokio::io::{Interest, unix::AsyncFd};
 
-/// What the job's first process does before it execs the program.
-pub(super) struct ChildSetup {
+/// The child's stack. It makes a few plain library calls and system calls on prepared data;
+/// a guard page below it turns an overflow into a fault instead of a write into the heap.
+const STACK_BYTES: usize = 64 * 1024;
+
+/// Where execvp looks when there is no PATH (glibc's default).
+const DEFAULT_PATH: &[u8] = b"/bin:/usr/bin";
+
+/// Exit code of a child that failed before `execve` (as `posix_spawn`'s); the parent reaps it
+/// and reports the error instead.
+const SPAWN_FAILED: i32 = 127;
+
+/// A job's program, prepared for [`spawn`](JobCommand::spawn): every string the child passes to
+/// the kernel, as C strings.
+pub(super) struct JobCommand {
+    /// Paths to try with `execve`, in order: the program itself when its name has a '/', else
+    /// each directory of PATH joined with it (execvp's search).
+    candidates: Vec<CString>,
+    argv: Vec<CString>,
+    /// `NAME=value`, sorted by name.
+    envp: Vec<CString>,
+    cwd: Option<CString>,
+    /// `(uid, gid)` of the job user, when jobs do not run as the server's user.
+    identity: Option<(u32, u32)>,
+    /// `cgroup.procs` of the job's cgroup (close-on-exec, so the program never holds it).
+    cgroup_procs: Option<File>,
     /// The server's pid. The parent-death signal only fires for a parent that dies after it was
     /// armed, so the child checks its parent is still the server once it is armed.
-    pub server_pid: u32,
-    /// `cgroup.procs` of the job's cgroup (close-on-exec, so the program never holds it).
-    pub cgroup_procs: Option<File>,
-    /// The job runs as another user than the server: it must keep none of the server's
-    /// capabilities and gain none by exec. Ambient capabilities (how systemd and `setpriv` give
-    /// a non-root server CAP_SETUID and friends) survive a change between non-root uids and
-    /// exec, so they are cleared; no_new_privs stops set-user-ID programs and file
-    /// capabilities, which would otherwise hand the job back the power to signal the server.
-    pub drop_privileges: bool,
+    server_pid: i32,
 }
 
-/// Makes the job's first process: leader of a new session (and process group), in the job's
-/// cgroup, without privileges (with a job user), and SIGKILLed when the server dies.
-///
-/// The parent-death signal follows the *thread* that forked, not the process: jobs are spawned
-/// from the runtime's worker threads, which live as long as the server.
-#[allow(unsafe_code)]
-pub(super) fn setup_child(cmd: &mut Command, setup: ChildSetup) {
-    let ChildSetup {
-        server_pid,
-        cgroup_procs,
-        drop_privileges,
-    } = setup;
-    let server_pid = server_pid as i32;
-    let hook = move || -> io::Result<()> {
-        // Its own session: job control (`set -m`) and `setpgid` cannot leave it, and the job
-        // has no controlling terminal of the server's.
-        unistd::setsid().map_err(os_error)?;
-        if let Some(procs) = &cgroup_procs {
-            // "0" moves the writer. Not fatal: the server checks after the spawn and moves
-            // the process itself, or follows the job through /proc instead.
-            let _ = unistd::write(procs, b"0");
-        }
-        if drop_privileges {
-            // SAFETY: prctl with integer arguments only, no memory passed.
-            let cleared = unsafe {
-                libc::prctl(
-                    libc::PR_CAP_AMBIENT,
-                    libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                    0,
-                    0,
-                    0,
+/// What [`JobCommand::spawn`] started: the process and the read ends of its output pipes.
+pub(super) struct Spawned {
+    pub pid: u32,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// The job's settings that [`JobCommand::new`] prepares.
+pub(super) struct JobSetup<'a> {
+    /// The program (`argv[0]`, looked up in PATH when it has no '/') and its arguments.
+    pub argv: Vec<OsString>,
+    /// The job's whole environment; its PATH, if any, is where the program is looked up.
+    pub env: BTreeMap<OsString, OsString>,
+    pub cwd: Option<&'a Path>,
+    /// `(uid, gid)` to switch to: no supplementary groups, no capabilities, no_new_privs.
+    pub identity: Option<(u32, u32)>,
+    pub cgroup_procs: Option<File>,
+    pub server_pid: u32,
+}
+
+impl JobCommand {
+    /// Converts the settings to C strings; fails (`InvalidInput`) on a NUL byte.
+    pub fn new(setup: JobSetup<'_>) -> io::Result<JobCommand> {
+        let JobSetup {
+            argv,
+            env,
+            cwd,
+            identity,
+            cgroup_procs,
+            server_pid,
+        } = setup;
+        let program = argv
+            .first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
+        let path = env.get(OsStr::new("PATH")).map(|p| p.as_bytes());
+        let candidates = candidates(program.as_bytes(), path)
+            .into_iter()
+            .map(c_string)
+            .collect::<io::Result<_>>()?;
+        let argv = argv
+            .into_iter()
+            .map(|arg| c_string(arg.into_vec()))
+            .collect::<io::Result<_>>()?;
+        let envp = env
+            .into_iter()
+            .map(|(name, value)| {
+                let mut entry = name.into_vec();
+                entry.push(b'=');
+                entry.extend_from_slice(value.as_bytes());
+                c_string(entry)
+            })
+            .collect::<io::Result<_>>()?;
+        let cwd = cwd
+            .map(|dir| c_string(dir.as_os_str().as_bytes().to_vec()))
+            .transpose()?;
+        Ok(JobCommand {
+            candidates,
+            argv,
+            envp,
+            cwd,
+            identity,
+            cgroup_procs,
+            server_pid: server_pid as i32,
+        })
+    }
+
+    /// Starts the job's first process: leader of a new session (and process group), in the
+    /// job's cgroup, without privileges (with a job user), SIGKILLed when the server dies, with
+    /// stdin on /dev/null and stdout/stderr on new pipes, running the program.
+    ///
+    /// The parent-death signal follows the *thread* that spawned, not the process: jobs are
+    /// spawned from the runtime's worker threads, which live as long as the server.
+    ///
+    /// Fails with the errno of the step that failed (ENOENT for a program not found), after
+    /// reaping the child. The caller holds the lock that keeps the orphan reaper off a pid
+    /// that is not registered as a leader yet.
+    #[allow(unsafe_code)]
+    pub fn spawn(&self) -> io::Result<Spawned> {
+        let (stdout, stdout_w) = pipe2(OFlag::O_CLOEXEC)?;
+        let (stderr, stderr_w) = pipe2(OFlag::O_CLOEXEC)?;
+        let null = OwnedFd::from(File::open("/dev/null")?);
+        // dup2 onto 0, 1 and 2 only clears close-on-exec when source and target differ, and
+        // must not overwrite a source still to be copied: keep the sources above 2.
+        let null = above_stdio(null)?;
+        let stdout_w = above_stdio(stdout_w)?;
+        let stderr_w = above_stdio(stderr_w)?;
+
+        // Null-terminated pointer arrays into the C strings above, which outlive the child's
+        // use of them (the clone returns only after execve or exit).
+        let argv = pointers(&self.argv);
+        let envp = pointers(&self.envp);
+        let candidates: Vec<*const libc::c_char> =
+            self.candidates.iter().map(|c| c.as_ptr()).collect();
+        // For a program the kernel cannot execute (ENOEXEC: a script without `#!`), execvp
+        // runs `/bin/sh <program> <args...>`; slot 1 is filled in by the child.
+        let mut script_argv = Vec::with_capacity(self.argv.len() + 2);
+        script_argv.push(SHELL.as_ptr());
+        script_argv.push(SHELL.as_ptr());
+        script_argv.extend(self.argv.iter().skip(1).map(|a| a.as_ptr()));
+        script_argv.push(ptr::null());
+        let mut plan = Plan {
+            candidates: &candidates,
+            argv: argv.as_ptr(),
+            envp: envp.as_ptr(),
+            script_argv: &mut script_argv,
+            cwd: self.cwd.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+            identity: self.identity,
+            cgroup_procs: self.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd),
+            server_pid: self.server_pid,
+            stdio: [null.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()],
+        };
+        let failure = Failure {
+            errno: AtomicI32::new(0),
+            step: AtomicU8::new(0),
+        };
+        let mut stack = Stack::new(STACK_BYTES)?;
+        let cloned = {
+            let _blocked = BlockedSignals::block_all();
+            let child = Box::new(|| -> isize { run_child(&mut plan, &failure) });
+            // SAFETY: the child shares this process's memory and runs on `stack` (with a
+            // guard page) while this thread is suspended (CLONE_VFORK), until it called
+            // execve or exited; everything it uses (`plan`, `failure`, the strings and arrays
+            // they point to, the fds) lives in this frame until then. It follows the rules of
+            // `run_child`. Signals are blocked in this thread, so the child starts with all
+            // of them blocked and runs none of the server's handlers.
+            unsafe {
+                clone(
+                    child,
+                    stack.as_mut_slice(),
+                    CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK,
+                    Some(libc::SIGCHLD),
                 )
-            };
-            // EINVAL: a kernel before 4.3, which has no ambient capabilities to clear.
-            if cleared == -1 && Errno::last() != Errno::EINVAL {
-                return Err(os_error(Errno::last()));
             }
-            prctl::set_no_new_privs().map_err(os_error)?;
+        };
+        drop(stack);
+        let pid = cloned?;
+        // The child is gone from this memory: it exec'd (and the pipes' write ends and
+        // /dev/null are closed here, so the job holds the only copies) or it exited.
+        let errno = failure.errno.load(Ordering::Acquire);
+        if errno != 0 {
+            reap(pid);
+            let error = io::Error::from_raw_os_error(errno);
+            return Err(match Step::from_u8(failure.step.load(Ordering::Acquire)) {
+                Step::Exec => error,
+                step => io::Error::new(error.kind(), format!("{}: {error}", step.describe())),
+            });
         }
-        prctl::set_pdeathsig(Signal::SIGKILL).map_err(os_error)?;
-        if unistd::getppid().as_raw() != server_pid {
-            // The server died before the signal was armed: do not start an orphan job.
-            return Err(os_error(Errno::ESRCH));
-        }
-        Ok(())
-    };
-    // SAFETY: the hook runs in the forked child, where only async-signal-safe operations are
-    // allowed (another thread of the server may have held a lock at the fork). It makes plain
-    // system calls only (setsid, write, prctl, getppid), allocates nothing (errors are raw OS
-    // errors, which io::Error stores inline), takes no lock, and uses only values moved into it
-    // before the fork.
-    unsafe {
-        cmd.pre_exec(hook);
+        Ok(Spawned {
+            pid: pid.as_raw() as u32,
+            stdout,
+            stderr,
+        })
     }
 }
 
-/// An `io::Error` from an errno, without allocating.
-fn os_error(errno: Errno) -> io::Error {
-    io::Error::from_raw_os_error(errno as i32)
+const SHELL: &std::ffi::CStr = c"/bin/sh";
+
+/// The paths execvp would try for `program`: itself when it has a '/', otherwise
+/// `<dir>/<program>` for each directory of `path` (an empty entry is the working directory).
+fn candidates(program: &[u8], path: Option<&[u8]>) -> Vec<Vec<u8>> {
+    if program.contains(&b'/') || program.is_empty() {
+        return vec![program.to_vec()];
+    }
+    path.unwrap_or(DEFAULT_PATH)
+        .split(|&b| b == b':')
+        .map(|dir| {
+            if dir.is_empty() {
+                return program.to_vec();
+            }
+            let mut candidate = dir.to_vec();
+            if !dir.ends_with(b"/") {
+                candidate.push(b'/');
+            }
+            candidate.extend_from_slice(program);
+            candidate
+        })
+        .collect()
+}
+
+fn c_string(bytes: Vec<u8>) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "nul byte found in provided data",
+        )
+    })
+}
+
+fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(ptr::null()))
+        .collect()
+}
+
+/// `fd`, moved to a number above 2 if it is 0, 1 or 2 (a server started with a standard fd
+/// closed), close-on-exec.
+#[allow(unsafe_code)]
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    let moved = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(3))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(moved) })
+}
+
+/// Waits for a child that exited before exec, so that it leaves no zombie.
+fn reap(pid: Pid) {
+    while waitpid(pid, None) == Err(Errno::EINTR) {}
+}
+
+/// A pidfd for `pid`, registered with the runtime: readable once the process exited. `pid`
+/// must be a child of this process not yet reaped (so the pid cannot have been reused).
+/// ENOSYS before Linux 5.3.
+#[allow(unsafe_code)]
+pub(super) fn watch_exit(pid: u32) -> io::Result<AsyncFd<OwnedFd>> {
+    let pidfd = pidfd_open(pid)?;
+    // SAFETY: the AsyncFd owns the descriptor, which stays open and the same until it is
+    // dropped (OwnedFd::as_raw_fd always returns it).
+    unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+#[allow(unsafe_code)]
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: a system call with integer arguments; on success it returns a new descriptor
+    // (close-on-exec) that nothing else owns.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_open,
+            libc::c_long::from(pid),
+            0 as libc::c_long,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// What the child uses, prepared by the parent: raw values and pointers only.
+struct Plan<'a> {
+    /// Pointers into `JobCommand::candidates`.
+    candidates: &'a [*const libc::c_char],
+    /// Null-terminated.
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    /// `/bin/sh`, a free slot, the program's arguments, null.
+    script_argv: &'a mut [*const libc::c_char],
+    /// Null: stay in the server's working directory.
+    cwd: *const libc::c_char,
+    identity: Option<(u32, u32)>,
+    cgroup_procs: Option<RawFd>,
+    server_pid: i32,
+    /// Sources of fds 0, 1 and 2, all above 2.
+    stdio: [RawFd; 3],
+}
+
+/// Where a child that failed before exec leaves its errno and step for the parent.
+struct Failure {
+    errno: AtomicI32,
+    step: AtomicU8,
+}
+
+/// The child's steps that can fail, for the error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Step {
+    Setsid = 1,
+    Setgroups,
+    Setgid,
+    Setuid,
+    ClearAmbientCaps,
+    NoNewPrivs,
+    ParentDeathSignal,
+    ServerGone,
+    Stdio,
+    Chdir,
+    Exec,
+}
+
+impl Step {
+    fn from_u8(value: u8) -> Step {
+        [
+            Step::Setsid,
+            Step::Setgroups,
+            Step::Setgid,
+            Step::Setuid,
+            Step::ClearAmbientCaps,
+            Step::NoNewPrivs,
+            Step::ParentDeathSignal,
+            Step::ServerGone,
+            Step::Stdio,
+            Step::Chdir,
+        ]
+        .into_iter()
+        .find(|step| *step as u8 == value)
+        .unwrap_or(Step::Exec)
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Step::Setsid => "starting a session",
+            Step::Setgroups => "dropping supplementary groups",
+            Step::Setgid => "changing to the job group",
+            Step::Setuid => "changing to the job user",
+            Step::ClearAmbientCaps => "clearing ambient capabilities",
+            Step::NoNewPrivs => "setting no_new_privs",
+            Step::ParentDeathSignal => "arming the parent-death signal",
+            Step::ServerGone => "the server exited",
+            Step::Stdio => "setting up stdin, stdout and stderr",
+            Step::Chdir => "changing to the working directory",
+            Step::Exec => "executing the program",
+        }
+    }
+}
+
+/// The child, between clone and exec. It shares the server's memory and the thread-local
+/// storage of the suspended parent thread, so it only makes system calls (directly or through
+/// libc's thin wrappers: no allocation, no lock, no Rust thread-local, no panic), on values
+/// prepared by the parent, and ends in `execve` or `_exit`. libc's wrappers may set `errno`,
+/// which is the parent thread's: the parent reads nothing from it after a successful clone.
+///
+/// In order: new session; join the job's cgroup (not fatal: the server checks and moves the
+/// process itself, or follows the job through /proc); with a job user, no supplementary
+/// groups, its gid and uid (raw system calls: glibc's wrappers signal every thread of the
+/// process to change theirs too, which would act on the server's threads), no ambient
+/// capabilities, no_new_privs; SIGKILL on the parent's death and a check that the parent is
+/// still the server; stdin, stdout, stderr, and every other descriptor close-on-exec; the
+/// working directory (as the job user); every signal back to its default disposition, then an
+/// empty signal mask; execve of each candidate.
+#[allow(unsafe_code)]
+fn run_child(plan: &mut Plan<'_>, failure: &Failure) -> isize {
+    // SAFETY: glibc's errno of the calling thread (C, not Rust, thread-local storage).
+    let errno = || unsafe { *libc::__errno_location() };
+
+    // SAFETY (every call below): system calls and libc's async-signal-safe wrappers, with
+    // integer arguments or pointers to data the parent keeps alive until the child exec'd or
+    // exited (see `JobCommand::spawn`).
+    unsafe {
+        // Its own session: job control (`set -m`) and `setpgid` cannot leave it, and the job
+        // has no controlling terminal of the server's.
+        if libc::setsid() == -1 {
+            child_failed(failure, Step::Setsid, errno());
+        }
+        if let Some(procs) = plan.cgroup_procs {
+            // "0" moves the writer; done before the credential change, while the writer may
+            // still write to the cgroup.
+            let _ = libc::write(procs, b"0".as_ptr().cast(), 1);
+        }
+        if let Some((uid, gid)) = plan.identity {
+            if libc::syscall(
+                libc::SYS_setgroups,
+                0 as libc::c_long,
+                ptr::null::<libc::gid_t>(),
+            ) == -1
+            {
+                child_failed(failure, Step::Setgroups, errno());
+            }
+            if libc::syscall(libc::SYS_setgid, libc::c_long::from(gid)) == -1 {
+                child_failed(failure, Step::Setgid, errno());
+            }
+            if libc::syscall(libc::SYS_setuid, libc::c_long::from(uid)) == -1 {
+                child_failed(failure, Step::Setuid, errno());
+            }
+            // The job must keep none of the server's capabilities and gain none by exec.
+            // Ambient capabilities (how systemd and `setpriv` give a non-root server
+            // CAP_SETUID and friends) survive a change between non-root uids and exec, so they
+            // are cleared; EINVAL is a kernel before 4.3, which has none to clear.
+            let cleared = libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            );
+            if cleared == -1 && errno() != libc::EINVAL {
+                child_failed(failure, Step::ClearAmbientCaps, errno());
+            }
+            // Stops set-user-ID programs and file capabilities, which would otherwise hand the
+            // job back the power to signal the server.
+            if libc::prctl(
+                libc::PR_SET_NO_NEW_PRIVS,
+                1 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            ) == -1
+            {
+                child_failed(failure, Step::NoNewPrivs, errno());
+            }
+        }
+        // After the credential change, which clears it.
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        ) == -1
+        {
+            child_failed(failure, Step::ParentDeathSignal, errno());
+        }
+        if libc::getppid() != plan.server_pid {
+            // The server died before the signal was armed: do not start an orphan job.
+            child_failed(failure, Step::ServerGone, libc::ESRCH);
+        }
+        for (target, source) in (0..).zip(plan.stdio) {
+            // The sources are close-on-exec and above 2; the copies are not close-on-exec.
+            while libc::dup2(source, target) == -1 {
+                if errno() != libc::EINTR {
+                    child_failed(failure, Step::Stdio, errno());
+                }
+            }
+        }
+        // Nothing but 0, 1 and 2 for the program: the server's own descriptors are
+        // close-on-exec, but not always what the server inherited (its parent's leaks).
+        // CLOSE_RANGE_CLOEXEC (Linux 5.11) only marks them; before it, close them (5.9);
+        // older kernels keep inherited descriptors, as std's spawn does.
+        let first = 3 as libc::c_long;
+        let last = libc::c_long::from(u32::MAX);
+        let marked = libc::syscall(
+            libc::SYS_close_range,
+            first,
+            last,
+            libc::c_long::from(libc::CLOSE_RANGE_CLOEXEC),
+        );
+        if marked == -1 && errno() == libc::EINVAL {
+            libc::syscall(libc::SYS_close_range, first, last, 0 as libc::c_long);
+        }
+        if !plan.cwd.is_null() && libc::chdir(plan.cwd) == -1 {
+            child_failed(failure, Step::Chdir, errno());
+        }
+        // Handlers are the server's code: none may run here once signals are unblocked, and
+        // the job starts with default dispositions (an ignored signal stays ignored across
+        // exec: the server ignores SIGPIPE, and its parent may have it ignore more). SIGKILL
+        // and SIGSTOP cannot be changed. Raw system calls: glibc's wrapper refuses its two
+        // internal signals (32 and 33), which may be ignored too. The child has its own copy
+        // of the table (no CLONE_SIGHAND): the server's is untouched.
+        let mut current = KernelSigaction::default();
+        let to_default = KernelSigaction::default();
+        for signal in 1..NSIG {
+            if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+                continue;
+            }
+            let queried = libc::syscall(
+                libc::SYS_rt_sigaction,
+                libc::c_long::from(signal),
+                ptr::null::<KernelSigaction>(),
+                &mut current as *mut KernelSigaction,
+                KERNEL_SIGSET_BYTES,
+            );
+            if queried == 0 && current.handler != libc::SIG_DFL {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    libc::c_long::from(signal),
+                    &to_default as *const KernelSigaction,
+                    ptr::null_mut::<KernelSigaction>(),
+                    KERNEL_SIGSET_BYTES,
+                );
+            }
+        }
+        // Empty signal mask, as std gives children; the kernel's mask is 64 bits.
+        let empty: u64 = 0;
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK as libc::c_long,
+            &empty as *const u64,
+            ptr::null_mut::<u64>(),
+            KERNEL_SIGSET_BYTES,
+        );
+
+        // execvp's search: go on past a directory without the program (or not searchable),
+        // report EACCES if some candidate had it and none ran, else the last error.
+        let mut denied = false;
+        let mut last = libc::ENOENT;
+        for &candidate in plan.candidates {
+            libc::execve(candidate, plan.argv, plan.envp);
+            last = errno();
+            match last {
+                libc::ENOEXEC => {
+                    if let Some(slot) = plan.script_argv.get_mut(1) {
+                        *slot = candidate;
+                    }
+                    libc::execve(SHELL.as_ptr(), plan.script_argv.as_ptr(), plan.envp);
+                    child_failed(failure, Step::Exec, libc::ENOEXEC);
+                }
+                libc::EACCES => denied = true,
+                libc::ENOENT
+                | libc::ENOTDIR
+                | libc::ESTALE
+                | libc::ENODEV
+                | libc::ETIMEDOUT
+                | libc::ELOOP
+                | libc::ENAMETOOLONG => {}
+                _ => child_failed(failure, Step::Exec, last),
+            }
+        }
+        child_failed(
+            failure,
+            Step::Exec,
+            if denied { libc::EACCES } else { last },
+        )
+    }
+}
+
+/// Leaves `errno` and `step` for the parent and ends the child.
+#[allow(unsafe_code)]
+fn child_failed(failure: &Failure, step: Step, errno: i32) -> ! {
+    // A zero errno would read as success.
+    failure.errno.store(errno.max(1), Ordering::Release);
+    failure.step.store(step as u8, Ordering::Release);
+    // SAFETY: ends the child without running anything of the server's (no atexit handlers, no
+    // stdio flush: _exit is the system call).
+    unsafe { libc::_exit(SPAWN_FAILED) }
+}
+
+/// The kernel's `struct sigaction` (`rt_sigaction`'s), as on x86_64 and aarch64.
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Signals 1..=64.
+const NSIG: i32 = 65;
+/// The size of the kernel's signal set (`rt_sigprocmask`'s last argument).
+const KERNEL_SIGSET_BYTES: libc::c_long = 8;
+
+/// Every signal blocked in the calling thread until dropped, including glibc's internal ones
+/// (as `posix_spawn` does).
+struct BlockedSignals {
+    previous: u64,
+}
+
+impl BlockedSignals {
+    #[allow(unsafe_code)]
+    fn block_all() -> BlockedSignals {
+        let all: u64 = !0;
+        let mut previous: u64 = 0;
+        // SAFETY: rt_sigprocmask with pointers to two live u64s (the kernel's set size).
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK as libc::c_long,
+                &all as *const u64,
+                &mut previous as *mut u64,
+                KERNEL_SIGSET_BYTES,
+            );
+        }
+        BlockedSignals { previous }
+    }
+}
+
+impl Drop for BlockedSignals {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK as libc::c_long,
+                &self.previous as *const u64,
+                ptr::null_mut::<u64>(),
+                KERNEL_SIGSET_BYTES,
+            );
+        }
+    }
+}
+
+/// An anonymous mapping for the child's stack, with an inaccessible guard page at its low end
+/// (stacks grow down).
+struct Stack {
+    base: *mut libc::c_void,
+    len: usize,
+    guard: usize,
+}
+
+impl Stack {
+    #[allow(unsafe_code)]
+    fn new(size: usize) -> io::Result<Stack> {
+        // SAFETY: sysconf has no memory arguments.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|&p| p > 0)
+            .unwrap_or(4096);
+        let len = size.div_ceil(page) * page + page;
+        // SAFETY: a new private anonymous mapping, owned by the returned value.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = Stack {
+            base,
+            len,
+            guard: page,
+        };
+        // SAFETY: the first page of the mapping just made.
+        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    #[allow(unsafe_code)]
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping above the guard page is readable, writable, and owned by self.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.base.cast::<u8>().add(self.guard),
+                self.len - self.guard,
+            )
+        }
+    }
+}
+
+impl Drop for Stack {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer used (the child exec'd or exited).
+        unsafe {
+            libc::munmap(self.base, self.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(program: &str, path: Option<&str>) -> Vec<String> {
+        candidates(program.as_bytes(), path.map(str::as_bytes))
+            .into_iter()
+            .map(|c| String::from_utf8(c).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn programs_are_looked_up_like_execvp() {
+        assert_eq!(paths("/bin/ls", Some("/usr/bin")), ["/bin/ls"]);
+        assert_eq!(paths("./run", None), ["./run"]);
+        assert_eq!(paths("a/b", Some("/x")), ["a/b"]);
+        assert_eq!(paths("ls", None), ["/bin/ls", "/usr/bin/ls"]);
+        // An empty entry is the working directory; a trailing '/' is not doubled.
+        assert_eq!(
+            paths("ls", Some("/opt/bin/::/usr/bin")),
+            ["/opt/bin/ls", "ls", "/usr/bin/ls"]
+        );
+        assert_eq!(paths("", Some("/bin")), [""]);
+    }
+
+    #[test]
+    fn failed_steps_round_trip() {
+        for step in [Step::Setsid, Step::Setuid, Step::Chdir, Step::Exec] {
+            assert_eq!(Step::from_u8(step as u8), step);
+        }
+    }
 }

@@ -11,9 +11,10 @@
 //!
 //! The server's children that are not job leaders are orphans re-parented to it. They are
 //! reaped by pid (`waitpid(pid)`, never `waitpid(-1)`, which would take the exit status of a
-//! job leader from tokio, which waits for each leader by its pid). Leaders are registered under
-//! a lock held across the spawn, so an orphan is never mistaken for a leader that has not been
-//! registered yet.
+//! job leader from its `LeaderProcess`, which waits for it by its pid). Leaders are registered
+//! under a lock held across the spawn, so an orphan is never mistaken for a leader that has not
+//! been registered yet, and unregistered under the same lock as they are reaped, so a leader's
+//! pid is never registered for a process it no longer is.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -28,12 +29,11 @@ use nix::{
     errno::Errno,
     sys::{
         signal::{Signal, kill, killpg},
-        wait::{WaitPidFlag, waitpid},
+        wait::{WaitPidFlag, WaitStatus, waitpid},
     },
     unistd::Pid,
 };
 use tokio::{
-    process::{Child, Command},
     sync::{Notify, watch},
     time::{Instant, sleep, sleep_until},
 };
@@ -43,6 +43,7 @@ use tracing::{debug, info, warn};
 use super::{
     cgroup::{CgroupRoot, JobCgroup},
     procfs::{self, ProcKey, ProcStat},
+    spawn::{JobCommand, Spawned},
 };
 
 /// How often /proc is scanned while jobs are tracked without cgroups: the sooner a process is
@@ -111,20 +112,31 @@ impl Processes {
         self.cgroups.as_ref()
     }
 
+    /// Whether `pid` is registered as a job leader (not yet reaped).
+    #[cfg(test)]
+    pub fn is_leader(&self, pid: u32) -> bool {
+        let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
+        leaders.contains(&pid)
+    }
+
     /// Spawns a job's leader and registers it, under the lock the reaper takes, so that the
-    /// reaper never waits for it (tokio does).
-    pub fn spawn_leader(self: &Arc<Self>, cmd: &mut Command) -> std::io::Result<(Child, Leader)> {
+    /// reaper never waits for it (its `LeaderProcess` does). A child that failed before exec was
+    /// reaped by the spawn, under the same lock.
+    pub fn spawn_leader(
+        self: &Arc<Self>,
+        command: &JobCommand,
+    ) -> std::io::Result<(Leader, Spawned)> {
         self.start_watcher();
         let mut leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
-        let child = cmd.spawn()?;
-        let pid = child.id().expect("a just-spawned child has a pid");
-        leaders.insert(pid);
+        let spawned = command.spawn()?;
+        leaders.insert(spawned.pid);
         Ok((
-            child,
             Leader {
                 processes: Arc::clone(self),
-                pid,
+                pid: spawned.pid,
+                registered: true,
             },
+            spawned,
         ))
     }
 
@@ -233,8 +245,8 @@ impl Processes {
                 .collect();
             (zombies, orphans)
         };
-        // Not a leader, so tokio does not wait for it; a zombie's pid cannot be reused before
-        // it is reaped, so it cannot have become a leader since.
+        // Not a leader, so no `LeaderProcess` waits for it; a zombie's pid cannot be reused
+        // before it is reaped, so it cannot have become a leader since.
         let mut reaped = 0;
         for zombie in zombies {
             if waitpid(Pid::from_raw(zombie.pid as i32), Some(WaitPidFlag::WNOHANG)).is_ok() {
@@ -379,20 +391,49 @@ async fn watch_processes(
     }
 }
 
-/// A job leader the reaper must leave to tokio; unregistered once it has been waited for.
+/// A job leader the reaper must leave to its `LeaderProcess`; unregistered once reaped, or
+/// when dropped (then a subreaper's scan reaps it).
 pub(super) struct Leader {
     processes: Arc<Processes>,
     pid: u32,
+    /// In `Processes::leaders` (until reaped).
+    registered: bool,
 }
 
 impl Leader {
     pub fn pid(&self) -> u32 {
         self.pid
     }
+
+    /// Reaps the leader if it has exited (`waitpid(pid, WNOHANG)`), and then unregisters it
+    /// under the same lock. `None` while it runs, and once reaped.
+    pub fn try_reap(&mut self) -> nix::Result<Option<WaitStatus>> {
+        if !self.registered {
+            return Ok(None);
+        }
+        let mut leaders = self
+            .processes
+            .leaders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let status = loop {
+            match waitpid(Pid::from_raw(self.pid as i32), Some(WaitPidFlag::WNOHANG)) {
+                Err(Errno::EINTR) => continue,
+                Ok(WaitStatus::StillAlive) => return Ok(None),
+                other => break other?,
+            }
+        };
+        leaders.remove(&self.pid);
+        self.registered = false;
+        Ok(Some(status))
+    }
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
+        if !self.registered {
+            return;
+        }
         let mut leaders = self
             .processes
             .leaders

@@ -1,0 +1,66 @@
+//! A job leader whose execution is dropped before it ended (the job never ran, or the runtime
+//! is shutting down) is SIGKILLed and reaped: by a task of the runtime where there is one,
+//! otherwise by the subreaper's scan, which reaps every child of the server that is not a
+//! registered leader. Its own test binary: a subreaper scan reaps any child of this process
+//! that is not one of its backend's leaders, so no other test may start processes here.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use sandbox_runner::{
+    backend::local::{JobCgroups, LocalBackend, LocalConfig},
+    job::{Backend, JobMeta, JobSpec, Program},
+};
+
+fn backend(subreaper: bool) -> LocalBackend {
+    LocalBackend::new(LocalConfig {
+        default_cwd: None,
+        grace: Duration::from_secs(1),
+        chunk_bytes: 1 << 16,
+        withheld_env: Vec::new(),
+        identity: None,
+        cgroups: JobCgroups::Off,
+        subreaper,
+    })
+}
+
+fn sleep_job() -> JobSpec {
+    JobSpec {
+        meta: JobMeta::default(),
+        program: Program::Argv(vec!["sleep".into(), "300".into()]),
+        cwd: None,
+        env: BTreeMap::new(),
+        timeout: None,
+    }
+}
+
+/// Waits (bounded) until `pid` is gone from /proc: dead *and* reaped (a zombie still shows).
+async fn assert_reaped(pid: u32, how: &str) {
+    for _ in 0..500 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "{how}: leader {pid} not reaped: {:?}",
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_execution_kills_its_leader_and_the_leader_is_reaped() {
+    // Dropped on the runtime: a task waits for the killed leader and reaps it (no subreaper
+    // needed, as for a library user).
+    let plain = backend(false);
+    let execution = plain.start(&sleep_job()).await.unwrap();
+    let pid = execution.pid().unwrap();
+    drop(execution);
+    assert_reaped(pid, "dropped on the runtime").await;
+
+    // Dropped off the runtime: unregistered, so the subreaper's scan (on SIGCHLD) reaps it.
+    let subreaper = backend(true);
+    let execution = subreaper.start(&sleep_job()).await.unwrap();
+    let pid = execution.pid().unwrap();
+    std::thread::spawn(move || drop(execution)).join().unwrap();
+    assert_reaped(pid, "dropped off the runtime, subreaper").await;
+}
