@@ -30,6 +30,8 @@ fn sleep_job() -> JobSpec {
         cwd: None,
         env: BTreeMap::new(),
         timeout: None,
+        on_disconnect: Default::default(),
+        idempotency_key: None,
     }
 }
 
