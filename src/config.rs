@@ -96,8 +96,10 @@ pub struct Config {
 
     /// Output bytes each job's event log holds, within the output budget. Readers resume from
     /// what it holds; with a reader attached and behind, a full log pauses the job; with none,
-    /// the oldest output is evicted (a later reader is told exactly what it lost).
-    #[arg(long, env = "JOB_LOG_BYTES", default_value_t = 1 << 20,
+    /// the oldest output is evicted (a later reader is told exactly what it lost). Keep it
+    /// several output chunks large: it is also how far a job may read ahead of its reader
+    /// (with 1 MiB, one chunk, live throughput fell to 0.5x-0.7x).
+    #[arg(long, env = "JOB_LOG_BYTES", default_value_t = 8 << 20,
           value_parser = clap::value_parser!(u64).range((64 << 10)..=(1 << 30)))]
     pub job_log_bytes: u64,
 

@@ -635,6 +635,7 @@ impl LogReader {
                 }
             });
         }
+        let was_at = self.cursor;
         // Resuming by offsets, what was evicted held nothing this reader lacks.
         self.cursor = self.cursor.max(state.first_seq);
         let mut delivered = None;
@@ -671,12 +672,17 @@ impl LogReader {
             delivered = Some(event);
             break;
         }
+        let moved = self.cursor != was_at;
+        // A reader that had stopped holding the job back (see `demote_blocking_readers`) holds
+        // it again once it reads.
         state
             .readers
             .insert(self.id, self.holds.then_some(self.cursor));
         drop(state);
-        // What was delivered or skipped is consumed: a writer waiting for room looks again.
-        self.log.progressed.notify_waiters();
+        if moved {
+            // What was delivered or skipped is consumed: a writer waiting for room looks again.
+            self.log.progressed.notify_waiters();
+        }
         delivered.map(|event| Ok(Delivered::Event(event)))
     }
 }
