@@ -80,10 +80,23 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub cancel_grace: Duration,
 
-    /// On SIGTERM/SIGINT, how long running jobs may go on before they are cancelled.
+    /// On SIGTERM/SIGINT, how long running jobs may go on before they are cancelled (or, for
+    /// detached Daytona jobs and jobs followed from other replicas, left running).
     #[arg(long, env = "DRAIN_GRACE", default_value = "20s",
           value_parser = humantime::parse_duration)]
     pub drain_grace: Duration,
+
+    /// How long this replica follows a job started elsewhere (an Attach to another replica's
+    /// Daytona job) with nobody attached here, before it stops following (the job runs on).
+    #[arg(long, env = "FOLLOW_IDLE", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub follow_idle: Duration,
+
+    /// How often the Daytona sessions of jobs that ended at least --finished-job-ttl ago are
+    /// swept (whichever replica ran them); 0 turns the sweep off.
+    #[arg(long, env = "SESSION_SWEEP_INTERVAL", default_value = "60s",
+          value_parser = humantime::parse_duration)]
+    pub session_sweep_interval: Duration,
 
     /// How long finished jobs stay queryable by Status.
     #[arg(long, env = "FINISHED_JOB_TTL", default_value = "15m",

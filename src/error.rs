@@ -45,6 +45,23 @@ pub enum Error {
         detail: &'static str,
     },
 
+    /// A job started elsewhere was asked for after a seq: seqs are per replica, and this one
+    /// numbers its copy of the job's events its own way.
+    #[error(
+        "job {job_id:?} was started by another replica (or an earlier run of this one) and is \
+         followed here, with seqs of this replica's own: resume it here by offsets (or from the \
+         start, or new only), not after a seq"
+    )]
+    SeqOfAnotherReplica { job_id: String },
+
+    /// This replica stopped following a job that has not ended (it is shutting down, or nobody
+    /// followed the job here for a while).
+    #[error(
+        "job {job_id:?} is still running, but this server stopped following it (server shutting \
+         down, or nobody attached here for a while); resume on another replica by offsets"
+    )]
+    JobLeft { job_id: String },
+
     /// A reader's position is not in the job's log: beyond its end, or no longer held (with
     /// the fail gap policy).
     #[error("job {job_id:?}: {source}")]

@@ -144,8 +144,15 @@ pub async fn run_with_reload(
             stopped_client_grace: config.cancel_grace,
             output_budget_bytes: config.output_budget_bytes as usize,
             output_reserve_bytes: config.output_reserve_bytes as usize,
+            follow_idle: config.follow_idle,
         },
     );
+    // Ended until shutdown; the sweep only ever deletes what ended jobs left behind.
+    let sweeper = (!config.session_sweep_interval.is_zero()).then(|| {
+        let jobs = Arc::clone(&jobs);
+        let interval = config.session_sweep_interval;
+        tokio::spawn(async move { jobs.sweep_every(interval).await })
+    });
     let api = SandboxApi::new(
         Arc::clone(&jobs),
         InstanceInfo {
@@ -178,6 +185,9 @@ pub async fn run_with_reload(
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
+        if let Some(sweeper) = &sweeper {
+            sweeper.abort();
+        }
         jobs.drain(drain_grace).await;
         sinks.flush(drain_grace).await;
         info!("drained; closing connections");

@@ -403,7 +403,13 @@ impl Execution for LocalExecution {
         Some(self.process.pid())
     }
 
-    async fn run(self: Box<Self>, out: &mut JobOutput, stop: CancellationToken) -> Outcome {
+    /// Local jobs die with this process by design: `leave` does not apply (no handle).
+    async fn run(
+        self: Box<Self>,
+        out: &mut JobOutput,
+        stop: CancellationToken,
+        _leave: CancellationToken,
+    ) -> Outcome {
         let LocalExecution {
             mut process,
             tree,

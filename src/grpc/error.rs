@@ -10,7 +10,7 @@ impl From<Error> for Status {
             Error::InvalidArgument(_) | Error::TimeoutTooLong { .. } => Code::InvalidArgument,
             Error::JobNotFound(_) => Code::NotFound,
             Error::TooManyJobs { .. } => Code::ResourceExhausted,
-            Error::ShuttingDown => Code::Unavailable,
+            Error::ShuttingDown | Error::JobLeft { .. } => Code::Unavailable,
             Error::Backend(e) => match e {
                 BackendError::InvalidRequest(_) => Code::InvalidArgument,
                 BackendError::Spawn { .. } => Code::FailedPrecondition,
@@ -23,7 +23,9 @@ impl From<Error> for Status {
             },
             // Like any unknown id: forged and malformed ids name no job.
             Error::InvalidJobId { .. } => Code::NotFound,
-            Error::JobElsewhere { .. } => Code::FailedPrecondition,
+            Error::JobElsewhere { .. } | Error::SeqOfAnotherReplica { .. } => {
+                Code::FailedPrecondition
+            }
             // Like Kafka's offset reset `none`: the position is outside what the log holds.
             Error::Position { .. } => Code::OutOfRange,
             Error::IdempotencyKeyReused(_) => Code::AlreadyExists,
@@ -53,6 +55,11 @@ mod tests {
             (Error::JobNotFound("j".into()), Code::NotFound),
             (Error::TooManyJobs { limit: 1 }, Code::ResourceExhausted),
             (Error::ShuttingDown, Code::Unavailable),
+            (Error::JobLeft { job_id: "j".into() }, Code::Unavailable),
+            (
+                Error::SeqOfAnotherReplica { job_id: "j".into() },
+                Code::FailedPrecondition,
+            ),
             (
                 BackendError::InvalidRequest("cwd".into()).into(),
                 Code::InvalidArgument,

@@ -76,7 +76,7 @@ impl SandboxService for SandboxApi {
                 ))
             })??;
         let (id, position, on_gap, pace) = convert::attach_open(first)?;
-        let events = self.jobs.attach(&id, position, on_gap, pace)?;
+        let events = self.jobs.attach(&id, position, on_gap, pace).await?;
         Ok(Response::new(Box::pin(attach_stream(events, inbound))))
     }
 

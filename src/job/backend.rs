@@ -5,7 +5,7 @@
 //! and [`Execution::run`] streams output until the program and everything it started are gone,
 //! stopping it when told to.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +40,28 @@ pub trait Backend: Send + Sync {
         let _ = handle;
         Err(BackendError::NodeLocal)
     }
+
+    /// Follows a job another replica (or an earlier run of this one) started, from its
+    /// [`Execution::handle`]: an execution that replays the job's output from its first byte and
+    /// ends with its exit. It does not own the job: dropping it or leaving (`leave` in
+    /// [`Execution::run`]) leaves the job as it is; only `stop` stops the job.
+    async fn follow(&self, handle: &str) -> Result<Box<dyn Execution>, BackendError> {
+        let _ = handle;
+        Err(BackendError::NodeLocal)
+    }
+
+    /// Deletes what jobs that ended long enough ago (`retention`) left behind in the backend,
+    /// whichever replica ran them, except what the jobs whose handles are in `held` use.
+    /// Returns how much it deleted. Backends whose jobs die with their process have nothing
+    /// to sweep.
+    async fn sweep(
+        &self,
+        retention: Duration,
+        held: &HashSet<String>,
+    ) -> Result<usize, BackendError> {
+        let _ = (retention, held);
+        Ok(0)
+    }
 }
 
 /// What a backend can tell about a job from its handle alone.
@@ -60,16 +82,25 @@ pub trait Execution: Send {
     /// Local process id of the job's leader, where there is one.
     fn pid(&self) -> Option<u32>;
 
-    /// A handle from which any replica can reach the job through [`Backend::remote_state`]
-    /// and [`Backend::remote_cancel`]; `None` for jobs only this replica can reach.
+    /// A handle from which any replica can reach the job through [`Backend::remote_state`],
+    /// [`Backend::remote_cancel`] and [`Backend::follow`]; `None` for jobs only this replica
+    /// can reach. A job with a handle outlives this process: it can be left running.
     fn handle(&self) -> Option<String> {
         None
     }
 
     /// Streams all output into `out` and returns how the job ended. When `stop` is cancelled,
     /// the backend stops the job (gracefully, then forcibly) and still delivers the output
-    /// produced until then. Returns only once nothing of the job is left running.
-    async fn run(self: Box<Self>, out: &mut JobOutput, stop: CancellationToken) -> Outcome;
+    /// produced until then. Returns only once nothing of the job is left running, except when
+    /// `leave` is cancelled: then a job with a [`handle`](Execution::handle) is left running
+    /// as it is (nothing stopped, nothing deleted) and `run` returns [`Outcome::Left`] at once.
+    /// Jobs without a handle ignore `leave`.
+    async fn run(
+        self: Box<Self>,
+        out: &mut JobOutput,
+        stop: CancellationToken,
+        leave: CancellationToken,
+    ) -> Outcome;
 }
 
 /// How a job's program ended, as the backend saw it.
@@ -84,6 +115,9 @@ pub enum Outcome {
     Failed(String),
     /// The job was stopped from outside this replica (e.g. Cancel on another replica).
     Cancelled(String),
+    /// This replica stopped following the job, which runs on (see `leave` in
+    /// [`Execution::run`]): it has not ended, so there is no exit to report.
+    Left,
 }
 
 /// The error of a backend's underlying client (an HTTP API's, say), kept as the source.

@@ -6,7 +6,7 @@
 //! `j1.<payload>` with a key the replicas share, so any replica can verify an id and find a
 //! job it did not start, while a caller cannot make one up.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use hmac::{Hmac, Mac};
@@ -40,6 +40,14 @@ pub struct JobLocation {
     /// The backend's handle of the job, when the job can be reached from any replica.
     #[serde(rename = "h", default, skip_serializing_if = "Option::is_none")]
     pub handle: Option<String>,
+    /// The job's timeout in milliseconds (0: not said, as in ids issued before it was), so a
+    /// replica that follows the job keeps its deadline when the one that started it is gone.
+    #[serde(rename = "d", default, skip_serializing_if = "is_zero")]
+    pub timeout_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl JobLocation {
@@ -52,7 +60,12 @@ impl JobLocation {
     }
 
     pub fn started_at(&self) -> SystemTime {
-        UNIX_EPOCH + std::time::Duration::from_millis(self.started_ms)
+        UNIX_EPOCH + Duration::from_millis(self.started_ms)
+    }
+
+    /// The job's timeout, when the id says it.
+    pub fn timeout(&self) -> Option<Duration> {
+        (self.timeout_ms > 0).then(|| Duration::from_millis(self.timeout_ms))
     }
 }
 
@@ -85,12 +98,13 @@ impl JobIdCodec {
         &self.replica
     }
 
-    /// A new id for a job of `backend` started now.
+    /// A new id for a job of `backend` started now, with `timeout`.
     pub fn issue(
         &self,
         meta: &JobMeta,
         backend: &str,
         handle: Option<String>,
+        timeout: Duration,
     ) -> (JobId, JobLocation) {
         let started_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -104,6 +118,7 @@ impl JobIdCodec {
             session_id: meta.session_id.clone(),
             sandbox_id: meta.sandbox_id.clone(),
             handle,
+            timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
         };
         let payload = B64.encode(serde_json::to_vec(&location).expect("location serialises"));
         let signed = format!("{VERSION}.{payload}");
@@ -154,18 +169,29 @@ mod tests {
     fn ids_round_trip_between_replicas_sharing_a_key() {
         let a = JobIdCodec::new(b"shared key", "replica-a");
         let b = JobIdCodec::new(b"shared key", "replica-b");
-        let (id, location) = a.issue(&meta(), "daytona", Some("handle".into()));
+        let (id, location) = a.issue(
+            &meta(),
+            "daytona",
+            Some("handle".into()),
+            Duration::from_secs(60),
+        );
         assert_eq!(b.verify(&id).unwrap(), location);
+        assert_eq!(location.timeout(), Some(Duration::from_secs(60)));
         assert_eq!(location.replica, "replica-a");
         assert_eq!(location.meta(), meta());
-        let (other, _) = a.issue(&meta(), "daytona", Some("handle".into()));
+        let (other, _) = a.issue(
+            &meta(),
+            "daytona",
+            Some("handle".into()),
+            Duration::from_secs(60),
+        );
         assert_ne!(id, other, "ids of jobs started together differ");
     }
 
     #[test]
     fn forged_and_mangled_ids_are_rejected() {
         let a = JobIdCodec::new(b"shared key", "replica-a");
-        let (id, _) = a.issue(&meta(), "local", None);
+        let (id, _) = a.issue(&meta(), "local", None, Duration::from_secs(60));
         let stranger = JobIdCodec::new(b"another key", "replica-x");
         assert_eq!(stranger.verify(&id), Err(JobIdError::Signature));
 

@@ -12,16 +12,22 @@ use super::{
     record::{JobRecord, StopReason},
 };
 
-/// Runs a started job to the end. `permit` holds the job's slot in the concurrency limit; it is
-/// released as soon as the program is gone, before `Exited` is delivered.
+/// Runs a started (or followed) job to the end. `permit` holds the job's slot in the
+/// concurrency limit; it is released as soon as the program is gone, before `Exited` is
+/// delivered. Returns false when the job was left running instead (see
+/// `Execution::run`): its log is abandoned, with no `Exited`.
+///
+/// `on_disconnect` applies to the readers of this replica: for a followed job,
+/// `CancelAfter(grace)` means *stop following* once nobody has been attached for the grace,
+/// never cancelling the job.
 pub(super) async fn drive(
     job: Arc<JobRecord>,
     execution: Box<dyn Execution>,
     mut out: JobOutput,
     timeout: Duration,
     on_disconnect: DisconnectPolicy,
-    permit: OwnedSemaphorePermit,
-) {
+    permit: Option<OwnedSemaphorePermit>,
+) -> bool {
     out.emit(EventKind::Started {
         backend: job.backend,
         pid: execution.pid(),
@@ -33,14 +39,28 @@ pub(super) async fn drive(
         async move {
             tokio::select! {
                 _ = tokio::time::sleep(timeout) => job.request_stop(StopReason::TimedOut(timeout)),
-                grace = unattached_for(&job, on_disconnect) => job.request_stop(StopReason::NoClient(grace)),
+                grace = unattached_for(&job, on_disconnect) => {
+                    if job.followed {
+                        info!(idle = ?grace, "nobody attached to the followed job; no longer following it");
+                        job.leave.cancel();
+                    } else {
+                        job.request_stop(StopReason::NoClient(grace));
+                    }
+                }
                 _ = job.stop.cancelled() => {}
             }
         }
     });
-    let outcome = execution.run(&mut out, job.stop.clone()).await;
+    let outcome = execution
+        .run(&mut out, job.stop.clone(), job.leave.clone())
+        .await;
     timer.abort();
     drop(permit);
+    if outcome == Outcome::Left {
+        info!("left the job running; its readers are told to resume elsewhere");
+        job.log.abandon();
+        return false;
+    }
 
     let summary = summarize(&job, outcome);
     info!(
@@ -56,6 +76,7 @@ pub(super) async fn drive(
     // Recorded before the event goes out, so a Status call made on seeing `Exited` agrees.
     job.finish(summary.clone());
     out.emit(EventKind::Exited(summary)).await;
+    true
 }
 
 /// Completes (with the grace) once no client has been attached for the grace of a
@@ -108,6 +129,7 @@ fn summarize(job: &JobRecord, outcome: Outcome) -> ExitSummary {
             None,
             message,
         ),
+        (Outcome::Left, _) => unreachable!("a left job is not summarised"),
     };
     ExitSummary {
         state,

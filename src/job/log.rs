@@ -128,6 +128,9 @@ pub enum PositionError {
          bytes lost)", .0.resumed_seq, .0.lost_stdout_bytes, .0.lost_stderr_bytes
     )]
     Lost(Box<Gap>),
+    /// The log was abandoned: this replica stopped following a job that runs on elsewhere.
+    #[error("this replica stopped following the job, which has not ended")]
+    Abandoned,
 }
 
 /// What the log holds now, for Status.
@@ -233,6 +236,8 @@ struct State {
     next_reader: u64,
     /// `Exited` is in the log: nothing comes after it.
     ended: bool,
+    /// Nothing more will be appended, and no `Exited` comes: the job runs on, unfollowed.
+    abandoned: bool,
 }
 
 impl State {
@@ -350,10 +355,23 @@ pub struct EventLog {
     progressed: Notify,
     /// Readers attached now; the disconnect policy watches it.
     attached: watch::Sender<usize>,
+    /// The log of a job followed from elsewhere, which catches up with output the job produced
+    /// before: offsets beyond its end are not refused when a reader opens, only when the job
+    /// ends short of them.
+    catches_up: bool,
 }
 
 impl EventLog {
     pub fn new(limits: LogLimits) -> Arc<Self> {
+        Self::with(limits, false)
+    }
+
+    /// The log of a job this replica follows from elsewhere (see `catches_up`).
+    pub fn following(limits: LogLimits) -> Arc<Self> {
+        Self::with(limits, true)
+    }
+
+    fn with(limits: LogLimits, catches_up: bool) -> Arc<Self> {
         Arc::new(EventLog {
             state: Mutex::new(State {
                 entries: VecDeque::new(),
@@ -366,12 +384,21 @@ impl EventLog {
                 readers: HashMap::new(),
                 next_reader: 0,
                 ended: false,
+                abandoned: false,
             }),
             limits,
             appended: Notify::new(),
             progressed: Notify::new(),
             attached: watch::Sender::new(0),
+            catches_up,
         })
+    }
+
+    /// Ends the log without an `Exited`: its readers, once they have read what it holds, get
+    /// [`PositionError::Abandoned`].
+    pub(crate) fn abandon(&self) {
+        self.lock().abandoned = true;
+        self.appended.notify_waiters();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -477,17 +504,8 @@ impl EventLog {
                 (cursor, state.offsets_before(cursor).0, [0; 2])
             }
             Position::Offsets { stdout, stderr } => {
-                for (stream, requested, produced) in [
-                    ("stdout", stdout, state.ends[0]),
-                    ("stderr", stderr, state.ends[1]),
-                ] {
-                    if requested > produced {
-                        return Err(PositionError::OffsetBeyondEnd {
-                            stream,
-                            requested,
-                            produced,
-                        });
-                    }
+                if !self.catches_up {
+                    check_offsets(&state, [stdout, stderr])?;
                 }
                 // From the oldest event held, skipping bytes the reader has; `Started` (seq 0)
                 // is skipped too: a client resuming by offsets has seen it.
@@ -524,6 +542,20 @@ impl EventLog {
             done: false,
         })
     }
+}
+
+/// Refuses offsets beyond what the job has written.
+fn check_offsets(state: &State, requested: [u64; 2]) -> Result<(), PositionError> {
+    for (stream, i) in [("stdout", 0), ("stderr", 1)] {
+        if requested[i] > state.ends[i] {
+            return Err(PositionError::OffsetBeyondEnd {
+                stream,
+                requested: requested[i],
+                produced: state.ends[i],
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The gap between a reader's position and the oldest event held, if there is one.
@@ -665,7 +697,14 @@ impl LogReader {
                     }
                     self.delivered_ends[slot] = end;
                 }
-                EventKind::Exited(_) => self.done = true,
+                EventKind::Exited(_) => {
+                    self.done = true;
+                    // A log that caught up with a job followed from elsewhere learns only now
+                    // that offsets it was opened at are beyond the job's output.
+                    if let Err(e) = check_offsets(&state, self.skip_below) {
+                        return Some(Err(e));
+                    }
+                }
                 EventKind::Started { .. } => {}
             }
             self.last_seq = Some(event.seq);
@@ -673,6 +712,7 @@ impl LogReader {
             break;
         }
         let moved = self.cursor != was_at;
+        let abandoned = delivered.is_none() && state.abandoned;
         // A reader that had stopped holding the job back (see `demote_blocking_readers`) holds
         // it again once it reads.
         state
@@ -682,6 +722,10 @@ impl LogReader {
         if moved {
             // What was delivered or skipped is consumed: a writer waiting for room looks again.
             self.log.progressed.notify_waiters();
+        }
+        if abandoned {
+            self.done = true;
+            return Some(Err(PositionError::Abandoned));
         }
         delivered.map(|event| Ok(Delivered::Event(event)))
     }

@@ -97,32 +97,81 @@ pub(crate) struct JobRecord {
     pub(crate) log: Arc<EventLog>,
     /// The Exec request's idempotency key, forgotten with the job.
     pub(crate) idempotency_key: Option<String>,
+    /// The backend's handle of the job, when any replica can reach it.
+    pub(crate) handle: Option<String>,
+    /// Cancelled to stop following the job and leave it running (see `Execution::run`); only
+    /// acted on for jobs with a handle.
+    pub(crate) leave: CancellationToken,
+    /// Started elsewhere (another replica, or an earlier run of this one) and followed here:
+    /// this replica's seqs are its own, and it never owns the job.
+    pub(crate) followed: bool,
+}
+
+/// How a job's record starts: what a started job takes from its request, what a followed job
+/// takes from its id.
+pub(crate) struct RecordInit {
+    pub(crate) meta: JobMeta,
+    pub(crate) started_at: SystemTime,
+    pub(crate) on_disconnect: DisconnectPolicy,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) handle: Option<String>,
+    pub(crate) followed: bool,
+}
+
+impl RecordInit {
+    /// A job this replica starts now from `spec`.
+    pub(crate) fn started(spec: &JobSpec, handle: Option<String>) -> Self {
+        RecordInit {
+            meta: spec.meta.clone(),
+            started_at: SystemTime::now(),
+            on_disconnect: spec.on_disconnect,
+            idempotency_key: spec.idempotency_key.clone(),
+            handle,
+            followed: false,
+        }
+    }
+
+    /// Whether the job is left running, not stopped, when this replica shuts down: a job any
+    /// replica can reach (one that outlives this process) that is followed here or was
+    /// started detached.
+    pub(crate) fn leaves_on_shutdown(&self) -> bool {
+        self.handle.is_some() && (self.followed || self.on_disconnect == DisconnectPolicy::Detach)
+    }
 }
 
 impl JobRecord {
     pub(crate) fn new(
         id: JobId,
-        spec: &JobSpec,
+        init: RecordInit,
         backend: &'static str,
-        stop: CancellationToken,
+        (stop, leave): (CancellationToken, CancellationToken),
         mirror: Option<Arc<dyn DeliveryReport>>,
         log: Arc<EventLog>,
     ) -> Self {
+        // The monotonic start, as far back as the wall-clock one says (a followed job started
+        // before this replica saw it).
+        let age = SystemTime::now()
+            .duration_since(init.started_at)
+            .unwrap_or_default();
+        let now = Instant::now();
         JobRecord {
             id,
-            meta: spec.meta.clone(),
+            meta: init.meta,
             backend,
-            started_at: SystemTime::now(),
-            started: Instant::now(),
+            started_at: init.started_at,
+            started: now.checked_sub(age).unwrap_or(now),
             stop,
             stop_reason: Mutex::new(None),
             stdout_bytes: AtomicU64::new(0),
             stderr_bytes: AtomicU64::new(0),
             exit: OnceLock::new(),
             mirror,
-            on_disconnect: spec.on_disconnect,
+            on_disconnect: init.on_disconnect,
             log,
-            idempotency_key: spec.idempotency_key.clone(),
+            idempotency_key: init.idempotency_key,
+            handle: init.handle,
+            leave,
+            followed: init.followed,
         }
     }
 

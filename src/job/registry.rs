@@ -1,7 +1,7 @@
 //! The table of running and recently finished jobs, the concurrency limit, and draining.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 // Tokio's clock: the system's monotonic clock unless a test pauses time, so tests can age
 // finished jobs without waiting.
 use tokio::time::Instant;
@@ -18,12 +18,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{
-    Backend, DisconnectPolicy, EventKind, ExitSummary, JobEvent, JobId, JobIdCodec, JobLocation,
-    JobMeta, JobOutput, JobSpec, JobState, RemoteState, Sinks,
+    Backend, DisconnectPolicy, EventKind, Execution, ExitSummary, JobEvent, JobId, JobIdCodec,
+    JobLocation, JobMeta, JobOutput, JobSink, JobSpec, JobState, RemoteState, Sinks,
     budget::OutputBudget,
     lifecycle,
-    log::{Delivered, EventLog, GapPolicy, LogLimits, LogReader, Pace, Position},
-    record::{JobRecord, JobSnapshot, StopReason},
+    log::{Delivered, EventLog, GapPolicy, LogLimits, LogReader, Pace, Position, PositionError},
+    record::{JobRecord, JobSnapshot, RecordInit, StopReason},
 };
 use crate::error::Error;
 
@@ -51,6 +51,9 @@ pub struct JobsConfig {
     pub output_budget_bytes: usize,
     /// Output each job may hold whatever the others do, on top of the shared budget.
     pub output_reserve_bytes: usize,
+    /// How long a job followed from another replica is followed with nobody attached here
+    /// before this replica stops following it (the job runs on).
+    pub follow_idle: Duration,
 }
 
 /// All jobs of this server.
@@ -62,8 +65,12 @@ pub struct Jobs {
     permits: Arc<Semaphore>,
     budget: OutputBudget,
     table: Mutex<Table>,
-    /// Parent of every job's stop token; cancelled when draining runs out of time.
+    /// Parent of the stop token of every job that is not left at shutdown; cancelled when
+    /// draining runs out of time.
     root: CancellationToken,
+    /// Parent of every job's leave token; cancelled when draining runs out of time, which
+    /// leaves running the jobs that outlive this server (see `RecordInit::leaves_on_shutdown`).
+    leave_root: CancellationToken,
     tracker: TaskTracker,
     draining: AtomicBool,
 }
@@ -170,6 +177,7 @@ impl Jobs {
             config,
             table: Mutex::new(Table::default()),
             root: CancellationToken::new(),
+            leave_root: CancellationToken::new(),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
         })
@@ -288,14 +296,17 @@ impl Jobs {
             Err(e) => {
                 let e = Error::from(e);
                 span.in_scope(|| info!(error = %e, "job did not start"));
-                let (id, _) = self.ids.issue(&spec.meta, self.backend.name(), None);
+                let (id, _) = self
+                    .ids
+                    .issue(&spec.meta, self.backend.name(), None, timeout);
                 self.report_failed_start(&id, &spec, &e);
                 return Err(e);
             }
         };
+        let handle = execution.handle();
         let (id, _) = self
             .ids
-            .issue(&spec.meta, self.backend.name(), execution.handle());
+            .issue(&spec.meta, self.backend.name(), handle.clone(), timeout);
         span.record("id", tracing::field::display(&id));
         span.in_scope(|| {
             // Names only: env values may be secrets.
@@ -304,36 +315,19 @@ impl Jobs {
         });
 
         let sinks = self.sinks.open(&id, &spec);
-        let mirror = sinks.iter().find_map(|s| s.progress());
-        let log = EventLog::new(self.config.log_limits);
-        let record = Arc::new(JobRecord::new(
-            id.clone(),
-            &spec,
-            self.backend.name(),
-            self.root.child_token(),
-            mirror,
-            Arc::clone(&log),
-        ));
+        let (record, job) = self.prepare(
+            &id,
+            RecordInit::started(&spec, handle),
+            execution,
+            sinks,
+            (timeout, spec.on_disconnect),
+            Some(permit),
+        );
         // Attached before the job emits anything, so the caller gets every event.
-        let reader = log
+        let reader = record
+            .log
             .reader(Position::Start, GapPolicy::Report, Pace::Lossless)
             .expect("the start of an empty log is held");
-        let output = JobOutput::new(
-            Arc::clone(&record),
-            sinks,
-            self.budget
-                .for_job(record.stop.clone(), self.config.stopped_client_grace, log),
-        );
-        let job = lifecycle::drive(
-            Arc::clone(&record),
-            execution,
-            output,
-            timeout,
-            spec.on_disconnect,
-            permit,
-        );
-        let jobs = Arc::clone(self);
-        let finished_id = id.clone();
         let tracked = {
             let mut table = self.table.lock().expect("job table poisoned");
             table.jobs.insert(id.clone(), Arc::clone(&record));
@@ -348,15 +342,82 @@ impl Jobs {
                 );
             }
             // Tracked while the lock is held so a concurrent drain cannot miss this job.
-            self.tracker.track_future(async move {
-                job.await;
-                jobs.retire(finished_id);
-            })
+            self.track(id, job)
         };
         tokio::spawn(tracked.instrument(span));
         drop(starting);
         drop(claim);
         Ok(self.stream(&record, reader, true))
+    }
+
+    /// The record, log and lifecycle of a job that runs now, started here or followed: the
+    /// lifecycle does nothing until it is polled, so readers opened on the record's log before
+    /// it is spawned miss nothing.
+    fn prepare(
+        &self,
+        id: &JobId,
+        init: RecordInit,
+        execution: Box<dyn Execution>,
+        sinks: Vec<Box<dyn JobSink>>,
+        (timeout, on_disconnect): (Duration, DisconnectPolicy),
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> (
+        Arc<JobRecord>,
+        impl std::future::Future<Output = bool> + Send + 'static,
+    ) {
+        let mirror = sinks.iter().find_map(|s| s.progress());
+        let log = if init.followed {
+            EventLog::following(self.config.log_limits)
+        } else {
+            EventLog::new(self.config.log_limits)
+        };
+        // Shutdown either leaves a job or stops it, never both.
+        let (stop, leave) = if init.leaves_on_shutdown() {
+            (CancellationToken::new(), self.leave_root.child_token())
+        } else {
+            (self.root.child_token(), CancellationToken::new())
+        };
+        let record = Arc::new(JobRecord::new(
+            id.clone(),
+            init,
+            self.backend.name(),
+            (stop, leave),
+            mirror,
+            Arc::clone(&log),
+        ));
+        let output = JobOutput::new(
+            Arc::clone(&record),
+            sinks,
+            self.budget
+                .for_job(record.stop.clone(), self.config.stopped_client_grace, log),
+        );
+        let job = lifecycle::drive(
+            Arc::clone(&record),
+            execution,
+            output,
+            timeout,
+            on_disconnect,
+            permit,
+        );
+        (record, job)
+    }
+
+    /// A job's lifecycle, tracked for draining, then retired (or, if it was left running,
+    /// forgotten at once). Call with the table locked, so that a concurrent drain cannot miss
+    /// the job.
+    fn track(
+        self: &Arc<Self>,
+        id: JobId,
+        job: impl std::future::Future<Output = bool> + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let jobs = Arc::clone(self);
+        self.tracker.track_future(async move {
+            if job.await {
+                jobs.retire(id);
+            } else {
+                jobs.forget_left(&id);
+            }
+        })
     }
 
     /// A reader's stream; the Exec caller's (`exec_caller`) cancels a job with the `Cancel`
@@ -371,33 +432,129 @@ impl Jobs {
         }
     }
 
-    /// Follows a job of this replica from `position`, holding the job back or not (`pace`).
-    /// Dropping the stream detaches; it never stops the job.
-    pub fn attach(
-        &self,
+    /// Follows a job from `position`, holding the job back or not (`pace`). Dropping the
+    /// stream detaches; it never stops the job. A job this replica does not hold but its
+    /// backend can reach (started by another replica, or by an earlier run of this one) is
+    /// followed through the backend, under the same id, from its first byte: its seqs are
+    /// this replica's own, so it is resumed by offsets, never after a seq.
+    pub async fn attach(
+        self: &Arc<Self>,
         id: &JobId,
         position: Position,
         on_gap: GapPolicy,
         pace: Pace,
     ) -> Result<JobStream, Error> {
-        let record = match self.lookup(id)? {
-            Found::Here(record) => record,
-            Found::Elsewhere(location, _) => {
-                return Err(Error::JobElsewhere {
-                    job_id: id.to_string(),
-                    replica: location.replica,
-                    detail: "runs (Attach follows only this replica's jobs for now)",
-                });
+        match self.lookup(id)? {
+            Found::Here(record) => self.open_reader(&record, position, on_gap, pace),
+            Found::Elsewhere(location, handle) => {
+                self.follow(id, &location, handle, (position, on_gap, pace))
+                    .await
             }
-        };
+        }
+    }
+
+    fn open_reader(
+        &self,
+        record: &Arc<JobRecord>,
+        position: Position,
+        on_gap: GapPolicy,
+        pace: Pace,
+    ) -> Result<JobStream, Error> {
+        if record.followed && matches!(position, Position::AfterSeq(_)) {
+            return Err(Error::SeqOfAnotherReplica {
+                job_id: record.id.to_string(),
+            });
+        }
         let reader = record
             .log
             .reader(position, on_gap, pace)
             .map_err(|source| Error::Position {
-                job_id: id.to_string(),
+                job_id: record.id.to_string(),
                 source,
             })?;
-        Ok(self.stream(&record, reader, false))
+        Ok(self.stream(record, reader, false))
+    }
+
+    /// Starts following a job this replica does not hold, registers it under its id, and
+    /// opens the first reader on it.
+    async fn follow(
+        self: &Arc<Self>,
+        id: &JobId,
+        location: &JobLocation,
+        handle: String,
+        (position, on_gap, pace): (Position, GapPolicy, Pace),
+    ) -> Result<JobStream, Error> {
+        if matches!(position, Position::AfterSeq(_)) {
+            return Err(Error::SeqOfAnotherReplica {
+                job_id: id.to_string(),
+            });
+        }
+        // Counts as a running job from here, like a start (see `start_new`).
+        let starting = self.tracker.token();
+        if self.is_draining() {
+            return Err(Error::ShuttingDown);
+        }
+        if self.backend.remote_state(&handle).await? == RemoteState::Gone {
+            return Err(self.gone(id, location));
+        }
+        let span = info_span!(
+            "job",
+            id = %id,
+            task_id = %location.task_id,
+            session_id = %location.session_id,
+            sandbox_id = %location.sandbox_id,
+            backend = self.backend.name(),
+            followed_from = %location.replica,
+        );
+        let execution = self
+            .backend
+            .follow(&handle)
+            .instrument(span.clone())
+            .await?;
+        // The deadline the job was started with, from its start (the id says both).
+        let age = SystemTime::now()
+            .duration_since(location.started_at())
+            .unwrap_or_default();
+        let timeout = location
+            .timeout()
+            .unwrap_or(self.config.max_timeout)
+            .saturating_sub(age);
+        let init = RecordInit {
+            meta: location.meta(),
+            started_at: location.started_at(),
+            on_disconnect: DisconnectPolicy::default(),
+            idempotency_key: None,
+            handle: Some(handle),
+            followed: true,
+        };
+        // No sinks: the replica that started the job mirrors it.
+        let (record, job) = self.prepare(
+            id,
+            init,
+            execution,
+            Vec::new(),
+            (
+                timeout,
+                DisconnectPolicy::CancelAfter(self.config.follow_idle),
+            ),
+            None,
+        );
+        let mut table = self.table.lock().expect("job table poisoned");
+        if let Some(existing) = table.jobs.get(id) {
+            // Another Attach started following it meanwhile: share that one. Ours never ran,
+            // and a follower owns nothing of the job, so dropping it changes nothing.
+            let existing = Arc::clone(existing);
+            drop(table);
+            return self.open_reader(&existing, position, on_gap, pace);
+        }
+        let stream = self.open_reader(&record, position, on_gap, pace)?;
+        table.jobs.insert(id.clone(), Arc::clone(&record));
+        let tracked = self.track(id.clone(), job);
+        drop(table);
+        span.in_scope(|| info!("following a job started elsewhere"));
+        tokio::spawn(tracked.instrument(span));
+        drop(starting);
+        Ok(stream)
     }
 
     /// This replica's running and remembered jobs that match `filter`, newest first, at most
@@ -511,7 +668,15 @@ impl Jobs {
             reason,
         })?;
         if location.replica == self.ids.replica() {
-            return Err(Error::JobNotFound(id.to_string()));
+            // Not held, though this replica's: an earlier run of it (same name) started it, or
+            // it was forgotten. The backend may still reach it.
+            return match &location.handle {
+                Some(handle) if location.backend == self.backend.name() => {
+                    let handle = handle.clone();
+                    Ok(Found::Elsewhere(location, handle))
+                }
+                _ => Err(Error::JobNotFound(id.to_string())),
+            };
         }
         let detail = match &location.handle {
             Some(handle) if location.backend == self.backend.name() => {
@@ -544,13 +709,7 @@ impl Jobs {
                 };
                 (state, Some((code, signal)))
             }
-            RemoteState::Gone => {
-                return Err(Error::JobElsewhere {
-                    job_id: id.to_string(),
-                    replica: location.replica.clone(),
-                    detail: "has ended; its final status is kept",
-                });
-            }
+            RemoteState::Gone => return Err(self.gone(id, location)),
         };
         let started_at = location.started_at();
         let now = std::time::SystemTime::now();
@@ -583,6 +742,60 @@ impl Jobs {
             on_disconnect: DisconnectPolicy::default(),
             log: None,
         })
+    }
+
+    /// A job the backend no longer knows: its final status is with the replica that ran it,
+    /// or (for this replica's own) forgotten.
+    fn gone(&self, id: &JobId, location: &JobLocation) -> Error {
+        if location.replica == self.ids.replica() {
+            return Error::JobNotFound(id.to_string());
+        }
+        Error::JobElsewhere {
+            job_id: id.to_string(),
+            replica: location.replica.clone(),
+            detail: "has ended; its final status is kept",
+        }
+    }
+
+    /// Forgets a job left running: this replica no longer follows it, and later calls reach
+    /// it through the backend.
+    fn forget_left(&self, id: &JobId) {
+        let mut table = self.table.lock().expect("job table poisoned");
+        if let Some(record) = table.jobs.remove(id)
+            && let Some(key) = &record.idempotency_key
+            && matches!(table.keys.get(key), Some(KeyState::Started { id: started, .. }) if started == id)
+        {
+            table.keys.remove(key);
+        }
+    }
+
+    /// One sweep of what ended jobs left in the backend (see [`Backend::sweep`]), keeping what
+    /// the jobs this replica holds use.
+    pub async fn sweep(&self) -> Result<usize, Error> {
+        let held: HashSet<String> = {
+            let mut table = self.table.lock().expect("job table poisoned");
+            self.forget_expired(&mut table);
+            table
+                .jobs
+                .values()
+                .filter_map(|record| record.handle.clone())
+                .collect()
+        };
+        Ok(self.backend.sweep(self.config.finished_ttl, &held).await?)
+    }
+
+    /// Sweeps every `interval` (the first after one interval), until dropped.
+    pub async fn sweep_every(&self, interval: Duration) {
+        let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            match self.sweep().await {
+                Ok(0) => {}
+                Ok(deleted) => info!(deleted, "swept what ended jobs left in the backend"),
+                Err(e) => warn!(error = %e, "the sweep of ended jobs' leftovers failed"),
+            }
+        }
     }
 
     fn retire(&self, id: JobId) {
@@ -676,8 +889,10 @@ impl Jobs {
         {
             info!(
                 running = self.tracker.len(),
-                "drain grace elapsed; cancelling the remaining jobs"
+                "drain grace elapsed; leaving running the jobs that outlive this server \
+                 (followed, or detached on such a backend) and cancelling the rest"
             );
+            self.leave_root.cancel();
             self.root.cancel();
             self.tracker.wait().await;
         }
@@ -704,9 +919,14 @@ impl JobStream {
     /// The next event, gap or keepalive; `None` after `Exited`.
     pub async fn next(&mut self) -> Option<Result<Delivered, Error>> {
         let next = self.reader.next(self.keepalive).await?;
-        Some(next.map_err(|source| Error::Position {
-            job_id: self.job_id.to_string(),
-            source,
+        Some(next.map_err(|source| match source {
+            PositionError::Abandoned => Error::JobLeft {
+                job_id: self.job_id.to_string(),
+            },
+            source => Error::Position {
+                job_id: self.job_id.to_string(),
+                source,
+            },
         }))
     }
 

@@ -2,9 +2,10 @@
 //! follows research/daytona-api.md section 6 and really runs the commands it is given, as local
 //! processes, so output, exit codes and timing are real.
 //!
-//! Reproduced: the `/api` and `/toolbox/{sandboxId}` surfaces with Bearer auth; sandbox states
-//! and start; session create (201, 409 duplicate, 400 `entrypoint`) and delete (204, kills the
-//! command's group); async exec (202 with a uuid `cmdId`); `exitCode` absent while running;
+//! Reproduced: the `/api` and `/toolbox/{sandboxId}` surfaces with Bearer auth; sandbox states,
+//! start and the sandbox list (`GET /api/sandbox`, an array of DTOs); session create (201, 409
+//! duplicate, 400 `entrypoint`), list (`GET /process/session`, sessions with their commands)
+//! and delete (204, kills the command's group); async exec (202 with a uuid `cmdId`); `exitCode` absent while running;
 //! per-line `01 01 01`/`02 02 02` log markers with a newline added to a final partial line; a
 //! JSON plain log GET; a WebSocket follower that replays from byte 0 in binary frames of at
 //! most 1 KiB and closes with 1000 shortly after the exit. Fault switches cover the known
@@ -89,6 +90,10 @@ struct Fake {
     sandboxes: Mutex<HashMap<String, Sandbox>>,
     created_sessions: Mutex<Vec<String>>,
     deleted_sessions: Mutex<Vec<String>>,
+    /// Every session DELETE, answered 204 or 404.
+    delete_requests: Mutex<Vec<String>>,
+    /// Session creates refused as duplicates (409).
+    conflicts: Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
@@ -120,16 +125,19 @@ impl FakeDaytona {
             sandboxes: Mutex::new(HashMap::new()),
             created_sessions: Mutex::new(Vec::new()),
             deleted_sessions: Mutex::new(Vec::new()),
+            delete_requests: Mutex::new(Vec::new()),
+            conflicts: Mutex::new(Vec::new()),
         });
         let toolbox = "/toolbox/{sandbox}/process/session";
         let app = Router::new()
+            .route("/api/sandbox", get(list_sandboxes))
             .route("/api/sandbox/{sandbox}", get(get_sandbox))
             .route("/api/sandbox/{sandbox}/start", post(start_sandbox))
             .route(
                 "/api/sandbox/{sandbox}/toolbox-proxy-url",
                 get(toolbox_proxy_url),
             )
-            .route(toolbox, post(create_session))
+            .route(toolbox, post(create_session).get(list_sessions))
             .route(
                 &format!("{toolbox}/{{session}}"),
                 get(get_session).delete(delete_session),
@@ -195,6 +203,45 @@ impl FakeDaytona {
         self.state.deleted_sessions.lock().unwrap().clone()
     }
 
+    /// Every session DELETE received (answered 204 or 404), in order.
+    pub fn delete_requests(&self) -> Vec<String> {
+        self.state.delete_requests.lock().unwrap().clone()
+    }
+
+    /// Session creates refused as duplicates (409), in order.
+    pub fn conflicts(&self) -> Vec<String> {
+        self.state.conflicts.lock().unwrap().clone()
+    }
+
+    /// Ids of the sessions that exist now in `sandbox`, sorted.
+    pub fn session_ids(&self, sandbox: &str) -> Vec<String> {
+        let sandboxes = self.state.sandboxes.lock().unwrap();
+        let mut ids: Vec<String> = sandboxes
+            .get(sandbox)
+            .map(|s| s.sessions.keys().cloned().collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// Puts a session with one command that runs nothing into `sandbox`, as if some client had
+    /// made it: ended with `exit_code`, or running forever (`None`).
+    pub fn plant_session(&self, sandbox: &str, session_id: &str, exit_code: Option<i32>) {
+        let run = Arc::new(CommandRun {
+            command: "planted".into(),
+            log: Mutex::new(Vec::new()),
+            exit: Mutex::new(exit_code),
+            pgid: Mutex::new(None),
+            gone: AtomicBool::new(false),
+        });
+        let mut sandboxes = self.state.sandboxes.lock().unwrap();
+        let sessions = &mut sandboxes.get_mut(sandbox).expect("sandbox exists").sessions;
+        sessions.insert(
+            session_id.to_owned(),
+            HashMap::from([(uuid::Uuid::new_v4().to_string(), run)]),
+        );
+    }
+
     /// Sessions that exist now, across sandboxes.
     pub fn live_sessions(&self) -> usize {
         self.state
@@ -255,6 +302,15 @@ fn sandbox_dto(fake: &Fake, id: &str, state: &str) -> Value {
         dto["toolboxProxyUrl"] = json!(format!("{}/toolbox", fake.base));
     }
     dto
+}
+
+async fn list_sandboxes(State(fake): State<Arc<Fake>>) -> Response {
+    let sandboxes = fake.sandboxes.lock().unwrap();
+    let dtos: Vec<Value> = sandboxes
+        .iter()
+        .map(|(id, s)| sandbox_dto(&fake, id, &s.state))
+        .collect();
+    Json(dtos).into_response()
 }
 
 async fn get_sandbox(State(fake): State<Arc<Fake>>, Path(id): Path<String>) -> Response {
@@ -339,6 +395,7 @@ async fn create_session(
             ));
         }
         if s.sessions.contains_key(&body.session_id) {
+            fake.conflicts.lock().unwrap().push(body.session_id.clone());
             return Err(error(
                 StatusCode::CONFLICT,
                 "conflict: session already exists",
@@ -356,6 +413,24 @@ async fn create_session(
     }
 }
 
+async fn list_sessions(State(fake): State<Arc<Fake>>, Path(sandbox): Path<String>) -> Response {
+    let result = with_sandbox(&fake, &sandbox, |s| {
+        Ok(s.sessions
+            .iter()
+            .map(|(id, commands)| session_dto(id, commands))
+            .collect::<Vec<_>>())
+    });
+    match result {
+        Ok(sessions) => Json(sessions).into_response(),
+        Err(response) => response,
+    }
+}
+
+fn session_dto(id: &str, commands: &HashMap<String, Arc<CommandRun>>) -> Value {
+    let commands: Vec<Value> = commands.iter().map(|(id, c)| command_dto(id, c)).collect();
+    json!({ "sessionId": id, "commands": commands })
+}
+
 async fn get_session(
     State(fake): State<Arc<Fake>>,
     Path((sandbox, session)): Path<(String, String)>,
@@ -365,13 +440,10 @@ async fn get_session(
             .sessions
             .get(&session)
             .ok_or_else(|| error(StatusCode::NOT_FOUND, "not found: session not found"))?;
-        Ok(commands
-            .iter()
-            .map(|(id, c)| command_dto(id, c))
-            .collect::<Vec<_>>())
+        Ok(session_dto(&session, commands))
     });
     match result {
-        Ok(commands) => Json(json!({ "sessionId": session, "commands": commands })).into_response(),
+        Ok(dto) => Json(dto).into_response(),
         Err(response) => response,
     }
 }
@@ -380,6 +452,7 @@ async fn delete_session(
     State(fake): State<Arc<Fake>>,
     Path((sandbox, session)): Path<(String, String)>,
 ) -> Response {
+    fake.delete_requests.lock().unwrap().push(session.clone());
     let result = with_sandbox(&fake, &sandbox, |s| {
         s.sessions
             .remove(&session)

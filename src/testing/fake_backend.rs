@@ -397,7 +397,12 @@ impl Execution for FakeExecution {
         self.script.handle.clone()
     }
 
-    async fn run(self: Box<Self>, out: &mut JobOutput, stop: CancellationToken) -> Outcome {
+    async fn run(
+        self: Box<Self>,
+        out: &mut JobOutput,
+        stop: CancellationToken,
+        leave: CancellationToken,
+    ) -> Outcome {
         let began = Instant::now();
         let index = self.recorder.write(|log| {
             log.runs.push(RunRecord {
@@ -409,9 +414,21 @@ impl Execution for FakeExecution {
             });
             log.runs.len() - 1
         });
-        let outcome = match play(&self.script, out, &stop).await {
-            Some(outcome) => outcome,
-            None => {
+        // A job with a handle outlives this process, like a Daytona job: it can be left.
+        let left = async {
+            match self.script.handle {
+                Some(_) => leave.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let played = tokio::select! {
+            played = play(&self.script, out, &stop) => Some(played),
+            _ = left => None,
+        };
+        let outcome = match played {
+            None => Outcome::Left,
+            Some(Some(outcome)) => outcome,
+            Some(None) => {
                 let seen = began.elapsed();
                 self.recorder
                     .write(|log| log.runs[index].stop_seen = Some(seen));

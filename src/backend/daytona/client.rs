@@ -82,6 +82,27 @@ pub struct Sandbox {
     pub toolbox_proxy_url: Option<String>,
 }
 
+/// The parts of a session (`GET /process/session`) we use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInfo {
+    pub session_id: String,
+    /// Absent or null for a session that has run nothing.
+    #[serde(default)]
+    pub commands: Option<Vec<CommandInfo>>,
+}
+
+/// The parts of a command (`GET …/command/{id}`, or in a session) we use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandInfo {
+    #[serde(default)]
+    pub id: String,
+    /// Absent while the command runs.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+}
+
 /// A sandbox's toolbox base URL: `{toolboxProxyUrl}/{sandboxId}`.
 #[derive(Debug, Clone)]
 pub struct Toolbox(String);
@@ -156,6 +177,17 @@ impl DaytonaClient {
             .await
     }
 
+    /// Every sandbox of the organisation (`GET /api/sandbox`: an array of SandboxDto).
+    pub async fn sandboxes(&self) -> Result<Vec<Sandbox>, ApiError> {
+        self.get_json(&format!("{}/sandbox", self.api_url)).await
+    }
+
+    /// The sessions of a sandbox, with their commands.
+    pub async fn sessions(&self, toolbox: &Toolbox) -> Result<Vec<SessionInfo>, ApiError> {
+        self.get_json(&format!("{}/process/session", toolbox.0))
+            .await
+    }
+
     pub async fn start_sandbox(&self, id: &str) -> Result<Sandbox, ApiError> {
         let url = format!("{}/sandbox/{}/start", self.api_url, segment(id));
         let response = self.posting(|| self.http.post(&url)).await?;
@@ -208,14 +240,8 @@ impl DaytonaClient {
         session_id: &str,
         command_id: &str,
     ) -> Result<Option<i32>, ApiError> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Command {
-            #[serde(default)]
-            exit_code: Option<i32>,
-        }
         let url = toolbox.command(session_id, command_id);
-        Ok(self.get_json::<Command>(&url).await?.exit_code)
+        Ok(self.get_json::<CommandInfo>(&url).await?.exit_code)
     }
 
     /// The command's whole log so far, markers included.

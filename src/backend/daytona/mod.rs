@@ -4,22 +4,32 @@
 //! asynchronously, follow its log over a WebSocket and demultiplex stdout/stderr, then read the
 //! exit code and reconcile the log tail with one plain GET (the follower can close early and
 //! lose the last bytes), and delete the session. Stopping a job deletes its session, which
-//! kills everything the command started. Every way a job ends deletes its session.
+//! kills everything the command started. Every way a job ends here deletes its session.
+//!
+//! Jobs outlive this process: any replica can follow a job from its handle (the same reading,
+//! replayed from byte 0, without owning the session), and a replica that shuts down leaves its
+//! detached jobs running. Sessions nobody deletes that way (a job that ended with nobody
+//! following it) are swept: see [`DaytonaBackend::sweep`].
 
 mod client;
 mod config;
 mod demux;
 mod script;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
+use reqwest::StatusCode;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use client::{ApiError, ClientSetupError, DaytonaClient, SDK_VERSION, Toolbox};
 pub use config::{DEFAULT_DAYTONA_API_URL, DaytonaArgs, DaytonaConfigError};
@@ -51,6 +61,15 @@ const LIVENESS_CHECK: Duration = Duration::from_secs(5);
 /// Most log bytes gathered into one output event.
 const MAX_EVENT_BYTES: usize = 256 * 1024;
 
+/// Every session this service creates is named with this prefix; the sweep touches no other.
+const SESSION_PREFIX: &str = "sandbox-runner-";
+
+/// Sweep leases are sessions named this prefix and a window number (see `sweep_sandbox`).
+const LEASE_PREFIX: &str = "sandbox-runner-lease-";
+
+/// Length of a sweep lease's window.
+const LEASE_WINDOW: Duration = Duration::from_secs(60);
+
 /// Runs jobs in Daytona sandboxes.
 pub struct DaytonaBackend {
     client: Arc<DaytonaClient>,
@@ -58,6 +77,9 @@ pub struct DaytonaBackend {
     /// Deletions of sessions whose job ended without deleting them (see [`Session`]'s drop),
     /// so shutdown can wait for them.
     cleanups: TaskTracker,
+    /// When the sweep first saw each ended session of ours, by (sandbox, session). In memory
+    /// only: after a restart, deletion waits a retention from the first sweep that sees it.
+    ended_since: Mutex<HashMap<(String, String), Instant>>,
 }
 
 impl DaytonaBackend {
@@ -67,7 +89,111 @@ impl DaytonaBackend {
             client: Arc::new(client),
             config,
             cleanups: TaskTracker::new(),
+            ended_since: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Sweeps one started sandbox: deletes the sessions of ours that are due, under the
+    /// sandbox's lease.
+    ///
+    /// The lease is a session named `sandbox-runner-lease-<window>`, `<window>` the current
+    /// [`LEASE_WINDOW`] since the epoch. Creating a session is atomic in Daytona (a duplicate
+    /// is 409), needs nothing but the API every replica already uses, and lives where the
+    /// swept sessions live, so replicas sweeping at once cannot both delete: the one whose
+    /// create succeeds sweeps, the others skip the sandbox until their next sweep. The winner
+    /// deletes its lease when done; the window in the name keeps a lease left by a replica that
+    /// died mid-sweep from blocking later windows, and a later sweep deletes it.
+    async fn sweep_sandbox(
+        &self,
+        sandbox: client::Sandbox,
+        retention: Duration,
+        held: &HashSet<(String, String)>,
+        seen: &mut HashSet<(String, String)>,
+    ) -> Result<usize, BackendError> {
+        let sandbox_id = sandbox.id.clone();
+        let on_sandbox = |e| api_error(e, &format!("sandbox {sandbox_id:?}"));
+        let toolbox = self.toolbox_of(sandbox).await?;
+        if self
+            .due_sessions(&toolbox, &sandbox_id, retention, held, seen)
+            .await?
+            .is_empty()
+        {
+            return Ok(0);
+        }
+        let lease = format!("{LEASE_PREFIX}{}", lease_window());
+        match self.client.create_session(&toolbox, &lease).await {
+            Ok(()) => {}
+            Err(ApiError::Unexpected {
+                status: StatusCode::CONFLICT,
+                ..
+            }) => {
+                debug!(sandbox_id, "another replica is sweeping the sandbox");
+                return Ok(0);
+            }
+            Err(e) => return Err(on_sandbox(e)),
+        }
+        // Looked at again under the lease: a sweep that just ended may have deleted some.
+        let swept = async {
+            let due = self
+                .due_sessions(&toolbox, &sandbox_id, retention, held, seen)
+                .await?;
+            for session in &due {
+                self.client
+                    .delete_session(&toolbox, session)
+                    .await
+                    .map_err(on_sandbox)?;
+                info!(sandbox_id, session_id = %session, "swept the session of an ended job");
+            }
+            Ok(due.len())
+        }
+        .await;
+        if let Err(e) = self.client.delete_session(&toolbox, &lease).await {
+            warn!(sandbox_id, error = %e, "could not release the sweep lease; a later sweep deletes it");
+        }
+        swept
+    }
+
+    /// Sessions of the sandbox to delete now: ours, not `held`, whose every command has an
+    /// exit code and which the sweep first saw so at least `retention` ago; and leases of
+    /// past windows. A session still starting (no command yet) or running is never due.
+    async fn due_sessions(
+        &self,
+        toolbox: &Toolbox,
+        sandbox_id: &str,
+        retention: Duration,
+        held: &HashSet<(String, String)>,
+        seen: &mut HashSet<(String, String)>,
+    ) -> Result<Vec<String>, BackendError> {
+        let sessions = self
+            .client
+            .sessions(toolbox)
+            .await
+            .map_err(|e| api_error(e, &format!("sandbox {sandbox_id:?}")))?;
+        let now = Instant::now();
+        let window = lease_window();
+        let mut ended_since = self.ended_since.lock().expect("sweep state poisoned");
+        let mut due = Vec::new();
+        for session in sessions {
+            let id = session.session_id;
+            if let Some(lease) = id.strip_prefix(LEASE_PREFIX) {
+                if lease.parse::<u64>().is_ok_and(|w| w + 1 < window) {
+                    due.push(id);
+                }
+                continue;
+            }
+            let key = (sandbox_id.to_owned(), id);
+            let commands = session.commands.unwrap_or_default();
+            let ended = !commands.is_empty() && commands.iter().all(|c| c.exit_code.is_some());
+            if !key.1.starts_with(SESSION_PREFIX) || held.contains(&key) || !ended {
+                continue;
+            }
+            let first_seen = *ended_since.entry(key.clone()).or_insert(now);
+            if now.duration_since(first_seen) >= retention {
+                due.push(key.1.clone());
+            }
+            seen.insert(key);
+        }
+        Ok(due)
     }
 
     /// The toolbox of a sandbox that is started now, without starting it.
@@ -183,6 +309,72 @@ impl Backend for DaytonaBackend {
         Ok(())
     }
 
+    async fn follow(&self, handle: &str) -> Result<Box<dyn Execution>, BackendError> {
+        let handle = Handle::parse(handle)?;
+        let toolbox = self
+            .toolbox_if_started(&handle.sandbox_id)
+            .await?
+            .ok_or_else(|| BackendError::SandboxNotReady {
+                sandbox_id: handle.sandbox_id.clone(),
+                state: "no longer started (the job's session went with it)".into(),
+            })?;
+        let session = Session::followed(
+            Arc::clone(&self.client),
+            toolbox,
+            handle.session_id.clone(),
+            self.cleanups.clone(),
+        );
+        Ok(Box::new(DaytonaExecution {
+            command_id: handle.command_id.clone(),
+            handle,
+            client: Arc::clone(&self.client),
+            session,
+            poll_interval: self.config.poll_interval,
+        }))
+    }
+
+    /// Lists the sandboxes, then the sessions of each started one, and deletes the sessions
+    /// of ours that are due (see `due_sessions`), one sandbox at a time under its lease (see
+    /// `sweep_sandbox`). A sandbox that fails is logged and skipped.
+    async fn sweep(
+        &self,
+        retention: Duration,
+        held: &HashSet<String>,
+    ) -> Result<usize, BackendError> {
+        let held: HashSet<(String, String)> = held
+            .iter()
+            .filter_map(|raw| Handle::parse(raw).ok())
+            .map(|h| (h.sandbox_id, h.session_id))
+            .collect();
+        let sandboxes = self
+            .client
+            .sandboxes()
+            .await
+            .map_err(|e| api_error(e, "the sandbox list"))?;
+        let mut seen = HashSet::new();
+        let mut deleted = 0;
+        for sandbox in sandboxes {
+            // A stopped sandbox has no sessions left.
+            if sandbox.state != "started" {
+                continue;
+            }
+            let sandbox_id = sandbox.id.clone();
+            match self
+                .sweep_sandbox(sandbox, retention, &held, &mut seen)
+                .await
+            {
+                Ok(n) => deleted += n,
+                Err(e) => warn!(sandbox_id, error = %e, "could not sweep the sandbox's sessions"),
+            }
+        }
+        // Forget sessions no longer seen ended: deleted, or gone with their sandbox.
+        self.ended_since
+            .lock()
+            .expect("sweep state poisoned")
+            .retain(|key, _| seen.contains(key));
+        Ok(deleted)
+    }
+
     async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, BackendError> {
         let sandbox_id = spec.meta.sandbox_id.as_str();
         if sandbox_id == "." || sandbox_id == ".." {
@@ -196,7 +388,7 @@ impl Backend for DaytonaBackend {
             ));
         }
         let toolbox = self.toolbox(sandbox_id).await?;
-        let session_id = format!("sandbox-runner-{}", uuid::Uuid::new_v4());
+        let session_id = format!("{SESSION_PREFIX}{}", uuid::Uuid::new_v4());
         // The guard exists before the session does: if this future is dropped while the
         // create call is in flight, or the call times out after Daytona made the session, the
         // guard still deletes it (deleting a session that does not exist is not an error).
@@ -248,12 +440,14 @@ fn api_error(e: ApiError, what: &str) -> BackendError {
     }
 }
 
-/// A Daytona session owned by one job; deleted on drop if the job did not delete it.
+/// A job's Daytona session. One the job owns (it created it) is deleted on drop if the job did
+/// not delete it; a followed one (another replica's, or left) never is.
 struct Session {
     client: Arc<DaytonaClient>,
     toolbox: Toolbox,
     id: String,
     deleted: bool,
+    owned: bool,
     /// Where the deletion on drop runs, tracked by the backend.
     cleanups: TaskTracker,
 }
@@ -270,8 +464,21 @@ impl Session {
             toolbox,
             id,
             deleted: false,
+            owned: true,
             cleanups,
         }
+    }
+
+    /// A session another replica (or an earlier run of this one) created.
+    fn followed(
+        client: Arc<DaytonaClient>,
+        toolbox: Toolbox,
+        id: String,
+        cleanups: TaskTracker,
+    ) -> Self {
+        let mut session = Session::new(client, toolbox, id, cleanups);
+        session.owned = false;
+        session
     }
 
     async fn delete(&mut self) {
@@ -287,7 +494,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if self.deleted {
+        if self.deleted || !self.owned {
             return;
         }
         let (client, toolbox, id) = (
@@ -388,20 +595,34 @@ impl Execution for DaytonaExecution {
         Some(serde_json::to_string(&self.handle).expect("handle serialises"))
     }
 
-    async fn run(mut self: Box<Self>, out: &mut JobOutput, stop: CancellationToken) -> Outcome {
+    async fn run(
+        mut self: Box<Self>,
+        out: &mut JobOutput,
+        stop: CancellationToken,
+        leave: CancellationToken,
+    ) -> Outcome {
         let mut reader = LogReader {
             demux: Demux::new(),
             consumed: 0,
         };
-        let log_stream_ended = self.follow(&mut reader, out, &stop).await;
-        let followed = if stop.is_cancelled() {
-            Followed::Stopped
-        } else {
-            self.poll_until_exit(&mut reader, out, &stop).await
+        let followed = tokio::select! {
+            followed = self.follow_to_end(&mut reader, out, &stop) => Some(followed),
+            _ = leave.cancelled() => None,
+        };
+        let Some((followed, log_stream_ended)) = followed else {
+            // The command runs on in its session, which whoever follows it next reads from
+            // byte 0: nothing is deleted, and the unfinished line in the demultiplexer is
+            // theirs to read whole.
+            self.session.owned = false;
+            info!(session_id = %self.session.id, "left the Daytona session running");
+            return Outcome::Left;
         };
         // Deleting the session kills whatever the command left running (or all of it, when
-        // stopping), and frees the sandbox's memory of it.
-        self.session.delete().await;
+        // stopping), and frees the sandbox's memory of it. A follower deletes it only to stop
+        // the job; an ended job's session it leaves to the sweep, after the retention.
+        if self.session.owned || matches!(followed, Followed::Stopped) {
+            self.session.delete().await;
+        }
         emit(reader.demux.finish(), out).await;
 
         match followed {
@@ -432,6 +653,23 @@ impl Execution for DaytonaExecution {
 }
 
 impl DaytonaExecution {
+    /// Follows the command until it ends or the job is stopped; also says whether the log
+    /// stream ended on Daytona's side.
+    async fn follow_to_end(
+        &self,
+        reader: &mut LogReader,
+        out: &mut JobOutput,
+        stop: &CancellationToken,
+    ) -> (Followed, bool) {
+        let log_stream_ended = self.follow(reader, out, stop).await;
+        let followed = if stop.is_cancelled() {
+            Followed::Stopped
+        } else {
+            self.poll_until_exit(reader, out, stop).await
+        };
+        (followed, log_stream_ended)
+    }
+
     /// Streams the log over the WebSocket until it closes, fails or the job is stopped.
     /// Returns true when the stream ended on Daytona's side.
     async fn follow(
@@ -545,6 +783,14 @@ impl DaytonaExecution {
             }
         }
     }
+}
+
+/// The number of the current sweep lease window (see `sweep_sandbox`).
+fn lease_window() -> u64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    since_epoch.as_secs() / LEASE_WINDOW.as_secs()
 }
 
 /// Daytona reports `$?` of the session shell, where a process killed by signal N shows as

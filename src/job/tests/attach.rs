@@ -38,6 +38,7 @@ async fn the_cancel_policy_cancels_when_the_exec_stream_drops_but_never_for_an_a
     let watcher = h
         .jobs
         .attach(&id, Position::New, GapPolicy::Report, Pace::Watch)
+        .await
         .unwrap();
     drop(watcher);
     assert_eq!(state_after(&h, &id, secs(10)).await, Running);
@@ -81,6 +82,7 @@ async fn a_detached_job_runs_on_and_a_later_attach_gets_all_of_it() {
                 GapPolicy::Report,
                 Pace::Lossless,
             )
+            .await
             .unwrap(),
     )
     .await;
@@ -90,6 +92,7 @@ async fn a_detached_job_runs_on_and_a_later_attach_gets_all_of_it() {
     let from_start = read_all(
         h.jobs
             .attach(&id, Position::Start, GapPolicy::Report, Pace::Lossless)
+            .await
             .unwrap(),
     )
     .await;
@@ -105,6 +108,7 @@ async fn a_detached_job_runs_on_and_a_later_attach_gets_all_of_it() {
                 GapPolicy::Report,
                 Pace::Lossless,
             )
+            .await
             .unwrap(),
     )
     .await;
@@ -133,6 +137,7 @@ async fn the_grace_policy_cancels_only_after_the_grace_with_nobody_attached() {
     let watcher = h
         .jobs
         .attach(&id, Position::New, GapPolicy::Report, Pace::Watch)
+        .await
         .unwrap();
     assert_eq!(state_after(&h, &id, secs(120)).await, Running);
     // They leave: the grace starts again.

@@ -140,6 +140,7 @@ async fn a_finished_jobs_log_gives_its_credit_to_running_jobs_and_back_when_forg
             Default::default(),
             Default::default(),
         )
+        .await
         .unwrap();
     match late.next().await {
         Some(Ok(Delivered::Event(JobEvent {

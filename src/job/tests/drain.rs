@@ -5,7 +5,9 @@ use tokio::time::Instant;
 use super::*;
 use crate::error::Error;
 use crate::job::{
+    DisconnectPolicy,
     JobState::{Cancelled, Succeeded},
+    Outcome,
     StreamKind::Stdout,
 };
 
@@ -159,4 +161,65 @@ async fn drain_waits_for_a_job_still_starting_and_stops_it() {
     let exit = check_events(&read_all(stream).await);
     assert_eq!(ending(&exit), (Cancelled, None, Some(15), SHUTTING_DOWN));
     assert_eq!(h.backend.runs()[0].stop_seen, Some(Duration::ZERO));
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_the_grace_detached_jobs_that_outlive_the_server_are_left_the_rest_cancelled() {
+    let h = Harness::new(config());
+    let outlives = || Script::new().stdout("up\n").until_stopped().handle("h");
+    h.backend.script_for("detached", outlives());
+    let detached = h
+        .jobs
+        .start(JobSpec {
+            on_disconnect: DisconnectPolicy::Detach,
+            ..spec("detached")
+        })
+        .await
+        .unwrap();
+    // Same backend, the default policy: cancelled as before.
+    let cancelled = h.run("attached", outlives()).await;
+    // Detached, but node-local (no handle): cancelled too.
+    h.backend.script_for("local", Script::new().until_stopped());
+    let local = h
+        .jobs
+        .start(JobSpec {
+            on_disconnect: DisconnectPolicy::Detach,
+            ..spec("local")
+        })
+        .await
+        .unwrap();
+    let id = detached.job_id.clone();
+    h.jobs.drain(secs(5)).await;
+
+    // The left job's reader gets what was produced, then UNAVAILABLE, never a made-up exit.
+    let mut detached = detached;
+    let mut seen = Vec::new();
+    let ended = within(async {
+        loop {
+            match detached.event().await {
+                Some(Ok(event)) => seen.push(event),
+                Some(Err(e)) => return e,
+                None => panic!("the left job's stream ended without an error"),
+            }
+        }
+    })
+    .await;
+    assert!(matches!(ended, Error::JobLeft { .. }), "{ended}");
+    assert!(
+        !seen.iter().any(|e| matches!(e.kind, EventKind::Exited(_))),
+        "{seen:?}"
+    );
+    assert_eq!(h.backend.runs()[0].outcome, Some(Outcome::Left));
+    // Forgotten here: the backend reaches it from now on.
+    assert!(
+        h.jobs
+            .list(&Default::default(), 10, None)
+            .0
+            .iter()
+            .all(|j| j.id != id)
+    );
+    for stream in [cancelled, local] {
+        let exit = check_events(&read_all(stream).await);
+        assert_eq!(exit.state, Cancelled);
+    }
 }

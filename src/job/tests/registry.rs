@@ -224,8 +224,12 @@ async fn only_the_newest_finished_jobs_are_kept() {
 #[tokio::test(start_paused = true)]
 async fn unknown_and_forged_ids_are_told_apart() {
     let h = Harness::new(config());
-    let (unknown, _) =
-        JobIdCodec::new(b"test key", "replica-test").issue(&spec("x").meta, "fake", None);
+    let (unknown, _) = JobIdCodec::new(b"test key", "replica-test").issue(
+        &spec("x").meta,
+        "fake",
+        None,
+        std::time::Duration::from_secs(1),
+    );
     assert_eq!(state(&h, &unknown).await, Err("not found".into()));
     let forged = JobId::from_caller("j1.e30.AAAA");
     assert!(matches!(

@@ -309,6 +309,7 @@ async fn a_job_that_ended_by_itself_is_retired_at_once_and_its_reader_still_gets
                 Default::default(),
                 Default::default()
             )
+            .await
             .is_err()
     );
 }
