@@ -141,6 +141,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(4096..=(16 << 20)))]
     pub output_reserve_bytes: u64,
 
+    /// Output the logs of finished jobs keep together, for late readers (the tail and the
+    /// exit), within the output budget: past it the oldest give theirs up first. Bounds what a
+    /// burst of jobs leaves in memory for --finished-job-ttl.
+    #[arg(long, env = "RETAINED_OUTPUT_BYTES", default_value_t = 16 << 20,
+          value_parser = clap::value_parser!(u64).range(0..=(64 << 30)))]
+    pub retained_output_bytes: u64,
+
     /// The Convex mirror sink (off unless CONVEX_SITE_URL and CONVEX_INGEST_SECRET are set).
     #[command(flatten, next_help_heading = "Convex mirror")]
     pub convex: ConvexArgs,

@@ -144,6 +144,7 @@ pub async fn run_with_reload(
             stopped_client_grace: config.cancel_grace,
             output_budget_bytes: config.output_budget_bytes as usize,
             output_reserve_bytes: config.output_reserve_bytes as usize,
+            retained_output_bytes: config.retained_output_bytes as usize,
             follow_idle: config.follow_idle,
         },
     );

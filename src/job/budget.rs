@@ -46,7 +46,15 @@ impl OutputBudget {
             shared: Arc::new(Semaphore::new(shared_bytes)),
             shared_bytes,
             reserve_bytes: reserve_bytes.max(1),
-            retired: Arc::default(),
+            retired: Arc::new(RetiredLogs::new(usize::MAX)),
+        }
+    }
+
+    /// The same budget, with finished jobs' logs holding at most `bytes` of it together.
+    pub fn retaining_at_most(self, bytes: usize) -> Self {
+        OutputBudget {
+            retired: Arc::new(RetiredLogs::new(bytes)),
+            ..self
         }
     }
 

@@ -741,45 +741,106 @@ impl Drop for LogReader {
     }
 }
 
-/// Logs of finished jobs, oldest first. When a running job needs credit and the shared pool has
-/// none, these give up their history (all but `Exited`) before anyone waits.
-#[derive(Default, Debug)]
+/// Logs of finished jobs, oldest first, and the output they hold, bounded in total
+/// (`--retained-output-bytes`): past the bound the oldest give up their history (all but what a
+/// reader still needs, and `Exited`, which holds no output). When a running job needs credit and
+/// the shared pool has none, they give theirs up before anyone waits.
+#[derive(Debug)]
 pub struct RetiredLogs {
-    logs: Mutex<VecDeque<Weak<EventLog>>>,
+    state: Mutex<Retired>,
+}
+
+#[derive(Debug)]
+struct Retired {
+    /// Each log with the output bytes it held when last looked at.
+    logs: VecDeque<(Weak<EventLog>, usize)>,
+    /// Their sum.
+    held: usize,
+    limit: usize,
 }
 
 impl RetiredLogs {
+    /// Finished logs holding at most `limit` output bytes together.
+    pub fn new(limit: usize) -> Self {
+        RetiredLogs {
+            state: Mutex::new(Retired {
+                logs: VecDeque::new(),
+                held: 0,
+                limit,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Retired> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes in a finished job's log, then trims the oldest to the bound.
     pub fn retire(&self, log: &Arc<EventLog>) {
-        self.logs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(Arc::downgrade(log));
+        let bytes = log.summary().held_bytes;
+        let mut retired = self.lock();
+        retired.forget_gone();
+        retired.logs.push_back((Arc::downgrade(log), bytes));
+        retired.held += bytes;
+        let excess = retired.held.saturating_sub(retired.limit);
+        if excess > 0 {
+            retired.free(excess);
+        }
     }
 
     /// Output bytes the retired logs hold.
     pub fn held_bytes(&self) -> usize {
-        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        logs.iter()
-            .filter_map(Weak::upgrade)
-            .map(|log| log.lock().bytes)
-            .sum()
+        let mut retired = self.lock();
+        retired.forget_gone();
+        retired.held
     }
 
     /// Frees up to `want` bytes from the oldest retired logs. Returns the bytes freed.
     pub fn reclaim(&self, want: usize) -> usize {
+        self.lock().free(want)
+    }
+}
+
+impl Retired {
+    /// Drops the oldest entries whose logs are gone (forgotten and unread), which are the
+    /// first to go.
+    fn forget_gone(&mut self) {
+        while let Some((log, bytes)) = self.logs.front() {
+            if log.strong_count() > 0 {
+                break;
+            }
+            self.held -= bytes;
+            self.logs.pop_front();
+        }
+    }
+
+    /// Frees up to `want` bytes, oldest logs first, each looked at once: one whose readers still
+    /// need what it holds goes to the back.
+    fn free(&mut self, want: usize) -> usize {
         let mut freed = 0;
-        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        // Each log once: one whose readers still need its events goes to the back.
-        for _ in 0..logs.len() {
+        for _ in 0..self.logs.len() {
             if freed >= want {
                 break;
             }
-            let Some(log) = logs.pop_front().and_then(|weak| weak.upgrade()) else {
+            let Some((weak, counted)) = self.logs.pop_front() else {
+                break;
+            };
+            self.held -= counted;
+            let Some(log) = weak.upgrade() else {
                 continue;
             };
             freed += log.release_history(want - freed);
-            if log.summary().held_bytes > 0 {
-                logs.push_back(Arc::downgrade(&log));
+            let left = log.summary().held_bytes;
+            if left == 0 {
+                continue;
+            }
+            self.held += left;
+            if freed >= want {
+                // Done, and still the oldest.
+                self.logs.push_front((weak, left));
+            } else {
+                // It gave all it could (readers still need the rest).
+                self.logs.push_back((weak, left));
             }
         }
         freed
@@ -1215,6 +1276,39 @@ mod tests {
             (4, 0),
             "Exited stays"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finished_logs_keep_at_most_their_bound_together_oldest_first() {
+        let retired = RetiredLogs::new(10);
+        let mut logs = Vec::new();
+        for _ in 0..3 {
+            let mut w = Writer::new(1 << 20, 100);
+            short_job(&mut w).await;
+            retired.retire(&w.log);
+            logs.push(w.log);
+        }
+        let held: Vec<_> = logs.iter().map(|l| l.summary().held_bytes).collect();
+        assert_eq!(held, [0, 4, 6], "6 bytes each, 10 together");
+        assert_eq!(retired.held_bytes(), 10);
+        // A late reader of the oldest still gets the end, and is told what it lost.
+        let mut late = logs[0]
+            .reader(Position::Start, GapPolicy::Report, Pace::Watch)
+            .unwrap();
+        assert_eq!(
+            drain(&mut late).await,
+            ["gap(seq 4, 4 events, lost 4+2, at 4+2, exact true)", "X4"]
+        );
+        // Running jobs in need take the rest, oldest first.
+        assert_eq!(retired.reclaim(5), 6);
+        assert_eq!(
+            retired.held_bytes(),
+            4,
+            "the newest log's \"cd\" and \"ef\""
+        );
+        drop(logs.pop());
+        assert_eq!(retired.held_bytes(), 0, "a log that is gone is forgotten");
+        assert_eq!(retired.reclaim(100), 0);
     }
 
     #[test]

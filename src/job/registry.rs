@@ -51,6 +51,8 @@ pub struct JobsConfig {
     pub output_budget_bytes: usize,
     /// Output each job may hold whatever the others do, on top of the shared budget.
     pub output_reserve_bytes: usize,
+    /// Output finished jobs' logs keep together, for late readers.
+    pub retained_output_bytes: usize,
     /// How long a job followed from another replica is followed with nobody attached here
     /// before this replica stops following it (the job runs on).
     pub follow_idle: Duration,
@@ -173,7 +175,8 @@ impl Jobs {
             ids,
             sinks,
             permits: Arc::new(Semaphore::new(config.max_concurrent as usize)),
-            budget: OutputBudget::new(config.output_budget_bytes, config.output_reserve_bytes),
+            budget: OutputBudget::new(config.output_budget_bytes, config.output_reserve_bytes)
+                .retaining_at_most(config.retained_output_bytes),
             config,
             table: Mutex::new(Table::default()),
             root: CancellationToken::new(),

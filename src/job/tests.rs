@@ -44,6 +44,7 @@ fn config() -> JobsConfig {
         stopped_client_grace: secs(2),
         output_budget_bytes: 1 << 20,
         output_reserve_bytes: 64 << 10,
+        retained_output_bytes: usize::MAX,
         follow_idle: secs(30),
     }
 }
