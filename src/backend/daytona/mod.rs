@@ -605,6 +605,8 @@ impl Execution for DaytonaExecution {
             demux: Demux::new(),
             consumed: 0,
         };
+        // Following another replica's job (not leaving one of ours: that is decided below).
+        let follower = !self.session.owned;
         let followed = tokio::select! {
             followed = self.follow_to_end(&mut reader, out, &stop) => Some(followed),
             _ = leave.cancelled() => None,
@@ -643,6 +645,14 @@ impl Execution for DaytonaExecution {
                     .into(),
             ),
             Followed::Lost(reason) => Outcome::Failed(reason),
+            // The owner deletes the session as soon as the command ends (that kills what it
+            // left running), so a follower may find it gone before it read the exit code.
+            Followed::Vanished if follower => Outcome::Failed(
+                "the Daytona session was deleted by the replica that runs the job (it ended or \
+                 was cancelled there) before this replica could read its exit code; the output \
+                 above is complete up to that point, and that replica's Status has the exit"
+                    .into(),
+            ),
             Followed::Vanished => Outcome::Cancelled(
                 "cancelled: the Daytona session was deleted outside this replica (a Cancel \
                  on another replica, or the sandbox stopped)"
