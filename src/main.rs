@@ -1,7 +1,12 @@
 //! The `sandbox-runner` binary: parse configuration, bind, serve until SIGTERM or SIGINT;
 //! SIGHUP re-reads the secret files.
 
-use std::{process::ExitCode, sync::Arc};
+use std::{
+    cell::Cell,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use sandbox_runner::{Config, config::LoadError, server::run_with_reload, telemetry};
 use tokio::{
@@ -20,8 +25,50 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Exit code for a configuration error (EX_USAGE), as is customary for daemons.
 const EXIT_CONFIG: u8 = 64;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// How often at most a runtime thread that goes idle asks mimalloc to return what it can.
+const COLLECT_EVERY: Duration = Duration::from_secs(1);
+
+fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(collect_when_idle)
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(serve()),
+        Err(e) => {
+            eprintln!("sandbox-runner: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Called by a runtime thread about to wait for work. mimalloc frees a block another thread
+/// allocated only when the allocating thread next looks at its heap, and returns emptied pages
+/// to the OS then too; a worker that allocated a burst of output and then went idle never looks.
+/// Measured: 30 s after 256 stalled Exec streams closed, RSS stayed 180-200 MiB above idle in
+/// most runs, the output freed but not given back. So an idle thread collects its heap, at most
+/// once a second (a non-forced collect is a walk of its own pages).
+fn collect_when_idle() {
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    LAST.with(|last| {
+        let now = Instant::now();
+        if last.get().is_some_and(|at| now - at < COLLECT_EVERY) {
+            return;
+        }
+        last.set(Some(now));
+        // SAFETY: mi_collect takes no pointer and may be called from any thread at any time; it
+        // only works on the calling thread's heap (and mimalloc's shared bookkeeping, which it
+        // locks itself).
+        #[allow(unsafe_code)]
+        unsafe {
+            libmimalloc_sys::mi_collect(false);
+        }
+    });
+}
+
+async fn serve() -> ExitCode {
     let mut config = match Config::load_from(std::env::args_os()) {
         Ok(config) => config,
         Err(LoadError::Usage(e)) => e.exit(),

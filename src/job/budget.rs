@@ -1,8 +1,9 @@
 //! The server-wide budget for job output held in memory, counted in bytes.
 //!
-//! Output is held from the moment a backend reads it until the Exec caller has taken it (and
-//! the event after it, since the transport keeps the last event it took in its buffers until
-//! the client's flow-control window lets it out). Before reading, a backend asks for a
+//! Output is counted from the moment a backend reads it until the job's event log lets it go
+//! (see `log`): no lossless reader still needs it, or has it in its transport (the last event
+//! a reader took sits in the transport's buffers until the client's flow-control window lets
+//! it out, so it stays counted until the reader asks for the next). Before reading, a backend asks for a
 //! [`Credit`]: first from the job's own small reserve, which no other job can take, then from
 //! the pool all jobs share. When neither has room, the backend waits without reading, so the
 //! job's pipe fills and the process blocks: backpressure, never unbounded memory, never lost
