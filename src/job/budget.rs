@@ -85,6 +85,16 @@ impl OutputBudget {
         }
     }
 
+    /// Counts `bytes` in the shared pool (at most all of it), waiting until they are free: for
+    /// output a watcher has in its transport, which no job's credit covers.
+    pub async fn hold_shared(&self, bytes: usize) -> OwnedSemaphorePermit {
+        let bytes = bytes.min(self.shared_bytes) as u32;
+        Arc::clone(&self.shared)
+            .acquire_many_owned(bytes)
+            .await
+            .expect("the output budget's semaphore is never closed")
+    }
+
     /// Bytes of the shared pool in use now.
     pub fn shared_in_use(&self) -> usize {
         self.shared_bytes - self.shared.available_permits()

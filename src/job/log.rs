@@ -637,6 +637,11 @@ pub struct LogReader {
 }
 
 impl LogReader {
+    /// Whether this reader holds the job back (`Pace::Lossless`).
+    pub fn holds_job(&self) -> bool {
+        self.holds
+    }
+
     /// The next thing to deliver: an event, a gap, or (after `keepalive` with nothing) a
     /// keepalive; `None` after `Exited`.
     pub async fn next(&mut self, keepalive: Duration) -> Option<Result<Delivered, PositionError>> {

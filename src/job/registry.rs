@@ -429,6 +429,12 @@ impl Jobs {
         let cancel = exec_caller && record.on_disconnect == DisconnectPolicy::Cancel;
         JobStream {
             job_id: record.id.clone(),
+            // A lossless reader's last event stays counted in the log (it pins it); a
+            // watcher's must be counted here, or a hundred watchers hold a hundred chunks
+            // beyond the budget.
+            watcher_budget: (!reader.holds_job()).then(|| self.budget.clone()),
+            in_transport: None,
+            pending: None,
             reader,
             keepalive: self.config.keepalive,
             _cancel_on_drop: cancel.then(|| CancelOnDrop(Arc::clone(record))),
@@ -915,13 +921,37 @@ pub struct JobStream {
     pub job_id: JobId,
     reader: LogReader,
     keepalive: Duration,
+    /// For a watcher: the budget its last output event is counted in while in the transport.
+    watcher_budget: Option<OutputBudget>,
+    /// That count, released when the reader asks for the next event (it has left by then).
+    in_transport: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// What the log gave and the stream has not yet handed out.
+    pending: Option<Result<Delivered, PositionError>>,
     _cancel_on_drop: Option<CancelOnDrop>,
 }
 
 impl JobStream {
     /// The next event, gap or keepalive; `None` after `Exited`.
     pub async fn next(&mut self) -> Option<Result<Delivered, Error>> {
-        let next = self.reader.next(self.keepalive).await?;
+        self.in_transport = None;
+        // Kept across an await that may be cancelled (the Attach handler selects on this and
+        // on the client's messages), so no event is ever lost between the log and the client.
+        if self.pending.is_none() {
+            self.pending = Some(self.reader.next(self.keepalive).await?);
+        }
+        let watched_bytes = match &self.pending {
+            Some(Ok(Delivered::Event(JobEvent {
+                kind: EventKind::Output { data, .. },
+                ..
+            }))) => Some(data.len()),
+            _ => None,
+        };
+        if let (Some(budget), Some(bytes)) = (&self.watcher_budget, watched_bytes) {
+            // Waits while the budget is used up: the watcher falls behind (and gets a gap
+            // later), the job does not wait for it.
+            self.in_transport = Some(budget.hold_shared(bytes).await);
+        }
+        let next = self.pending.take()?;
         Some(next.map_err(|source| match source {
             PositionError::Abandoned => Error::JobLeft {
                 job_id: self.job_id.to_string(),

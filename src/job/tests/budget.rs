@@ -190,3 +190,67 @@ async fn a_stopped_job_whose_caller_holds_all_its_credit_still_ends() {
     assert_eq!(h.jobs.output_budget().shared_in_use(), 0);
     drop(stream);
 }
+
+#[tokio::test(start_paused = true)]
+async fn watchers_that_stop_reading_hold_no_more_than_the_budget_and_never_the_job() {
+    let h = Harness::new(budget_config(MIB, 64 << 10));
+    let caller = h.run("watched", writer(64).exit(0)).await;
+    let id = caller.job_id.clone();
+    // Eight watchers each take one event into their transport and stop reading: each would
+    // hold a 256 KiB chunk there, 2 MiB together, against a 1 MiB budget.
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let mut watcher = h
+            .jobs
+            .attach(
+                &id,
+                crate::job::Position::Start,
+                Default::default(),
+                crate::job::Pace::Watch,
+            )
+            .await
+            .unwrap();
+        let first = tokio::spawn(async move {
+            loop {
+                match watcher.next().await {
+                    Some(Ok(Delivered::Event(JobEvent {
+                        kind: EventKind::Output { .. },
+                        ..
+                    }))) => return watcher,
+                    Some(_) => {}
+                    None => panic!("ended before any output"),
+                }
+            }
+        });
+        stalled.push(first);
+    }
+    // The caller reads everything; the job is never held back by the watchers.
+    let events = read_all(caller).await;
+    assert_eq!(check_events(&events).stdout_bytes, 64 * (256 << 10));
+    let budget = h.jobs.output_budget();
+    assert!(
+        budget.shared_in_use() <= budget.shared_bytes(),
+        "{} in use",
+        budget.shared_in_use()
+    );
+    // What the watchers hold in their transports is counted: at most four 256 KiB chunks
+    // fit in the 1 MiB budget, the other watchers wait for room.
+    tokio::time::sleep(secs(60)).await;
+    let holding = stalled.iter().filter(|w| w.is_finished()).count();
+    assert!(
+        (1..=4).contains(&holding),
+        "{holding} watchers hold a chunk"
+    );
+    let mut holders = Vec::new();
+    for watcher in std::mem::take(&mut stalled) {
+        if watcher.is_finished() {
+            holders.push(watcher.await.unwrap());
+        } else {
+            stalled.push(watcher);
+        }
+    }
+    // When they let go, the others get theirs.
+    drop(holders);
+    tokio::time::sleep(secs(60)).await;
+    assert!(stalled.iter().any(|w| w.is_finished()));
+}
