@@ -111,21 +111,35 @@ impl Job {
             Some(Kind::Started(s)) => s.pid,
             other => bail!("first event is not Started: {other:?}"),
         };
-        Ok(Job {
+        let mut job = Job::reading(stream, event.job_id, output, t0, 1, [0; 2]);
+        job.pid = pid;
+        Ok(job)
+    }
+
+    /// A reader at `next_seq`, with `received` bytes of each stream had, nothing read yet.
+    fn reading(
+        stream: Streaming<pb::ExecEvent>,
+        job_id: String,
+        output: Output,
+        t0: Instant,
+        next_seq: u64,
+        received: [u64; 2],
+    ) -> Job {
+        Job {
             stream,
-            job_id: event.job_id,
-            pid,
+            job_id,
+            pid: 0,
             output,
             t0,
-            next_seq: 1,
-            received: [0; 2],
+            next_seq,
+            received,
             stdout: Vec::new(),
             stderr: Vec::new(),
             chunks: Vec::new(),
             first_output: None,
             exited: None,
             gaps: Vec::new(),
-        })
+        }
     }
 
     /// Follows an Attach stream that starts after seq `after` (`None`: wherever its first event
@@ -139,26 +153,14 @@ impl Job {
     ) -> anyhow::Result<Job> {
         // The job id comes with the first event.
         let first = first_event(&mut stream).await?;
-        let mut job = Job {
-            stream,
-            job_id: first.job_id.clone(),
-            pid: 0,
-            output,
-            t0: Instant::now(),
-            next_seq: match (after, &first.kind) {
-                (Some(after), _) => after + 1,
-                // A gap or a keepalive names the seq before the next event.
-                (None, Some(Kind::Gap(_) | Kind::Keepalive(_))) => first.seq + 1,
-                (None, _) => first.seq,
-            },
-            received,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            chunks: Vec::new(),
-            first_output: None,
-            exited: None,
-            gaps: Vec::new(),
+        let next_seq = match (after, &first.kind) {
+            (Some(after), _) => after + 1,
+            // A gap or a keepalive names the seq before the next event.
+            (None, Some(Kind::Gap(_) | Kind::Keepalive(_))) => first.seq + 1,
+            (None, _) => first.seq,
         };
+        let job_id = first.job_id.clone();
+        let mut job = Job::reading(stream, job_id, output, Instant::now(), next_seq, received);
         match (&first.kind, after) {
             // From the start after all: a watcher that found the start still held.
             (Some(Kind::Started(started)), None) => {
