@@ -665,19 +665,29 @@ impl LogReader {
         }
     }
 
+    /// Registers `needed` as the oldest seq this reader still needs (if it holds the job
+    /// back), and wakes a writer waiting for room when that moved.
+    fn pin(&mut self, mut state: std::sync::MutexGuard<'_, State>, needed: u64) {
+        let pin = self.holds.then_some(needed);
+        state.readers.insert(self.id, pin);
+        drop(state);
+        if pin != self.pinned {
+            self.pinned = pin;
+            // What was taken or skipped is consumed: a writer waiting for room looks again.
+            self.log.progressed.notify_waiters();
+        }
+    }
+
     fn try_next(&mut self) -> Option<Result<Delivered, PositionError>> {
         let log = Arc::clone(&self.log);
-        let mut state = log.lock();
+        let state = log.lock();
         if let Some(gap) = gap_at(&state, self.requested, self.cursor, self.delivered_ends) {
             self.cursor = gap.resumed_seq;
             self.delivered_ends = [gap.resumed_stdout_offset, gap.resumed_stderr_offset];
             self.skip_below = self.delivered_ends;
             // From here on the reader follows by seq.
             self.requested = Position::AfterSeq(gap.resumed_seq.saturating_sub(1));
-            state
-                .readers
-                .insert(self.id, self.holds.then_some(self.cursor));
-            drop(state);
+            self.pin(state, self.cursor);
             return Some(match self.on_gap {
                 GapPolicy::Report => Ok(Delivered::Gap(gap)),
                 GapPolicy::Fail => {
@@ -734,19 +744,12 @@ impl LogReader {
         // reader asks again: until then it sits in the transport's buffers, waiting for the
         // client's flow-control window. A reader that had stopped holding the job back (see
         // `demote_blocking_readers`) holds it again once it reads.
-        let pin = if delivered.is_some() {
+        let needed = if delivered.is_some() {
             self.cursor - 1
         } else {
             self.cursor
         };
-        let pin = self.holds.then_some(pin);
-        state.readers.insert(self.id, pin);
-        drop(state);
-        if pin != self.pinned {
-            self.pinned = pin;
-            // What was taken or skipped is consumed: a writer waiting for room looks again.
-            self.log.progressed.notify_waiters();
-        }
+        self.pin(state, needed);
         if abandoned {
             self.done = true;
             return Some(Err(PositionError::Abandoned));

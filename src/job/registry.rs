@@ -199,13 +199,8 @@ impl Jobs {
                 Claim::Mine(claim) => return self.start_new(spec, Some(claim)).await,
                 Claim::Existing(record) => {
                     info!(job_id = %record.id, "idempotent Exec retried: attaching to its job");
-                    let reader = record
-                        .log
-                        .reader(Position::Start, GapPolicy::Report, Pace::Lossless)
-                        .map_err(|source| Error::Position {
-                            job_id: record.id.to_string(),
-                            source,
-                        })?;
+                    let reader =
+                        reader_for(&record, Position::Start, GapPolicy::Report, Pace::Lossless)?;
                     return Ok(self.stream(&record, reader, true));
                 }
                 Claim::Wait(mut decided) => {
@@ -469,18 +464,7 @@ impl Jobs {
         on_gap: GapPolicy,
         pace: Pace,
     ) -> Result<JobStream, Error> {
-        if record.followed && matches!(position, Position::AfterSeq(_)) {
-            return Err(Error::SeqOfAnotherReplica {
-                job_id: record.id.to_string(),
-            });
-        }
-        let reader = record
-            .log
-            .reader(position, on_gap, pace)
-            .map_err(|source| Error::Position {
-                job_id: record.id.to_string(),
-                source,
-            })?;
+        let reader = reader_for(record, position, on_gap, pace)?;
         Ok(self.stream(record, reader, false))
     }
 
@@ -915,6 +899,38 @@ enum Found {
     Elsewhere(JobLocation, String),
 }
 
+/// A reader of `record`'s log at `position`. Seqs are per replica: a job followed from
+/// another replica is resumed by offsets, never after a seq.
+fn reader_for(
+    record: &JobRecord,
+    position: Position,
+    on_gap: GapPolicy,
+    pace: Pace,
+) -> Result<LogReader, Error> {
+    if record.followed && matches!(position, Position::AfterSeq(_)) {
+        return Err(Error::SeqOfAnotherReplica {
+            job_id: record.id.to_string(),
+        });
+    }
+    record
+        .log
+        .reader(position, on_gap, pace)
+        .map_err(|source| position_error(&record.id, source))
+}
+
+/// The service's error for a reader of job `id` that cannot open or go on.
+fn position_error(id: &JobId, source: PositionError) -> Error {
+    match source {
+        PositionError::Abandoned => Error::JobLeft {
+            job_id: id.to_string(),
+        },
+        source => Error::Position {
+            job_id: id.to_string(),
+            source,
+        },
+    }
+}
+
 /// A job's events for one reader (the Exec caller or an Attach). Dropping it detaches; for the
 /// Exec caller of a job with the `Cancel` policy it also cancels the job.
 pub struct JobStream {
@@ -952,15 +968,7 @@ impl JobStream {
             self.in_transport = Some(budget.hold_shared(bytes).await);
         }
         let next = self.pending.take()?;
-        Some(next.map_err(|source| match source {
-            PositionError::Abandoned => Error::JobLeft {
-                job_id: self.job_id.to_string(),
-            },
-            source => Error::Position {
-                job_id: self.job_id.to_string(),
-                source,
-            },
-        }))
+        Some(next.map_err(|source| position_error(&self.job_id, source)))
     }
 
     /// As a `Stream`, for the transport.
