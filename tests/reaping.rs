@@ -7,20 +7,13 @@
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use sandbox_runner::{
-    backend::local::{JobCgroups, LocalBackend, LocalConfig},
+    backend::local::LocalBackend,
     job::{Backend, JobMeta, JobSpec, Program},
+    testing::local_config,
 };
 
 fn backend(subreaper: bool) -> LocalBackend {
-    LocalBackend::new(LocalConfig {
-        default_cwd: None,
-        grace: Duration::from_secs(1),
-        chunk_bytes: 1 << 16,
-        withheld_env: Vec::new(),
-        identity: None,
-        cgroups: JobCgroups::Off,
-        subreaper,
-    })
+    LocalBackend::new(local_config(subreaper))
 }
 
 fn sleep_job() -> JobSpec {

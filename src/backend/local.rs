@@ -599,15 +599,7 @@ mod tests {
     use crate::backend::local::spawn::Spawned;
 
     fn config() -> LocalConfig {
-        LocalConfig {
-            default_cwd: None,
-            grace: Duration::from_secs(1),
-            chunk_bytes: 1 << 16,
-            withheld_env: Vec::new(),
-            identity: None,
-            cgroups: JobCgroups::Off,
-            subreaper: false,
-        }
+        crate::testing::local_config(false)
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - `server_process`: the real binary as a child process, its address from its log.
 //! - `contract`: reads a job's event stream, checking the stream contract on every event.
 //! - `procfs`: what /proc says of processes (group members, CPU, memory, fds).
+//! - `local_config`: the local backend's settings for tests.
 //!
 //! The tests' in-process server and their panicking helpers stay in tests/common; the
 //! benchmark's measurements stay in benches/sandbox_bench.
@@ -17,6 +18,20 @@ pub mod daytona;
 pub mod fake_backend;
 pub mod procfs;
 pub mod server_process;
+
+/// A local backend's settings for tests: no cgroups, no job user, a 1 s grace, 64 KiB reads;
+/// `subreaper` as the process under test is one or not.
+pub fn local_config(subreaper: bool) -> crate::backend::local::LocalConfig {
+    crate::backend::local::LocalConfig {
+        default_cwd: None,
+        grace: std::time::Duration::from_secs(1),
+        chunk_bytes: 1 << 16,
+        withheld_env: Vec::new(),
+        identity: None,
+        cgroups: crate::backend::local::JobCgroups::Off,
+        subreaper,
+    }
+}
 
 /// `data` cut at the given offsets (in any order, each at most `data.len()`; empty pieces
 /// included): for tests that feed a streaming decoder every way of splitting its input.

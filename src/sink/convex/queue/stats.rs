@@ -122,9 +122,8 @@ mod tests {
         },
     };
 
-    #[test]
-    fn a_record_lost_inside_a_run_is_marked_where_it_was() {
-        let now = Instant::now();
+    /// A queue whose three full stdout records were taken by delivery, and those records.
+    fn three_records_taken(now: Instant) -> (Queue, VecDeque<Item>) {
         let mut q = Queue::new(8 << 20);
         let mut drain = Drain::new();
         push(
@@ -142,6 +141,13 @@ mod tests {
             drain.asm.assemble(batch, &mut ready);
         }
         assert_eq!(ready.len(), 3);
+        (q, ready)
+    }
+
+    #[test]
+    fn a_record_lost_inside_a_run_is_marked_where_it_was() {
+        let now = Instant::now();
+        let (mut q, mut ready) = three_records_taken(now);
         let first = ready.pop_front().unwrap();
         q.delivered(first.text_len());
         let second = ready.pop_front().unwrap();
@@ -208,18 +214,8 @@ mod tests {
     #[test]
     fn abandoning_drops_what_was_taken_and_queued_and_leaves_nothing_pending() {
         let now = Instant::now();
-        let mut q = Queue::new(8 << 20);
-        let mut drain = Drain::new();
         let total = 3 * MAX_RECORD_BYTES;
-        push(&mut q, StreamKind::Stdout, &vec![b'x'; total], 1, now);
-        let Take::Send(batches) = q.take(now, [0, 0]) else {
-            panic!("full records are ready")
-        };
-        let mut ready = VecDeque::new();
-        for batch in batches {
-            drain.asm.assemble(batch, &mut ready);
-        }
-        assert_eq!(ready.len(), 3);
+        let (mut q, mut ready) = three_records_taken(now);
         push(&mut q, StreamKind::Stderr, b"queued", 2, now);
         q.push_end(End::ExitCode(0), 3);
         // The first record is refused for good (e.g. 401): the job's mirror ends with it.
