@@ -433,10 +433,13 @@ async fn the_grace_policy_cancels_a_job_nobody_watches() {
 async fn random_disconnects_and_resumes_never_lose_or_duplicate_a_byte() {
     const SIZE: u64 = 50 << 20;
     // A log that holds the whole output: detached, the job is never paused, and nothing is
-    // evicted while the client reconnects.
+    // evicted while the client reconnects. The event bound counts too: a reader that keeps up
+    // sees chunks as small as the writer's 4-8 KiB writes, so 50 MiB can be 12,800 events.
     let server = common::start(&[
         "--job-log-bytes",
         "67108864",
+        "--job-log-events",
+        "131072",
         "--output-budget-bytes",
         "134217728",
     ])
