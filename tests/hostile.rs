@@ -261,7 +261,12 @@ async fn wait_health(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("Health never showed {what}");
+    let last = client
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    panic!("Health never showed {what}: {last:?}");
 }
 
 #[tokio::test]

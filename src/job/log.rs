@@ -157,8 +157,9 @@ struct Entry {
     event: JobEvent,
     /// Output bytes (0 for `Started` and `Exited`).
     len: usize,
-    /// Holds the bytes in the output budget until the entry is evicted.
-    _credit: Credit,
+    /// Holds the bytes in the output budget until the entry is evicted: at least `len`, more
+    /// when the chunk was read into a larger buffer it still occupies.
+    credit: Credit,
 }
 
 impl Entry {
@@ -227,7 +228,10 @@ struct State {
     /// Seq of the oldest entry, or `next_seq` when there is none.
     first_seq: u64,
     next_seq: u64,
+    /// Output bytes held (what the log's bound counts).
     bytes: usize,
+    /// Output budget those hold (the memory they occupy: see `Entry::credit`).
+    credited: usize,
     /// Offsets of the oldest bytes held, per stream.
     held_from: [u64; 2],
     /// Bytes written per stream.
@@ -262,6 +266,7 @@ impl State {
         }
     }
 
+    /// Evicts the oldest entry; returns the credit it gave back.
     fn evict_front(&mut self) -> usize {
         let Some(entry) = self.entries.pop_front() else {
             return 0;
@@ -270,6 +275,7 @@ impl State {
             self.held_from[stream_index(*stream)] = offset + entry.len as u64;
         }
         self.bytes -= entry.len;
+        self.credited -= entry.credit.bytes();
         self.first_seq = self.entries.front().map_or(self.next_seq, Entry::seq);
         self.evicted.push(&entry);
         // A burst of small events can grow the queue to thousands of entries (~130 bytes each);
@@ -279,7 +285,7 @@ impl State {
         if room > MIN_QUEUE_ROOM && self.entries.len() < room / 4 {
             self.entries.shrink_to(self.entries.len() * 2);
         }
-        entry.len
+        entry.credit.bytes()
     }
 
     fn fits(&self, len: usize, limits: &LogLimits) -> bool {
@@ -320,11 +326,8 @@ impl State {
         }
         self.next_seq = event.seq + 1;
         self.bytes += len;
-        self.entries.push_back(Entry {
-            event,
-            len,
-            _credit: credit,
-        });
+        self.credited += credit.bytes();
+        self.entries.push_back(Entry { event, len, credit });
     }
 
     /// Offsets of each stream before `seq`, which may be evicted, held or next.
@@ -389,6 +392,7 @@ impl EventLog {
                 first_seq: 0,
                 next_seq: 0,
                 bytes: 0,
+                credited: 0,
                 held_from: [0; 2],
                 ends: [0; 2],
                 evicted: EvictedIndex::default(),
@@ -418,6 +422,12 @@ impl EventLog {
 
     pub fn summary(&self) -> LogSummary {
         self.lock().summary()
+    }
+
+    /// The output budget this log holds: its bytes, and the room of the buffers they were
+    /// read into.
+    pub(crate) fn credited_bytes(&self) -> usize {
+        self.lock().credited
     }
 
     /// Readers attached now, as a watch (for the disconnect policy).
@@ -504,15 +514,15 @@ impl EventLog {
     ) -> Result<LogReader, PositionError> {
         let mut state = self.lock();
         let last = state.next_seq.checked_sub(1);
-        let (cursor, delivered_ends, skip_below) = match position {
-            Position::Start => (0, [0; 2], [0; 2]),
-            Position::New => (state.next_seq, state.ends, [0; 2]),
+        let (cursor, (delivered_ends, ends_exact), skip_below) = match position {
+            Position::Start => (0, ([0; 2], true), [0; 2]),
+            Position::New => (state.next_seq, (state.ends, true), [0; 2]),
             Position::AfterSeq(after) => {
                 if after >= state.next_seq {
                     return Err(PositionError::SeqBeyondEnd { after, last });
                 }
                 let cursor = after + 1;
-                (cursor, state.offsets_before(cursor).0, [0; 2])
+                (cursor, state.offsets_before(cursor), [0; 2])
             }
             Position::Offsets { stdout, stderr } => {
                 if !self.catches_up {
@@ -522,14 +532,14 @@ impl EventLog {
                 // is skipped too: a client resuming by offsets has seen it.
                 (
                     state.first_seq.max(1).min(state.next_seq),
-                    [stdout, stderr],
+                    ([stdout, stderr], true),
                     [stdout, stderr],
                 )
             }
         };
         // The gap (if any) is known now; with the fail policy the open itself fails.
         if on_gap == GapPolicy::Fail
-            && let Some(gap) = gap_at(&state, position, cursor, delivered_ends)
+            && let Some(gap) = gap_at(&state, position, cursor, delivered_ends, ends_exact)
         {
             return Err(PositionError::Lost(Box::new(gap)));
         }
@@ -548,6 +558,7 @@ impl EventLog {
             requested: position,
             on_gap,
             delivered_ends,
+            ends_exact,
             skip_below,
             skip_started: position != Position::Start,
             last_seq: cursor.checked_sub(1),
@@ -570,14 +581,25 @@ fn check_offsets(state: &State, requested: [u64; 2]) -> Result<(), PositionError
     Ok(())
 }
 
-/// The gap between a reader's position and the oldest event held, if there is one.
-fn gap_at(state: &State, requested: Position, cursor: u64, had: [u64; 2]) -> Option<Gap> {
+/// The gap between a reader's position and the oldest event held, if there is one. `had`:
+/// the offsets the reader has, exact or not (see `LogReader::ends_exact`).
+fn gap_at(
+    state: &State,
+    requested: Position,
+    cursor: u64,
+    had: [u64; 2],
+    had_exact: bool,
+) -> Option<Gap> {
     let by_offsets = matches!(requested, Position::Offsets { .. });
     let (had, exact) = if by_offsets {
         // A reader resuming by offsets says what it has; the seqs it missed do not matter.
         (had, true)
     } else if cursor < state.first_seq {
-        state.offsets_before(cursor)
+        if had_exact {
+            (had, true)
+        } else {
+            state.offsets_before(cursor)
+        }
     } else {
         return None;
     };
@@ -627,6 +649,10 @@ pub struct LogReader {
     on_gap: GapPolicy,
     /// Offsets after the bytes delivered (or, before anything was, that the reader has).
     delivered_ends: [u64; 2],
+    /// Those are exact: false only for a reader opened after a seq older than the sizes the
+    /// log remembers, until it is sent something. A reader that falls behind later is told
+    /// exactly what it lost however much was evicted meanwhile.
+    ends_exact: bool,
     /// Bytes below these offsets are not delivered (resuming by offsets).
     skip_below: [u64; 2],
     /// `Started` is not delivered (a reader resuming anywhere but the start has seen it).
@@ -681,9 +707,16 @@ impl LogReader {
     fn try_next(&mut self) -> Option<Result<Delivered, PositionError>> {
         let log = Arc::clone(&self.log);
         let state = log.lock();
-        if let Some(gap) = gap_at(&state, self.requested, self.cursor, self.delivered_ends) {
+        if let Some(gap) = gap_at(
+            &state,
+            self.requested,
+            self.cursor,
+            self.delivered_ends,
+            self.ends_exact,
+        ) {
             self.cursor = gap.resumed_seq;
             self.delivered_ends = [gap.resumed_stdout_offset, gap.resumed_stderr_offset];
+            self.ends_exact = true;
             self.skip_below = self.delivered_ends;
             // From here on the reader follows by seq.
             self.requested = Position::AfterSeq(gap.resumed_seq.saturating_sub(1));
@@ -724,6 +757,7 @@ impl LogReader {
                         *offset += skip as u64;
                     }
                     self.delivered_ends[slot] = end;
+                    self.ends_exact = true;
                 }
                 EventKind::Exited(_) => {
                     self.done = true;
@@ -779,7 +813,7 @@ pub struct RetiredLogs {
 
 #[derive(Debug)]
 struct Retired {
-    /// Each log with the output bytes it held when last looked at.
+    /// Each log with the output budget it held when last looked at (see `EventLog::credited_bytes`).
     logs: VecDeque<(Weak<EventLog>, usize)>,
     /// Their sum.
     held: usize,
@@ -787,7 +821,7 @@ struct Retired {
 }
 
 impl RetiredLogs {
-    /// Finished logs holding at most `limit` output bytes together.
+    /// Finished logs holding at most `limit` of the output budget together.
     pub fn new(limit: usize) -> Self {
         RetiredLogs {
             state: Mutex::new(Retired {
@@ -804,7 +838,7 @@ impl RetiredLogs {
 
     /// Takes in a finished job's log, then trims the oldest to the bound.
     pub fn retire(&self, log: &Arc<EventLog>) {
-        let bytes = log.summary().held_bytes;
+        let bytes = log.credited_bytes();
         let mut retired = self.lock();
         retired.forget_gone();
         retired.logs.push_back((Arc::downgrade(log), bytes));
@@ -815,7 +849,7 @@ impl RetiredLogs {
         }
     }
 
-    /// Output bytes the retired logs hold.
+    /// Output budget the retired logs hold.
     pub fn held_bytes(&self) -> usize {
         let mut retired = self.lock();
         retired.forget_gone();
@@ -857,7 +891,7 @@ impl Retired {
                 continue;
             };
             freed += log.release_history(want - freed);
-            let left = log.summary().held_bytes;
+            let left = log.credited_bytes();
             if left == 0 {
                 continue;
             }
@@ -943,7 +977,9 @@ mod tests {
                 offset,
                 data: Bytes::copy_from_slice(data.as_bytes()),
             });
-            self.log.push(event, Credit::default(), &self.budget).await;
+            let credit = self.budget.acquire(data.len()).await;
+            assert_eq!(credit.bytes(), data.len());
+            self.log.push(event, credit, &self.budget).await;
         }
 
         async fn exited(&mut self) {
@@ -1342,6 +1378,73 @@ mod tests {
         assert_eq!(retired.reclaim(100), 0);
     }
 
+    #[tokio::test]
+    async fn a_finished_log_counts_the_buffers_its_chunks_occupy_not_only_their_bytes() {
+        // A 2-byte chunk read into a 64-byte buffer that is kept (as the local backend keeps
+        // a buffer at least a quarter full) holds 64 bytes of the budget.
+        let mut w = Writer::new(1 << 20, 100);
+        w.started().await;
+        let event = w.event(EventKind::Output {
+            stream: Stdout,
+            offset: 0,
+            data: Bytes::from_static(b"ab"),
+        });
+        let credit = w.budget.acquire(64).await;
+        w.log.push(event, credit, &w.budget).await;
+        w.ends[0] = 2;
+        w.exited().await;
+        let retired = RetiredLogs::new(1 << 20);
+        retired.retire(&w.log);
+        assert_eq!((w.log.summary().held_bytes, retired.held_bytes()), (2, 64));
+        assert_eq!(
+            retired.reclaim(1),
+            64,
+            "evicting the chunk frees its buffer's credit"
+        );
+        assert_eq!(retired.held_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_falls_behind_past_the_size_index_is_told_exactly_what_it_lost() {
+        let mut w = Writer::new(1 << 20, 16);
+        w.started().await;
+        w.output(Stdout, "ab").await;
+        let mut watcher = w
+            .log
+            .reader(Position::Start, GapPolicy::Report, Pace::Watch)
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let Some(Ok(Delivered::Event(event))) = watcher.next(KEEPALIVE).await else {
+                panic!("an event");
+            };
+            seen.push(describe(&event));
+        }
+        assert_eq!(seen, ["S0", "o1:ab@0"]);
+        // More evicted since than the log remembers the sizes of.
+        for i in 0..EVICTED_INDEX_LEN + 100 {
+            w.output(if i % 3 == 0 { Stderr } else { Stdout }, "xyz")
+                .await;
+        }
+        w.exited().await;
+        let [out, err] = w.ends;
+        let held = w.log.summary();
+        let lost = [held.stdout_from - 2, held.stderr_from];
+        assert_eq!(
+            drain(&mut watcher).await[0],
+            format!(
+                "gap(seq {}, {} events, lost {}+{}, at {}+{}, exact true)",
+                held.first_seq,
+                held.first_seq - 2,
+                lost[0],
+                lost[1],
+                held.stdout_from,
+                held.stderr_from
+            )
+        );
+        assert!(lost[0] + lost[1] > 0 && out > held.stdout_from && err > held.stderr_from);
+    }
+
     #[test]
     fn sizes_of_evicted_events_are_remembered_up_to_a_bound() {
         let mut index = EvictedIndex::default();
@@ -1356,7 +1459,7 @@ mod tests {
                 },
             },
             len,
-            _credit: Credit::default(),
+            credit: Credit::default(),
         };
         index.push(&chunk(Stdout, 3));
         index.push(&chunk(Stderr, 5));
