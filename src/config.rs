@@ -151,6 +151,16 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=(64 << 30)))]
     pub retained_output_bytes: u64,
 
+    /// Output sent to all watchers together (Attach with `lossless: false`), bytes per second;
+    /// 0 for no bound. Watchers never hold a job back, but serving them costs the CPU, the
+    /// memory and the network the jobs and their callers need: on 2 cores, 100 unbounded
+    /// watchers of one job writing flat out slowed it to 0.03x; at 64 MiB/s, 0.90x and +104 MiB;
+    /// at 16 MiB/s, 1.04x and +56 MiB. A watcher that falls a whole log behind gets a gap.
+    /// Callers and lossless readers are never bound by it.
+    #[arg(long, env = "WATCHERS_BYTES_PER_SEC", default_value_t = 16 << 20,
+          value_parser = clap::value_parser!(u64).range(0..=(1 << 40)))]
+    pub watchers_bytes_per_sec: u64,
+
     /// The Convex mirror sink (off unless CONVEX_SITE_URL and CONVEX_INGEST_SECRET are set).
     #[command(flatten, next_help_heading = "Convex mirror")]
     pub convex: ConvexArgs,

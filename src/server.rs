@@ -146,6 +146,8 @@ pub async fn run_with_reload(
             output_reserve_bytes: config.output_reserve_bytes as usize,
             retained_output_bytes: config.retained_output_bytes as usize,
             follow_idle: config.follow_idle,
+            watchers_bytes_per_sec: (config.watchers_bytes_per_sec > 0)
+                .then_some(config.watchers_bytes_per_sec),
         },
     );
     // Ended until shutdown; the sweep only ever deletes what ended jobs left behind.

@@ -35,6 +35,10 @@ pub(crate) struct ReplayArgs {
     /// What the watched job writes, in MiB.
     #[arg(long, default_value_t = 256)]
     watched_mib: u64,
+    /// Extra flags of the watched job's server, as one string (e.g. to try
+    /// `--watchers-bytes-per-sec`).
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    watched_server_args: String,
 }
 
 fn open(job_id: &str, lossless: bool) -> pb::AttachRequest {
@@ -152,16 +156,16 @@ pub(crate) async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
     server.stop().await;
     live_server.stop().await;
 
-    // Watchers of one job writing flat out, at the default limits.
-    let server = Server::spawn(&[], &[]).await?;
+    // Watchers of one job writing flat out, at the default limits; rounds with its caller alone
+    // interleaved with rounds with the watchers.
+    let server_args: Vec<&str> = a.watched_server_args.split_whitespace().collect();
+    let server = Server::spawn(&server_args, &[]).await?;
     let watched = a.watched_mib << 20;
     let command = format!("head -c {watched} /dev/zero");
     let mut caller = server.client(true).await?;
     let mut single = Samples::new("the job, one reader (its Exec caller)");
-    for _ in 0..a.rounds {
-        let run = exec(&mut caller, request(&command, None), false).await?;
-        single.push(gbps(run.bytes(), run.exited_after));
-    }
+    let run = exec(&mut caller, request(&command, None), false).await?;
+    single.push(gbps(run.bytes(), run.exited_after));
     let (idle_rss, _) = server.memory();
     let mut watcher_clients = Vec::new();
     for _ in 0..a.watchers {
@@ -169,7 +173,7 @@ pub(crate) async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
     }
     let mut watched_runs = Samples::new(format!("the job, with {} watchers", a.watchers));
     let mut peak_rss = idle_rss;
-    let mut watcher_rates = Samples::new("each watcher (bytes received / job time)");
+    let mut watcher_rates = Samples::new("each watcher, MiB/s (bytes received / its time)");
     let (mut gaps, mut lost) = (0usize, 0u64);
     for round in 0..a.rounds {
         eprintln!("watchers round {}/{}", round + 1, a.rounds);
@@ -201,6 +205,10 @@ pub(crate) async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
         });
         let run = job.finish().await?;
         watched_runs.push(gbps(run.bytes(), run.exited_after));
+        if round + 1 < a.rounds {
+            let run = exec(&mut caller, request(&command, None), false).await?;
+            single.push(gbps(run.bytes(), run.exited_after));
+        }
         while let Some(watcher) = tasks.join_next().await {
             let watcher = watcher??;
             let lost_here: u64 = watcher.gaps.iter().map(|g| g.lost_stdout_bytes).sum();
@@ -211,10 +219,13 @@ pub(crate) async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
             );
             gaps += watcher.gaps.len();
             lost += lost_here;
-            watcher_rates.push(gbps(
-                watched - lost_here,
-                watcher.exited_after.max(Duration::from_millis(1)),
-            ));
+            watcher_rates.push(
+                gbps(
+                    watched - lost_here,
+                    watcher.exited_after.max(Duration::from_millis(1)),
+                ) * 1e9
+                    / (1 << 20) as f64,
+            );
         }
         done.cancel();
         let peak = sampler.await?;
@@ -240,14 +251,23 @@ pub(crate) async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
     live.rate_row(None, None);
     watched_runs.rate_row(Some(&single), None);
     single.rate_row(None, None);
-    watcher_rates.rate_row(None, None);
     println!(
-        "\nServer RSS with {} watchers: idle {:.1} MiB, peak {:.1} MiB (sampled every 100 ms); \
-         the output budget is 64 MiB. Watchers that fell a full log behind: {gaps} gaps, {:.1} MiB \
-         reported lost in all (watchers never slow the job; each gap says what it missed).\n",
+        "| {} | {:.2} | {:.2}..{:.2} | all together {:.1} MiB/s |",
+        watcher_rates.name,
+        watcher_rates.median(),
+        watcher_rates.pct(0.0),
+        watcher_rates.pct(100.0),
+        watcher_rates.median() * a.watchers as f64
+    );
+    println!(
+        "\nServer RSS with {} watchers: idle {:.1} MiB, peak {:.1} MiB (sampled every 100 ms): \
+         **{:+.1} MiB**; the output budget is 64 MiB. Watchers that fell a full log behind: \
+         {gaps} gaps, {:.1} MiB reported lost in all (watchers never slow the job; each gap \
+         says what it missed).\n",
         a.watchers,
         mib(idle_rss),
         mib(peak_rss),
+        mib(peak_rss) - mib(idle_rss),
         lost as f64 / (1 << 20) as f64
     );
     Ok(())

@@ -65,8 +65,11 @@ pub struct LocalArgs {
     #[arg(long, env = "DEFAULT_CWD")]
     pub default_cwd: Option<PathBuf>,
 
-    /// Largest output chunk read from a process in one go, in bytes.
-    #[arg(long, env = "OUTPUT_CHUNK_BYTES", default_value_t = 1 << 20,
+    /// Largest output chunk read from a process in one go, in bytes. Every stream that ever
+    /// sent a chunk keeps a transport buffer that large for its life (tonic's encode buffer
+    /// keeps its capacity): 256 KiB chunks move bulk output as fast as 1 MiB ones (1.06x and
+    /// 0.98x) at a quarter of that cost per stream.
+    #[arg(long, env = "OUTPUT_CHUNK_BYTES", default_value_t = 256 << 10,
           value_parser = clap::value_parser!(u32).range(4096..=(2 << 20)))]
     pub output_chunk_bytes: u32,
 

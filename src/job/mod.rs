@@ -1,5 +1,5 @@
 //! The job core: what a job is (`spec`), the events it emits (`event`), how its output is
-//! sequenced (`output`) and kept for any number of readers (`log`), how one job runs from start to its single `Exited`
+//! sequenced (`output`) and kept for any number of readers (`log`), what watchers may take (`watch_rate`), how one job runs from start to its single `Exited`
 //! event (`lifecycle`), and the table of running and recently finished jobs (`registry`).
 //!
 //! The core owns the traits of what it drives: [`Backend`]/[`Execution`] (`backend`: where
@@ -20,6 +20,7 @@ mod sink;
 mod spec;
 #[cfg(test)]
 mod tests;
+mod watch_rate;
 
 pub use backend::{Backend, BackendCause, BackendError, Execution, Outcome, RemoteState};
 pub use budget::{Credit, JobBudget, OutputBudget};

@@ -24,6 +24,7 @@ use super::{
     lifecycle,
     log::{Delivered, EventLog, GapPolicy, LogLimits, LogReader, Pace, Position, PositionError},
     record::{JobRecord, JobSnapshot, RecordInit, StopReason},
+    watch_rate::WatchRate,
 };
 use crate::error::Error;
 
@@ -56,6 +57,8 @@ pub struct JobsConfig {
     /// How long a job followed from another replica is followed with nobody attached here
     /// before this replica stops following it (the job runs on).
     pub follow_idle: Duration,
+    /// Output all watchers together are sent per second (see `watch_rate`); `None`: no bound.
+    pub watchers_bytes_per_sec: Option<u64>,
 }
 
 /// All jobs of this server.
@@ -66,6 +69,7 @@ pub struct Jobs {
     config: JobsConfig,
     permits: Arc<Semaphore>,
     budget: OutputBudget,
+    watch_rate: Option<Arc<WatchRate>>,
     table: Mutex<Table>,
     /// Parent of the stop token of every job that is not left at shutdown; cancelled when
     /// draining runs out of time.
@@ -177,6 +181,9 @@ impl Jobs {
             permits: Arc::new(Semaphore::new(config.max_concurrent as usize)),
             budget: OutputBudget::new(config.output_budget_bytes, config.output_reserve_bytes)
                 .retaining_at_most(config.retained_output_bytes),
+            watch_rate: config
+                .watchers_bytes_per_sec
+                .map(|rate| Arc::new(WatchRate::new(rate, watch_burst(rate)))),
             config,
             table: Mutex::new(Table::default()),
             root: CancellationToken::new(),
@@ -427,7 +434,11 @@ impl Jobs {
             // A lossless reader's last event stays counted in the log (it pins it); a
             // watcher's must be counted here, or a hundred watchers hold a hundred chunks
             // beyond the budget.
-            watcher_budget: (!reader.holds_job()).then(|| self.budget.clone()),
+            watching: (!reader.holds_job()).then(|| Watching {
+                budget: self.budget.clone(),
+                rate: self.watch_rate.clone(),
+                unpaid: 0,
+            }),
             in_transport: None,
             pending: None,
             reader,
@@ -937,8 +948,8 @@ pub struct JobStream {
     pub job_id: JobId,
     reader: LogReader,
     keepalive: Duration,
-    /// For a watcher: the budget its last output event is counted in while in the transport.
-    watcher_budget: Option<OutputBudget>,
+    /// For a watcher: what its output costs the server.
+    watching: Option<Watching>,
     /// That count, released when the reader asks for the next event (it has left by then).
     in_transport: Option<tokio::sync::OwnedSemaphorePermit>,
     /// What the log gave and the stream has not yet handed out.
@@ -950,6 +961,14 @@ impl JobStream {
     /// The next event, gap or keepalive; `None` after `Exited`.
     pub async fn next(&mut self) -> Option<Result<Delivered, Error>> {
         self.in_transport = None;
+        if let Some(watching) = &mut self.watching {
+            // Paid after sending and before taking more: while it waits it holds nothing,
+            // and when it goes on it reads from where the log is by then.
+            if let (Some(rate), 1..) = (&watching.rate, watching.unpaid) {
+                rate.pay(watching.unpaid).await;
+            }
+            watching.unpaid = 0;
+        }
         // Kept across an await that may be cancelled (the Attach handler selects on this and
         // on the client's messages), so no event is ever lost between the log and the client.
         if self.pending.is_none() {
@@ -962,10 +981,11 @@ impl JobStream {
             }))) => Some(data.len()),
             _ => None,
         };
-        if let (Some(budget), Some(bytes)) = (&self.watcher_budget, watched_bytes) {
+        if let (Some(watching), Some(bytes)) = (&mut self.watching, watched_bytes) {
             // Waits while the budget is used up: the watcher falls behind (and gets a gap
             // later), the job does not wait for it.
-            self.in_transport = Some(budget.hold_shared(bytes).await);
+            self.in_transport = Some(watching.budget.hold_shared(bytes).await);
+            watching.unpaid = bytes;
         }
         let next = self.pending.take()?;
         Some(next.map_err(|source| position_error(&self.job_id, source)))
@@ -978,6 +998,21 @@ impl JobStream {
             Some((next, stream))
         })
     }
+}
+
+/// What a watcher's output costs: room in the output budget while it is in the transport, and
+/// its share of the watchers' bandwidth.
+struct Watching {
+    budget: OutputBudget,
+    rate: Option<Arc<WatchRate>>,
+    /// Bytes sent and not yet paid for.
+    unpaid: usize,
+}
+
+/// What an idle period lets watchers take at once: a tenth of a second's worth, and at least
+/// a full output chunk.
+fn watch_burst(bytes_per_sec: u64) -> usize {
+    ((bytes_per_sec / 10) as usize).max(1 << 20)
 }
 
 /// What a dropped Exec stream of a job with the `Cancel` policy does: the caller has gone.

@@ -46,6 +46,7 @@ fn config() -> JobsConfig {
         output_reserve_bytes: 64 << 10,
         retained_output_bytes: usize::MAX,
         follow_idle: secs(30),
+        watchers_bytes_per_sec: None,
     }
 }
 
