@@ -224,6 +224,9 @@ impl Processes {
     /// One scan: follows tracked jobs, reaps orphans that exited, stops orphans no job owns.
     /// Blocking.
     fn scan(&self) {
+        if self.subreaper && !self.tracking() && self.reap_children() {
+            return;
+        }
         let snapshot = procfs::processes();
         let index = Index::new(&snapshot);
         let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
@@ -272,6 +275,43 @@ impl Processes {
                 kill_if_same(key, Signal::SIGKILL);
             }
         }
+    }
+
+    /// Whether any job or orphan is followed through /proc (which needs full scans).
+    fn tracking(&self) -> bool {
+        let tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        !tracked.jobs.is_empty() || !tracked.orphans.is_empty()
+    }
+
+    /// The scan of a subreaper whose jobs all have cgroups: only its own children are read,
+    /// not all of /proc (a full scan on every SIGCHLD made each job's end cost O(processes on
+    /// the host): with 256 stalled jobs, a new client's `echo hi` took 1.28x as long).
+    /// Reaps orphans that exited; false when the full scan is needed (the kernel does not
+    /// list children, or a live orphan is outside every job's cgroup and must be adopted).
+    fn reap_children(&self) -> bool {
+        let Some(pids) = procfs::own_children() else {
+            return false;
+        };
+        let children: Vec<ProcStat> = {
+            let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
+            pids.into_iter()
+                .filter(|pid| !leaders.contains(pid))
+                .filter_map(procfs::read_stat)
+                // A pid reaped and reused since it was listed is someone else's.
+                .filter(|p| p.ppid == self.me)
+                .collect()
+        };
+        let (zombies, live): (Vec<ProcStat>, Vec<ProcStat>) =
+            children.into_iter().partition(|p| p.is_dead());
+        // As in `scan`: not a leader, and a zombie's pid is not reused before it is reaped.
+        for zombie in &zombies {
+            let _ = waitpid(Pid::from_raw(zombie.pid as i32), Some(WaitPidFlag::WNOHANG));
+        }
+        if !zombies.is_empty() {
+            debug!(reaped = zombies.len(), "reaped orphaned job processes");
+        }
+        live.iter()
+            .all(|p| self.preexisting.contains(&p.key()) || self.in_job_cgroup(p.pid))
     }
 
     fn in_job_cgroup(&self, pid: u32) -> bool {
