@@ -70,6 +70,21 @@ pub enum Error {
         source: crate::job::PositionError,
     },
 
+    /// A write to a job's stdin was refused: it is closed (or was never open), or it starts
+    /// past the input accepted so far.
+    #[error("job {job_id:?}: {source}")]
+    Input {
+        job_id: String,
+        source: crate::job::InputError,
+    },
+
+    /// The request needs something this server's backend cannot do.
+    #[error("the {backend} backend cannot run jobs with {capability}")]
+    Unsupported {
+        backend: &'static str,
+        capability: &'static str,
+    },
+
     /// An Exec reused an idempotency key with a different request.
     #[error("idempotency key {0:?} was used for a different request; use a new key for a new job")]
     IdempotencyKeyReused(String),

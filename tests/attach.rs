@@ -226,7 +226,7 @@ async fn attach_refuses_what_it_cannot_serve_with_the_right_codes() {
 }
 
 #[tokio::test]
-async fn attach_follow_ups_are_unimplemented_a_half_close_ends_nothing_and_idle_streams_get_keepalives()
+async fn unknown_attach_requests_are_unimplemented_a_half_close_ends_nothing_and_idle_streams_get_keepalives()
  {
     let server = common::start(&["--stream-keepalive", "200ms"]).await;
     let mut client = server.client().await;
@@ -259,7 +259,8 @@ async fn attach_follow_ups_are_unimplemented_a_half_close_ends_nothing_and_idle_
     assert_eq!(exited.state, JobState::Succeeded as i32);
     assert!(keepalives >= 2, "{keepalives} keepalives in 0.8 s");
 
-    // A follow-up request: UNIMPLEMENTED (stdin, resize and signals come later).
+    // A request this server does not know (empty here; resize or signals from a newer
+    // client): UNIMPLEMENTED.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(pb::AttachRequest {
         kind: Some(pb::attach_request::Kind::Open(pb::AttachOpen {

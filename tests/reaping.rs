@@ -25,6 +25,7 @@ fn sleep_job() -> JobSpec {
         timeout: None,
         on_disconnect: Default::default(),
         idempotency_key: None,
+        stdin: false,
     }
 }
 

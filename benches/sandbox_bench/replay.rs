@@ -96,10 +96,11 @@ pub(crate) async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
             "--job-log-events",
             "1048576",
             "--output-budget-bytes",
-            &(2 * log_bytes + (64 << 20)).to_string(),
-            // A finished log is kept whole only within the retained bound.
+            &(3 * log_bytes + (64 << 20)).to_string(),
+            // A finished log is kept whole only within the retained bound, which counts the
+            // read buffers its chunks occupy (up to 4x a chunk; about 1x for /dev/zero).
             "--retained-output-bytes",
-            &(log_bytes + (1 << 20)).to_string(),
+            &(2 * log_bytes).to_string(),
         ],
         &[],
     )

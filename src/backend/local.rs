@@ -48,8 +48,8 @@ use self::{
     tree::{JobTree, Processes},
 };
 use crate::job::{
-    Backend, BackendError, Credit, Execution, JobBudget, JobOutput, JobSpec, Outcome, Program,
-    StreamKind,
+    Backend, BackendError, Credit, Execution, InputSink, JobBudget, JobOutput, JobSpec, Outcome,
+    Program, StreamKind,
 };
 
 /// Pipes start at the kernel default (64 KiB); one that fills up is grown to this so bulk
@@ -267,6 +267,10 @@ impl Backend for LocalBackend {
         "local"
     }
 
+    fn supports_stdin(&self) -> bool {
+        true
+    }
+
     /// TERM then KILL after a grace; then as long again for leftovers holding the pipes, and
     /// once more for their own TERM -> KILL.
     fn stop_time(&self) -> Duration {
@@ -295,6 +299,7 @@ impl Backend for LocalBackend {
             identity: self.config.identity.as_ref().map(|id| (id.uid, id.gid)),
             cgroup_procs,
             server_pid: std::process::id(),
+            stdin: spec.stdin,
         })
         .map_err(spawn_error)?;
 
@@ -303,7 +308,11 @@ impl Backend for LocalBackend {
         let pid = leader.pid();
         let mut process = LeaderProcess::new(leader);
         let tree = Arc::new(self.processes.tree(pid, cgroup));
-        let (stdout, stderr) = match open_pipes(spawned.stdout, spawned.stderr) {
+        let pipes = open_pipes(spawned.stdout, spawned.stderr).and_then(|(stdout, stderr)| {
+            let stdin = spawned.stdin.map(pipe::Sender::from_owned_fd).transpose()?;
+            Ok((stdin, stdout, stderr))
+        });
+        let (stdin, stdout, stderr) = match pipes {
             Ok(pipes) => pipes,
             Err(source) => {
                 // Not expected; don't leave the process running when we cannot read it.
@@ -315,6 +324,7 @@ impl Backend for LocalBackend {
         Ok(Box::new(LocalExecution {
             process,
             tree,
+            stdin,
             stdout,
             stderr,
             grace: self.config.grace,
@@ -379,12 +389,30 @@ fn open_pipes(stdout: OwnedFd, stderr: OwnedFd) -> io::Result<(pipe::Receiver, p
     ))
 }
 
+/// A job's stdin: the write end of its pipe (non-blocking).
+struct PipeInput(pipe::Sender);
+
+#[async_trait]
+impl InputSink for PipeInput {
+    async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            self.0.writable().await?;
+            match self.0.try_write(data) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                written => return written,
+            }
+        }
+    }
+}
+
 struct LocalExecution {
     /// The leader, whose pid is also the session and process group id. Registered as a leader
     /// (kept from the orphan reaper) until reaped; killed if dropped before.
     process: LeaderProcess,
     /// Every process of the job.
     tree: Arc<JobTree>,
+    /// The write end of the job's stdin, until the core takes it.
+    stdin: Option<pipe::Sender>,
     stdout: pipe::Receiver,
     stderr: pipe::Receiver,
     grace: Duration,
@@ -406,6 +434,12 @@ impl Execution for LocalExecution {
         Some(self.process.pid())
     }
 
+    fn take_input(&mut self) -> Option<Box<dyn InputSink>> {
+        self.stdin
+            .take()
+            .map(|pipe| Box::new(PipeInput(pipe)) as Box<dyn InputSink>)
+    }
+
     /// Local jobs die with this process by design: `leave` does not apply (no handle).
     async fn run(
         self: Box<Self>,
@@ -416,6 +450,7 @@ impl Execution for LocalExecution {
         let LocalExecution {
             mut process,
             tree,
+            stdin: _,
             stdout,
             stderr,
             grace,
@@ -660,6 +695,7 @@ mod tests {
             identity: None,
             cgroup_procs: None,
             server_pid: std::process::id(),
+            stdin: false,
         })
         .unwrap()
     }

@@ -124,6 +124,7 @@ pub fn job_spec(req: pb::ExecRequest) -> Result<JobSpec, Error> {
         timeout,
         on_disconnect,
         idempotency_key,
+        stdin: req.stdin,
     })
 }
 
@@ -155,7 +156,7 @@ pub fn attach_open(
 ) -> Result<(JobId, Position, GapPolicy, Pace), Error> {
     let open = match req.and_then(|r| r.kind) {
         Some(pb::attach_request::Kind::Open(open)) => open,
-        None => return invalid("the first Attach request must be `open`"),
+        _ => return invalid("the first Attach request must be `open`"),
     };
     let id = job_id(open.job_id)?;
     let position = open.from.map_or(Ok(Position::Start), resume_from)?;
@@ -170,6 +171,46 @@ pub fn attach_open(
         Pace::Watch
     };
     Ok((id, position, on_gap, pace))
+}
+
+/// Most stdin bytes in one write (SendInput, or an Attach `input`).
+const MAX_INPUT_BYTES: usize = 1 << 20;
+
+/// What a client asks of a job on its Attach stream after `open`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FollowUp {
+    Input {
+        data: bytes::Bytes,
+        offset: Option<u64>,
+    },
+    CloseInput,
+    /// A request this server does not know: empty, or of a newer version of the API.
+    Unknown,
+}
+
+/// Validates an Attach stream's request after `open`.
+pub fn follow_up(req: pb::AttachRequest) -> Result<FollowUp, Error> {
+    use pb::attach_request::Kind;
+    match req.kind {
+        Some(Kind::Open(_)) => invalid("`open` was already sent on this stream"),
+        Some(Kind::Input(input)) => Ok(FollowUp::Input {
+            data: input_data(input.data)?,
+            offset: input.offset,
+        }),
+        Some(Kind::CloseInput(_)) => Ok(FollowUp::CloseInput),
+        None => Ok(FollowUp::Unknown),
+    }
+}
+
+/// Validates stdin bytes of one write.
+pub fn input_data(data: bytes::Bytes) -> Result<bytes::Bytes, Error> {
+    if data.len() > MAX_INPUT_BYTES {
+        return invalid(format!(
+            "stdin data is {} bytes; at most {MAX_INPUT_BYTES} per write (split it)",
+            data.len()
+        ));
+    }
+    Ok(data)
 }
 
 fn resume_from(from: pb::ResumeFrom) -> Result<Position, Error> {
@@ -432,6 +473,8 @@ pub fn status_response(job: JobSnapshot) -> pb::StatusResponse {
             stderr_from: log.stderr_from,
             held_bytes: log.held_bytes as u64,
         }),
+        stdin_accepted_bytes: job.stdin.map_or(0, |s| s.accepted_bytes),
+        stdin_open: job.stdin.is_some_and(|s| s.open),
     }
 }
 

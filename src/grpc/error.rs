@@ -2,7 +2,10 @@
 
 use tonic::{Code, Status};
 
-use crate::{error::Error, job::BackendError};
+use crate::{
+    error::Error,
+    job::{BackendError, InputError},
+};
 
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
@@ -30,6 +33,17 @@ impl From<Error> for Status {
             Error::Position { .. } => Code::OutOfRange,
             Error::IdempotencyKeyReused(_) => Code::AlreadyExists,
             Error::Unauthenticated => Code::Unauthenticated,
+            // The job is in a state where it takes no input; the caller should not retry as is.
+            Error::Input {
+                source: InputError::Closed(_),
+                ..
+            } => Code::FailedPrecondition,
+            // As for a position beyond the end of the log: the message gives the offset due.
+            Error::Input {
+                source: InputError::OffsetAhead { .. },
+                ..
+            } => Code::OutOfRange,
+            Error::Unsupported { .. } => Code::FailedPrecondition,
         };
         Status::new(code, err.to_string())
     }
@@ -84,6 +98,30 @@ mod tests {
                 Code::OutOfRange,
             ),
             (Error::IdempotencyKeyReused("k".into()), Code::AlreadyExists),
+            (
+                Error::Input {
+                    job_id: "j".into(),
+                    source: InputError::Closed(crate::job::InputClosed::ByClient),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::Input {
+                    job_id: "j".into(),
+                    source: InputError::OffsetAhead {
+                        offset: 9,
+                        accepted: 3,
+                    },
+                },
+                Code::OutOfRange,
+            ),
+            (
+                Error::Unsupported {
+                    backend: "daytona",
+                    capability: "stdin",
+                },
+                Code::FailedPrecondition,
+            ),
             (
                 BackendError::SandboxNotFound {
                     what: "sandbox \"s\"".into(),

@@ -107,6 +107,26 @@ impl SandboxService for SandboxApi {
         Ok(Response::new(convert::status_response(job)))
     }
 
+    async fn send_input(
+        &self,
+        request: Request<pb::SendInputRequest>,
+    ) -> Result<Response<pb::SendInputResponse>, Status> {
+        let request = request.into_inner();
+        let id = convert::job_id(request.job_id)?;
+        let data = convert::input_data(request.data)?;
+        let accepted_bytes = self.jobs.send_input(&id, data, request.offset).await?;
+        Ok(Response::new(pb::SendInputResponse { accepted_bytes }))
+    }
+
+    async fn close_input(
+        &self,
+        request: Request<pb::CloseInputRequest>,
+    ) -> Result<Response<pb::CloseInputResponse>, Status> {
+        let id = convert::job_id(request.into_inner().job_id)?;
+        let accepted_bytes = self.jobs.close_input(&id).await?;
+        Ok(Response::new(pb::CloseInputResponse { accepted_bytes }))
+    }
+
     async fn health(
         &self,
         _request: Request<pb::HealthRequest>,
@@ -129,59 +149,100 @@ impl SandboxService for SandboxApi {
     }
 }
 
-/// An Attach stream: the job's events, while watching what the client sends. A half-close ends
-/// nothing; a client that goes away detaches (the stream ends, the job runs on); follow-up
-/// requests are not implemented yet.
+/// An Attach stream: the job's events, while taking the client's requests. A half-close ends
+/// nothing; a client that goes away detaches (the stream ends, the job runs on). A stdin write
+/// runs beside the events, and the client's next request is read only once it is done: a
+/// process that does not read its stdin pushes back on the client's requests, never on the
+/// events it prints (which it may be blocked on).
 fn attach_stream(
     events: JobStream,
     inbound: Streaming<pb::AttachRequest>,
 ) -> impl Stream<Item = Result<pb::ExecEvent, Status>> + Send + 'static {
-    let job_id = events.job_id.clone();
-    futures_util::stream::unfold(
-        (events, Some(inbound), false),
-        move |(mut events, mut inbound, ended)| {
-            let job_id = job_id.clone();
-            async move {
-                if ended {
-                    return None;
+    let state = AttachState {
+        events,
+        inbound: Some(inbound),
+        writing: None,
+        ended: false,
+    };
+    futures_util::stream::unfold(state, |mut state| async move {
+        if state.ended {
+            return None;
+        }
+        let item = state.next().await?;
+        state.ended = item.is_err();
+        Some((item, state))
+    })
+}
+
+/// A stdin write (or close) of an Attach stream: the bytes accepted in all, or why not.
+type InputWrite = Pin<Box<dyn Future<Output = Result<u64, crate::error::Error>> + Send>>;
+
+/// What an Attach stream holds between the events it sends.
+struct AttachState {
+    events: JobStream,
+    /// `None` once the client half-closed.
+    inbound: Option<Streaming<pb::AttachRequest>>,
+    /// A stdin write (or close) under way.
+    writing: Option<InputWrite>,
+    /// An error was sent: the stream is over.
+    ended: bool,
+}
+
+impl AttachState {
+    /// The next item for the client; `None` to end the stream quietly.
+    async fn next(&mut self) -> Option<Result<pb::ExecEvent, Status>> {
+        let job_id = self.events.job_id.clone();
+        loop {
+            let inbound = self.inbound.as_mut().filter(|_| self.writing.is_none());
+            let from_client = async {
+                match inbound {
+                    Some(inbound) => inbound.message().await,
+                    None => std::future::pending().await,
                 }
-                loop {
-                    let from_client = async {
-                        match inbound.as_mut() {
-                            Some(inbound) => inbound.message().await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        next = events.next() => {
-                            return match next? {
-                                Ok(event) => Some((
-                                    Ok(convert::delivered(&job_id, event)),
-                                    (events, inbound, false),
-                                )),
-                                Err(e) => Some((Err(Status::from(e)), (events, inbound, true))),
-                            };
-                        }
-                        message = from_client => match message {
-                            // Half-closed: nothing more will come, the events go on.
-                            Ok(None) => inbound = None,
-                            // Reset or gone (often `Unknown`, not `Cancelled`): a detach.
-                            Err(_) => return None,
-                            Ok(Some(request)) => {
-                                let status = match request.kind {
-                                    Some(pb::attach_request::Kind::Open(_)) => {
-                                        Status::invalid_argument("`open` was already sent on this stream")
-                                    }
-                                    None => Status::unimplemented(
-                                        "Attach follow-up requests (stdin, resize, signals) are not implemented yet",
-                                    ),
-                                };
-                                return Some((Err(status), (events, None, true)));
-                            }
-                        },
+            };
+            let written = async {
+                match self.writing.as_mut() {
+                    Some(writing) => writing.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                next = self.events.next() => {
+                    return Some(match next? {
+                        Ok(event) => Ok(convert::delivered(&job_id, event)),
+                        Err(e) => Err(Status::from(e)),
+                    });
+                }
+                result = written => {
+                    self.writing = None;
+                    if let Err(e) = result {
+                        return Some(Err(Status::from(e)));
                     }
                 }
+                message = from_client => match message {
+                    // Half-closed: nothing more will come, the events go on.
+                    Ok(None) => self.inbound = None,
+                    // Reset or gone (often `Unknown`, not `Cancelled`): a detach.
+                    Err(_) => return None,
+                    Ok(Some(request)) => {
+                        self.writing = match convert::follow_up(request) {
+                            Ok(convert::FollowUp::Input { data, offset }) => {
+                                Some(Box::pin(self.events.write_input(data, offset)))
+                            }
+                            Ok(convert::FollowUp::CloseInput) => {
+                                Some(Box::pin(self.events.close_input()))
+                            }
+                            Ok(convert::FollowUp::Unknown) => {
+                                return Some(Err(Status::unimplemented(
+                                    "unknown Attach request: this server takes `open`, `input` and \
+                                     `close_input` (resize and signals are not implemented yet)",
+                                )));
+                            }
+                            Err(e) => return Some(Err(Status::from(e))),
+                        };
+                    }
+                },
             }
-        },
-    )
+        }
+    }
 }

@@ -10,13 +10,19 @@ use std::{collections::HashSet, time::Duration};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::{JobOutput, JobSpec};
+use super::{InputSink, JobOutput, JobSpec};
 
 /// Somewhere jobs run.
 #[async_trait]
 pub trait Backend: Send + Sync {
     /// Name shown in events, Status and Health.
     fn name(&self) -> &'static str;
+
+    /// Whether jobs can be started with stdin open ([`JobSpec::stdin`]); a request for it
+    /// elsewhere is refused before anything runs.
+    fn supports_stdin(&self) -> bool {
+        false
+    }
 
     /// Launches the job. An error means nothing is running and no event was emitted.
     async fn start(&self, spec: &JobSpec) -> Result<Box<dyn Execution>, BackendError>;
@@ -86,6 +92,11 @@ pub trait Execution: Send {
     /// [`Backend::remote_cancel`] and [`Backend::follow`]; `None` for jobs only this replica
     /// can reach. A job with a handle outlives this process: it can be left running.
     fn handle(&self) -> Option<String> {
+        None
+    }
+
+    /// The job's stdin, for a job started with [`JobSpec::stdin`] (taken once, before `run`).
+    fn take_input(&mut self) -> Option<Box<dyn InputSink>> {
         None
     }
 

@@ -55,6 +55,7 @@ pub(super) async fn drive(
         .run(&mut out, job.stop.clone(), job.leave.clone())
         .await;
     timer.abort();
+    job.input.end().await;
     drop(permit);
     if outcome == Outcome::Left {
         info!("left the job running; its readers are told to resume elsewhere");

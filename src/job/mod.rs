@@ -1,5 +1,5 @@
 //! The job core: what a job is (`spec`), the events it emits (`event`), how its output is
-//! sequenced (`output`) and kept for any number of readers (`log`), what watchers may take (`watch_rate`), how one job runs from start to its single `Exited`
+//! sequenced (`output`) and kept for any number of readers (`log`), what watchers may take (`watch_rate`), what clients write to a job (`input`), how one job runs from start to its single `Exited`
 //! event (`lifecycle`), and the table of running and recently finished jobs (`registry`).
 //!
 //! The core owns the traits of what it drives: [`Backend`]/[`Execution`] (`backend`: where
@@ -11,6 +11,7 @@ mod backend;
 mod budget;
 mod event;
 mod id;
+mod input;
 mod lifecycle;
 mod log;
 mod output;
@@ -26,6 +27,7 @@ pub use backend::{Backend, BackendCause, BackendError, Execution, Outcome, Remot
 pub use budget::{Credit, JobBudget, OutputBudget};
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};
 pub use id::{JobIdCodec, JobIdError, JobLocation};
+pub use input::{InputClosed, InputError, InputSink, JobInput};
 pub use log::{
     Delivered, EventLog, Gap, GapPolicy, LogLimits, LogReader, LogSummary, Pace, Position,
     PositionError,

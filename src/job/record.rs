@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{DeliveryProgress, DeliveryReport};
 use super::{
     DisconnectPolicy, ExitSummary, JobId, JobMeta, JobSpec, JobState, StreamKind,
+    input::JobInput,
     log::{EventLog, LogSummary},
 };
 
@@ -77,6 +78,17 @@ pub struct JobSnapshot {
     pub on_disconnect: DisconnectPolicy,
     /// What the job's log holds and who reads it; `None` for a job of another replica.
     pub log: Option<LogSummary>,
+    /// The job's stdin; `None` for a job of another replica.
+    pub stdin: Option<StdinSummary>,
+}
+
+/// A job's stdin, for Status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StdinSummary {
+    /// Bytes the process has been given.
+    pub accepted_bytes: u64,
+    /// Whether it still takes input.
+    pub open: bool,
 }
 
 pub(crate) struct JobRecord {
@@ -95,6 +107,8 @@ pub(crate) struct JobRecord {
     pub(crate) on_disconnect: DisconnectPolicy,
     /// Every event of the job, for its readers.
     pub(crate) log: Arc<EventLog>,
+    /// What clients write to the job.
+    pub(crate) input: Arc<JobInput>,
     /// The Exec request's idempotency key, forgotten with the job.
     pub(crate) idempotency_key: Option<String>,
     /// The backend's handle of the job, when any replica can reach it.
@@ -146,7 +160,7 @@ impl JobRecord {
         backend: &'static str,
         (stop, leave): (CancellationToken, CancellationToken),
         mirror: Option<Arc<dyn DeliveryReport>>,
-        log: Arc<EventLog>,
+        (log, input): (Arc<EventLog>, JobInput),
     ) -> Self {
         // The monotonic start, as far back as the wall-clock one says (a followed job started
         // before this replica saw it).
@@ -168,6 +182,7 @@ impl JobRecord {
             mirror,
             on_disconnect: init.on_disconnect,
             log,
+            input: Arc::new(input),
             idempotency_key: init.idempotency_key,
             handle: init.handle,
             leave,
@@ -234,6 +249,10 @@ impl JobRecord {
             mirror: self.mirror.as_ref().map(|m| m.report()),
             on_disconnect: self.on_disconnect,
             log: Some(self.log.summary()),
+            stdin: Some(StdinSummary {
+                accepted_bytes: self.input.accepted(),
+                open: self.input.is_open(),
+            }),
         }
     }
 }

@@ -21,6 +21,7 @@ use super::{
     Backend, DisconnectPolicy, EventKind, Execution, ExitSummary, JobEvent, JobId, JobIdCodec,
     JobLocation, JobMeta, JobOutput, JobSink, JobSpec, JobState, RemoteState, Sinks,
     budget::OutputBudget,
+    input::{InputClosed, InputError, JobInput},
     lifecycle,
     log::{Delivered, EventLog, GapPolicy, LogLimits, LogReader, Pace, Position, PositionError},
     record::{JobRecord, JobSnapshot, RecordInit, StopReason},
@@ -281,6 +282,12 @@ impl Jobs {
                 humantime::format_duration(self.config.max_timeout)
             )));
         }
+        if spec.stdin && !self.backend.supports_stdin() {
+            return Err(Error::Unsupported {
+                backend: self.backend.name(),
+                capability: "stdin",
+            });
+        }
         let permit =
             Arc::clone(&self.permits)
                 .try_acquire_owned()
@@ -362,7 +369,7 @@ impl Jobs {
         &self,
         id: &JobId,
         init: RecordInit,
-        execution: Box<dyn Execution>,
+        mut execution: Box<dyn Execution>,
         sinks: Vec<Box<dyn JobSink>>,
         (timeout, on_disconnect): (Duration, DisconnectPolicy),
         permit: Option<OwnedSemaphorePermit>,
@@ -382,13 +389,17 @@ impl Jobs {
         } else {
             (self.root.child_token(), CancellationToken::new())
         };
+        let input = match execution.take_input() {
+            Some(sink) => JobInput::open(sink),
+            None => JobInput::none(),
+        };
         let record = Arc::new(JobRecord::new(
             id.clone(),
             init,
             self.backend.name(),
             (stop, leave),
             mirror,
-            Arc::clone(&log),
+            (Arc::clone(&log), input),
         ));
         let output = JobOutput::new(
             Arc::clone(&record),
@@ -441,6 +452,7 @@ impl Jobs {
             }),
             in_transport: None,
             pending: None,
+            input: Arc::clone(&record.input),
             reader,
             keepalive: self.config.keepalive,
             _cancel_on_drop: cancel.then(|| CancelOnDrop(Arc::clone(record))),
@@ -648,6 +660,41 @@ impl Jobs {
         }
     }
 
+    /// Writes `data` to a job's stdin (see [`JobInput::write`]); returns the bytes it has
+    /// accepted in all.
+    pub async fn send_input(
+        &self,
+        id: &JobId,
+        data: bytes::Bytes,
+        offset: Option<u64>,
+    ) -> Result<u64, Error> {
+        let input = self.input_of(id)?;
+        input
+            .write(data, offset)
+            .await
+            .map_err(|source| input_error(id, source))
+    }
+
+    /// Closes a job's stdin (the process reads EOF); returns the bytes it accepted in all.
+    pub async fn close_input(&self, id: &JobId) -> Result<u64, Error> {
+        let input = self.input_of(id)?;
+        input
+            .close()
+            .await
+            .map_err(|source| input_error(id, source))
+    }
+
+    fn input_of(&self, id: &JobId) -> Result<Arc<JobInput>, Error> {
+        match self.lookup(id)? {
+            Found::Here(record) => Ok(Arc::clone(&record.input)),
+            // Only this backend's jobs with handles are found elsewhere, and none has stdin.
+            Found::Elsewhere(..) => Err(input_error(
+                id,
+                InputError::Closed(InputClosed::NotRequested),
+            )),
+        }
+    }
+
     /// Reports a running or recently finished job, here or (where the backend can reach it)
     /// on another replica.
     pub async fn status(&self, id: &JobId) -> Result<JobSnapshot, Error> {
@@ -745,6 +792,7 @@ impl Jobs {
             mirror: None,
             on_disconnect: DisconnectPolicy::default(),
             log: None,
+            stdin: None,
         })
     }
 
@@ -929,6 +977,14 @@ fn reader_for(
         .map_err(|source| position_error(&record.id, source))
 }
 
+/// The service's error for a write to job `id`'s stdin.
+fn input_error(id: &JobId, source: InputError) -> Error {
+    Error::Input {
+        job_id: id.to_string(),
+        source,
+    }
+}
+
 /// The service's error for a reader of job `id` that cannot open or go on.
 fn position_error(id: &JobId, source: PositionError) -> Error {
     match source {
@@ -954,10 +1010,41 @@ pub struct JobStream {
     in_transport: Option<tokio::sync::OwnedSemaphorePermit>,
     /// What the log gave and the stream has not yet handed out.
     pending: Option<Result<Delivered, PositionError>>,
+    /// The job's stdin, which any attached client may write to.
+    input: Arc<JobInput>,
     _cancel_on_drop: Option<CancelOnDrop>,
 }
 
 impl JobStream {
+    /// Writes to the job's stdin (see [`JobInput::write`]); the future owns what it needs, so
+    /// it can run beside this stream.
+    pub fn write_input(
+        &self,
+        data: bytes::Bytes,
+        offset: Option<u64>,
+    ) -> impl std::future::Future<Output = Result<u64, Error>> + Send + 'static {
+        let (input, id) = (Arc::clone(&self.input), self.job_id.clone());
+        async move {
+            input
+                .write(data, offset)
+                .await
+                .map_err(|source| input_error(&id, source))
+        }
+    }
+
+    /// Closes the job's stdin (see [`JobInput::close`]), as `write_input`.
+    pub fn close_input(
+        &self,
+    ) -> impl std::future::Future<Output = Result<u64, Error>> + Send + 'static {
+        let (input, id) = (Arc::clone(&self.input), self.job_id.clone());
+        async move {
+            input
+                .close()
+                .await
+                .map_err(|source| input_error(&id, source))
+        }
+    }
+
     /// The next event, gap or keepalive; `None` after `Exited`.
     pub async fn next(&mut self) -> Option<Result<Delivered, Error>> {
         self.in_transport = None;

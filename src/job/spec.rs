@@ -77,4 +77,7 @@ pub struct JobSpec {
     /// A retried Exec with the same key (and the same request) attaches to the job the first
     /// call started instead of starting another.
     pub idempotency_key: Option<String>,
+    /// Keep the job's stdin open for clients to write to (see `input`); otherwise it reads
+    /// /dev/null.
+    pub stdin: bool,
 }

@@ -98,6 +98,7 @@ fn spec(command: &str) -> JobSpec {
         timeout: None,
         on_disconnect: Default::default(),
         idempotency_key: None,
+        stdin: false,
     }
 }
 

@@ -104,6 +104,7 @@ mod tests {
             timeout: None,
             on_disconnect: Default::default(),
             idempotency_key: None,
+            stdin: false,
         };
         spec.env
             .insert("V".into(), "it's $(echo pwned)\n; echo injected".into());

@@ -81,11 +81,15 @@ pub(super) struct JobCommand {
     /// The server's pid. The parent-death signal only fires for a parent that dies after it was
     /// armed, so the child checks its parent is still the server once it is armed.
     server_pid: i32,
+    /// stdin on a new pipe, not /dev/null.
+    stdin: bool,
 }
 
-/// What [`JobCommand::spawn`] started: the process and the read ends of its output pipes.
+/// What [`JobCommand::spawn`] started: the process, the read ends of its output pipes, and
+/// the write end of its stdin pipe (when it has one).
 pub(super) struct Spawned {
     pub pid: u32,
+    pub stdin: Option<OwnedFd>,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
 }
@@ -101,6 +105,8 @@ pub(super) struct JobSetup<'a> {
     pub identity: Option<(u32, u32)>,
     pub cgroup_procs: Option<File>,
     pub server_pid: u32,
+    /// Give the job a pipe for stdin (its write end is returned), rather than /dev/null.
+    pub stdin: bool,
 }
 
 impl JobCommand {
@@ -113,6 +119,7 @@ impl JobCommand {
             identity,
             cgroup_procs,
             server_pid,
+            stdin,
         } = setup;
         let program = argv
             .first()
@@ -146,12 +153,13 @@ impl JobCommand {
             identity,
             cgroup_procs,
             server_pid: server_pid as i32,
+            stdin,
         })
     }
 
     /// Starts the job's first process: leader of a new session (and process group), in the
     /// job's cgroup, without privileges (with a job user), SIGKILLed when the server dies, with
-    /// stdin on /dev/null and stdout/stderr on new pipes, running the program.
+    /// stdin on /dev/null (or a new pipe) and stdout/stderr on new pipes, running the program.
     ///
     /// The parent-death signal follows the *thread* that spawned, not the process: jobs are
     /// spawned from the runtime's worker threads, which live as long as the server.
@@ -163,10 +171,15 @@ impl JobCommand {
     pub fn spawn(&self) -> io::Result<Spawned> {
         let (stdout, stdout_w) = pipe2(OFlag::O_CLOEXEC)?;
         let (stderr, stderr_w) = pipe2(OFlag::O_CLOEXEC)?;
-        let null = OwnedFd::from(File::open("/dev/null")?);
+        let (stdin, stdin_w) = if self.stdin {
+            let (read, write) = pipe2(OFlag::O_CLOEXEC)?;
+            (read, Some(write))
+        } else {
+            (OwnedFd::from(File::open("/dev/null")?), None)
+        };
         // dup2 onto 0, 1 and 2 only clears close-on-exec when source and target differ, and
         // must not overwrite a source still to be copied: keep the sources above 2.
-        let null = above_stdio(null)?;
+        let stdin = above_stdio(stdin)?;
         let stdout_w = above_stdio(stdout_w)?;
         let stderr_w = above_stdio(stderr_w)?;
 
@@ -192,7 +205,11 @@ impl JobCommand {
             identity: self.identity,
             cgroup_procs: self.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd),
             server_pid: self.server_pid,
-            stdio: [null.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()],
+            stdio: [
+                stdin.as_raw_fd(),
+                stdout_w.as_raw_fd(),
+                stderr_w.as_raw_fd(),
+            ],
         };
         let failure = Failure {
             errno: AtomicI32::new(0),
@@ -219,8 +236,8 @@ impl JobCommand {
         };
         drop(stack);
         let pid = cloned?;
-        // The child is gone from this memory: it exec'd (and the pipes' write ends and
-        // /dev/null are closed here, so the job holds the only copies) or it exited.
+        // The child is gone from this memory: it exec'd (and the output pipes' write ends and
+        // its stdin are closed here, so the job holds the only copies) or it exited.
         let errno = failure.errno.load(Ordering::Acquire);
         if errno != 0 {
             reap(pid);
@@ -232,6 +249,7 @@ impl JobCommand {
         }
         Ok(Spawned {
             pid: pid.as_raw() as u32,
+            stdin: stdin_w,
             stdout,
             stderr,
         })

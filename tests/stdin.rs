@@ -1,0 +1,303 @@
+//! Talking to a running job: stdin through Attach and through SendInput/CloseInput, resendable
+//! writes by offset, EOF, refusals, and backpressure from a process that does not read. Real
+//! server, real client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Job, JobState, shell};
+use sandbox_runner::proto::{self as pb, resume_from::Position};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, transport::Channel};
+
+type Client = pb::sandbox_service_client::SandboxServiceClient<Channel>;
+
+fn with_stdin(command: &str) -> pb::ExecRequest {
+    pb::ExecRequest {
+        stdin: true,
+        ..shell(command)
+    }
+}
+
+async fn send(
+    client: &mut Client,
+    id: &str,
+    data: &[u8],
+    offset: Option<u64>,
+) -> Result<u64, tonic::Status> {
+    client
+        .send_input(pb::SendInputRequest {
+            job_id: id.into(),
+            data: data.to_vec().into(),
+            offset,
+        })
+        .await
+        .map(|r| r.into_inner().accepted_bytes)
+}
+
+async fn close(client: &mut Client, id: &str) -> Result<u64, tonic::Status> {
+    client
+        .close_input(pb::CloseInputRequest { job_id: id.into() })
+        .await
+        .map(|r| r.into_inner().accepted_bytes)
+}
+
+/// An Attach stream whose requests the test sends after `open` (new events only, watching).
+async fn attach_for_input(
+    client: &mut Client,
+    id: &str,
+) -> (
+    mpsc::Sender<pb::AttachRequest>,
+    tonic::Streaming<pb::ExecEvent>,
+) {
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(pb::AttachRequest {
+        kind: Some(pb::attach_request::Kind::Open(pb::AttachOpen {
+            job_id: id.into(),
+            from: Some(pb::ResumeFrom {
+                position: Some(Position::NewOnly(pb::NewOnly {})),
+            }),
+            on_gap: 0,
+            lossless: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let stream = client
+        .attach(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
+fn input(data: &[u8], offset: Option<u64>) -> pb::AttachRequest {
+    pb::AttachRequest {
+        kind: Some(pb::attach_request::Kind::Input(pb::StdinData {
+            data: data.to_vec().into(),
+            offset,
+        })),
+    }
+}
+
+fn close_input() -> pb::AttachRequest {
+    pb::AttachRequest {
+        kind: Some(pb::attach_request::Kind::CloseInput(pb::StdinClose {})),
+    }
+}
+
+#[tokio::test]
+async fn cat_echoes_what_an_attached_client_writes_and_ends_when_it_closes_stdin() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    let job = Job::start(&mut client, with_stdin("cat")).await;
+    let (tx, mut attached) = attach_for_input(&mut client, &job.job_id).await;
+    tx.send(input(b"hello\n", None)).await.unwrap();
+    tx.send(input(b"world\n", Some(6))).await.unwrap();
+    tx.send(close_input()).await.unwrap();
+    let run = job.finish().await;
+    assert_eq!(run.state(), JobState::Succeeded);
+    assert_eq!(run.stdout, b"hello\nworld\n");
+    // The writer's stream saw the same job end.
+    let mut exited = None;
+    while let Some(event) = attached.message().await.unwrap() {
+        if let Some(pb::exec_event::Kind::Exited(e)) = event.kind {
+            exited = Some(e);
+        }
+    }
+    assert_eq!(exited.unwrap().stdout_bytes, 12);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_read_prompt_is_answered_through_send_input() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    let mut job = Job::start(
+        &mut client,
+        with_stdin("printf 'name? '; read -r name; echo \"hello $name\""),
+    )
+    .await;
+    job.read_stdout(6).await;
+    assert_eq!(
+        send(&mut client, &job.job_id, b"ada\n", None)
+            .await
+            .unwrap(),
+        4
+    );
+    let run = job.finish().await;
+    assert_eq!(run.stdout, b"name? hello ada\n");
+    assert_eq!(run.state(), JobState::Succeeded);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_resent_write_is_applied_once_and_a_write_past_the_end_is_refused() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    let job = Job::start(&mut client, with_stdin("cat")).await;
+    let id = job.job_id.clone();
+    assert_eq!(send(&mut client, &id, b"abc", Some(0)).await.unwrap(), 3);
+    // A client that lost the answer resends from where it started, with more.
+    assert_eq!(send(&mut client, &id, b"abcdef", Some(0)).await.unwrap(), 6);
+    assert_eq!(send(&mut client, &id, b"def", Some(3)).await.unwrap(), 6);
+    let ahead = send(&mut client, &id, b"zz", Some(9)).await.unwrap_err();
+    assert_eq!(ahead.code(), Code::OutOfRange, "{ahead:?}");
+    assert!(
+        ahead.message().contains("resend from offset 6"),
+        "{ahead:?}"
+    );
+    let status = common::status(&mut client, &id).await;
+    assert_eq!((status.stdin_accepted_bytes, status.stdin_open), (6, true));
+
+    assert_eq!(close(&mut client, &id).await.unwrap(), 6);
+    assert_eq!(
+        close(&mut client, &id).await.unwrap(),
+        6,
+        "closing again is fine"
+    );
+    let closed = send(&mut client, &id, b"late", None).await.unwrap_err();
+    assert_eq!(closed.code(), Code::FailedPrecondition, "{closed:?}");
+    let run = job.finish().await;
+    assert_eq!(run.stdout, b"abcdef");
+    let status = common::status(&mut client, &id).await;
+    assert_eq!((status.stdin_accepted_bytes, status.stdin_open), (6, false));
+    let ended = send(&mut client, &id, b"x", None).await.unwrap_err();
+    assert_eq!(ended.code(), Code::FailedPrecondition);
+    assert!(ended.message().contains("finished"), "{ended:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn without_stdin_the_job_reads_dev_null_and_writes_are_refused() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    let run = common::run(&mut client, shell("cat; echo eof")).await;
+    assert_eq!(run.stdout, b"eof\n");
+
+    let job = Job::start(&mut client, shell("sleep 30")).await;
+    for refused in [
+        send(&mut client, &job.job_id, b"x", None)
+            .await
+            .unwrap_err(),
+        close(&mut client, &job.job_id).await.unwrap_err(),
+    ] {
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains("without stdin"), "{refused:?}");
+    }
+    let too_big = send(&mut client, &job.job_id, &vec![b'x'; (1 << 20) + 1], None)
+        .await
+        .unwrap_err();
+    assert_eq!(too_big.code(), Code::InvalidArgument);
+    let missing = send(&mut client, "no-such-job", b"x", None)
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    common::cancel(&mut client, &job.job_id).await;
+    server.stop().await;
+}
+
+/// A process that never reads its stdin pushes back on the writer: the server holds no more
+/// than the message under way, the client's writes stop being taken, and the job's output
+/// still flows meanwhile.
+#[tokio::test]
+async fn a_process_that_does_not_read_pushes_back_on_the_writer() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    let mut job = Job::start(
+        &mut client,
+        with_stdin("while :; do echo tick; sleep 0.05; done"),
+    )
+    .await;
+    let id = job.job_id.clone();
+
+    // Unary: the pipe takes what fits, then the call waits (the client gives up).
+    let mut waited = 0;
+    let mib = vec![b'u'; 1 << 20];
+    for _ in 0..4 {
+        let call = send(&mut client, &id, &mib, None);
+        if tokio::time::timeout(Duration::from_millis(300), call)
+            .await
+            .is_err()
+        {
+            waited += 1;
+        }
+    }
+    assert_eq!(waited, 4, "the pipe took a whole 1 MiB write");
+    let taken = common::status(&mut client, &id).await.stdin_accepted_bytes;
+    assert!(
+        taken > 0 && taken <= 1 << 20,
+        "{taken} bytes taken by a pipe nobody reads"
+    );
+
+    // Through Attach: 64 MiB offered; the stream stops taking requests, its events go on.
+    let (tx, mut attached) = attach_for_input(&mut client, &id).await;
+    let offered = tokio::spawn(async move {
+        let mut sent = 0u64;
+        for _ in 0..64 {
+            if tx.send(input(&vec![b'a'; 1 << 20], None)).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let mut ticks = 0;
+    while ticks < 10 {
+        let event = attached.message().await.unwrap().unwrap();
+        if let Some(pb::exec_event::Kind::Output(_)) = event.kind {
+            ticks += 1;
+        }
+    }
+    job.read_stdout(40).await;
+    assert!(
+        !offered.is_finished(),
+        "64 MiB went into a process that reads nothing"
+    );
+    assert_eq!(
+        common::status(&mut client, &id).await.stdin_accepted_bytes,
+        taken,
+        "nothing more was taken"
+    );
+    // Cancel: the write under way is given up, the stream ends, the writer is released.
+    common::cancel(&mut client, &id).await;
+    let run = job.finish().await;
+    assert_eq!(run.state(), JobState::Cancelled);
+    // To its end: `Exited`, or the error of the write the job's end gave up.
+    while let Ok(Some(_)) = attached.message().await {}
+    drop(attached);
+    let sent = tokio::time::timeout(Duration::from_secs(10), offered)
+        .await
+        .expect("the writer is released")
+        .unwrap();
+    assert!(sent < 64, "{sent} MiB offered");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_daytona_backend_refuses_stdin_by_name() {
+    let fake = sandbox_runner::testing::daytona::FakeDaytona::start(common::DAYTONA_KEY).await;
+    fake.add_sandbox("sbx-1", "started");
+    let server = common::start_daytona(&fake, &[]).await;
+    let mut client = server.client().await;
+    let refused = client
+        .exec(pb::ExecRequest {
+            sandbox_id: "sbx-1".into(),
+            ..with_stdin("cat")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("stdin"), "{refused:?}");
+    let listed = client
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert!(listed.is_empty(), "nothing ran: {listed:?}");
+    assert_eq!(fake.created_sessions().len(), 0, "no session was made");
+    server.stop().await;
+}
