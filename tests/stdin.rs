@@ -213,7 +213,8 @@ async fn a_process_that_does_not_read_pushes_back_on_the_writer() {
     .await;
     let id = job.job_id.clone();
 
-    // Unary: the pipe takes what fits, then the call waits (the client gives up).
+    // Unary: the pipe takes what fits (grown to 1 MiB once a write fills it), then each call
+    // waits (the client gives up).
     let mut waited = 0;
     let mib = vec![b'u'; 1 << 20];
     for _ in 0..4 {
@@ -225,7 +226,7 @@ async fn a_process_that_does_not_read_pushes_back_on_the_writer() {
             waited += 1;
         }
     }
-    assert_eq!(waited, 4, "the pipe took a whole 1 MiB write");
+    assert!(waited >= 3, "only {waited} of 4 1 MiB writes waited");
     let taken = common::status(&mut client, &id).await.stdin_accepted_bytes;
     assert!(
         taken > 0 && taken <= 1 << 20,

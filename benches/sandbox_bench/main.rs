@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release --features testing --bin sandbox-bench -- all
-//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|stalled-readers|mirror|replay
+//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|stalled-readers|mirror|replay|stdin
 //! ```
 //!
 //! The server under test is the real `sandbox-runner` binary, run as a child process so its
@@ -25,6 +25,7 @@ mod replay;
 mod slow_reader;
 mod stalled_readers;
 mod stats;
+mod stdin;
 mod throughput;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,7 @@ use mirror::{MirrorArgs, mirror};
 use replay::{ReplayArgs, replay};
 use slow_reader::{SlowReaderArgs, slow_reader};
 use stalled_readers::{StalledReadersArgs, stalled_readers};
+use stdin::{StdinArgs, stdin};
 use throughput::{ThroughputArgs, throughput};
 
 #[derive(Parser)]
@@ -66,6 +68,9 @@ enum Bench {
     /// Attach to a finished log (first byte, replay throughput against live Exec) and many
     /// watchers of one job writing flat out (server memory, the job's throughput) (issue 12).
     Replay(ReplayArgs),
+    /// Bytes into a job's stdin (`wc -c`) by Attach and by SendInput, against a local pipe
+    /// (issue 13).
+    Stdin(StdinArgs),
     /// Two server binaries (before/after a change) interleaved: latency and throughput.
     Compare(CompareArgs),
 }
@@ -87,7 +92,8 @@ fn main() -> anyhow::Result<()> {
                 slow_reader(parse_args::<SlowReaderArgs>()).await?;
                 stalled_readers(parse_args::<StalledReadersArgs>()).await?;
                 mirror(parse_args::<MirrorArgs>()).await?;
-                replay(parse_args::<ReplayArgs>()).await
+                replay(parse_args::<ReplayArgs>()).await?;
+                stdin(parse_args::<StdinArgs>()).await
             }
             Bench::Throughput(a) => throughput(a).await,
             Bench::Latency(a) => latency(a).await,
@@ -96,6 +102,7 @@ fn main() -> anyhow::Result<()> {
             Bench::StalledReaders(a) => stalled_readers(a).await,
             Bench::Mirror(a) => mirror(a).await,
             Bench::Replay(a) => replay(a).await,
+            Bench::Stdin(a) => stdin(a).await,
             Bench::Compare(a) => compare(a).await,
         }
     })

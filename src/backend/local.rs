@@ -390,16 +390,31 @@ fn open_pipes(stdout: OwnedFd, stderr: OwnedFd) -> io::Result<(pipe::Receiver, p
 }
 
 /// A job's stdin: the write end of its pipe (non-blocking).
-struct PipeInput(pipe::Sender);
+struct PipeInput {
+    pipe: pipe::Sender,
+    grown: bool,
+}
 
 #[async_trait]
 impl InputSink for PipeInput {
     async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         loop {
-            self.0.writable().await?;
-            match self.0.try_write(data) {
+            self.pipe.writable().await?;
+            match self.pipe.try_write(data) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                written => return written,
+                Ok(written) => {
+                    // A write larger than the pipe: bulk input, moved in larger steps (as
+                    // output pipes are grown; see `PipeReader::grow_pipe`).
+                    if !self.grown && written < data.len() && written >= DEFAULT_PIPE_BYTES {
+                        self.grown = true;
+                        let _ = nix::fcntl::fcntl(
+                            &self.pipe,
+                            nix::fcntl::FcntlArg::F_SETPIPE_SZ(BULK_PIPE_BYTES),
+                        );
+                    }
+                    return Ok(written);
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -437,7 +452,7 @@ impl Execution for LocalExecution {
     fn take_input(&mut self) -> Option<Box<dyn InputSink>> {
         self.stdin
             .take()
-            .map(|pipe| Box::new(PipeInput(pipe)) as Box<dyn InputSink>)
+            .map(|pipe| Box::new(PipeInput { pipe, grown: false }) as Box<dyn InputSink>)
     }
 
     /// Local jobs die with this process by design: `leave` does not apply (no handle).
