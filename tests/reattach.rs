@@ -219,6 +219,9 @@ async fn another_replica_follows_a_running_job_byte_for_byte_and_refuses_its_seq
     let from_start = attach(&mut client_b, &job.job_id, None, GapPolicy::Fail, true)
         .await
         .unwrap();
+    // The follower reports the policy the job was started with (the id carries it).
+    let on_b = status(&mut client_b, &job.job_id).await;
+    assert_eq!(on_b.on_disconnect, pb::DisconnectPolicy::Detach as i32);
     let (on_a, rest, whole) = tokio::join!(
         job.finish(),
         async { Job::resume(by_offsets, None, received).await.finish().await },

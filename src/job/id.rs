@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use super::{JobId, JobMeta};
+use super::{DisconnectPolicy, JobId, JobMeta};
 
 const VERSION: &str = "j1";
 
@@ -44,6 +44,16 @@ pub struct JobLocation {
     /// replica that follows the job keeps its deadline when the one that started it is gone.
     #[serde(rename = "d", default, skip_serializing_if = "is_zero")]
     pub timeout_ms: u64,
+    /// The job's disconnect policy (0: not said; 1 cancel, 2 detach, 3 cancel after
+    /// `grace_ms`), so a replica that follows the job reports it.
+    #[serde(rename = "p", default, skip_serializing_if = "is_zero_u8")]
+    policy: u8,
+    #[serde(rename = "g", default, skip_serializing_if = "is_zero")]
+    grace_ms: u64,
+}
+
+fn is_zero_u8(n: &u8) -> bool {
+    *n == 0
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -61,6 +71,18 @@ impl JobLocation {
 
     pub fn started_at(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.started_ms)
+    }
+
+    /// The job's disconnect policy, when the id says it.
+    pub fn on_disconnect(&self) -> Option<DisconnectPolicy> {
+        match self.policy {
+            1 => Some(DisconnectPolicy::Cancel),
+            2 => Some(DisconnectPolicy::Detach),
+            3 => Some(DisconnectPolicy::CancelAfter(Duration::from_millis(
+                self.grace_ms,
+            ))),
+            _ => None,
+        }
     }
 
     /// The job's timeout, when the id says it.
@@ -98,14 +120,20 @@ impl JobIdCodec {
         &self.replica
     }
 
-    /// A new id for a job of `backend` started now, with `timeout`.
+    /// A new id for a job of `backend` started now, with `timeout` and `on_disconnect`.
     pub fn issue(
         &self,
         meta: &JobMeta,
         backend: &str,
         handle: Option<String>,
-        timeout: Duration,
+        (timeout, on_disconnect): (Duration, DisconnectPolicy),
     ) -> (JobId, JobLocation) {
+        let millis = |d: Duration| d.as_millis().try_into().unwrap_or(u64::MAX);
+        let (policy, grace_ms) = match on_disconnect {
+            DisconnectPolicy::Cancel => (1, 0),
+            DisconnectPolicy::Detach => (2, 0),
+            DisconnectPolicy::CancelAfter(grace) => (3, millis(grace)),
+        };
         let started_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -118,7 +146,9 @@ impl JobIdCodec {
             session_id: meta.session_id.clone(),
             sandbox_id: meta.sandbox_id.clone(),
             handle,
-            timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+            timeout_ms: millis(timeout),
+            policy,
+            grace_ms,
         };
         let payload = B64.encode(serde_json::to_vec(&location).expect("location serialises"));
         let signed = format!("{VERSION}.{payload}");
@@ -169,21 +199,23 @@ mod tests {
     fn ids_round_trip_between_replicas_sharing_a_key() {
         let a = JobIdCodec::new(b"shared key", "replica-a");
         let b = JobIdCodec::new(b"shared key", "replica-b");
+        let grace = DisconnectPolicy::CancelAfter(Duration::from_millis(2500));
         let (id, location) = a.issue(
             &meta(),
             "daytona",
             Some("handle".into()),
-            Duration::from_secs(60),
+            (Duration::from_secs(60), grace),
         );
         assert_eq!(b.verify(&id).unwrap(), location);
         assert_eq!(location.timeout(), Some(Duration::from_secs(60)));
+        assert_eq!(location.on_disconnect(), Some(grace));
         assert_eq!(location.replica, "replica-a");
         assert_eq!(location.meta(), meta());
         let (other, _) = a.issue(
             &meta(),
             "daytona",
             Some("handle".into()),
-            Duration::from_secs(60),
+            (Duration::from_secs(60), DisconnectPolicy::Detach),
         );
         assert_ne!(id, other, "ids of jobs started together differ");
     }
@@ -191,7 +223,12 @@ mod tests {
     #[test]
     fn forged_and_mangled_ids_are_rejected() {
         let a = JobIdCodec::new(b"shared key", "replica-a");
-        let (id, _) = a.issue(&meta(), "local", None, Duration::from_secs(60));
+        let (id, _) = a.issue(
+            &meta(),
+            "local",
+            None,
+            (Duration::from_secs(60), DisconnectPolicy::Cancel),
+        );
         let stranger = JobIdCodec::new(b"another key", "replica-x");
         assert_eq!(stranger.verify(&id), Err(JobIdError::Signature));
 

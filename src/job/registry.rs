@@ -308,17 +308,23 @@ impl Jobs {
             Err(e) => {
                 let e = Error::from(e);
                 span.in_scope(|| info!(error = %e, "job did not start"));
-                let (id, _) = self
-                    .ids
-                    .issue(&spec.meta, self.backend.name(), None, timeout);
+                let (id, _) = self.ids.issue(
+                    &spec.meta,
+                    self.backend.name(),
+                    None,
+                    (timeout, spec.on_disconnect),
+                );
                 self.report_failed_start(&id, &spec, &e);
                 return Err(e);
             }
         };
         let handle = execution.handle();
-        let (id, _) = self
-            .ids
-            .issue(&spec.meta, self.backend.name(), handle.clone(), timeout);
+        let (id, _) = self.ids.issue(
+            &spec.meta,
+            self.backend.name(),
+            handle.clone(),
+            (timeout, spec.on_disconnect),
+        );
         span.record("id", tracing::field::display(&id));
         span.in_scope(|| {
             // Names only: env values may be secrets.
@@ -538,7 +544,8 @@ impl Jobs {
         let init = RecordInit {
             meta: location.meta(),
             started_at: location.started_at(),
-            on_disconnect: DisconnectPolicy::default(),
+            // What Status reports; this replica follows the job by its own rule (below).
+            on_disconnect: location.on_disconnect().unwrap_or_default(),
             idempotency_key: None,
             handle: Some(handle),
             followed: true,
@@ -724,7 +731,7 @@ impl Jobs {
             return match &location.handle {
                 Some(handle) if location.backend == self.backend.name() => {
                     let handle = handle.clone();
-                    Ok(Found::Elsewhere(location, handle))
+                    Ok(Found::Elsewhere(Box::new(location), handle))
                 }
                 _ => Err(Error::JobNotFound(id.to_string())),
             };
@@ -732,7 +739,7 @@ impl Jobs {
         let detail = match &location.handle {
             Some(handle) if location.backend == self.backend.name() => {
                 let handle = handle.clone();
-                return Ok(Found::Elsewhere(location, handle));
+                return Ok(Found::Elsewhere(Box::new(location), handle));
             }
             Some(_) => "runs on another backend",
             None => "runs on a node-local backend",
@@ -955,7 +962,7 @@ impl Jobs {
 enum Found {
     Here(Arc<JobRecord>),
     /// Started by another replica; reachable through the backend with this handle.
-    Elsewhere(JobLocation, String),
+    Elsewhere(Box<JobLocation>, String),
 }
 
 /// A reader of `record`'s log at `position`. Seqs are per replica: a job followed from

@@ -228,7 +228,7 @@ async fn unknown_and_forged_ids_are_told_apart() {
         &spec("x").meta,
         "fake",
         None,
-        std::time::Duration::from_secs(1),
+        (std::time::Duration::from_secs(1), Default::default()),
     );
     assert_eq!(state(&h, &unknown).await, Err("not found".into()));
     let forged = JobId::from_caller("j1.e30.AAAA");
