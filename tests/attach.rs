@@ -6,7 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{Job, JobState, attach, sha256, shell, wait_finished};
-use sandbox_runner::proto::{self as pb, GapPolicy, exec_event::Kind, resume_from::Position};
+use sandbox_runner::{
+    proto::{self as pb, GapPolicy, exec_event::Kind, resume_from::Position},
+    testing::contract::attach_open,
+};
 use tonic::Code;
 
 fn detached(command: &str) -> pb::ExecRequest {
@@ -262,16 +265,12 @@ async fn unknown_attach_requests_are_unimplemented_a_half_close_ends_nothing_and
     // A request this server does not know (empty here; resize or signals from a newer
     // client): UNIMPLEMENTED.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::AttachRequest {
-        kind: Some(pb::attach_request::Kind::Open(pb::AttachOpen {
-            job_id: id.clone(),
-            from: Some(pb::ResumeFrom {
-                position: Some(Position::NewOnly(pb::NewOnly {})),
-            }),
-            on_gap: 0,
-            lossless: false,
-        })),
-    })
+    tx.send(attach_open(
+        &id,
+        Some(Position::NewOnly(pb::NewOnly {})),
+        GapPolicy::Report,
+        false,
+    ))
     .await
     .unwrap();
     let mut stream = client

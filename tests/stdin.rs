@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::{Job, JobState, shell};
-use sandbox_runner::proto::{self as pb, resume_from::Position};
+use sandbox_runner::{
+    proto::{self as pb, resume_from::Position},
+    testing::contract::attach_open,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, transport::Channel};
@@ -53,16 +56,12 @@ async fn attach_for_input(
     tonic::Streaming<pb::ExecEvent>,
 ) {
     let (tx, rx) = mpsc::channel(1);
-    tx.send(pb::AttachRequest {
-        kind: Some(pb::attach_request::Kind::Open(pb::AttachOpen {
-            job_id: id.into(),
-            from: Some(pb::ResumeFrom {
-                position: Some(Position::NewOnly(pb::NewOnly {})),
-            }),
-            on_gap: 0,
-            lossless: false,
-        })),
-    })
+    tx.send(attach_open(
+        id,
+        Some(Position::NewOnly(pb::NewOnly {})),
+        pb::GapPolicy::Report,
+        false,
+    ))
     .await
     .unwrap();
     let stream = client

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sandbox_runner::{
     proto::{self as pb, exec_event::Kind, sandbox_service_client::SandboxServiceClient},
     testing::{
-        contract::{Job, Output},
+        contract::{Job, Output, attach_open},
         procfs,
     },
 };
@@ -41,24 +41,18 @@ pub(crate) struct ReplayArgs {
     watched_server_args: String,
 }
 
-fn open(job_id: &str, lossless: bool) -> pb::AttachRequest {
-    pb::AttachRequest {
-        kind: Some(pb::attach_request::Kind::Open(pb::AttachOpen {
-            job_id: job_id.into(),
-            from: None,
-            on_gap: pb::GapPolicy::Report as i32,
-            lossless,
-        })),
-    }
-}
-
 async fn attach(
     client: &mut SandboxServiceClient<Channel>,
     job_id: &str,
     lossless: bool,
 ) -> anyhow::Result<tonic::Streaming<pb::ExecEvent>> {
     Ok(client
-        .attach(tokio_stream::iter([open(job_id, lossless)]))
+        .attach(tokio_stream::iter([attach_open(
+            job_id,
+            None,
+            pb::GapPolicy::Report,
+            lossless,
+        )]))
         .await?
         .into_inner())
 }

@@ -10,7 +10,7 @@ use std::{
 
 use sandbox_runner::{
     proto::{self as pb, resume_from::Position},
-    testing::contract::{Job, Output},
+    testing::contract::{Job, Output, attach_open},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -58,16 +58,12 @@ async fn through_service(
     let t0 = Instant::now();
     if by_attach {
         let (tx, rx) = mpsc::channel(4);
-        let open = pb::AttachRequest {
-            kind: Some(pb::attach_request::Kind::Open(pb::AttachOpen {
-                job_id: id.clone(),
-                from: Some(pb::ResumeFrom {
-                    position: Some(Position::NewOnly(pb::NewOnly {})),
-                }),
-                on_gap: 0,
-                lossless: false,
-            })),
-        };
+        let open = attach_open(
+            &id,
+            Some(Position::NewOnly(pb::NewOnly {})),
+            pb::GapPolicy::Report,
+            false,
+        );
         tx.send(open).await?;
         let mut stream = client.attach(ReceiverStream::new(rx)).await?.into_inner();
         let drain = tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });

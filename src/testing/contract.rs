@@ -14,6 +14,26 @@ use crate::proto::{
     sandbox_service_client::SandboxServiceClient,
 };
 
+/// An Attach stream's `open` request: follow `job_id` from `from` (`None`: the start), holding
+/// the job back (`lossless`) or as a watcher.
+pub fn attach_open(
+    job_id: &str,
+    from: Option<pb::resume_from::Position>,
+    on_gap: pb::GapPolicy,
+    lossless: bool,
+) -> pb::AttachRequest {
+    pb::AttachRequest {
+        kind: Some(pb::attach_request::Kind::Open(pb::AttachOpen {
+            job_id: job_id.into(),
+            from: from.map(|position| pb::ResumeFrom {
+                position: Some(position),
+            }),
+            on_gap: on_gap as i32,
+            lossless,
+        })),
+    }
+}
+
 /// What a [`Job`] keeps of the output it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {

@@ -171,16 +171,7 @@ pub async fn attach(
     on_gap: pb::GapPolicy,
     lossless: bool,
 ) -> Result<Streaming<pb::ExecEvent>, tonic::Status> {
-    let open = pb::AttachRequest {
-        kind: Some(pb::attach_request::Kind::Open(pb::AttachOpen {
-            job_id: job_id.into(),
-            from: from.map(|position| pb::ResumeFrom {
-                position: Some(position),
-            }),
-            on_gap: on_gap as i32,
-            lossless,
-        })),
-    };
+    let open = contract::attach_open(job_id, from, on_gap, lossless);
     client
         .attach(tokio_stream::iter([open]))
         .await
