@@ -78,6 +78,13 @@ pub enum Error {
         source: crate::job::InputError,
     },
 
+    /// A signal was not sent: the job's main process is gone, or its backend cannot.
+    #[error("job {job_id:?}: no signal sent: {source}")]
+    Signal {
+        job_id: String,
+        source: crate::job::SignalRefused,
+    },
+
     /// The request needs something this server's backend cannot do.
     #[error("the {backend} backend cannot run jobs with {capability}")]
     Unsupported {

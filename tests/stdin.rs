@@ -1,6 +1,6 @@
 //! Talking to a running job: stdin through Attach and through SendInput/CloseInput, resendable
-//! writes by offset, EOF, refusals, and backpressure from a process that does not read. Real
-//! server, real client.
+//! writes by offset, EOF, refusals, backpressure from a process that does not read, and signals
+//! to the job's process group. Real server, real client.
 
 mod common;
 
@@ -277,7 +277,7 @@ async fn a_process_that_does_not_read_pushes_back_on_the_writer() {
 }
 
 #[tokio::test]
-async fn the_daytona_backend_refuses_stdin_by_name() {
+async fn the_daytona_backend_refuses_stdin_and_signals_by_name() {
     let fake = sandbox_runner::testing::daytona::FakeDaytona::start(common::DAYTONA_KEY).await;
     fake.add_sandbox("sbx-1", "started");
     let server = common::start_daytona(&fake, &[]).await;
@@ -299,5 +299,98 @@ async fn the_daytona_backend_refuses_stdin_by_name() {
         .jobs;
     assert!(listed.is_empty(), "nothing ran: {listed:?}");
     assert_eq!(fake.created_sessions().len(), 0, "no session was made");
+
+    // Nor can it signal its jobs (yet): refused by name, the job untouched.
+    let job = Job::start(
+        &mut client,
+        pb::ExecRequest {
+            sandbox_id: "sbx-1".into(),
+            ..shell("sleep 30")
+        },
+    )
+    .await;
+    let refused = signal(&mut client, &job.job_id, pb::JobSignal::Int)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("daytona"), "{refused:?}");
+    common::cancel(&mut client, &job.job_id).await;
+    assert_eq!(job.finish().await.state(), JobState::Cancelled);
+    server.stop().await;
+}
+
+async fn signal(client: &mut Client, id: &str, signal: pb::JobSignal) -> Result<(), tonic::Status> {
+    client
+        .signal(pb::SignalRequest {
+            job_id: id.into(),
+            signal: signal as i32,
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn int_reaches_the_jobs_process_group_and_its_trap_runs() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    // The shell and its foreground `sleep` share the group: both get INT, as from Ctrl-C.
+    let mut job = Job::start(
+        &mut client,
+        shell("trap 'echo got INT; exit 3' INT; echo ready; while :; do sleep 0.05; done"),
+    )
+    .await;
+    job.read_stdout(6).await;
+    signal(&mut client, &job.job_id, pb::JobSignal::Int)
+        .await
+        .unwrap();
+    let run = job.finish().await;
+    assert_eq!(run.stdout, b"ready\ngot INT\n");
+    assert_eq!(run.exited.exit_code, Some(3));
+
+    // After the job: FAILED_PRECONDITION, naming why.
+    let late = signal(&mut client, &run.job_id, pb::JobSignal::Int)
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn signals_through_attach_and_the_ones_refused() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    let job = Job::start(&mut client, shell("sleep 30")).await;
+    let id = job.job_id.clone();
+    for refused in [pb::JobSignal::Unspecified as i32, 7, 64] {
+        let status = client
+            .signal(pb::SignalRequest {
+                job_id: id.clone(),
+                signal: refused,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    // STOP, then CONT, then TERM, through one Attach stream: the job ends by TERM.
+    let (tx, mut attached) = attach_for_input(&mut client, &id).await;
+    for sig in [
+        pb::JobSignal::Stop,
+        pb::JobSignal::Cont,
+        pb::JobSignal::Term,
+    ] {
+        tx.send(pb::AttachRequest {
+            kind: Some(pb::attach_request::Kind::Signal(sig as i32)),
+        })
+        .await
+        .unwrap();
+    }
+    let run = job.finish().await;
+    assert_eq!(run.exited.signal, Some(15), "{:?}", run.exited);
+    assert_eq!(
+        run.state(),
+        JobState::Failed,
+        "a signal the server did not send itself"
+    );
+    while let Ok(Some(_)) = attached.message().await {}
     server.stop().await;
 }

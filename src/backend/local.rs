@@ -48,8 +48,8 @@ use self::{
     tree::{JobTree, Processes},
 };
 use crate::job::{
-    Backend, BackendError, Credit, Execution, InputSink, JobBudget, JobOutput, JobSpec, Outcome,
-    Program, StreamKind,
+    Backend, BackendError, Credit, Execution, InputSink, JobBudget, JobOutput, JobSignal,
+    JobSignaller, JobSpec, Outcome, Program, SignalRefused, StreamKind,
 };
 
 /// Pipes start at the kernel default (64 KiB); one that fills up is grown to this so bulk
@@ -321,9 +321,14 @@ impl Backend for LocalBackend {
                 return Err(spawn_error(source));
             }
         };
+        let signaller = LocalSignaller {
+            processes: Arc::clone(&self.processes),
+            pid,
+        };
         Ok(Box::new(LocalExecution {
             process,
             tree,
+            signaller: Some(signaller),
             stdin,
             stdout,
             stderr,
@@ -389,6 +394,31 @@ fn open_pipes(stdout: OwnedFd, stderr: OwnedFd) -> io::Result<(pipe::Receiver, p
     ))
 }
 
+/// Sends signals to a job's process group (the leader's pid: `setsid` at spawn).
+struct LocalSignaller {
+    processes: Arc<Processes>,
+    pid: u32,
+}
+
+impl JobSignaller for LocalSignaller {
+    fn signal(&self, signal: JobSignal) -> Result<(), SignalRefused> {
+        use nix::sys::signal::Signal;
+        let signal = match signal {
+            JobSignal::Hup => Signal::SIGHUP,
+            JobSignal::Int => Signal::SIGINT,
+            JobSignal::Quit => Signal::SIGQUIT,
+            JobSignal::Kill => Signal::SIGKILL,
+            JobSignal::Usr1 => Signal::SIGUSR1,
+            JobSignal::Usr2 => Signal::SIGUSR2,
+            JobSignal::Term => Signal::SIGTERM,
+            JobSignal::Cont => Signal::SIGCONT,
+            JobSignal::Stop => Signal::SIGSTOP,
+            JobSignal::Winch => Signal::SIGWINCH,
+        };
+        self.processes.signal_group(self.pid, signal)
+    }
+}
+
 /// A job's stdin: the write end of its pipe (non-blocking).
 struct PipeInput {
     pipe: pipe::Sender,
@@ -426,6 +456,8 @@ struct LocalExecution {
     process: LeaderProcess,
     /// Every process of the job.
     tree: Arc<JobTree>,
+    /// Signals for the job's group, until the core takes them.
+    signaller: Option<LocalSignaller>,
     /// The write end of the job's stdin, until the core takes it.
     stdin: Option<pipe::Sender>,
     stdout: pipe::Receiver,
@@ -449,6 +481,12 @@ impl Execution for LocalExecution {
         Some(self.process.pid())
     }
 
+    fn take_signaller(&mut self) -> Option<Box<dyn JobSignaller>> {
+        self.signaller
+            .take()
+            .map(|s| Box::new(s) as Box<dyn JobSignaller>)
+    }
+
     fn take_input(&mut self) -> Option<Box<dyn InputSink>> {
         self.stdin
             .take()
@@ -465,6 +503,7 @@ impl Execution for LocalExecution {
         let LocalExecution {
             mut process,
             tree,
+            signaller: _,
             stdin: _,
             stdout,
             stderr,

@@ -7,8 +7,8 @@ use crate::{
     error::Error,
     job::{
         Delivered, DeliveryProgress, DisconnectPolicy, EventKind, ExitSummary, GapPolicy, JobEvent,
-        JobFilter, JobId, JobMeta, JobSnapshot, JobSpec, JobState, ListCursor, Pace, Position,
-        Program, SinkHealth, StreamKind,
+        JobFilter, JobId, JobMeta, JobSignal, JobSnapshot, JobSpec, JobState, ListCursor, Pace,
+        Position, Program, SinkHealth, StreamKind,
     },
     proto as pb,
 };
@@ -184,6 +184,7 @@ pub enum FollowUp {
         offset: Option<u64>,
     },
     CloseInput,
+    Signal(JobSignal),
     /// A request this server does not know: empty, or of a newer version of the API.
     Unknown,
 }
@@ -198,8 +199,32 @@ pub fn follow_up(req: pb::AttachRequest) -> Result<FollowUp, Error> {
             offset: input.offset,
         }),
         Some(Kind::CloseInput(_)) => Ok(FollowUp::CloseInput),
+        Some(Kind::Signal(signal)) => job_signal(signal).map(FollowUp::Signal),
         None => Ok(FollowUp::Unknown),
     }
+}
+
+/// Validates a signal a client asked for: one of `JobSignal`'s.
+pub fn job_signal(raw: i32) -> Result<JobSignal, Error> {
+    use pb::JobSignal as S;
+    Ok(match S::try_from(raw) {
+        Ok(S::Hup) => JobSignal::Hup,
+        Ok(S::Int) => JobSignal::Int,
+        Ok(S::Quit) => JobSignal::Quit,
+        Ok(S::Kill) => JobSignal::Kill,
+        Ok(S::Usr1) => JobSignal::Usr1,
+        Ok(S::Usr2) => JobSignal::Usr2,
+        Ok(S::Term) => JobSignal::Term,
+        Ok(S::Cont) => JobSignal::Cont,
+        Ok(S::Stop) => JobSignal::Stop,
+        Ok(S::Winch) => JobSignal::Winch,
+        Ok(S::Unspecified) | Err(_) => {
+            return invalid(format!(
+                "signal {raw} is not one a job may be sent: HUP, INT, QUIT, KILL, USR1, USR2, \
+                 TERM, CONT, STOP or WINCH"
+            ));
+        }
+    })
 }
 
 /// Validates stdin bytes of one write.

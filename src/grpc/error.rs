@@ -43,7 +43,7 @@ impl From<Error> for Status {
                 source: InputError::OffsetAhead { .. },
                 ..
             } => Code::OutOfRange,
-            Error::Unsupported { .. } => Code::FailedPrecondition,
+            Error::Unsupported { .. } | Error::Signal { .. } => Code::FailedPrecondition,
         };
         Status::new(code, err.to_string())
     }
@@ -119,6 +119,13 @@ mod tests {
                 Error::Unsupported {
                     backend: "daytona",
                     capability: "stdin",
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::Signal {
+                    job_id: "j".into(),
+                    source: crate::job::SignalRefused::Exited,
                 },
                 Code::FailedPrecondition,
             ),

@@ -127,6 +127,17 @@ impl SandboxService for SandboxApi {
         Ok(Response::new(pb::CloseInputResponse { accepted_bytes }))
     }
 
+    async fn signal(
+        &self,
+        request: Request<pb::SignalRequest>,
+    ) -> Result<Response<pb::SignalResponse>, Status> {
+        let request = request.into_inner();
+        let id = convert::job_id(request.job_id)?;
+        let signal = convert::job_signal(request.signal)?;
+        self.jobs.signal(&id, signal)?;
+        Ok(Response::new(pb::SignalResponse {}))
+    }
+
     async fn health(
         &self,
         _request: Request<pb::HealthRequest>,
@@ -232,10 +243,16 @@ impl AttachState {
                             Ok(convert::FollowUp::CloseInput) => {
                                 Some(Box::pin(self.events.close_input()))
                             }
+                            Ok(convert::FollowUp::Signal(signal)) => {
+                                if let Err(e) = self.events.signal(signal) {
+                                    return Some(Err(Status::from(e)));
+                                }
+                                None
+                            }
                             Ok(convert::FollowUp::Unknown) => {
                                 return Some(Err(Status::unimplemented(
-                                    "unknown Attach request: this server takes `open`, `input` and \
-                                     `close_input` (resize and signals are not implemented yet)",
+                                    "unknown Attach request: this server takes `open`, `input`, \
+                                     `close_input` and `signal` (resize is not implemented yet)",
                                 )));
                             }
                             Err(e) => return Some(Err(Status::from(e))),

@@ -100,6 +100,11 @@ pub trait Execution: Send {
         None
     }
 
+    /// What sends the job signals, where the backend can (taken once, before `run`).
+    fn take_signaller(&mut self) -> Option<Box<dyn JobSignaller>> {
+        None
+    }
+
     /// Streams all output into `out` and returns how the job ended. When `stop` is cancelled,
     /// the backend stops the job (gracefully, then forcibly) and still delivers the output
     /// produced until then. Returns only once nothing of the job is left running, except when
@@ -112,6 +117,38 @@ pub trait Execution: Send {
         stop: CancellationToken,
         leave: CancellationToken,
     ) -> Outcome;
+}
+
+/// The signals a client may send a job; anything else is refused before it reaches a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobSignal {
+    Hup,
+    Int,
+    Quit,
+    Kill,
+    Usr1,
+    Usr2,
+    Term,
+    Cont,
+    Stop,
+    Winch,
+}
+
+/// Sends signals to a running job's process group.
+pub trait JobSignaller: Send + Sync {
+    /// Fails once the job's main process has exited (its group may be gone, and its id reused).
+    fn signal(&self, signal: JobSignal) -> Result<(), SignalRefused>;
+}
+
+/// Why a signal was not sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignalRefused {
+    #[error("its main process has exited")]
+    Exited,
+    #[error("it has finished")]
+    Finished,
+    #[error("its backend ({0}) cannot signal it")]
+    Unsupported(&'static str),
 }
 
 /// How a job's program ended, as the backend saw it.

@@ -23,7 +23,10 @@ mod spec;
 mod tests;
 mod watch_rate;
 
-pub use backend::{Backend, BackendCause, BackendError, Execution, Outcome, RemoteState};
+pub use backend::{
+    Backend, BackendCause, BackendError, Execution, JobSignal, JobSignaller, Outcome, RemoteState,
+    SignalRefused,
+};
 pub use budget::{Credit, JobBudget, OutputBudget};
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};
 pub use id::{JobIdCodec, JobIdError, JobLocation};

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{DeliveryProgress, DeliveryReport};
 use super::{
-    DisconnectPolicy, ExitSummary, JobId, JobMeta, JobSpec, JobState, StreamKind,
+    DisconnectPolicy, ExitSummary, JobId, JobMeta, JobSignal, JobSignaller, JobSpec, JobState,
+    SignalRefused, StreamKind,
     input::JobInput,
     log::{EventLog, LogSummary},
 };
@@ -109,6 +110,8 @@ pub(crate) struct JobRecord {
     pub(crate) log: Arc<EventLog>,
     /// What clients write to the job.
     pub(crate) input: Arc<JobInput>,
+    /// What sends the job signals; `None` where its backend cannot.
+    signaller: Option<Box<dyn JobSignaller>>,
     /// The Exec request's idempotency key, forgotten with the job.
     pub(crate) idempotency_key: Option<String>,
     /// The backend's handle of the job, when any replica can reach it.
@@ -160,7 +163,7 @@ impl JobRecord {
         backend: &'static str,
         (stop, leave): (CancellationToken, CancellationToken),
         mirror: Option<Arc<dyn DeliveryReport>>,
-        (log, input): (Arc<EventLog>, JobInput),
+        (log, input, signaller): (Arc<EventLog>, JobInput, Option<Box<dyn JobSignaller>>),
     ) -> Self {
         // The monotonic start, as far back as the wall-clock one says (a followed job started
         // before this replica saw it).
@@ -183,6 +186,7 @@ impl JobRecord {
             on_disconnect: init.on_disconnect,
             log,
             input: Arc::new(input),
+            signaller,
             idempotency_key: init.idempotency_key,
             handle: init.handle,
             leave,
@@ -222,6 +226,17 @@ impl JobRecord {
         match stream {
             StreamKind::Stdout => &self.stdout_bytes,
             StreamKind::Stderr => &self.stderr_bytes,
+        }
+    }
+
+    /// Sends the job `signal` (to its process group).
+    pub(crate) fn signal(&self, signal: JobSignal) -> Result<(), SignalRefused> {
+        if self.is_finished() {
+            return Err(SignalRefused::Finished);
+        }
+        match &self.signaller {
+            Some(signaller) => signaller.signal(signal),
+            None => Err(SignalRefused::Unsupported(self.backend)),
         }
     }
 

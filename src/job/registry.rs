@@ -19,7 +19,8 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::{
     Backend, DisconnectPolicy, EventKind, Execution, ExitSummary, JobEvent, JobId, JobIdCodec,
-    JobLocation, JobMeta, JobOutput, JobSink, JobSpec, JobState, RemoteState, Sinks,
+    JobLocation, JobMeta, JobOutput, JobSignal, JobSink, JobSpec, JobState, RemoteState,
+    SignalRefused, Sinks,
     budget::OutputBudget,
     input::{InputClosed, InputError, JobInput},
     lifecycle,
@@ -399,13 +400,14 @@ impl Jobs {
             Some(sink) => JobInput::open(sink),
             None => JobInput::none(),
         };
+        let signaller = execution.take_signaller();
         let record = Arc::new(JobRecord::new(
             id.clone(),
             init,
             self.backend.name(),
             (stop, leave),
             mirror,
-            (Arc::clone(&log), input),
+            (Arc::clone(&log), input, signaller),
         ));
         let output = JobOutput::new(
             Arc::clone(&record),
@@ -459,6 +461,7 @@ impl Jobs {
             in_transport: None,
             pending: None,
             input: Arc::clone(&record.input),
+            record: Arc::clone(record),
             reader,
             keepalive: self.config.keepalive,
             _cancel_on_drop: cancel.then(|| CancelOnDrop(Arc::clone(record))),
@@ -689,6 +692,17 @@ impl Jobs {
             .close()
             .await
             .map_err(|source| input_error(id, source))
+    }
+
+    /// Sends a job a signal (to its process group).
+    pub fn signal(&self, id: &JobId, signal: JobSignal) -> Result<(), Error> {
+        match self.lookup(id)? {
+            Found::Here(record) => signal_job(&record, signal),
+            Found::Elsewhere(..) => Err(Error::Signal {
+                job_id: id.to_string(),
+                source: SignalRefused::Unsupported(self.backend.name()),
+            }),
+        }
     }
 
     fn input_of(&self, id: &JobId) -> Result<Arc<JobInput>, Error> {
@@ -984,6 +998,14 @@ fn reader_for(
         .map_err(|source| position_error(&record.id, source))
 }
 
+/// Sends `record`'s job `signal`, or says why not.
+fn signal_job(record: &JobRecord, signal: JobSignal) -> Result<(), Error> {
+    record.signal(signal).map_err(|source| Error::Signal {
+        job_id: record.id.to_string(),
+        source,
+    })
+}
+
 /// The service's error for a write to job `id`'s stdin.
 fn input_error(id: &JobId, source: InputError) -> Error {
     Error::Input {
@@ -1019,6 +1041,8 @@ pub struct JobStream {
     pending: Option<Result<Delivered, PositionError>>,
     /// The job's stdin, which any attached client may write to.
     input: Arc<JobInput>,
+    /// The job, which any attached client may signal.
+    record: Arc<JobRecord>,
     _cancel_on_drop: Option<CancelOnDrop>,
 }
 
@@ -1037,6 +1061,11 @@ impl JobStream {
                 .await
                 .map_err(|source| input_error(&id, source))
         }
+    }
+
+    /// Sends the job a signal (to its process group).
+    pub fn signal(&self, signal: JobSignal) -> Result<(), Error> {
+        signal_job(&self.record, signal)
     }
 
     /// Closes the job's stdin (see [`JobInput::close`]), as `write_input`.

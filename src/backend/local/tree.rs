@@ -40,6 +40,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::job::SignalRefused;
+
 use super::{
     cgroup::{CgroupRoot, JobCgroup},
     procfs::{self, ProcKey, ProcStat},
@@ -275,6 +277,20 @@ impl Processes {
                 kill_if_same(key, Signal::SIGKILL);
             }
         }
+    }
+
+    /// Sends `signal` to the process group of job leader `pid`, while the leader is registered
+    /// (not yet reaped, under the lock it is reaped under): its pid, the group's id, cannot have
+    /// been reused.
+    pub(super) fn signal_group(&self, pid: u32, signal: Signal) -> Result<(), SignalRefused> {
+        let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
+        if !leaders.contains(&pid) {
+            return Err(SignalRefused::Exited);
+        }
+        killpg(Pid::from_raw(pid as i32), signal).map_err(|e| {
+            debug!(error = %e, pid, "signalling a job's group failed");
+            SignalRefused::Exited
+        })
     }
 
     /// Whether any job or orphan is followed through /proc (which needs full scans).
