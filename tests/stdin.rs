@@ -394,3 +394,41 @@ async fn signals_through_attach_and_the_ones_refused() {
     while let Ok(Some(_)) = attached.message().await {}
     server.stop().await;
 }
+
+#[tokio::test]
+async fn health_and_started_say_what_each_backend_can_do() {
+    let local = pb::Capabilities {
+        stdin: true,
+        stdin_eof: true,
+        tty: false,
+        resize: false,
+        signals: true,
+    };
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    let health = client
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.capabilities, Some(local));
+    let mut stream = client.exec(shell("true")).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let Some(pb::exec_event::Kind::Started(started)) = first.kind else {
+        panic!("{first:?}");
+    };
+    assert_eq!(started.capabilities, Some(local));
+    server.stop().await;
+
+    let fake = sandbox_runner::testing::daytona::FakeDaytona::start(common::DAYTONA_KEY).await;
+    let server = common::start_daytona(&fake, &[]).await;
+    let health = server
+        .client()
+        .await
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.capabilities, Some(pb::Capabilities::default()));
+    server.stop().await;
+}

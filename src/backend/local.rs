@@ -48,8 +48,8 @@ use self::{
     tree::{JobTree, Processes},
 };
 use crate::job::{
-    Backend, BackendError, Credit, Execution, InputSink, JobBudget, JobOutput, JobSignal,
-    JobSignaller, JobSpec, Outcome, Program, SignalRefused, StreamKind,
+    Backend, BackendError, Capabilities, Credit, Execution, InputSink, JobBudget, JobOutput,
+    JobSignal, JobSignaller, JobSpec, Outcome, Program, SignalRefused, StreamKind,
 };
 
 /// Pipes start at the kernel default (64 KiB); one that fills up is grown to this so bulk
@@ -267,8 +267,13 @@ impl Backend for LocalBackend {
         "local"
     }
 
-    fn supports_stdin(&self) -> bool {
-        true
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            stdin: true,
+            stdin_eof: true,
+            signals: true,
+            ..Capabilities::default()
+        }
     }
 
     /// TERM then KILL after a grace; then as long again for leftovers holding the pipes, and

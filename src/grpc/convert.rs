@@ -6,9 +6,9 @@ use std::time::{Duration, SystemTime};
 use crate::{
     error::Error,
     job::{
-        Delivered, DeliveryProgress, DisconnectPolicy, EventKind, ExitSummary, GapPolicy, JobEvent,
-        JobFilter, JobId, JobMeta, JobSignal, JobSnapshot, JobSpec, JobState, ListCursor, Pace,
-        Position, Program, SinkHealth, StreamKind,
+        Capabilities, Delivered, DeliveryProgress, DisconnectPolicy, EventKind, ExitSummary,
+        GapPolicy, JobEvent, JobFilter, JobId, JobMeta, JobSignal, JobSnapshot, JobSpec, JobState,
+        ListCursor, Pace, Position, Program, SinkHealth, StreamKind,
     },
     proto as pb,
 };
@@ -402,9 +402,14 @@ pub fn delivered(job_id: &JobId, delivered: Delivered) -> pb::ExecEvent {
 /// One job event as sent on the Exec stream.
 pub fn exec_event(job_id: &JobId, event: JobEvent) -> pb::ExecEvent {
     let kind = match event.kind {
-        EventKind::Started { backend, pid } => pb::exec_event::Kind::Started(pb::Started {
+        EventKind::Started {
+            backend,
+            pid,
+            capabilities,
+        } => pb::exec_event::Kind::Started(pb::Started {
             backend: backend.to_owned(),
             pid: pid.unwrap_or(0),
+            capabilities: Some(capabilities_message(capabilities)),
         }),
         EventKind::Output {
             stream,
@@ -532,6 +537,17 @@ pub struct HealthReport {
     pub output_budget_in_use: usize,
     pub output_budget: usize,
     pub output_retained: usize,
+    pub capabilities: Capabilities,
+}
+
+fn capabilities_message(c: Capabilities) -> pb::Capabilities {
+    pb::Capabilities {
+        stdin: c.stdin,
+        stdin_eof: c.stdin_eof,
+        tty: c.tty,
+        resize: c.resize,
+        signals: c.signals,
+    }
 }
 
 pub fn health_response(report: HealthReport) -> pb::HealthResponse {
@@ -556,6 +572,7 @@ pub fn health_response(report: HealthReport) -> pb::HealthResponse {
         output_budget_in_use_bytes: report.output_budget_in_use as u64,
         output_budget_bytes: report.output_budget as u64,
         output_retained_bytes: report.output_retained as u64,
+        capabilities: Some(capabilities_message(report.capabilities)),
         time: Some(SystemTime::now().into()),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime: Some(duration(report.uptime)),

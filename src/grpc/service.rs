@@ -155,6 +155,7 @@ impl SandboxService for SandboxApi {
             output_budget_in_use: self.jobs.output_budget().shared_in_use(),
             output_budget: self.jobs.output_budget().shared_bytes(),
             output_retained: self.jobs.output_budget().retained_bytes(),
+            capabilities: self.jobs.capabilities(),
         };
         Ok(Response::new(convert::health_response(report)))
     }

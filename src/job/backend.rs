@@ -18,10 +18,10 @@ pub trait Backend: Send + Sync {
     /// Name shown in events, Status and Health.
     fn name(&self) -> &'static str;
 
-    /// Whether jobs can be started with stdin open ([`JobSpec::stdin`]); a request for it
-    /// elsewhere is refused before anything runs.
-    fn supports_stdin(&self) -> bool {
-        false
+    /// What its jobs can do beyond running; a request for something it cannot do is refused
+    /// before anything runs.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
     }
 
     /// Launches the job. An error means nothing is running and no event was emitted.
@@ -117,6 +117,21 @@ pub trait Execution: Send {
         stop: CancellationToken,
         leave: CancellationToken,
     ) -> Outcome;
+}
+
+/// What a backend's jobs can do, as Health and `Started` report it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Jobs may be started with stdin open ([`JobSpec::stdin`]).
+    pub stdin: bool,
+    /// Closing stdin gives the process EOF.
+    pub stdin_eof: bool,
+    /// Jobs may run on a terminal.
+    pub tty: bool,
+    /// A job's terminal may be resized.
+    pub resize: bool,
+    /// Jobs may be sent signals.
+    pub signals: bool,
 }
 
 /// The signals a client may send a job; anything else is refused before it reaches a backend.

@@ -4,6 +4,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+use super::Capabilities;
+
 /// Which output stream bytes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamKind {
@@ -50,6 +52,8 @@ pub enum EventKind {
     Started {
         backend: &'static str,
         pid: Option<u32>,
+        /// What the backend's jobs can do.
+        capabilities: Capabilities,
     },
     Output {
         stream: StreamKind,

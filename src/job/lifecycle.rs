@@ -31,6 +31,7 @@ pub(super) async fn drive(
     out.emit(EventKind::Started {
         backend: job.backend,
         pid: execution.pid(),
+        capabilities: job.capabilities,
     })
     .await;
 

@@ -964,6 +964,7 @@ mod tests {
             let event = self.event(EventKind::Started {
                 backend: "test",
                 pid: None,
+                capabilities: Default::default(),
             });
             self.log.push(event, Credit::default(), &self.budget).await;
         }

@@ -24,8 +24,8 @@ mod tests;
 mod watch_rate;
 
 pub use backend::{
-    Backend, BackendCause, BackendError, Execution, JobSignal, JobSignaller, Outcome, RemoteState,
-    SignalRefused,
+    Backend, BackendCause, BackendError, Capabilities, Execution, JobSignal, JobSignaller, Outcome,
+    RemoteState, SignalRefused,
 };
 pub use budget::{Credit, JobBudget, OutputBudget};
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};

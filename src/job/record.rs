@@ -10,13 +10,13 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use super::{DeliveryProgress, DeliveryReport};
 use super::{
-    DisconnectPolicy, ExitSummary, JobId, JobMeta, JobSignal, JobSignaller, JobSpec, JobState,
-    SignalRefused, StreamKind,
+    Capabilities, DisconnectPolicy, ExitSummary, JobId, JobMeta, JobSignal, JobSignaller, JobSpec,
+    JobState, SignalRefused, StreamKind,
     input::JobInput,
     log::{EventLog, LogSummary},
 };
+use super::{DeliveryProgress, DeliveryReport};
 
 /// Why a job was asked to stop before it ended on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +96,8 @@ pub(crate) struct JobRecord {
     pub(crate) id: JobId,
     pub(crate) meta: JobMeta,
     pub(crate) backend: &'static str,
+    /// What the backend's jobs can do (for `Started`).
+    pub(crate) capabilities: Capabilities,
     pub(crate) started_at: SystemTime,
     pub(crate) started: Instant,
     /// Cancelled to stop the job; a child of the server's root token.
@@ -160,7 +162,7 @@ impl JobRecord {
     pub(crate) fn new(
         id: JobId,
         init: RecordInit,
-        backend: &'static str,
+        (backend, capabilities): (&'static str, Capabilities),
         (stop, leave): (CancellationToken, CancellationToken),
         mirror: Option<Arc<dyn DeliveryReport>>,
         (log, input, signaller): (Arc<EventLog>, JobInput, Option<Box<dyn JobSignaller>>),
@@ -175,6 +177,7 @@ impl JobRecord {
             id,
             meta: init.meta,
             backend,
+            capabilities,
             started_at: init.started_at,
             started: now.checked_sub(age).unwrap_or(now),
             stop,

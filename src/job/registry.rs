@@ -18,9 +18,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{
-    Backend, DisconnectPolicy, EventKind, Execution, ExitSummary, JobEvent, JobId, JobIdCodec,
-    JobLocation, JobMeta, JobOutput, JobSignal, JobSink, JobSpec, JobState, RemoteState,
-    SignalRefused, Sinks,
+    Backend, Capabilities, DisconnectPolicy, EventKind, Execution, ExitSummary, JobEvent, JobId,
+    JobIdCodec, JobLocation, JobMeta, JobOutput, JobSignal, JobSink, JobSpec, JobState,
+    RemoteState, SignalRefused, Sinks,
     budget::OutputBudget,
     input::{InputClosed, InputError, JobInput},
     lifecycle,
@@ -283,7 +283,7 @@ impl Jobs {
                 humantime::format_duration(self.config.max_timeout)
             )));
         }
-        if spec.stdin && !self.backend.supports_stdin() {
+        if spec.stdin && !self.backend.capabilities().stdin {
             return Err(Error::Unsupported {
                 backend: self.backend.name(),
                 capability: "stdin",
@@ -404,7 +404,7 @@ impl Jobs {
         let record = Arc::new(JobRecord::new(
             id.clone(),
             init,
-            self.backend.name(),
+            (self.backend.name(), self.backend.capabilities()),
             (stop, leave),
             mirror,
             (Arc::clone(&log), input, signaller),
@@ -908,6 +908,11 @@ impl Jobs {
 
     pub fn max_concurrent(&self) -> u32 {
         self.config.max_concurrent
+    }
+
+    /// What the backend's jobs can do.
+    pub fn capabilities(&self) -> Capabilities {
+        self.backend.capabilities()
     }
 
     pub fn backend_name(&self) -> &'static str {

@@ -34,7 +34,8 @@ async fn exit_zero_succeeds_and_everyone_sees_the_same_events() {
         events[0].kind,
         EventKind::Started {
             backend: "fake",
-            pid: Some(4242)
+            pid: Some(4242),
+            capabilities: Default::default(),
         }
     );
     // The empty chunk is dropped without taking a seq.
