@@ -432,3 +432,71 @@ async fn health_and_started_say_what_each_backend_can_do() {
     assert_eq!(health.capabilities, Some(pb::Capabilities::default()));
     server.stop().await;
 }
+
+/// What the job does to its stdin meanwhile (it stops reading, it ends) never cuts an Attach
+/// stream short: the write is dropped and the events go on to `Exited`.
+#[tokio::test]
+async fn a_process_that_closes_its_stdin_does_not_end_the_writers_stream() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    let job = Job::start(
+        &mut client,
+        pb::ExecRequest {
+            stdin: true,
+            ..common::argv(&["head", "-c", "5"])
+        },
+    )
+    .await;
+    let (tx, mut attached) = attach_for_input(&mut client, &job.job_id).await;
+    for _ in 0..4 {
+        // The first reaches `head`, which exits after 5 bytes; the rest meet a closed pipe.
+        if tx.send(input(&[b'x'; 64 << 10], None)).await.is_err() {
+            break;
+        }
+    }
+    let run = job.finish().await;
+    assert_eq!(run.stdout, b"xxxxx");
+    let mut exited = None;
+    loop {
+        match attached.message().await {
+            Ok(Some(event)) => {
+                if let Some(pb::exec_event::Kind::Exited(e)) = event.kind {
+                    exited = Some(e);
+                }
+            }
+            Ok(None) => break,
+            Err(status) => panic!("the stream ended with {status:?}"),
+        }
+    }
+    assert_eq!(exited.unwrap().stdout_bytes, 5);
+    server.stop().await;
+}
+
+/// A client whose process does not read what it writes can still interrupt it.
+#[tokio::test]
+async fn a_signal_goes_through_while_a_write_waits() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    let mut job = Job::start(
+        &mut client,
+        with_stdin("trap 'echo got INT; exit 3' INT; echo ready; while :; do sleep 0.05; done"),
+    )
+    .await;
+    job.read_stdout(6).await;
+    let (tx, mut attached) = attach_for_input(&mut client, &job.job_id).await;
+    // More than the pipe takes: this write waits for a reader that never comes.
+    tx.send(input(&vec![b'x'; 1 << 20], None)).await.unwrap();
+    tx.send(input(&vec![b'y'; 1 << 20], None)).await.unwrap();
+    tx.send(pb::AttachRequest {
+        kind: Some(pb::attach_request::Kind::Signal(pb::JobSignal::Int as i32)),
+    })
+    .await
+    .unwrap();
+    let run = tokio::time::timeout(Duration::from_secs(20), job.finish())
+        .await
+        .expect("INT, sent while a write waited, ended the job");
+    assert_eq!(run.stdout, b"ready\ngot INT\n");
+    assert_eq!(run.exited.exit_code, Some(3));
+    while let Ok(Some(_)) = attached.message().await {}
+    server.stop().await;
+}

@@ -11,7 +11,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
 use crate::{
-    job::{JobStream, Jobs},
+    error::Error,
+    job::{InputClosed, InputError, JobStream, Jobs, SignalRefused},
     proto::{self as pb, sandbox_service_server::SandboxService},
 };
 
@@ -163,9 +164,10 @@ impl SandboxService for SandboxApi {
 
 /// An Attach stream: the job's events, while taking the client's requests. A half-close ends
 /// nothing; a client that goes away detaches (the stream ends, the job runs on). A stdin write
-/// runs beside the events, and the client's next request is read only once it is done: a
-/// process that does not read its stdin pushes back on the client's requests, never on the
-/// events it prints (which it may be blocked on).
+/// runs beside the events; meanwhile one more request is read (a signal is sent at once, input
+/// waits its turn) and then no more until the write is done: a process that does not read its
+/// stdin pushes back on the client's requests, never on the events it prints (which it may be
+/// blocked on), and a client can still interrupt it.
 fn attach_stream(
     events: JobStream,
     inbound: Streaming<pb::AttachRequest>,
@@ -174,6 +176,7 @@ fn attach_stream(
         events,
         inbound: Some(inbound),
         writing: None,
+        queued: None,
         ended: false,
     };
     futures_util::stream::unfold(state, |mut state| async move {
@@ -187,7 +190,7 @@ fn attach_stream(
 }
 
 /// A stdin write (or close) of an Attach stream: the bytes accepted in all, or why not.
-type InputWrite = Pin<Box<dyn Future<Output = Result<u64, crate::error::Error>> + Send>>;
+type InputWrite = Pin<Box<dyn Future<Output = Result<u64, Error>> + Send>>;
 
 /// What an Attach stream holds between the events it sends.
 struct AttachState {
@@ -196,6 +199,8 @@ struct AttachState {
     inbound: Option<Streaming<pb::AttachRequest>>,
     /// A stdin write (or close) under way.
     writing: Option<InputWrite>,
+    /// The next one, read while that was under way.
+    queued: Option<convert::FollowUp>,
     /// An error was sent: the stream is over.
     ended: bool,
 }
@@ -205,7 +210,7 @@ impl AttachState {
     async fn next(&mut self) -> Option<Result<pb::ExecEvent, Status>> {
         let job_id = self.events.job_id.clone();
         loop {
-            let inbound = self.inbound.as_mut().filter(|_| self.writing.is_none());
+            let inbound = self.inbound.as_mut().filter(|_| self.queued.is_none());
             let from_client = async {
                 match inbound {
                     Some(inbound) => inbound.message().await,
@@ -227,8 +232,11 @@ impl AttachState {
                 }
                 result = written => {
                     self.writing = None;
-                    if let Err(e) = result {
-                        return Some(Err(Status::from(e)));
+                    if let Some(end) = result.err().and_then(ends_attach) {
+                        return Some(Err(end));
+                    }
+                    if let Err(e) = self.take_queued() {
+                        return Some(Err(e));
                     }
                 }
                 message = from_client => match message {
@@ -237,30 +245,64 @@ impl AttachState {
                     // Reset or gone (often `Unknown`, not `Cancelled`): a detach.
                     Err(_) => return None,
                     Ok(Some(request)) => {
-                        self.writing = match convert::follow_up(request) {
-                            Ok(convert::FollowUp::Input { data, offset }) => {
-                                Some(Box::pin(self.events.write_input(data, offset)))
-                            }
-                            Ok(convert::FollowUp::CloseInput) => {
-                                Some(Box::pin(self.events.close_input()))
-                            }
-                            Ok(convert::FollowUp::Signal(signal)) => {
-                                if let Err(e) = self.events.signal(signal) {
-                                    return Some(Err(Status::from(e)));
-                                }
-                                None
-                            }
-                            Ok(convert::FollowUp::Unknown) => {
-                                return Some(Err(Status::unimplemented(
-                                    "unknown Attach request: this server takes `open`, `input`, \
-                                     `close_input` and `signal` (resize is not implemented yet)",
-                                )));
-                            }
-                            Err(e) => return Some(Err(Status::from(e))),
-                        };
+                        let follow_up = convert::follow_up(request).map_err(Status::from);
+                        if let Err(e) = follow_up.and_then(|f| self.take(f)) {
+                            return Some(Err(e));
+                        }
                     }
                 },
             }
         }
+    }
+
+    /// Acts on a request: a signal at once, a write now or after the one under way.
+    fn take(&mut self, follow_up: convert::FollowUp) -> Result<(), Status> {
+        match follow_up {
+            convert::FollowUp::Signal(signal) => match self.events.signal(signal) {
+                Ok(()) => Ok(()),
+                Err(e) => ends_attach(e).map_or(Ok(()), Err),
+            },
+            convert::FollowUp::Unknown => Err(Status::unimplemented(
+                "unknown Attach request: this server takes `open`, `input`, `close_input` and \
+                 `signal` (resize is not implemented yet)",
+            )),
+            write if self.writing.is_some() => {
+                self.queued = Some(write);
+                Ok(())
+            }
+            convert::FollowUp::Input { data, offset } => {
+                self.writing = Some(Box::pin(self.events.write_input(data, offset)));
+                Ok(())
+            }
+            convert::FollowUp::CloseInput => {
+                self.writing = Some(Box::pin(self.events.close_input()));
+                Ok(())
+            }
+        }
+    }
+
+    fn take_queued(&mut self) -> Result<(), Status> {
+        match self.queued.take() {
+            Some(follow_up) => self.take(follow_up),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Whether a refused request ends an Attach stream: a client's mistake does (a write past the
+/// accepted end, to a job without stdin; a signal its backend cannot send), but not what the job
+/// did meanwhile (closed its stdin, exited): that request is dropped and the events go on to
+/// `Exited`. Returns the status to end with, if any.
+fn ends_attach(e: Error) -> Option<Status> {
+    match &e {
+        Error::Input {
+            source: InputError::Closed(why),
+            ..
+        } if *why != InputClosed::NotRequested => None,
+        Error::Signal {
+            source: SignalRefused::Exited | SignalRefused::Finished,
+            ..
+        } => None,
+        _ => Some(Status::from(e)),
     }
 }

@@ -125,6 +125,11 @@ impl JobInput {
             }
             None => data,
         };
+        if data.is_empty() {
+            // A resend of what the process has already (its answer was lost): done, whatever
+            // happened to the input since.
+            return Ok(accepted);
+        }
         let closed = sink.closed;
         let Some(to) = sink.to.as_mut() else {
             return Err(InputError::Closed(closed));
@@ -246,6 +251,16 @@ mod tests {
         assert_eq!(input.write(Bytes::from_static(b"gh"), None).await, Ok(8));
         assert_eq!(*got.lock().unwrap(), b"abcdefgh");
         assert_eq!(input.accepted(), 8);
+        // Once closed, a resend of what was accepted still succeeds; new bytes do not.
+        input.close().await.unwrap();
+        assert_eq!(
+            input.write(Bytes::from_static(b"fgh"), Some(5)).await,
+            Ok(8)
+        );
+        assert_eq!(
+            input.write(Bytes::from_static(b"ghi"), Some(6)).await,
+            Err(InputError::Closed(InputClosed::ByClient))
+        );
     }
 
     #[tokio::test]

@@ -1138,9 +1138,10 @@ struct Watching {
 }
 
 /// What an idle period lets watchers take at once: a tenth of a second's worth, and at least
-/// a full output chunk.
+/// the largest output chunk (`--output-chunk-bytes` goes up to 2 MiB), so that every chunk is
+/// paid for in full.
 fn watch_burst(bytes_per_sec: u64) -> usize {
-    ((bytes_per_sec / 10) as usize).max(1 << 20)
+    ((bytes_per_sec / 10) as usize).max(2 << 20)
 }
 
 /// What a dropped Exec stream of a job with the `Cancel` policy does: the caller has gone.
