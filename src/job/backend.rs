@@ -164,6 +164,9 @@ pub enum SignalRefused {
     Finished,
     #[error("its backend ({0}) cannot signal it")]
     Unsupported(&'static str),
+    /// The system refused (a member of the group runs as a user the server may not signal).
+    #[error("the system refused: {0}")]
+    Denied(String),
 }
 
 /// How a job's program ended, as the backend saw it.

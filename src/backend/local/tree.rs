@@ -287,9 +287,10 @@ impl Processes {
         if !leaders.contains(&pid) {
             return Err(SignalRefused::Exited);
         }
-        killpg(Pid::from_raw(pid as i32), signal).map_err(|e| {
-            debug!(error = %e, pid, "signalling a job's group failed");
-            SignalRefused::Exited
+        killpg(Pid::from_raw(pid as i32), signal).map_err(|e| match e {
+            // Every member gone (the leader a zombie, its group empty).
+            Errno::ESRCH => SignalRefused::Exited,
+            e => SignalRefused::Denied(e.desc().to_owned()),
         })
     }
 
