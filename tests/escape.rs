@@ -217,7 +217,25 @@ async fn jobs_do_not_outlive_a_killed_server() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(procfs::with_env(&mark).len(), 2, "the job did not start");
+    let found = procfs::with_env(&mark);
+    if found.len() != 2 {
+        // Which of the two is missing, and what the job says (seen once under load).
+        let seen: Vec<String> = found
+            .iter()
+            .map(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                format!(
+                    "{pid}: {}",
+                    String::from_utf8_lossy(&cmdline).replace('\0', " ")
+                )
+            })
+            .collect();
+        let status = common::status(&mut client, &job.job_id).await;
+        panic!(
+            "the job did not start both processes: {seen:?}; leader {}; {status:?}",
+            job.pid
+        );
+    }
     let leader = job.pid;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(server.pid as i32),
