@@ -63,6 +63,11 @@ pub(crate) struct StalledReadersArgs {
     /// Measure this (older) server binary first, then the current one, same settings.
     #[arg(long)]
     before: Option<PathBuf>,
+    /// What each held job runs (default: 4 KiB-line `yes`, which fills every buffer on the way).
+    /// A quiet command such as `sleep 1000` holds as many jobs and connections with no output,
+    /// to tell their cost from the stalled output's.
+    #[arg(long)]
+    command: Option<String>,
     /// Stop opening streams if the machine's MemAvailable falls below this (MiB).
     #[arg(long, default_value_t = 2048)]
     min_available_mib: u64,
@@ -177,7 +182,8 @@ async fn run(a: &StalledReadersArgs, bin: &Path, label: &str) -> anyhow::Result<
             break;
         }
         let left = open_deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, open_stalled(&url, a.window_kib)).await {
+        let command = a.command.as_deref().unwrap_or(YES_4K);
+        match tokio::time::timeout(left, open_stalled(&url, a.window_kib, command)).await {
             Ok(Ok(stream)) => held.push(stream),
             Ok(Err(e)) => {
                 open_stopped = Some(format!("stream {}: {e:#}", i + 1));
@@ -475,6 +481,7 @@ fn window_name(kib: Option<u32>) -> String {
 async fn open_stalled(
     url: &str,
     window_kib: Option<u32>,
+    command: &str,
 ) -> anyhow::Result<(SandboxServiceClient<Channel>, Job)> {
     let mut endpoint = Endpoint::from_shared(url.to_owned())?.connect_timeout(CALL_TIMEOUT);
     if let Some(kib) = window_kib {
@@ -485,7 +492,7 @@ async fn open_stalled(
     let mut client = SandboxServiceClient::new(endpoint.connect().await?);
     let job = tokio::time::timeout(
         CALL_TIMEOUT,
-        Job::start(&mut client, request(YES_4K, None), Output::Count),
+        Job::start(&mut client, request(command, None), Output::Count),
     )
     .await??;
     Ok((client, job))
