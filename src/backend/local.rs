@@ -442,10 +442,7 @@ impl InputSink for PipeInput {
                     // output pipes are grown; see `PipeReader::grow_pipe`).
                     if !self.grown && written < data.len() && written >= DEFAULT_PIPE_BYTES {
                         self.grown = true;
-                        let _ = nix::fcntl::fcntl(
-                            &self.pipe,
-                            nix::fcntl::FcntlArg::F_SETPIPE_SZ(BULK_PIPE_BYTES),
-                        );
+                        grow_pipe(&self.pipe, BULK_PIPE_BYTES);
                     }
                     return Ok(written);
                 }
@@ -666,11 +663,15 @@ impl PipeReader {
 
     fn grow_pipe(&mut self) {
         self.grown = true;
-        let size = BULK_PIPE_BYTES.min(self.chunk_bytes as i32);
-        if let Err(e) = nix::fcntl::fcntl(&self.pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size)) {
-            // EPERM past the per-user pipe budget: keep the small pipe, it only costs speed.
-            debug!(error = %e, "could not grow a job's output pipe");
-        }
+        grow_pipe(&self.pipe, BULK_PIPE_BYTES.min(self.chunk_bytes as i32));
+    }
+}
+
+/// Grows a job's pipe to `size` bytes, for bulk data.
+fn grow_pipe(pipe: &impl std::os::fd::AsFd, size: i32) {
+    if let Err(e) = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size)) {
+        // EPERM past the per-user pipe budget: keep the small pipe, it only costs speed.
+        debug!(error = %e, "could not grow a job's pipe");
     }
 }
 

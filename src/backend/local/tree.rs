@@ -236,36 +236,7 @@ impl Processes {
         if !self.subreaper {
             return;
         }
-        let (zombies, orphans) = {
-            let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
-            let children = snapshot
-                .iter()
-                .filter(|p| p.ppid == self.me && !leaders.contains(&p.pid));
-            let (zombies, live): (Vec<&ProcStat>, Vec<&ProcStat>) =
-                children.partition(|p| p.is_dead());
-            let orphans: Vec<ProcStat> = live
-                .into_iter()
-                .filter(|p| !self.preexisting.contains(&p.key()))
-                .copied()
-                .collect();
-            (zombies, orphans)
-        };
-        // Not a leader, so no `LeaderProcess` waits for it; a zombie's pid cannot be reused
-        // before it is reaped, so it cannot have become a leader since.
-        let mut reaped = 0;
-        for zombie in zombies {
-            if waitpid(Pid::from_raw(zombie.pid as i32), Some(WaitPidFlag::WNOHANG)).is_ok() {
-                reaped += 1;
-            }
-        }
-        if reaped > 0 {
-            debug!(reaped, "reaped orphaned job processes");
-        }
-        // Orphans in a job cgroup belong to that job, which stops them when it ends.
-        let orphans: Vec<ProcStat> = orphans
-            .into_iter()
-            .filter(|p| !self.in_job_cgroup(p.pid))
-            .collect();
+        let orphans = self.reap_orphans(&snapshot);
         let strays = tracked.adopt(&orphans, &index);
         drop(tracked);
         if !strays.is_empty() {
@@ -309,26 +280,41 @@ impl Processes {
         let Some(pids) = procfs::own_children() else {
             return false;
         };
+        // Leaders are left out before their stats are read: there may be thousands.
         let children: Vec<ProcStat> = {
             let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
             pids.into_iter()
                 .filter(|pid| !leaders.contains(pid))
                 .filter_map(procfs::read_stat)
-                // A pid reaped and reused since it was listed is someone else's.
-                .filter(|p| p.ppid == self.me)
                 .collect()
         };
-        let (zombies, live): (Vec<ProcStat>, Vec<ProcStat>) =
-            children.into_iter().partition(|p| p.is_dead());
-        // As in `scan`: not a leader, and a zombie's pid is not reused before it is reaped.
-        for zombie in &zombies {
-            let _ = waitpid(Pid::from_raw(zombie.pid as i32), Some(WaitPidFlag::WNOHANG));
+        self.reap_orphans(&children).is_empty()
+    }
+
+    /// Reaps the server's children in `processes` that are not job leaders and have exited;
+    /// returns the live ones a job must adopt (not there before the server, not in a job's
+    /// cgroup: those belong to that job, which stops them when it ends).
+    fn reap_orphans(&self, processes: &[ProcStat]) -> Vec<ProcStat> {
+        let (zombies, live): (Vec<ProcStat>, Vec<ProcStat>) = {
+            let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
+            processes
+                .iter()
+                // A pid reaped and reused since it was listed is someone else's.
+                .filter(|p| p.ppid == self.me && !leaders.contains(&p.pid))
+                .partition(|p| p.is_dead())
+        };
+        // Not a leader, so no `LeaderProcess` waits for it; a zombie's pid cannot be reused
+        // before it is reaped, so it cannot have become a leader since.
+        let reaped = zombies
+            .iter()
+            .filter(|z| waitpid(Pid::from_raw(z.pid as i32), Some(WaitPidFlag::WNOHANG)).is_ok())
+            .count();
+        if reaped > 0 {
+            debug!(reaped, "reaped orphaned job processes");
         }
-        if !zombies.is_empty() {
-            debug!(reaped = zombies.len(), "reaped orphaned job processes");
-        }
-        live.iter()
-            .all(|p| self.preexisting.contains(&p.key()) || self.in_job_cgroup(p.pid))
+        live.into_iter()
+            .filter(|p| !self.preexisting.contains(&p.key()) && !self.in_job_cgroup(p.pid))
+            .collect()
     }
 
     fn in_job_cgroup(&self, pid: u32) -> bool {
