@@ -4,11 +4,11 @@
 //! registered leader. Its own test binary: a subreaper scan reaps any child of this process
 //! that is not one of its backend's leaders, so no other test may start processes here.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use sandbox_runner::{
     backend::local::LocalBackend,
-    job::{Backend, JobMeta, JobSpec, Program},
+    job::{Backend, JobSpec, Program},
     testing::local_config,
 };
 
@@ -17,16 +17,7 @@ fn backend(subreaper: bool) -> LocalBackend {
 }
 
 fn sleep_job() -> JobSpec {
-    JobSpec {
-        meta: JobMeta::default(),
-        program: Program::Argv(vec!["sleep".into(), "300".into()]),
-        cwd: None,
-        env: BTreeMap::new(),
-        timeout: None,
-        on_disconnect: Default::default(),
-        idempotency_key: None,
-        stdin: false,
-    }
+    JobSpec::new(Program::Argv(vec!["sleep".into(), "300".into()]))
 }
 
 /// Waits (bounded) until `pid` is gone from /proc: dead *and* reaped (a zombie still shows).

@@ -208,7 +208,6 @@ struct AttachState {
 impl AttachState {
     /// The next item for the client; `None` to end the stream quietly.
     async fn next(&mut self) -> Option<Result<pb::ExecEvent, Status>> {
-        let job_id = self.events.job_id.clone();
         loop {
             let inbound = self.inbound.as_mut().filter(|_| self.queued.is_none());
             let from_client = async {
@@ -226,7 +225,7 @@ impl AttachState {
             tokio::select! {
                 next = self.events.next() => {
                     return Some(match next? {
-                        Ok(event) => Ok(convert::delivered(&job_id, event)),
+                        Ok(event) => Ok(convert::delivered(&self.events.job_id, event)),
                         Err(e) => Err(Status::from(e)),
                     });
                 }

@@ -81,18 +81,23 @@ struct Sink {
 impl JobInput {
     /// The stdin of a job started with it open.
     pub fn open(sink: Box<dyn InputSink>) -> Self {
-        Self::with(Some(sink), InputClosed::NotRequested)
+        Self::with(Some(sink))
     }
 
     /// The stdin of a job started without it.
     pub fn none() -> Self {
-        Self::with(None, InputClosed::NotRequested)
+        Self::with(None)
     }
 
-    fn with(to: Option<Box<dyn InputSink>>, closed: InputClosed) -> Self {
+    fn with(to: Option<Box<dyn InputSink>>) -> Self {
         JobInput {
             open: AtomicBool::new(to.is_some()),
-            sink: tokio::sync::Mutex::new(Sink { to, closed }),
+            // Why writes are refused, once `to` is gone; until it is closed, for a job that
+            // never had stdin.
+            sink: tokio::sync::Mutex::new(Sink {
+                to,
+                closed: InputClosed::NotRequested,
+            }),
             accepted: AtomicU64::new(0),
             ended: CancellationToken::new(),
         }

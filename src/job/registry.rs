@@ -460,7 +460,6 @@ impl Jobs {
             }),
             in_transport: None,
             pending: None,
-            input: Arc::clone(&record.input),
             record: Arc::clone(record),
             reader,
             keepalive: self.config.keepalive,
@@ -509,11 +508,7 @@ impl Jobs {
         handle: String,
         (position, on_gap, pace): (Position, GapPolicy, Pace),
     ) -> Result<JobStream, Error> {
-        if matches!(position, Position::AfterSeq(_)) {
-            return Err(Error::SeqOfAnotherReplica {
-                job_id: id.to_string(),
-            });
-        }
+        refuse_foreign_seq(id, position)?;
         // Counts as a running job from here, like a start (see `start_new`).
         let starting = self.tracker.token();
         if self.is_draining() {
@@ -678,20 +673,12 @@ impl Jobs {
         data: bytes::Bytes,
         offset: Option<u64>,
     ) -> Result<u64, Error> {
-        let input = self.input_of(id)?;
-        input
-            .write(data, offset)
-            .await
-            .map_err(|source| input_error(id, source))
+        write_input(self.input_of(id)?, id.clone(), data, offset).await
     }
 
     /// Closes a job's stdin (the process reads EOF); returns the bytes it accepted in all.
     pub async fn close_input(&self, id: &JobId) -> Result<u64, Error> {
-        let input = self.input_of(id)?;
-        input
-            .close()
-            .await
-            .map_err(|source| input_error(id, source))
+        close_input(self.input_of(id)?, id.clone()).await
     }
 
     /// Sends a job a signal (to its process group).
@@ -992,10 +979,8 @@ fn reader_for(
     on_gap: GapPolicy,
     pace: Pace,
 ) -> Result<LogReader, Error> {
-    if record.followed && matches!(position, Position::AfterSeq(_)) {
-        return Err(Error::SeqOfAnotherReplica {
-            job_id: record.id.to_string(),
-        });
+    if record.followed {
+        refuse_foreign_seq(&record.id, position)?;
     }
     record
         .log
@@ -1011,11 +996,39 @@ fn signal_job(record: &JobRecord, signal: JobSignal) -> Result<(), Error> {
     })
 }
 
+/// Writes `data` to job `id`'s stdin (see [`JobInput::write`]).
+async fn write_input(
+    input: Arc<JobInput>,
+    id: JobId,
+    data: bytes::Bytes,
+    offset: Option<u64>,
+) -> Result<u64, Error> {
+    let written = input.write(data, offset).await;
+    written.map_err(|source| input_error(&id, source))
+}
+
+/// Closes job `id`'s stdin (see [`JobInput::close`]).
+async fn close_input(input: Arc<JobInput>, id: JobId) -> Result<u64, Error> {
+    let closed = input.close().await;
+    closed.map_err(|source| input_error(&id, source))
+}
+
 /// The service's error for a write to job `id`'s stdin.
 fn input_error(id: &JobId, source: InputError) -> Error {
     Error::Input {
         job_id: id.to_string(),
         source,
+    }
+}
+
+/// Seqs are per replica: a job followed from another replica is resumed by offsets, never
+/// after a seq.
+fn refuse_foreign_seq(id: &JobId, position: Position) -> Result<(), Error> {
+    match position {
+        Position::AfterSeq(_) => Err(Error::SeqOfAnotherReplica {
+            job_id: id.to_string(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -1044,9 +1057,7 @@ pub struct JobStream {
     in_transport: Option<tokio::sync::OwnedSemaphorePermit>,
     /// What the log gave and the stream has not yet handed out.
     pending: Option<Result<Delivered, PositionError>>,
-    /// The job's stdin, which any attached client may write to.
-    input: Arc<JobInput>,
-    /// The job, which any attached client may signal.
+    /// The job, whose stdin any attached client may write to, and which it may signal.
     record: Arc<JobRecord>,
     _cancel_on_drop: Option<CancelOnDrop>,
 }
@@ -1059,13 +1070,12 @@ impl JobStream {
         data: bytes::Bytes,
         offset: Option<u64>,
     ) -> impl std::future::Future<Output = Result<u64, Error>> + Send + 'static {
-        let (input, id) = (Arc::clone(&self.input), self.job_id.clone());
-        async move {
-            input
-                .write(data, offset)
-                .await
-                .map_err(|source| input_error(&id, source))
-        }
+        write_input(
+            Arc::clone(&self.record.input),
+            self.job_id.clone(),
+            data,
+            offset,
+        )
     }
 
     /// Sends the job a signal (to its process group).
@@ -1077,13 +1087,7 @@ impl JobStream {
     pub fn close_input(
         &self,
     ) -> impl std::future::Future<Output = Result<u64, Error>> + Send + 'static {
-        let (input, id) = (Arc::clone(&self.input), self.job_id.clone());
-        async move {
-            input
-                .close()
-                .await
-                .map_err(|source| input_error(&id, source))
-        }
+        close_input(Arc::clone(&self.record.input), self.job_id.clone())
     }
 
     /// The next event, gap or keepalive; `None` after `Exited`.

@@ -81,3 +81,19 @@ pub struct JobSpec {
     /// /dev/null.
     pub stdin: bool,
 }
+
+impl JobSpec {
+    /// A job running `program`, with every option at its default.
+    pub fn new(program: Program) -> Self {
+        JobSpec {
+            meta: JobMeta::default(),
+            program,
+            cwd: None,
+            env: BTreeMap::new(),
+            timeout: None,
+            on_disconnect: DisconnectPolicy::default(),
+            idempotency_key: None,
+            stdin: false,
+        }
+    }
+}

@@ -15,7 +15,7 @@ mod lifecycle;
 mod registry;
 mod stop;
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use super::{
     Delivered, EventKind, ExitSummary, JobEvent, JobIdCodec, JobMeta, JobSpec, JobStream, Jobs,
@@ -92,13 +92,7 @@ fn spec(command: &str) -> JobSpec {
             session_id: "session-1".into(),
             sandbox_id: "sandbox-1".into(),
         },
-        program: Program::Shell(command.into()),
-        cwd: None,
-        env: BTreeMap::new(),
-        timeout: None,
-        on_disconnect: Default::default(),
-        idempotency_key: None,
-        stdin: false,
+        ..JobSpec::new(Program::Shell(command.into()))
     }
 }
 

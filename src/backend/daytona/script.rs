@@ -92,19 +92,13 @@ mod tests {
     #[test]
     fn env_cwd_and_argv_cannot_inject_commands() {
         let mut spec = JobSpec {
-            meta: Default::default(),
-            program: Program::Argv(vec![
+            cwd: Some("/".into()),
+            ..JobSpec::new(Program::Argv(vec![
                 "printf".into(),
                 "%s|%s".into(),
                 "$(echo pwned)".into(),
                 "; echo x".into(),
-            ]),
-            cwd: Some("/".into()),
-            env: Default::default(),
-            timeout: None,
-            on_disconnect: Default::default(),
-            idempotency_key: None,
-            stdin: false,
+            ]))
         };
         spec.env
             .insert("V".into(), "it's $(echo pwned)\n; echo injected".into());
