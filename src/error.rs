@@ -85,6 +85,17 @@ pub enum Error {
         source: crate::job::SignalRefused,
     },
 
+    /// A job's terminal was not resized.
+    #[error("job {job_id:?}: terminal not resized: {source}")]
+    Resize {
+        job_id: String,
+        source: crate::job::ResizeRefused,
+    },
+
+    /// A `tty` job's screen does not fit in the server's output budget now.
+    #[error("{0}; retry when running jobs have drained their output")]
+    NoRoomForScreen(#[from] crate::job::NoRoomForScreen),
+
     /// The request needs something this server's backend cannot do.
     #[error("the {backend} backend cannot run jobs with {capability}")]
     Unsupported {

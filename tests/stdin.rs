@@ -277,20 +277,26 @@ async fn a_process_that_does_not_read_pushes_back_on_the_writer() {
 }
 
 #[tokio::test]
-async fn the_daytona_backend_refuses_stdin_and_signals_by_name() {
+async fn the_daytona_backend_refuses_stdin_tty_and_signals_by_name() {
     let fake = sandbox_runner::testing::daytona::FakeDaytona::start(common::DAYTONA_KEY).await;
     fake.add_sandbox("sbx-1", "started");
     let server = common::start_daytona(&fake, &[]).await;
     let mut client = server.client().await;
-    let refused = client
-        .exec(pb::ExecRequest {
-            sandbox_id: "sbx-1".into(),
-            ..with_stdin("cat")
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert!(refused.message().contains("stdin"), "{refused:?}");
+    let on_tty = pb::ExecRequest {
+        tty: Some(pb::TtyOptions::default()),
+        ..shell("cat")
+    };
+    for (request, capability) in [(with_stdin("cat"), "stdin"), (on_tty, "tty")] {
+        let refused = client
+            .exec(pb::ExecRequest {
+                sandbox_id: "sbx-1".into(),
+                ..request
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains(capability), "{refused:?}");
+    }
     let listed = client
         .list_jobs(pb::ListJobsRequest::default())
         .await
@@ -400,8 +406,8 @@ async fn health_and_started_say_what_each_backend_can_do() {
     let local = pb::Capabilities {
         stdin: true,
         stdin_eof: true,
-        tty: false,
-        resize: false,
+        tty: true,
+        resize: true,
         signals: true,
     };
     let server = common::start(&[]).await;

@@ -1,6 +1,7 @@
 //! The embedded default backend: each job is a process on this host, leader of its own session
-//! and process group (and, where the host allows, of its own cgroup), with stdin closed and
-//! stdout/stderr piped, optionally under another user (`--job-user`).
+//! and process group (and, where the host allows, of its own cgroup), with stdin closed (or a
+//! pipe clients write to) and stdout/stderr piped, or all three on a terminal of its own
+//! (`tty` jobs), optionally under another user (`--job-user`).
 //!
 //! Stopping a job signals every process of it, wherever it moved (see `tree.rs`): SIGTERM, then
 //! SIGKILL after the grace period. When the leader exits, processes it left get the same grace to
@@ -11,6 +12,7 @@
 //!   one unsafe code).
 //! - `leader.rs`: waiting for the job's first process, and killing it if the job is dropped.
 //! - `tree.rs`: a job's processes (cgroup or /proc), the server's orphans, reaping.
+//! - `terminal.rs`: a `tty` job's terminal (output, input, resize, its foreground group).
 //! - `cgroup.rs`: per-job cgroups. `identity.rs`: `--job-user`. `procfs.rs`: /proc parsing.
 
 mod cgroup;
@@ -18,13 +20,14 @@ mod identity;
 mod leader;
 mod procfs;
 mod spawn;
+mod terminal;
 mod tree;
 
 use std::{
     collections::BTreeMap,
     ffi::OsString,
     io,
-    os::{fd::OwnedFd, unix::process::ExitStatusExt},
+    os::unix::process::ExitStatusExt,
     path::PathBuf,
     process::ExitStatus,
     sync::{Arc, atomic::AtomicBool},
@@ -32,7 +35,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::{
     net::unix::pipe,
     time::{Instant, sleep},
@@ -44,12 +47,13 @@ pub use self::identity::JobIdentity;
 use self::{
     cgroup::CgroupRoot,
     leader::LeaderProcess,
-    spawn::{JobCommand, JobSetup},
+    spawn::{JobCommand, JobSetup, SpawnedStdio},
+    terminal::{Terminal, TerminalControl, TerminalInput},
     tree::{JobTree, Processes},
 };
 use crate::job::{
     Backend, BackendError, Capabilities, Credit, Execution, InputSink, JobBudget, JobOutput,
-    JobSignal, JobSignaller, JobSpec, Outcome, Program, SignalRefused, StreamKind,
+    JobSignal, JobSignaller, JobSpec, JobTerminal, Outcome, Program, SignalRefused, StreamKind,
 };
 
 /// Pipes start at the kernel default (64 KiB); one that fills up is grown to this so bulk
@@ -271,8 +275,9 @@ impl Backend for LocalBackend {
         Capabilities {
             stdin: true,
             stdin_eof: true,
+            tty: true,
+            resize: true,
             signals: true,
-            ..Capabilities::default()
         }
     }
 
@@ -297,14 +302,19 @@ impl Backend for LocalBackend {
             Some(cgroup) => Some(cgroup.procs_file().try_clone().map_err(spawn_error)?),
             None => None,
         };
+        let mut env = self.job_env(&spec.env);
+        if let Some(tty) = &spec.tty {
+            env.insert("TERM".into(), tty.term.clone().into());
+        }
         let command = JobCommand::new(JobSetup {
             argv,
-            env: self.job_env(&spec.env),
+            env,
             cwd: cwd.as_deref(),
             identity: self.config.identity.as_ref().map(|id| (id.uid, id.gid)),
             cgroup_procs,
             server_pid: std::process::id(),
             stdin: spec.stdin,
+            tty: spec.tty.as_ref().map(|tty| terminal::winsize(tty.size)),
         })
         .map_err(spawn_error)?;
 
@@ -313,12 +323,8 @@ impl Backend for LocalBackend {
         let pid = leader.pid();
         let mut process = LeaderProcess::new(leader);
         let tree = Arc::new(self.processes.tree(pid, cgroup));
-        let pipes = open_pipes(spawned.stdout, spawned.stderr).and_then(|(stdout, stderr)| {
-            let stdin = spawned.stdin.map(pipe::Sender::from_owned_fd).transpose()?;
-            Ok((stdin, stdout, stderr))
-        });
-        let (stdin, stdout, stderr) = match pipes {
-            Ok(pipes) => pipes,
+        let stdio = match JobStdio::open(spawned.stdio) {
+            Ok(stdio) => stdio,
             Err(source) => {
                 // Not expected; don't leave the process running when we cannot read it.
                 tree.terminate(Duration::ZERO).await;
@@ -329,14 +335,13 @@ impl Backend for LocalBackend {
         let signaller = LocalSignaller {
             processes: Arc::clone(&self.processes),
             pid,
+            terminal: stdio.terminal.clone(),
         };
         Ok(Box::new(LocalExecution {
             process,
             tree,
             signaller: Some(signaller),
-            stdin,
-            stdout,
-            stderr,
+            stdio,
             grace: self.config.grace,
             chunk_bytes: self.config.chunk_bytes,
         }))
@@ -392,17 +397,51 @@ impl LocalBackend {
     }
 }
 
-fn open_pipes(stdout: OwnedFd, stderr: OwnedFd) -> io::Result<(pipe::Receiver, pipe::Receiver)> {
-    Ok((
-        pipe::Receiver::from_owned_fd(stdout)?,
-        pipe::Receiver::from_owned_fd(stderr)?,
-    ))
+/// The server's ends of a job's stdio, registered with the runtime.
+struct JobStdio {
+    /// Until the core takes it.
+    input: Option<Box<dyn InputSink>>,
+    stdout: OutputSource,
+    /// `None` on a terminal: everything arrives on stdout.
+    stderr: Option<OutputSource>,
+    terminal: Option<Arc<Terminal>>,
 }
 
-/// Sends signals to a job's process group (the leader's pid: `setsid` at spawn).
+impl JobStdio {
+    fn open(stdio: SpawnedStdio) -> io::Result<JobStdio> {
+        Ok(match stdio {
+            SpawnedStdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => JobStdio {
+                input: stdin
+                    .map(pipe::Sender::from_owned_fd)
+                    .transpose()?
+                    .map(|pipe| Box::new(PipeInput { pipe, grown: false }) as Box<dyn InputSink>),
+                stdout: OutputSource::Pipe(pipe::Receiver::from_owned_fd(stdout)?),
+                stderr: Some(OutputSource::Pipe(pipe::Receiver::from_owned_fd(stderr)?)),
+                terminal: None,
+            },
+            SpawnedStdio::Terminal { master } => {
+                let terminal = Terminal::new(master)?;
+                JobStdio {
+                    input: Some(Box::new(TerminalInput(Arc::clone(&terminal)))),
+                    stdout: OutputSource::Terminal(Arc::clone(&terminal)),
+                    stderr: None,
+                    terminal: Some(terminal),
+                }
+            }
+        })
+    }
+}
+
+/// Sends signals to a job's process group (the leader's pid: `setsid` at spawn) or, on a
+/// terminal, to the terminal's foreground group (where Ctrl-C would go).
 struct LocalSignaller {
     processes: Arc<Processes>,
     pid: u32,
+    terminal: Option<Arc<Terminal>>,
 }
 
 impl JobSignaller for LocalSignaller {
@@ -420,7 +459,12 @@ impl JobSignaller for LocalSignaller {
             JobSignal::Stop => Signal::SIGSTOP,
             JobSignal::Winch => Signal::SIGWINCH,
         };
-        self.processes.signal_group(self.pid, signal)
+        let group = self
+            .terminal
+            .as_ref()
+            .and_then(|terminal| terminal.foreground_group());
+        self.processes
+            .signal_group(self.pid, group.unwrap_or(self.pid), signal)
     }
 }
 
@@ -439,7 +483,7 @@ impl InputSink for PipeInput {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Ok(written) => {
                     // A write larger than the pipe: bulk input, moved in larger steps (as
-                    // output pipes are grown; see `PipeReader::grow_pipe`).
+                    // output pipes are grown; see `OutputReader::grow_pipe`).
                     if !self.grown && written < data.len() && written >= DEFAULT_PIPE_BYTES {
                         self.grown = true;
                         grow_pipe(&self.pipe, BULK_PIPE_BYTES);
@@ -460,10 +504,7 @@ struct LocalExecution {
     tree: Arc<JobTree>,
     /// Signals for the job's group, until the core takes them.
     signaller: Option<LocalSignaller>,
-    /// The write end of the job's stdin, until the core takes it.
-    stdin: Option<pipe::Sender>,
-    stdout: pipe::Receiver,
-    stderr: pipe::Receiver,
+    stdio: JobStdio,
     grace: Duration,
     chunk_bytes: usize,
 }
@@ -490,9 +531,14 @@ impl Execution for LocalExecution {
     }
 
     fn take_input(&mut self) -> Option<Box<dyn InputSink>> {
-        self.stdin
-            .take()
-            .map(|pipe| Box::new(PipeInput { pipe, grown: false }) as Box<dyn InputSink>)
+        self.stdio.input.take()
+    }
+
+    fn take_terminal(&mut self) -> Option<Box<dyn JobTerminal>> {
+        self.stdio
+            .terminal
+            .as_ref()
+            .map(|terminal| Box::new(TerminalControl(Arc::clone(terminal))) as Box<dyn JobTerminal>)
     }
 
     /// Local jobs die with this process by design: `leave` does not apply (no handle).
@@ -506,12 +552,11 @@ impl Execution for LocalExecution {
             mut process,
             tree,
             signaller: _,
-            stdin: _,
-            stdout,
-            stderr,
+            stdio,
             grace,
             chunk_bytes,
         } = *self;
+        let JobStdio { stdout, stderr, .. } = stdio;
         let pid = process.pid();
 
         // Signalling runs on its own task so a stop takes effect even while output waits for a
@@ -530,8 +575,8 @@ impl Execution for LocalExecution {
             }
         });
 
-        let mut stdout = Some(PipeReader::new(stdout, chunk_bytes, out.budget()));
-        let mut stderr = Some(PipeReader::new(stderr, chunk_bytes, out.budget()));
+        let mut stdout = Some(OutputReader::new(stdout, chunk_bytes, out.budget()));
+        let mut stderr = stderr.map(|stderr| OutputReader::new(stderr, chunk_bytes, out.budget()));
         let mut status: Option<ExitStatus> = None;
         let mut wait_error: Option<String> = None;
         let timer = sleep(Duration::MAX / 4);
@@ -601,20 +646,44 @@ impl Execution for LocalExecution {
     }
 }
 
-/// Reads a pipe in large chunks without holding a buffer while the pipe is idle, and only
-/// within the credit the output budget gives: without credit the pipe is left full and the
-/// process blocks.
-struct PipeReader {
-    pipe: pipe::Receiver,
+/// Where a job's output is read from.
+enum OutputSource {
+    Pipe(pipe::Receiver),
+    /// The job's terminal (all its output).
+    Terminal(Arc<Terminal>),
+}
+
+impl OutputSource {
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            OutputSource::Pipe(pipe) => pipe.readable().await,
+            OutputSource::Terminal(terminal) => terminal.readable().await,
+        }
+    }
+
+    /// Reads into the spare room of `buf` without waiting: `Ok(0)` at the end.
+    fn try_read(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        match self {
+            OutputSource::Pipe(pipe) => pipe.try_read_buf(buf),
+            OutputSource::Terminal(terminal) => terminal.try_read(buf),
+        }
+    }
+}
+
+/// Reads a job's output in large chunks without holding a buffer while the job is quiet, and
+/// only within the credit the output budget gives: without credit the pipe (or terminal) is
+/// left full and the process blocks.
+struct OutputReader {
+    source: OutputSource,
     chunk_bytes: usize,
     budget: JobBudget,
     grown: bool,
 }
 
-impl PipeReader {
-    fn new(pipe: pipe::Receiver, chunk_bytes: usize, budget: JobBudget) -> Self {
-        PipeReader {
-            pipe,
+impl OutputReader {
+    fn new(source: OutputSource, chunk_bytes: usize, budget: JobBudget) -> Self {
+        OutputReader {
+            source,
             chunk_bytes,
             budget,
             grown: false,
@@ -624,14 +693,14 @@ impl PipeReader {
     /// The next chunk with the credit that covers it, or `None` at end of stream.
     async fn next(&mut self) -> Option<(Bytes, Credit)> {
         loop {
-            if let Err(e) = self.pipe.readable().await {
-                warn!(error = %e, "polling a job's output pipe failed; treating it as closed");
+            if let Err(e) = self.source.readable().await {
+                warn!(error = %e, "polling a job's output failed; treating it as closed");
                 return None;
             }
             // Credit and buffer are taken only once data is ready, so idle jobs hold neither.
             let mut credit = self.budget.acquire(self.chunk_bytes).await;
-            let mut buf = BytesMut::with_capacity(credit.allowance());
-            match self.pipe.try_read_buf(&mut buf) {
+            let mut buf = Vec::with_capacity(credit.allowance());
+            match self.source.try_read(&mut buf) {
                 Ok(0) => return None,
                 Ok(n) => {
                     // Grown only when the pipe, not the budget, was what limited this read: a
@@ -648,7 +717,7 @@ impl PipeReader {
                         credit.shrink_to(n);
                         (Bytes::copy_from_slice(&buf), credit)
                     } else {
-                        (buf.freeze(), credit)
+                        (Bytes::from(buf), credit)
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -663,7 +732,10 @@ impl PipeReader {
 
     fn grow_pipe(&mut self) {
         self.grown = true;
-        grow_pipe(&self.pipe, BULK_PIPE_BYTES.min(self.chunk_bytes as i32));
+        // A terminal's buffer is the kernel's own size.
+        if let OutputSource::Pipe(pipe) = &self.source {
+            grow_pipe(pipe, BULK_PIPE_BYTES.min(self.chunk_bytes as i32));
+        }
     }
 }
 
@@ -675,7 +747,7 @@ fn grow_pipe(pipe: &impl std::os::fd::AsFd, size: i32) {
     }
 }
 
-async fn read_next(reader: Option<&mut PipeReader>) -> Option<(Bytes, Credit)> {
+async fn read_next(reader: Option<&mut OutputReader>) -> Option<(Bytes, Credit)> {
     match reader {
         Some(reader) => reader.next().await,
         None => std::future::pending().await,
@@ -687,14 +759,13 @@ mod tests {
     use std::{
         fs::File,
         io::Read,
+        os::fd::OwnedFd,
         os::unix::fs::PermissionsExt,
         path::{Path, PathBuf},
     };
 
     use super::*;
     use nix::libc;
-
-    use crate::backend::local::spawn::Spawned;
 
     fn config() -> LocalConfig {
         crate::testing::local_config(false)
@@ -756,6 +827,7 @@ mod tests {
             cgroup_procs: None,
             server_pid: std::process::id(),
             stdin: false,
+            tty: None,
         })
         .unwrap()
     }
@@ -771,7 +843,10 @@ mod tests {
     /// Runs a job to its end: stdout, stderr, exit status.
     async fn run(command: &JobCommand) -> io::Result<(String, String, ExitStatus)> {
         let processes = Processes::new(false, None);
-        let (leader, Spawned { stdout, stderr, .. }) = processes.spawn_leader(command)?;
+        let (leader, spawned) = processes.spawn_leader(command)?;
+        let SpawnedStdio::Pipes { stdout, stderr, .. } = spawned.stdio else {
+            unreachable!("spawned without a terminal");
+        };
         let mut process = LeaderProcess::new(leader);
         let (stdout, stderr) = (read_all(stdout), read_all(stderr));
         let status = process.wait().await?;

@@ -8,7 +8,8 @@ use crate::{
     job::{
         Capabilities, Delivered, DeliveryProgress, DisconnectPolicy, EventKind, ExitSummary,
         GapPolicy, JobEvent, JobFilter, JobId, JobMeta, JobSignal, JobSnapshot, JobSpec, JobState,
-        ListCursor, Pace, Position, Program, SinkHealth, StreamKind,
+        ListCursor, MAX_TERMINAL_CELLS, Pace, Position, Program, ScreenSnapshot, SinkHealth,
+        StreamKind, TerminalSize, TtySpec,
     },
     proto as pb,
 };
@@ -125,7 +126,63 @@ pub fn job_spec(req: pb::ExecRequest) -> Result<JobSpec, Error> {
         on_disconnect,
         idempotency_key,
         stdin: req.stdin,
+        tty: req.tty.map(tty_spec).transpose()?,
     })
+}
+
+/// TERM when a `tty` request names none.
+const DEFAULT_TERM: &str = "xterm-256color";
+const MAX_TERM_BYTES: usize = 64;
+
+/// Validates a request's terminal: a size of at most `MAX_TERMINAL_CELLS` cells (0 for the
+/// default) and a TERM that names a terminfo entry.
+fn tty_spec(tty: pb::TtyOptions) -> Result<TtySpec, Error> {
+    let rows = if tty.rows == 0 { 24 } else { tty.rows };
+    let cols = if tty.cols == 0 { 80 } else { tty.cols };
+    let term = if tty.term.is_empty() {
+        DEFAULT_TERM.to_owned()
+    } else if tty.term.len() > MAX_TERM_BYTES
+        || !tty
+            .term
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+    {
+        return invalid(format!(
+            "tty.term {:?} is not a terminal type (letters, digits, '-', '_', '.', '+'; at most \
+             {MAX_TERM_BYTES} bytes)",
+            tty.term
+        ));
+    } else {
+        tty.term
+    };
+    Ok(TtySpec {
+        size: terminal_size("tty", rows, cols)?,
+        term,
+    })
+}
+
+/// Validates a terminal size: each side at least 1, at most `MAX_TERMINAL_CELLS` cells.
+pub fn terminal_size(field: &str, rows: u32, cols: u32) -> Result<TerminalSize, Error> {
+    let cells = u64::from(rows) * u64::from(cols);
+    if rows == 0 || cols == 0 || cells > u64::from(MAX_TERMINAL_CELLS) {
+        return invalid(format!(
+            "{field} size {rows}x{cols} is out of bounds: rows and cols at least 1, and at most \
+             {MAX_TERMINAL_CELLS} cells (rows x cols)"
+        ));
+    }
+    // Both fit in u16: each is at most MAX_TERMINAL_CELLS / 1.
+    Ok(TerminalSize {
+        rows: u16::try_from(rows).unwrap_or(u16::MAX),
+        cols: u16::try_from(cols).unwrap_or(u16::MAX),
+    })
+}
+
+fn tty_options(tty: TtySpec) -> pb::TtyOptions {
+    pb::TtyOptions {
+        rows: tty.size.rows.into(),
+        cols: tty.size.cols.into(),
+        term: tty.term,
+    }
 }
 
 /// A positive protobuf Duration, checked field by field.
@@ -150,16 +207,31 @@ fn positive_duration(
     }
 }
 
+/// Where an Attach starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachFrom {
+    /// A position in the job's log.
+    Log(Position),
+    /// A `tty` job's screen as it is now (`snapshot`).
+    Screen,
+}
+
 /// Validates an Attach stream's first request.
 pub fn attach_open(
     req: Option<pb::AttachRequest>,
-) -> Result<(JobId, Position, GapPolicy, Pace), Error> {
+) -> Result<(JobId, AttachFrom, GapPolicy, Pace), Error> {
     let open = match req.and_then(|r| r.kind) {
         Some(pb::attach_request::Kind::Open(open)) => open,
         _ => return invalid("the first Attach request must be `open`"),
     };
     let id = job_id(open.job_id)?;
-    let position = open.from.map_or(Ok(Position::Start), resume_from)?;
+    let position = match (open.snapshot, open.from) {
+        (true, Some(_)) => {
+            return invalid("set `snapshot` or `from`, not both: a snapshot starts from now");
+        }
+        (true, None) => AttachFrom::Screen,
+        (false, from) => AttachFrom::Log(from.map_or(Ok(Position::Start), resume_from)?),
+    };
     let on_gap = match pb::GapPolicy::try_from(open.on_gap) {
         Ok(pb::GapPolicy::Unspecified | pb::GapPolicy::Report) => GapPolicy::Report,
         Ok(pb::GapPolicy::Fail) => GapPolicy::Fail,
@@ -185,6 +257,7 @@ pub enum FollowUp {
     },
     CloseInput,
     Signal(JobSignal),
+    Resize(TerminalSize),
     /// A request this server does not know: empty, or of a newer version of the API.
     Unknown,
 }
@@ -200,6 +273,9 @@ pub fn follow_up(req: pb::AttachRequest) -> Result<FollowUp, Error> {
         }),
         Some(Kind::CloseInput(_)) => Ok(FollowUp::CloseInput),
         Some(Kind::Signal(signal)) => job_signal(signal).map(FollowUp::Signal),
+        Some(Kind::Resize(size)) => {
+            terminal_size("resize", size.rows, size.cols).map(FollowUp::Resize)
+        }
         None => Ok(FollowUp::Unknown),
     }
 }
@@ -396,6 +472,24 @@ pub fn delivered(job_id: &JobId, delivered: Delivered) -> pb::ExecEvent {
             time: Some(SystemTime::now().into()),
             kind: Some(pb::exec_event::Kind::Keepalive(pb::Keepalive {})),
         },
+        Delivered::Snapshot(snapshot) => pb::ExecEvent {
+            job_id: job_id.to_string(),
+            seq: snapshot.seq,
+            time: Some(SystemTime::now().into()),
+            kind: Some(pb::exec_event::Kind::Snapshot(screen_snapshot(snapshot))),
+        },
+    }
+}
+
+fn screen_snapshot(snapshot: ScreenSnapshot) -> pb::Snapshot {
+    pb::Snapshot {
+        screen: snapshot.screen,
+        rows: snapshot.size.rows.into(),
+        cols: snapshot.size.cols.into(),
+        cursor_row: snapshot.cursor.0.into(),
+        cursor_col: snapshot.cursor.1.into(),
+        stdout_offset: snapshot.stdout_offset,
+        alternate_screen: snapshot.alternate_screen,
     }
 }
 
@@ -406,10 +500,12 @@ pub fn exec_event(job_id: &JobId, event: JobEvent) -> pb::ExecEvent {
             backend,
             pid,
             capabilities,
+            tty,
         } => pb::exec_event::Kind::Started(pb::Started {
             backend: backend.to_owned(),
             pid: pid.unwrap_or(0),
             capabilities: Some(capabilities_message(capabilities)),
+            tty: tty.map(tty_options),
         }),
         EventKind::Output {
             stream,
@@ -505,6 +601,7 @@ pub fn status_response(job: JobSnapshot) -> pb::StatusResponse {
         }),
         stdin_accepted_bytes: job.stdin.map_or(0, |s| s.accepted_bytes),
         stdin_open: job.stdin.is_some_and(|s| s.open),
+        tty: job.tty.map(tty_options),
     }
 }
 

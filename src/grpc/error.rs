@@ -4,7 +4,7 @@ use tonic::{Code, Status};
 
 use crate::{
     error::Error,
-    job::{BackendError, InputError},
+    job::{BackendError, InputError, ResizeRefused},
 };
 
 impl From<Error> for Status {
@@ -44,6 +44,13 @@ impl From<Error> for Status {
                 ..
             } => Code::OutOfRange,
             Error::Unsupported { .. } | Error::Signal { .. } => Code::FailedPrecondition,
+            // Room frees as running jobs' readers take their output.
+            Error::NoRoomForScreen(_)
+            | Error::Resize {
+                source: ResizeRefused::NoRoom(_),
+                ..
+            } => Code::ResourceExhausted,
+            Error::Resize { .. } => Code::FailedPrecondition,
         };
         Status::new(code, err.to_string())
     }
@@ -57,6 +64,11 @@ mod tests {
 
     #[test]
     fn every_error_has_its_code() {
+        let no_room = crate::job::NoRoomForScreen {
+            rows: 24,
+            cols: 80,
+            bytes: 122_880,
+        };
         let cases = [
             (Error::InvalidArgument("x".into()), Code::InvalidArgument),
             (
@@ -129,6 +141,35 @@ mod tests {
                 },
                 Code::FailedPrecondition,
             ),
+            (
+                Error::Resize {
+                    job_id: "j".into(),
+                    source: ResizeRefused::NoTerminal,
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::Resize {
+                    job_id: "j".into(),
+                    source: ResizeRefused::Finished,
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::Resize {
+                    job_id: "j".into(),
+                    source: ResizeRefused::Failed("EIO".into()),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::Resize {
+                    job_id: "j".into(),
+                    source: ResizeRefused::NoRoom(no_room.clone()),
+                },
+                Code::ResourceExhausted,
+            ),
+            (Error::NoRoomForScreen(no_room), Code::ResourceExhausted),
             (
                 BackendError::SandboxNotFound {
                     what: "sandbox \"s\"".into(),

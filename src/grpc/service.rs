@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert;
 use crate::{
     error::Error,
-    job::{InputClosed, InputError, JobStream, Jobs, SignalRefused},
+    job::{InputClosed, InputError, JobStream, Jobs, ResizeRefused, SignalRefused},
     proto::{self as pb, sandbox_service_server::SandboxService},
 };
 
@@ -76,8 +76,13 @@ impl SandboxService for SandboxApi {
                     ATTACH_OPEN_TIMEOUT.as_secs()
                 ))
             })??;
-        let (id, position, on_gap, pace) = convert::attach_open(first)?;
-        let events = self.jobs.attach(&id, position, on_gap, pace).await?;
+        let (id, from, on_gap, pace) = convert::attach_open(first)?;
+        let events = match from {
+            convert::AttachFrom::Log(position) => {
+                self.jobs.attach(&id, position, on_gap, pace).await?
+            }
+            convert::AttachFrom::Screen => self.jobs.attach_to_screen(&id, on_gap, pace).await?,
+        };
         Ok(Response::new(Box::pin(attach_stream(events, inbound))))
     }
 
@@ -137,6 +142,17 @@ impl SandboxService for SandboxApi {
         let signal = convert::job_signal(request.signal)?;
         self.jobs.signal(&id, signal)?;
         Ok(Response::new(pb::SignalResponse {}))
+    }
+
+    async fn resize(
+        &self,
+        request: Request<pb::ResizeRequest>,
+    ) -> Result<Response<pb::ResizeResponse>, Status> {
+        let request = request.into_inner();
+        let id = convert::job_id(request.job_id)?;
+        let size = convert::terminal_size("resize", request.rows, request.cols)?;
+        self.jobs.resize(&id, size)?;
+        Ok(Response::new(pb::ResizeResponse {}))
     }
 
     async fn health(
@@ -254,16 +270,20 @@ impl AttachState {
         }
     }
 
-    /// Acts on a request: a signal at once, a write now or after the one under way.
+    /// Acts on a request: a signal or resize at once, a write now or after the one under way.
     fn take(&mut self, follow_up: convert::FollowUp) -> Result<(), Status> {
         match follow_up {
             convert::FollowUp::Signal(signal) => match self.events.signal(signal) {
                 Ok(()) => Ok(()),
                 Err(e) => ends_attach(e).map_or(Ok(()), Err),
             },
+            convert::FollowUp::Resize(size) => match self.events.resize(size) {
+                Ok(()) => Ok(()),
+                Err(e) => ends_attach(e).map_or(Ok(()), Err),
+            },
             convert::FollowUp::Unknown => Err(Status::unimplemented(
-                "unknown Attach request: this server takes `open`, `input`, `close_input` and \
-                 `signal` (resize is not implemented yet)",
+                "unknown Attach request: this server takes `open`, `input`, `close_input`, \
+                 `signal` and `resize`",
             )),
             write if self.writing.is_some() => {
                 self.queued = Some(write);
@@ -300,6 +320,10 @@ fn ends_attach(e: Error) -> Option<Status> {
         } if *why != InputClosed::NotRequested => None,
         Error::Signal {
             source: SignalRefused::Exited | SignalRefused::Finished,
+            ..
+        }
+        | Error::Resize {
+            source: ResizeRefused::Finished,
             ..
         } => None,
         _ => Some(Status::from(e)),

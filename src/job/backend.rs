@@ -10,7 +10,7 @@ use std::{collections::HashSet, time::Duration};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::{InputSink, JobOutput, JobSpec};
+use super::{InputSink, JobOutput, JobSpec, TerminalSize};
 
 /// Somewhere jobs run.
 #[async_trait]
@@ -105,6 +105,11 @@ pub trait Execution: Send {
         None
     }
 
+    /// The terminal of a job started with [`JobSpec::tty`] (taken once, before `run`).
+    fn take_terminal(&mut self) -> Option<Box<dyn JobTerminal>> {
+        None
+    }
+
     /// Streams all output into `out` and returns how the job ended. When `stop` is cancelled,
     /// the backend stops the job (gracefully, then forcibly) and still delivers the output
     /// produced until then. Returns only once nothing of the job is left running, except when
@@ -153,6 +158,26 @@ pub enum JobSignal {
 pub trait JobSignaller: Send + Sync {
     /// Fails once the job's main process has exited (its group may be gone, and its id reused).
     fn signal(&self, signal: JobSignal) -> Result<(), SignalRefused>;
+}
+
+/// The terminal a job runs on, for what is not its input or output.
+pub trait JobTerminal: Send + Sync {
+    /// Sets its size; the job's foreground process group gets SIGWINCH.
+    fn resize(&self, size: TerminalSize) -> std::io::Result<()>;
+}
+
+/// Why a job's terminal was not resized.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResizeRefused {
+    #[error("it has no terminal (start it with `tty`)")]
+    NoTerminal,
+    #[error("it has finished")]
+    Finished,
+    #[error("{0}")]
+    NoRoom(#[from] super::screen::NoRoomForScreen),
+    /// The system refused (the terminal is gone).
+    #[error("the system refused: {0}")]
+    Failed(String),
 }
 
 /// Why a signal was not sent.

@@ -95,6 +95,13 @@ impl OutputBudget {
             .expect("the output budget's semaphore is never closed")
     }
 
+    /// Counts `bytes` in the shared pool if they are free now: for memory a job holds for its
+    /// whole life (a terminal's screen), which must not wait for output to drain.
+    pub fn try_hold_shared(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let bytes = u32::try_from(bytes).ok()?;
+        Arc::clone(&self.shared).try_acquire_many_owned(bytes).ok()
+    }
+
     /// Bytes of the shared pool in use now.
     pub fn shared_in_use(&self) -> usize {
         self.shared_bytes - self.shared.available_permits()

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::Capabilities;
+use super::{Capabilities, TtySpec};
 
 /// Which output stream bytes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +54,8 @@ pub enum EventKind {
         pid: Option<u32>,
         /// What the backend's jobs can do.
         capabilities: Capabilities,
+        /// The job's terminal as it started, for a `tty` job.
+        tty: Option<TtySpec>,
     },
     Output {
         stream: StreamKind,

@@ -20,6 +20,12 @@ pub trait InputSink: Send {
     /// Writes some of `data` (at least one byte of a non-empty slice), waiting while the
     /// process has no room for it. Cancel-safe: a cancelled write wrote nothing.
     async fn write(&mut self, data: &[u8]) -> std::io::Result<usize>;
+
+    /// Tells the process there is no more input, where dropping the sink is not how (a
+    /// terminal's end-of-file character, say); it is dropped right after.
+    async fn close(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Why a job takes no more input.
@@ -168,6 +174,14 @@ impl JobInput {
         let mut sink = self.sink.lock().await;
         if sink.to.is_none() && sink.closed == InputClosed::NotRequested {
             return Err(InputError::Closed(InputClosed::NotRequested));
+        }
+        if let Some(to) = sink.to.as_mut() {
+            tokio::select! {
+                closed = to.close() => if let Err(e) = closed {
+                    tracing::debug!(error = %e, "telling a job its input ended failed");
+                },
+                _ = self.ended.cancelled() => {}
+            }
         }
         self.close_locked(&mut sink, InputClosed::ByClient);
         Ok(self.accepted())

@@ -32,6 +32,7 @@ pub(super) async fn drive(
         backend: job.backend,
         pid: execution.pid(),
         capabilities: job.capabilities,
+        tty: job.tty.clone(),
     })
     .await;
 

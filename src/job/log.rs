@@ -112,6 +112,9 @@ pub enum Delivered {
     Keepalive {
         last_seq: Option<u64>,
     },
+    /// The screen of a `tty` job after the event `seq` (not from the log: its stream sends it
+    /// in place of replayed terminal output; see `JobStream`).
+    Snapshot(super::ScreenSnapshot),
 }
 
 /// Why a reader cannot be opened, or cannot go on.
@@ -668,6 +671,24 @@ impl LogReader {
         self.holds
     }
 
+    /// Moves the reader on to `seq` (nothing before it is delivered): for a reader that was
+    /// given a snapshot of the screen the events before `seq` drew. Never moves it back.
+    pub fn skip_to(&mut self, seq: u64) {
+        if seq <= self.cursor {
+            return;
+        }
+        let log = Arc::clone(&self.log);
+        let state = log.lock();
+        let (ends, exact) = state.offsets_before(seq);
+        self.cursor = seq;
+        self.delivered_ends = ends;
+        self.ends_exact = exact;
+        self.skip_below = ends;
+        self.requested = Position::AfterSeq(seq - 1);
+        self.last_seq = Some(seq - 1);
+        self.pin(state, seq);
+    }
+
     /// The next thing to deliver: an event, a gap, or (after `keepalive` with nothing) a
     /// keepalive; `None` after `Exited`.
     pub async fn next(&mut self, keepalive: Duration) -> Option<Result<Delivered, PositionError>> {
@@ -965,6 +986,7 @@ mod tests {
                 backend: "test",
                 pid: None,
                 capabilities: Default::default(),
+                tty: None,
             });
             self.log.push(event, Credit::default(), &self.budget).await;
         }
@@ -1021,6 +1043,7 @@ mod tests {
                     g.exact
                 ),
                 Delivered::Keepalive { .. } => break,
+                Delivered::Snapshot(s) => format!("snapshot(seq {})", s.seq),
             });
         }
         seen

@@ -1,5 +1,7 @@
 //! The job core: what a job is (`spec`), the events it emits (`event`), how its output is
-//! sequenced (`output`) and kept for any number of readers (`log`), what watchers may take (`watch_rate`), what clients write to a job (`input`), how one job runs from start to its single `Exited`
+//! sequenced (`output`) and kept for any number of readers (`log`), what watchers may take
+//! (`watch_rate`), what clients write to a job (`input`), a `tty` job's screen (`screen`), how
+//! one job runs from start to its single `Exited`
 //! event (`lifecycle`), and the table of running and recently finished jobs (`registry`).
 //!
 //! The core owns the traits of what it drives: [`Backend`]/[`Execution`] (`backend`: where
@@ -17,6 +19,7 @@ mod log;
 mod output;
 mod record;
 mod registry;
+mod screen;
 mod sink;
 mod spec;
 #[cfg(test)]
@@ -24,8 +27,8 @@ mod tests;
 mod watch_rate;
 
 pub use backend::{
-    Backend, BackendCause, BackendError, Capabilities, Execution, JobSignal, JobSignaller, Outcome,
-    RemoteState, SignalRefused,
+    Backend, BackendCause, BackendError, Capabilities, Execution, JobSignal, JobSignaller,
+    JobTerminal, Outcome, RemoteState, ResizeRefused, SignalRefused,
 };
 pub use budget::{Credit, JobBudget, OutputBudget};
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};
@@ -38,5 +41,6 @@ pub use log::{
 pub use output::JobOutput;
 pub use record::JobSnapshot;
 pub use registry::{JobFilter, JobStream, Jobs, JobsConfig, ListCursor};
+pub use screen::{MAX_TERMINAL_CELLS, NoRoomForScreen, ScreenSnapshot};
 pub use sink::{DeliveryProgress, DeliveryReport, JobSink, Sink, SinkHealth, Sinks};
-pub use spec::{DisconnectPolicy, JobId, JobMeta, JobSpec, Program};
+pub use spec::{DisconnectPolicy, JobId, JobMeta, JobSpec, Program, TerminalSize, TtySpec};

@@ -100,6 +100,15 @@ impl JobOutput {
         for sink in &mut self.sinks {
             sink.event(&event);
         }
+        // Drawn once in the log, so that the screen is never ahead of the log: a reader that
+        // starts from a snapshot goes on from events the log has.
+        let drawn = match (&self.record.screen, &event.kind) {
+            (Some(_), EventKind::Output { data, .. }) => Some((event.seq, data.clone())),
+            _ => None,
+        };
         self.log.push(event, credit, &self.budget).await;
+        if let (Some(screen), Some((seq, data))) = (&self.record.screen, drawn) {
+            screen.draw(seq, &data);
+        }
     }
 }

@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Capabilities, DisconnectPolicy, ExitSummary, JobId, JobMeta, JobSignal, JobSignaller, JobSpec,
-    JobState, SignalRefused, StreamKind,
+    JobState, JobTerminal, ResizeRefused, SignalRefused, StreamKind, TerminalSize, TtySpec,
     input::JobInput,
     log::{EventLog, LogSummary},
+    screen::Screen,
 };
 use super::{DeliveryProgress, DeliveryReport};
 
@@ -81,6 +82,8 @@ pub struct JobSnapshot {
     pub log: Option<LogSummary>,
     /// The job's stdin; `None` for a job of another replica.
     pub stdin: Option<StdinSummary>,
+    /// The job's terminal now (its last size), for a `tty` job.
+    pub tty: Option<TtySpec>,
 }
 
 /// A job's stdin, for Status.
@@ -114,6 +117,12 @@ pub(crate) struct JobRecord {
     pub(crate) input: Arc<JobInput>,
     /// What sends the job signals; `None` where its backend cannot.
     signaller: Option<Box<dyn JobSignaller>>,
+    /// The job's terminal as it started, for a `tty` job.
+    pub(crate) tty: Option<TtySpec>,
+    /// Resizes its terminal, for a `tty` job.
+    terminal: Option<Box<dyn JobTerminal>>,
+    /// Its screen, drawn from its output, for a `tty` job.
+    pub(crate) screen: Option<Screen>,
     /// The Exec request's idempotency key, forgotten with the job.
     pub(crate) idempotency_key: Option<String>,
     /// The backend's handle of the job, when any replica can reach it.
@@ -124,6 +133,15 @@ pub(crate) struct JobRecord {
     /// Started elsewhere (another replica, or an earlier run of this one) and followed here:
     /// this replica's seqs are its own, and it never owns the job.
     pub(crate) followed: bool,
+}
+
+/// What clients reach a running job through, beside its output.
+pub(crate) struct JobControls {
+    pub(crate) input: JobInput,
+    pub(crate) signaller: Option<Box<dyn JobSignaller>>,
+    pub(crate) terminal: Option<Box<dyn JobTerminal>>,
+    /// With the terminal's settings as the job started.
+    pub(crate) screen: Option<(Screen, TtySpec)>,
 }
 
 /// How a job's record starts: what a started job takes from its request, what a followed job
@@ -165,8 +183,16 @@ impl JobRecord {
         (backend, capabilities): (&'static str, Capabilities),
         (stop, leave): (CancellationToken, CancellationToken),
         mirror: Option<Arc<dyn DeliveryReport>>,
-        (log, input, signaller): (Arc<EventLog>, JobInput, Option<Box<dyn JobSignaller>>),
+        log: Arc<EventLog>,
+        controls: JobControls,
     ) -> Self {
+        let JobControls {
+            input,
+            signaller,
+            terminal,
+            screen,
+        } = controls;
+        let (screen, tty) = screen.unzip();
         // The monotonic start, as far back as the wall-clock one says (a followed job started
         // before this replica saw it).
         let age = SystemTime::now()
@@ -190,6 +216,9 @@ impl JobRecord {
             log,
             input: Arc::new(input),
             signaller,
+            tty,
+            terminal,
+            screen,
             idempotency_key: init.idempotency_key,
             handle: init.handle,
             leave,
@@ -243,6 +272,23 @@ impl JobRecord {
         }
     }
 
+    /// Sets the size of the job's terminal (and of its screen).
+    pub(crate) fn resize(&self, size: TerminalSize) -> Result<(), ResizeRefused> {
+        if self.is_finished() {
+            return Err(ResizeRefused::Finished);
+        }
+        let (Some(terminal), Some(screen)) = (&self.terminal, &self.screen) else {
+            return Err(ResizeRefused::NoTerminal);
+        };
+        let before = screen.size();
+        screen.resize(size)?;
+        terminal.resize(size).map_err(|e| {
+            // Keep the screen the terminal's size; shrinking back always fits the budget.
+            let _ = screen.resize(before);
+            ResizeRefused::Failed(e.to_string())
+        })
+    }
+
     pub(crate) fn finish(&self, summary: ExitSummary) {
         // Only the lifecycle task finishes a job, once.
         let _ = self.exit.set(summary);
@@ -270,6 +316,10 @@ impl JobRecord {
             stdin: Some(StdinSummary {
                 accepted_bytes: self.input.accepted(),
                 open: self.input.is_open(),
+            }),
+            tty: self.tty.as_ref().map(|tty| TtySpec {
+                size: self.screen.as_ref().map_or(tty.size, Screen::size),
+                term: tty.term.clone(),
             }),
         }
     }

@@ -20,12 +20,13 @@ use tracing::{Instrument, info, info_span, warn};
 use super::{
     Backend, Capabilities, DisconnectPolicy, EventKind, Execution, ExitSummary, JobEvent, JobId,
     JobIdCodec, JobLocation, JobMeta, JobOutput, JobSignal, JobSink, JobSpec, JobState,
-    RemoteState, SignalRefused, Sinks,
+    RemoteState, ResizeRefused, SignalRefused, Sinks, TerminalSize, TtySpec,
     budget::OutputBudget,
     input::{InputClosed, InputError, JobInput},
     lifecycle,
     log::{Delivered, EventLog, GapPolicy, LogLimits, LogReader, Pace, Position, PositionError},
-    record::{JobRecord, JobSnapshot, RecordInit, StopReason},
+    record::{JobControls, JobRecord, JobSnapshot, RecordInit, StopReason},
+    screen::Screen,
     watch_rate::WatchRate,
 };
 use crate::error::Error;
@@ -283,12 +284,23 @@ impl Jobs {
                 humantime::format_duration(self.config.max_timeout)
             )));
         }
-        if spec.stdin && !self.backend.capabilities().stdin {
-            return Err(Error::Unsupported {
-                backend: self.backend.name(),
-                capability: "stdin",
-            });
+        let capabilities = self.backend.capabilities();
+        for (asked, can, capability) in [
+            (spec.stdin, capabilities.stdin, "stdin"),
+            (spec.tty.is_some(), capabilities.tty, "tty"),
+        ] {
+            if asked && !can {
+                return Err(Error::Unsupported {
+                    backend: self.backend.name(),
+                    capability,
+                });
+            }
         }
+        // Before anything runs: a job whose screen does not fit is refused.
+        let screen = match &spec.tty {
+            Some(tty) => Some((Screen::new(tty.size, &self.budget)?, tty.clone())),
+            None => None,
+        };
         let permit =
             Arc::clone(&self.permits)
                 .try_acquire_owned()
@@ -337,7 +349,7 @@ impl Jobs {
         let (record, job) = self.prepare(
             &id,
             RecordInit::started(&spec, handle),
-            execution,
+            (execution, screen),
             sinks,
             (timeout, spec.on_disconnect),
             Some(permit),
@@ -376,7 +388,7 @@ impl Jobs {
         &self,
         id: &JobId,
         init: RecordInit,
-        mut execution: Box<dyn Execution>,
+        (mut execution, screen): (Box<dyn Execution>, Option<(Screen, TtySpec)>),
         sinks: Vec<Box<dyn JobSink>>,
         (timeout, on_disconnect): (Duration, DisconnectPolicy),
         permit: Option<OwnedSemaphorePermit>,
@@ -400,14 +412,20 @@ impl Jobs {
             Some(sink) => JobInput::open(sink),
             None => JobInput::none(),
         };
-        let signaller = execution.take_signaller();
+        let controls = JobControls {
+            input,
+            signaller: execution.take_signaller(),
+            terminal: execution.take_terminal(),
+            screen,
+        };
         let record = Arc::new(JobRecord::new(
             id.clone(),
             init,
             (self.backend.name(), self.backend.capabilities()),
             (stop, leave),
             mirror,
-            (Arc::clone(&log), input, signaller),
+            Arc::clone(&log),
+            controls,
         ));
         let output = JobOutput::new(
             Arc::clone(&record),
@@ -462,6 +480,7 @@ impl Jobs {
             pending: None,
             record: Arc::clone(record),
             reader,
+            snapshot_due: false,
             keepalive: self.config.keepalive,
             _cancel_on_drop: cancel.then(|| CancelOnDrop(Arc::clone(record))),
         }
@@ -486,6 +505,27 @@ impl Jobs {
                     .await
             }
         }
+    }
+
+    /// Follows a `tty` job from its screen as it is now: a snapshot, then live output. A job
+    /// without a terminal is followed from the start.
+    pub async fn attach_to_screen(
+        self: &Arc<Self>,
+        id: &JobId,
+        on_gap: GapPolicy,
+        pace: Pace,
+    ) -> Result<JobStream, Error> {
+        if let Found::Here(record) = self.lookup(id)?
+            && let Some(screen) = &record.screen
+        {
+            // After what the screen has drawn (the log always holds that seq); the snapshot
+            // sent first is taken again when the stream starts, and the reader moves on to it.
+            let drawn = screen.drawn_seq();
+            let mut stream = self.open_reader(&record, Position::AfterSeq(drawn), on_gap, pace)?;
+            stream.snapshot_due = true;
+            return Ok(stream);
+        }
+        self.attach(id, Position::Start, on_gap, pace).await
     }
 
     fn open_reader(
@@ -552,7 +592,8 @@ impl Jobs {
         let (record, job) = self.prepare(
             id,
             init,
-            execution,
+            // A job's terminal is not in its id: a followed job has no screen here.
+            (execution, None),
             Vec::new(),
             (
                 timeout,
@@ -692,6 +733,18 @@ impl Jobs {
         }
     }
 
+    /// Sets the size of a job's terminal.
+    pub fn resize(&self, id: &JobId, size: TerminalSize) -> Result<(), Error> {
+        match self.lookup(id)? {
+            Found::Here(record) => resize_job(&record, size),
+            // Only jobs with handles are found elsewhere, and a handle carries no terminal.
+            Found::Elsewhere(..) => Err(Error::Resize {
+                job_id: id.to_string(),
+                source: ResizeRefused::NoTerminal,
+            }),
+        }
+    }
+
     fn input_of(&self, id: &JobId) -> Result<Arc<JobInput>, Error> {
         match self.lookup(id)? {
             Found::Here(record) => Ok(Arc::clone(&record.input)),
@@ -801,6 +854,7 @@ impl Jobs {
             on_disconnect: DisconnectPolicy::default(),
             log: None,
             stdin: None,
+            tty: None,
         })
     }
 
@@ -988,6 +1042,14 @@ fn reader_for(
         .map_err(|source| position_error(&record.id, source))
 }
 
+/// Sets the size of `record`'s job's terminal, or says why not.
+fn resize_job(record: &JobRecord, size: TerminalSize) -> Result<(), Error> {
+    record.resize(size).map_err(|source| Error::Resize {
+        job_id: record.id.to_string(),
+        source,
+    })
+}
+
 /// Sends `record`'s job `signal`, or says why not.
 fn signal_job(record: &JobRecord, signal: JobSignal) -> Result<(), Error> {
     record.signal(signal).map_err(|source| Error::Signal {
@@ -1059,6 +1121,8 @@ pub struct JobStream {
     pending: Option<Result<Delivered, PositionError>>,
     /// The job, whose stdin any attached client may write to, and which it may signal.
     record: Arc<JobRecord>,
+    /// A `tty` job's screen is sent next (after a gap, or first when asked for).
+    snapshot_due: bool,
     _cancel_on_drop: Option<CancelOnDrop>,
 }
 
@@ -1083,6 +1147,11 @@ impl JobStream {
         signal_job(&self.record, signal)
     }
 
+    /// Sets the size of the job's terminal.
+    pub fn resize(&self, size: TerminalSize) -> Result<(), Error> {
+        resize_job(&self.record, size)
+    }
+
     /// Closes the job's stdin (see [`JobInput::close`]), as `write_input`.
     pub fn close_input(
         &self,
@@ -1101,10 +1170,25 @@ impl JobStream {
             }
             watching.unpaid = 0;
         }
+        if self.snapshot_due
+            && let Some(screen) = &self.record.screen
+        {
+            self.snapshot_due = false;
+            let snapshot = screen.snapshot();
+            // The screen holds what the events up to its seq drew: the stream goes on after
+            // them (should they be evicted meanwhile, a gap and a new snapshot follow).
+            self.reader.skip_to(snapshot.seq + 1);
+            return Some(Ok(Delivered::Snapshot(snapshot)));
+        }
         // Kept across an await that may be cancelled (the Attach handler selects on this and
         // on the client's messages), so no event is ever lost between the log and the client.
         if self.pending.is_none() {
             self.pending = Some(self.reader.next(self.keepalive).await?);
+        }
+        // Terminal output replayed after a gap would start inside an escape sequence: the
+        // screen is sent instead.
+        if let Some(Ok(Delivered::Gap(_))) = &self.pending {
+            self.snapshot_due = self.record.screen.is_some();
         }
         let watched_bytes = match &self.pending {
             Some(Ok(Delivered::Event(JobEvent {

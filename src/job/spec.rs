@@ -80,6 +80,25 @@ pub struct JobSpec {
     /// Keep the job's stdin open for clients to write to (see `input`); otherwise it reads
     /// /dev/null.
     pub stdin: bool,
+    /// Run the job on a terminal (stdin, stdout and stderr all on it; stdin always open)
+    /// rather than on pipes.
+    pub tty: Option<TtySpec>,
+}
+
+/// A terminal's size, in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminalSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// The terminal a job runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TtySpec {
+    /// Its size when the program starts.
+    pub size: TerminalSize,
+    /// The job's TERM.
+    pub term: String,
 }
 
 impl JobSpec {
@@ -94,6 +113,7 @@ impl JobSpec {
             on_disconnect: DisconnectPolicy::default(),
             idempotency_key: None,
             stdin: false,
+            tty: None,
         }
     }
 }

@@ -135,6 +135,7 @@ impl EventsOnly for JobStream {
                 Ok(Delivered::Event(event)) => return Some(Ok(event)),
                 Ok(Delivered::Keepalive { .. }) => {}
                 Ok(Delivered::Gap(gap)) => panic!("unexpected gap: {gap:?}"),
+                Ok(Delivered::Snapshot(s)) => panic!("unexpected snapshot: {s:?}"),
                 Err(e) => return Some(Err(e)),
             }
         }

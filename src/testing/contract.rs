@@ -30,6 +30,7 @@ pub fn attach_open(
             }),
             on_gap: on_gap as i32,
             lossless,
+            snapshot: false,
         })),
     }
 }
@@ -61,6 +62,8 @@ pub struct Run {
     pub exited_after: Duration,
     /// Gaps the stream reported (none for a reader that kept up).
     pub gaps: Vec<pb::Gap>,
+    /// Screens of a `tty` job the stream sent in place of output.
+    pub snapshots: Vec<pb::Snapshot>,
 }
 
 impl Run {
@@ -98,6 +101,7 @@ pub struct Job {
     first_output: Option<Duration>,
     exited: Option<(pb::Exited, Duration)>,
     gaps: Vec<pb::Gap>,
+    snapshots: Vec<pb::Snapshot>,
 }
 
 impl Job {
@@ -159,6 +163,7 @@ impl Job {
             first_output: None,
             exited: None,
             gaps: Vec::new(),
+            snapshots: Vec::new(),
         }
     }
 
@@ -196,6 +201,11 @@ impl Job {
     /// Gaps met so far.
     pub fn gaps(&self) -> &[pb::Gap] {
         &self.gaps
+    }
+
+    /// Screen snapshots met so far.
+    pub fn snapshots(&self) -> &[pb::Snapshot] {
+        &self.snapshots
     }
 
     /// The seq of the last event read (a gap counts as its last lost seq).
@@ -264,6 +274,22 @@ impl Job {
             self.gaps.push(*gap);
             return Ok(());
         }
+        if let Some(Kind::Snapshot(snapshot)) = event.kind {
+            // Not a log event: the screen after its seq, which the stream goes on from; it
+            // stands for the output up to its offset, never for output sent already.
+            ensure!(
+                event.seq + 1 >= self.next_seq && snapshot.stdout_offset >= self.received[0],
+                "snapshot at seq {} (stdout offset {}) after seq {} and {} stdout bytes",
+                event.seq,
+                snapshot.stdout_offset,
+                self.next_seq - 1,
+                self.received[0]
+            );
+            self.next_seq = event.seq + 1;
+            self.received[0] = snapshot.stdout_offset;
+            self.snapshots.push(snapshot);
+            return Ok(());
+        }
         ensure!(
             event.seq == self.next_seq,
             "seq gap: {} where {} was due",
@@ -302,7 +328,9 @@ impl Job {
                 }
             }
             Kind::Exited(e) => self.exited = Some((e, self.t0.elapsed())),
-            Kind::Gap(_) | Kind::Keepalive(_) => unreachable!("handled above"),
+            Kind::Gap(_) | Kind::Keepalive(_) | Kind::Snapshot(_) => {
+                unreachable!("handled above")
+            }
         }
         Ok(())
     }
@@ -345,6 +373,7 @@ impl Job {
             first_output: self.first_output,
             exited_after,
             gaps: self.gaps,
+            snapshots: self.snapshots,
         })
     }
 }

@@ -150,6 +150,25 @@ impl Job {
         checked(self.reader.read_stdout(n).await)
     }
 
+    /// Reads until the stdout kept so far contains `needle` (after byte `from`); returns
+    /// where it ends. Fails if the stream ends first.
+    pub async fn read_until(&mut self, from: usize, needle: &str) -> usize {
+        loop {
+            let (stdout, _) = self.reader.kept();
+            if let Some(at) = stdout
+                .get(from..)
+                .and_then(|s| s.windows(needle.len()).position(|w| w == needle.as_bytes()))
+            {
+                return from + at + needle.len();
+            }
+            let seen = String::from_utf8_lossy(stdout).into_owned();
+            assert!(
+                self.step().await,
+                "stream ended before {needle:?} in {seen:?}"
+            );
+        }
+    }
+
     /// Drops the stream, as a client that goes away does.
     pub fn disconnect(self) -> (String, u32) {
         self.reader.disconnect()
@@ -211,6 +230,10 @@ impl Job {
 
     pub fn gaps(&self) -> Vec<pb::Gap> {
         self.reader.gaps().to_vec()
+    }
+
+    pub fn snapshots(&self) -> Vec<pb::Snapshot> {
+        self.reader.snapshots().to_vec()
     }
 }
 

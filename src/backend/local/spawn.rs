@@ -43,6 +43,8 @@ use std::{
     sync::atomic::{AtomicI32, AtomicU8, Ordering},
 };
 
+use rustix::termios::Winsize;
+
 use nix::{
     errno::Errno,
     fcntl::{FcntlArg, OFlag, fcntl},
@@ -83,15 +85,29 @@ pub(super) struct JobCommand {
     server_pid: i32,
     /// stdin on a new pipe, not /dev/null.
     stdin: bool,
+    /// On a new terminal of this size instead of pipes (and the terminal's owner, with a job
+    /// user).
+    tty: Option<Winsize>,
 }
 
-/// What [`JobCommand::spawn`] started: the process, the read ends of its output pipes, and
-/// the write end of its stdin pipe (when it has one).
+/// What [`JobCommand::spawn`] started: the process and the server's ends of its stdio.
 pub(super) struct Spawned {
     pub pid: u32,
-    pub stdin: Option<OwnedFd>,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    pub stdio: SpawnedStdio,
+}
+
+/// The server's ends of a job's stdin, stdout and stderr.
+pub(super) enum SpawnedStdio {
+    /// The read ends of its output pipes, and the write end of its stdin pipe (when it has
+    /// one).
+    Pipes {
+        stdin: Option<OwnedFd>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+    /// The master side of the terminal the job's stdin, stdout and stderr are on (close-on-exec,
+    /// blocking).
+    Terminal { master: OwnedFd },
 }
 
 /// The job's settings that [`JobCommand::new`] prepares.
@@ -107,6 +123,9 @@ pub(super) struct JobSetup<'a> {
     pub server_pid: u32,
     /// Give the job a pipe for stdin (its write end is returned), rather than /dev/null.
     pub stdin: bool,
+    /// Run the job on a new terminal of this size (its controlling terminal, and its stdin,
+    /// stdout and stderr), rather than on pipes; `stdin` is then ignored.
+    pub tty: Option<Winsize>,
 }
 
 impl JobCommand {
@@ -120,6 +139,7 @@ impl JobCommand {
             cgroup_procs,
             server_pid,
             stdin,
+            tty,
         } = setup;
         let program = argv
             .first()
@@ -154,12 +174,14 @@ impl JobCommand {
             cgroup_procs,
             server_pid: server_pid as i32,
             stdin,
+            tty,
         })
     }
 
     /// Starts the job's first process: leader of a new session (and process group), in the
     /// job's cgroup, without privileges (with a job user), SIGKILLed when the server dies, with
-    /// stdin on /dev/null (or a new pipe) and stdout/stderr on new pipes, running the program.
+    /// stdin on /dev/null (or a new pipe) and stdout/stderr on new pipes, or all three on a new
+    /// terminal that is its controlling terminal, running the program.
     ///
     /// The parent-death signal follows the *thread* that spawned, not the process: jobs are
     /// spawned from the runtime's worker threads, which live as long as the server.
@@ -169,19 +191,39 @@ impl JobCommand {
     /// that is not registered as a leader yet.
     #[allow(unsafe_code)]
     pub fn spawn(&self) -> io::Result<Spawned> {
-        let (stdout, stdout_w) = pipe2(OFlag::O_CLOEXEC)?;
-        let (stderr, stderr_w) = pipe2(OFlag::O_CLOEXEC)?;
-        let (stdin, stdin_w) = if self.stdin {
-            let (read, write) = pipe2(OFlag::O_CLOEXEC)?;
-            (read, Some(write))
-        } else {
-            (OwnedFd::from(File::open("/dev/null")?), None)
+        // The child's ends (sources of 0, 1 and 2) and the server's.
+        let (child_ends, server_ends) = match self.tty {
+            Some(size) => {
+                let (master, terminal) = open_terminal(size, self.identity)?;
+                let terminal = above_stdio(terminal)?;
+                let ends = [terminal.try_clone()?, terminal.try_clone()?, terminal];
+                (ends, SpawnedStdio::Terminal { master })
+            }
+            None => {
+                let (stdout, stdout_w) = pipe2(OFlag::O_CLOEXEC)?;
+                let (stderr, stderr_w) = pipe2(OFlag::O_CLOEXEC)?;
+                let (stdin_r, stdin) = if self.stdin {
+                    let (read, write) = pipe2(OFlag::O_CLOEXEC)?;
+                    (read, Some(write))
+                } else {
+                    (OwnedFd::from(File::open("/dev/null")?), None)
+                };
+                // dup2 onto 0, 1 and 2 only clears close-on-exec when source and target
+                // differ, and must not overwrite a source still to be copied: keep the sources
+                // above 2.
+                let ends = [
+                    above_stdio(stdin_r)?,
+                    above_stdio(stdout_w)?,
+                    above_stdio(stderr_w)?,
+                ];
+                let stdio = SpawnedStdio::Pipes {
+                    stdin,
+                    stdout,
+                    stderr,
+                };
+                (ends, stdio)
+            }
         };
-        // dup2 onto 0, 1 and 2 only clears close-on-exec when source and target differ, and
-        // must not overwrite a source still to be copied: keep the sources above 2.
-        let stdin = above_stdio(stdin)?;
-        let stdout_w = above_stdio(stdout_w)?;
-        let stderr_w = above_stdio(stderr_w)?;
 
         // Null-terminated pointer arrays into the C strings above, which outlive the child's
         // use of them (the clone returns only after execve or exit).
@@ -205,11 +247,8 @@ impl JobCommand {
             identity: self.identity,
             cgroup_procs: self.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd),
             server_pid: self.server_pid,
-            stdio: [
-                stdin.as_raw_fd(),
-                stdout_w.as_raw_fd(),
-                stderr_w.as_raw_fd(),
-            ],
+            stdio: child_ends.each_ref().map(AsRawFd::as_raw_fd),
+            controlling_terminal: self.tty.is_some(),
         };
         let failure = Failure {
             errno: AtomicI32::new(0),
@@ -236,8 +275,10 @@ impl JobCommand {
         };
         drop(stack);
         let pid = cloned?;
-        // The child is gone from this memory: it exec'd (and the output pipes' write ends and
-        // its stdin are closed here, so the job holds the only copies) or it exited.
+        // The child is gone from this memory: it exec'd or it exited. Its ends are closed here,
+        // so the job holds the only copies (a terminal's master then reads EIO once the job's
+        // last process has closed it).
+        drop(child_ends);
         let errno = failure.errno.load(Ordering::Acquire);
         if errno != 0 {
             reap(pid);
@@ -249,11 +290,35 @@ impl JobCommand {
         }
         Ok(Spawned {
             pid: pid.as_raw() as u32,
-            stdin: stdin_w,
-            stdout,
-            stderr,
+            stdio: server_ends,
         })
     }
+}
+
+/// A new terminal of `size`: its master and its other side (both close-on-exec, neither the
+/// server's controlling terminal). The size is set before the program runs, so its first
+/// screen is drawn at the right size. With a job user, the terminal is given to that user
+/// where the server may (as `login` does), so that programs that reopen it by name can.
+fn open_terminal(size: Winsize, owner: Option<(u32, u32)>) -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::pty::{OpenptFlags, grantpt, ioctl_tiocgptpeer, openpt, unlockpt};
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = openpt(flags)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    rustix::termios::tcsetwinsize(&master, size)?;
+    // By the master, not by path: no race with another terminal reusing the name.
+    let terminal = ioctl_tiocgptpeer(&master, flags)?;
+    if let Some((uid, gid)) = owner {
+        let owner = (
+            rustix::fs::Uid::from_raw(uid),
+            rustix::fs::Gid::from_raw(gid),
+        );
+        if let Err(e) = rustix::fs::fchown(&terminal, Some(owner.0), Some(owner.1)) {
+            // Without CAP_CHOWN: the job still has the terminal open on 0, 1 and 2.
+            tracing::debug!(error = %e, "could not give the job's terminal to the job user");
+        }
+    }
+    Ok((master, terminal))
 }
 
 const SHELL: &std::ffi::CStr = c"/bin/sh";
@@ -317,13 +382,16 @@ fn reap(pid: Pid) {
 /// A pidfd for `pid`, registered with the runtime: readable once the process exited. `pid`
 /// must be a child of this process not yet reaped (so the pid cannot have been reused).
 /// ENOSYS before Linux 5.3.
-#[allow(unsafe_code)]
 pub(super) fn watch_exit(pid: u32) -> io::Result<AsyncFd<OwnedFd>> {
-    let pidfd = pidfd_open(pid)?;
+    register(pidfd_open(pid)?, Interest::READABLE)
+}
+
+/// `fd`, registered with the runtime for `interest`.
+#[allow(unsafe_code)]
+pub(super) fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the AsyncFd owns the descriptor, which stays open and the same until it is
     // dropped (OwnedFd::as_raw_fd always returns it).
-    unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
 }
 
 #[allow(unsafe_code)]
@@ -360,6 +428,8 @@ struct Plan<'a> {
     server_pid: i32,
     /// Sources of fds 0, 1 and 2, all above 2.
     stdio: [RawFd; 3],
+    /// fd 0 is a terminal to make the job's controlling terminal.
+    controlling_terminal: bool,
 }
 
 /// Where a child that failed before exec leaves its errno and step for the parent.
@@ -381,6 +451,7 @@ enum Step {
     ParentDeathSignal,
     ServerGone,
     Stdio,
+    ControllingTerminal,
     Chdir,
     Exec,
 }
@@ -397,6 +468,7 @@ impl Step {
             Step::ParentDeathSignal,
             Step::ServerGone,
             Step::Stdio,
+            Step::ControllingTerminal,
             Step::Chdir,
         ]
         .into_iter()
@@ -415,6 +487,7 @@ impl Step {
             Step::ParentDeathSignal => "arming the parent-death signal",
             Step::ServerGone => "the server exited",
             Step::Stdio => "setting up stdin, stdout and stderr",
+            Step::ControllingTerminal => "making the terminal the job's controlling terminal",
             Step::Chdir => "changing to the working directory",
             Step::Exec => "executing the program",
         }
@@ -432,8 +505,8 @@ impl Step {
 /// groups, its gid and uid (raw system calls: glibc's wrappers signal every thread of the
 /// process to change theirs too, which would act on the server's threads), no ambient
 /// capabilities, no_new_privs; SIGKILL on the parent's death and a check that the parent is
-/// still the server; stdin, stdout, stderr, and every other descriptor close-on-exec; the
-/// working directory (as the job user); every signal back to its default disposition, then an
+/// still the server; stdin, stdout, stderr (and, on a terminal, that terminal as the session's
+/// controlling terminal), and every other descriptor close-on-exec; the working directory (as the job user); every signal back to its default disposition, then an
 /// empty signal mask; execve of each candidate.
 #[allow(unsafe_code)]
 fn run_child(plan: &mut Plan<'_>, failure: &Failure) -> isize {
@@ -518,6 +591,11 @@ fn run_child(plan: &mut Plan<'_>, failure: &Failure) -> isize {
                     child_failed(failure, Step::Stdio, errno());
                 }
             }
+        }
+        // The session leader takes the terminal (new, so no other session has it): the job's
+        // foreground group then gets the terminal's signals (Ctrl-C as SIGINT).
+        if plan.controlling_terminal && libc::ioctl(0, libc::TIOCSCTTY, 0 as libc::c_int) == -1 {
+            child_failed(failure, Step::ControllingTerminal, errno());
         }
         // Nothing but 0, 1 and 2 for the program: the server's own descriptors are
         // close-on-exec, but not always what the server inherited (its parent's leaks).

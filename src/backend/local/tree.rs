@@ -250,15 +250,21 @@ impl Processes {
         }
     }
 
-    /// Sends `signal` to the process group of job leader `pid`, while the leader is registered
-    /// (not yet reaped, under the lock it is reaped under): its pid, the group's id, cannot have
-    /// been reused.
-    pub(super) fn signal_group(&self, pid: u32, signal: Signal) -> Result<(), SignalRefused> {
+    /// Sends `signal` to process group `group` of the job whose leader is `pid` (the leader's
+    /// own group, or its terminal's foreground group), while the leader is registered (not yet
+    /// reaped, under the lock it is reaped under): its pid, its own group's id, cannot have
+    /// been reused, and its session, which the other groups belong to, is alive.
+    pub(super) fn signal_group(
+        &self,
+        pid: u32,
+        group: u32,
+        signal: Signal,
+    ) -> Result<(), SignalRefused> {
         let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
         if !leaders.contains(&pid) {
             return Err(SignalRefused::Exited);
         }
-        killpg(Pid::from_raw(pid as i32), signal).map_err(|e| match e {
+        killpg(Pid::from_raw(group as i32), signal).map_err(|e| match e {
             // Every member gone (the leader a zombie, its group empty).
             Errno::ESRCH => SignalRefused::Exited,
             e => SignalRefused::Denied(e.desc().to_owned()),

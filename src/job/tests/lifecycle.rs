@@ -36,6 +36,7 @@ async fn exit_zero_succeeds_and_everyone_sees_the_same_events() {
             backend: "fake",
             pid: Some(4242),
             capabilities: Default::default(),
+            tty: None,
         }
     );
     // The empty chunk is dropped without taking a seq.
