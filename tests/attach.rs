@@ -434,14 +434,17 @@ async fn random_disconnects_and_resumes_never_lose_or_duplicate_a_byte() {
     const SIZE: u64 = 50 << 20;
     // A log that holds the whole output: detached, the job is never paused, and nothing is
     // evicted while the client reconnects. The event bound counts too: a reader that keeps up
-    // sees chunks as small as the writer's 4-8 KiB writes, so 50 MiB can be 12,800 events.
+    // sees chunks as small as the writer's 4-8 KiB writes, so 50 MiB can be 12,800 events. And
+    // the budget: a chunk holds the credit of the buffer it was read into (up to 4x its bytes:
+    // see `OutputReader::next`), so 50 MiB may hold 200 MiB of it; past the budget, history
+    // nobody is attached to is given up (CI saw 2 MiB lost so with a 128 MiB budget).
     let server = common::start(&[
         "--job-log-bytes",
         "67108864",
         "--job-log-events",
         "131072",
         "--output-budget-bytes",
-        "134217728",
+        "536870912",
     ])
     .await;
     let mut client = server.client().await;
