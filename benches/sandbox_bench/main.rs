@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release --features testing --bin sandbox-bench -- all
-//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|stalled-readers|mirror|replay|stdin
+//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|stalled-readers|mirror|replay|stdin|keystrokes
 //! ```
 //!
 //! The server under test is the real `sandbox-runner` binary, run as a child process so its
@@ -19,6 +19,7 @@
 mod compare;
 mod concurrency;
 mod harness;
+mod keystrokes;
 mod latency;
 mod mirror;
 mod replay;
@@ -33,6 +34,7 @@ use clap::{Parser, Subcommand};
 use compare::{CompareArgs, compare};
 use concurrency::{ConcurrencyArgs, concurrency};
 use harness::{ensure_server_built, machine_header, raise_fd_limit};
+use keystrokes::{KeystrokesArgs, keystrokes};
 use latency::{LatencyArgs, latency};
 use mirror::{MirrorArgs, mirror};
 use replay::{ReplayArgs, replay};
@@ -71,6 +73,9 @@ enum Bench {
     /// Bytes into a job's stdin (`wc -c`) by Attach and by SendInput, against a local pipe
     /// (issue 13).
     Stdin(StdinArgs),
+    /// Echo latency of single keystrokes through a `tty` job, against a local pseudo-terminal
+    /// (issue 13).
+    Keystrokes(KeystrokesArgs),
     /// Two server binaries (before/after a change) interleaved: latency and throughput.
     Compare(CompareArgs),
 }
@@ -93,7 +98,8 @@ fn main() -> anyhow::Result<()> {
                 stalled_readers(parse_args::<StalledReadersArgs>()).await?;
                 mirror(parse_args::<MirrorArgs>()).await?;
                 replay(parse_args::<ReplayArgs>()).await?;
-                stdin(parse_args::<StdinArgs>()).await
+                stdin(parse_args::<StdinArgs>()).await?;
+                keystrokes(parse_args::<KeystrokesArgs>()).await
             }
             Bench::Throughput(a) => throughput(a).await,
             Bench::Latency(a) => latency(a).await,
@@ -103,6 +109,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Mirror(a) => mirror(a).await,
             Bench::Replay(a) => replay(a).await,
             Bench::Stdin(a) => stdin(a).await,
+            Bench::Keystrokes(a) => keystrokes(a).await,
             Bench::Compare(a) => compare(a).await,
         }
     })
