@@ -237,6 +237,10 @@ impl LocalBackend {
                  the server (and every other job) and read its files; set --job-user"
             ),
         }
+        if let Err(e) = spawn::reserve_stdio_slots() {
+            // Reserved at the first spawn instead (and that spawn fails if it cannot).
+            warn!(error = %e, "could not reserve descriptors for spawning jobs yet");
+        }
         LocalBackend {
             processes: Processes::new(config.subreaper, cgroups),
             config,

@@ -11,9 +11,10 @@
 //! `clone(SIGCHLD)` took 2.0 ms instead of 0.25 ms on an idle server, and a new client's
 //! `echo hi` took 2.3x as long as on an idle server (7.7x with 1,000 streams, issue 11).
 //!
-//! So the child is made with `clone(CLONE_VM | CLONE_VFORK | SIGCHLD)` on a stack allocated
-//! here: it shares the server's memory (no page table is copied, whatever the server holds) and
-//! the calling thread is suspended until the child has called `execve` or exited. With 256
+//! So the child is made with `clone(CLONE_VM | CLONE_VFORK | CLONE_FILES | SIGCHLD)` on a stack
+//! allocated here: it shares the server's memory (no page table is copied, whatever the server
+//! holds) and its descriptor table (nor is that, until the child takes a small one of its own)
+//! and the calling thread is suspended until the child has called `execve` or exited. With 256
 //! streams held, that whole call (the child's setup included) took 0.17 ms at p50 against the
 //! fork's 2.0 ms, and the held `echo hi` went from 2.3x to 1.4x of the idle one (BENCHMARKS.md,
 //! issue 11). The alternatives were an external wrapper (`setpriv --pdeathsig`, not on
@@ -47,7 +48,7 @@ use rustix::termios::Winsize;
 
 use nix::{
     errno::Errno,
-    fcntl::{FcntlArg, OFlag, fcntl},
+    fcntl::OFlag,
     libc,
     sched::{CloneFlags, clone},
     sys::wait::waitpid,
@@ -195,7 +196,6 @@ impl JobCommand {
         let (child_ends, server_ends) = match self.tty {
             Some(size) => {
                 let (master, terminal) = open_terminal(size, self.identity)?;
-                let terminal = above_stdio(terminal)?;
                 let ends = [terminal.try_clone()?, terminal.try_clone()?, terminal];
                 (ends, SpawnedStdio::Terminal { master })
             }
@@ -208,14 +208,7 @@ impl JobCommand {
                 } else {
                     (OwnedFd::from(File::open("/dev/null")?), None)
                 };
-                // dup2 onto 0, 1 and 2 only clears close-on-exec when source and target
-                // differ, and must not overwrite a source still to be copied: keep the sources
-                // above 2.
-                let ends = [
-                    above_stdio(stdin_r)?,
-                    above_stdio(stdout_w)?,
-                    above_stdio(stderr_w)?,
-                ];
+                let ends = [stdin_r, stdout_w, stderr_w];
                 let stdio = SpawnedStdio::Pipes {
                     stdin,
                     stdout,
@@ -247,9 +240,14 @@ impl JobCommand {
             identity: self.identity,
             cgroup_procs: self.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd),
             server_pid: self.server_pid,
-            stdio: child_ends.each_ref().map(AsRawFd::as_raw_fd),
+            stdio: [0; 3],
+            keep_below: 0,
             controlling_terminal: self.tty.is_some(),
         };
+        // The child's ends go into the stdio slots: low descriptors, so that the child's
+        // private descriptor table need hold nothing above them (see `run_child`).
+        let slots = StdioSlots::fill(&child_ends)?;
+        (plan.stdio, plan.keep_below) = slots.numbers();
         let failure = Failure {
             errno: AtomicI32::new(0),
             step: AtomicU8::new(0),
@@ -268,12 +266,13 @@ impl JobCommand {
                 clone(
                     child,
                     stack.as_mut_slice(),
-                    CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK,
+                    CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK | CloneFlags::CLONE_FILES,
                     Some(libc::SIGCHLD),
                 )
             }
         };
         drop(stack);
+        drop(slots);
         let pid = cloned?;
         // The child is gone from this memory: it exec'd or it exited. Its ends are closed here,
         // so the job holds the only copies (a terminal's master then reads EIO once the job's
@@ -292,6 +291,80 @@ impl JobCommand {
             pid: pid.as_raw() as u32,
             stdio: server_ends,
         })
+    }
+}
+
+/// Three descriptors reserved early in the server's life (so their numbers are low), through
+/// which a spawn hands the child its stdin, stdout and stderr. One spawn at a time uses them.
+struct StdioSlots {
+    slots: [OwnedFd; 3],
+    /// What the slots hold between spawns, so that the server keeps no copy of a job's pipe.
+    null: OwnedFd,
+}
+
+static STDIO_SLOTS: std::sync::Mutex<Option<StdioSlots>> = std::sync::Mutex::new(None);
+
+/// Reserves the stdio slots now, while the server's descriptors are few (their numbers bound
+/// what each spawn copies). Later spawns reserve them if this was not called.
+pub(super) fn reserve_stdio_slots() -> io::Result<()> {
+    let mut slots = STDIO_SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+    if slots.is_none() {
+        *slots = Some(StdioSlots::open()?);
+    }
+    Ok(())
+}
+
+impl StdioSlots {
+    fn open() -> io::Result<StdioSlots> {
+        let null = OwnedFd::from(File::open("/dev/null")?);
+        let slot = || rustix::io::fcntl_dupfd_cloexec(&null, 3).map_err(io::Error::from);
+        Ok(StdioSlots {
+            slots: [slot()?, slot()?, slot()?],
+            null,
+        })
+    }
+
+    /// The slots, holding `ends` (close-on-exec) until the guard is dropped.
+    fn fill(ends: &[OwnedFd; 3]) -> io::Result<FilledSlots> {
+        let mut guard = STDIO_SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(StdioSlots::open()?);
+        }
+        let mut filled = FilledSlots(guard);
+        let slots = filled.0.as_mut().expect("opened above");
+        for (slot, end) in slots.slots.iter_mut().zip(ends) {
+            rustix::io::dup3(end, slot, rustix::io::DupFlags::CLOEXEC)?;
+        }
+        Ok(filled)
+    }
+}
+
+/// The stdio slots while a spawn uses them; back to /dev/null when dropped.
+struct FilledSlots(std::sync::MutexGuard<'static, Option<StdioSlots>>);
+
+impl FilledSlots {
+    /// The slots' numbers, and one past the highest.
+    fn numbers(&self) -> ([RawFd; 3], RawFd) {
+        let slots = self.0.as_ref().expect("filled");
+        let numbers = slots.slots.each_ref().map(AsRawFd::as_raw_fd);
+        (numbers, numbers.into_iter().max().unwrap_or(2) + 1)
+    }
+}
+
+impl Drop for FilledSlots {
+    fn drop(&mut self) {
+        if let Some(slots) = self.0.as_mut() {
+            for slot in &mut slots.slots {
+                if let Err(e) = rustix::io::dup3(&slots.null, slot, rustix::io::DupFlags::CLOEXEC) {
+                    // Not expected (dup3 onto an open descriptor of ours). Holding a job's
+                    // pipe end here would keep its output open: close the slot instead, and
+                    // let the next spawn reserve new ones.
+                    tracing::error!(error = %e, "could not clear a stdio slot");
+                    *self.0 = None;
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -362,18 +435,6 @@ fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
         .collect()
 }
 
-/// `fd`, moved to a number above 2 if it is 0, 1 or 2 (a server started with a standard fd
-/// closed), close-on-exec.
-#[allow(unsafe_code)]
-fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
-    if fd.as_raw_fd() > 2 {
-        return Ok(fd);
-    }
-    let moved = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(3))?;
-    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(moved) })
-}
-
 /// Waits for a child that exited before exec, so that it leaves no zombie.
 fn reap(pid: Pid) {
     while waitpid(pid, None) == Err(Errno::EINTR) {}
@@ -426,8 +487,11 @@ struct Plan<'a> {
     identity: Option<(u32, u32)>,
     cgroup_procs: Option<RawFd>,
     server_pid: i32,
-    /// Sources of fds 0, 1 and 2, all above 2.
+    /// Sources of fds 0, 1 and 2 (the stdio slots), all above 2.
     stdio: [RawFd; 3],
+    /// The child's own descriptor table keeps only descriptors below this (the slots among
+    /// them).
+    keep_below: RawFd,
     /// fd 0 is a terminal to make the job's controlling terminal.
     controlling_terminal: bool,
 }
@@ -505,9 +569,10 @@ impl Step {
 /// groups, its gid and uid (raw system calls: glibc's wrappers signal every thread of the
 /// process to change theirs too, which would act on the server's threads), no ambient
 /// capabilities, no_new_privs; SIGKILL on the parent's death and a check that the parent is
-/// still the server; stdin, stdout, stderr (and, on a terminal, that terminal as the session's
-/// controlling terminal), and every other descriptor close-on-exec; the working directory (as the job user); every signal back to its default disposition, then an
-/// empty signal mask; execve of each candidate.
+/// still the server; a descriptor table of its own with only stdin, stdout and stderr (and, on
+/// a terminal, that terminal as the session's controlling terminal); the working directory (as
+/// the job user); every signal back to its default disposition, then an empty signal mask;
+/// execve of each candidate.
 #[allow(unsafe_code)]
 fn run_child(plan: &mut Plan<'_>, failure: &Failure) -> isize {
     // SAFETY: glibc's errno of the calling thread (C, not Rust, thread-local storage).
@@ -584,6 +649,22 @@ fn run_child(plan: &mut Plan<'_>, failure: &Failure) -> isize {
             // The server died before the signal was armed: do not start an orphan job.
             child_failed(failure, Step::ServerGone, libc::ESRCH);
         }
+        // Until now the child shared the server's descriptor table (CLONE_FILES) and changed
+        // nothing in it. It gets a table of its own holding only the server's first few
+        // descriptors, the stdio slots among them: copying the whole table (what a clone
+        // without CLONE_FILES, or the exec of a shared table, does) takes time in proportion
+        // to the server's descriptors, and with a thousand streams held there are thousands
+        // (a spawn took 1.6x as long: issue 11). CLOSE_RANGE_UNSHARE copies only what lies
+        // below the range it closes (Linux 5.9); before it, the whole table is copied.
+        let unshared = libc::syscall(
+            libc::SYS_close_range,
+            libc::c_long::from(plan.keep_below),
+            libc::c_long::from(u32::MAX),
+            libc::c_long::from(libc::CLOSE_RANGE_UNSHARE),
+        );
+        if unshared == -1 && libc::unshare(libc::CLONE_FILES) == -1 {
+            child_failed(failure, Step::Stdio, errno());
+        }
         for (target, source) in (0..).zip(plan.stdio) {
             // The sources are close-on-exec and above 2; the copies are not close-on-exec.
             while libc::dup2(source, target) == -1 {
@@ -598,20 +679,15 @@ fn run_child(plan: &mut Plan<'_>, failure: &Failure) -> isize {
             child_failed(failure, Step::ControllingTerminal, errno());
         }
         // Nothing but 0, 1 and 2 for the program: the server's own descriptors are
-        // close-on-exec, but not always what the server inherited (its parent's leaks).
-        // CLOSE_RANGE_CLOEXEC (Linux 5.11) only marks them; before it, close them (5.9);
-        // older kernels keep inherited descriptors, as std's spawn does.
-        let first = 3 as libc::c_long;
-        let last = libc::c_long::from(u32::MAX);
-        let marked = libc::syscall(
+        // close-on-exec, but not always what the server inherited (its parent's leaks). The
+        // table is the child's own, so they are closed (Linux 5.9; older kernels keep
+        // inherited descriptors, as std's spawn does).
+        libc::syscall(
             libc::SYS_close_range,
-            first,
-            last,
-            libc::c_long::from(libc::CLOSE_RANGE_CLOEXEC),
+            3 as libc::c_long,
+            libc::c_long::from(u32::MAX),
+            0 as libc::c_long,
         );
-        if marked == -1 && errno() == libc::EINVAL {
-            libc::syscall(libc::SYS_close_range, first, last, 0 as libc::c_long);
-        }
         if !plan.cwd.is_null() && libc::chdir(plan.cwd) == -1 {
             child_failed(failure, Step::Chdir, errno());
         }
