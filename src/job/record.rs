@@ -115,12 +115,13 @@ pub(crate) struct JobRecord {
     pub(crate) log: Arc<EventLog>,
     /// What clients write to the job.
     pub(crate) input: Arc<JobInput>,
-    /// What sends the job signals; `None` where its backend cannot.
-    signaller: Option<Box<dyn JobSignaller>>,
+    /// What sends the job signals; `None` where its backend cannot, and once it has finished
+    /// (what it holds, a terminal say, goes with the job).
+    signaller: Mutex<Option<Box<dyn JobSignaller>>>,
     /// The job's terminal as it started, for a `tty` job.
     pub(crate) tty: Option<TtySpec>,
-    /// Resizes its terminal, for a `tty` job.
-    terminal: Option<Box<dyn JobTerminal>>,
+    /// Resizes its terminal, for a running `tty` job.
+    terminal: Mutex<Option<Box<dyn JobTerminal>>>,
     /// Its screen, drawn from its output, for a `tty` job.
     pub(crate) screen: Option<Screen>,
     /// The Exec request's idempotency key, forgotten with the job.
@@ -215,9 +216,9 @@ impl JobRecord {
             on_disconnect: init.on_disconnect,
             log,
             input: Arc::new(input),
-            signaller,
+            signaller: Mutex::new(signaller),
             tty,
-            terminal,
+            terminal: Mutex::new(terminal),
             screen,
             idempotency_key: init.idempotency_key,
             handle: init.handle,
@@ -266,8 +267,11 @@ impl JobRecord {
         if self.is_finished() {
             return Err(SignalRefused::Finished);
         }
-        match &self.signaller {
+        let signaller = self.signaller.lock().unwrap_or_else(|e| e.into_inner());
+        match signaller.as_ref() {
             Some(signaller) => signaller.signal(signal),
+            // Finished meanwhile (it is dropped then), or never had one.
+            None if self.is_finished() => Err(SignalRefused::Finished),
             None => Err(SignalRefused::Unsupported(self.backend)),
         }
     }
@@ -277,8 +281,13 @@ impl JobRecord {
         if self.is_finished() {
             return Err(ResizeRefused::Finished);
         }
-        let (Some(terminal), Some(screen)) = (&self.terminal, &self.screen) else {
-            return Err(ResizeRefused::NoTerminal);
+        let terminal = self.terminal.lock().unwrap_or_else(|e| e.into_inner());
+        let (Some(terminal), Some(screen)) = (terminal.as_ref(), &self.screen) else {
+            return Err(if self.is_finished() {
+                ResizeRefused::Finished
+            } else {
+                ResizeRefused::NoTerminal
+            });
         };
         let before = screen.size();
         screen.resize(size)?;
@@ -292,6 +301,23 @@ impl JobRecord {
     pub(crate) fn finish(&self, summary: ExitSummary) {
         // Only the lifecycle task finishes a job, once.
         let _ = self.exit.set(summary);
+        // A finished job is remembered for a while; what it used to run is not kept with it
+        // (a terminal, its screen's memory).
+        drop(
+            self.signaller
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+        drop(
+            self.terminal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+        if let Some(screen) = &self.screen {
+            screen.close();
+        }
     }
 
     pub(crate) fn is_finished(&self) -> bool {

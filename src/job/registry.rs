@@ -516,11 +516,10 @@ impl Jobs {
         pace: Pace,
     ) -> Result<JobStream, Error> {
         if let Found::Here(record) = self.lookup(id)?
-            && let Some(screen) = &record.screen
+            && let Some(drawn) = record.screen.as_ref().and_then(Screen::drawn_seq)
         {
             // After what the screen has drawn (the log always holds that seq); the snapshot
             // sent first is taken again when the stream starts, and the reader moves on to it.
-            let drawn = screen.drawn_seq();
             let mut stream = self.open_reader(&record, Position::AfterSeq(drawn), on_gap, pace)?;
             stream.snapshot_due = true;
             return Ok(stream);
@@ -1174,11 +1173,14 @@ impl JobStream {
             && let Some(screen) = &self.record.screen
         {
             self.snapshot_due = false;
-            let snapshot = screen.snapshot();
-            // The screen holds what the events up to its seq drew: the stream goes on after
-            // them (should they be evicted meanwhile, a gap and a new snapshot follow).
-            self.reader.skip_to(snapshot.seq + 1);
-            return Some(Ok(Delivered::Snapshot(snapshot)));
+            // None once the job has ended: the stream goes on with the log's tail.
+            if let Some(snapshot) = screen.snapshot() {
+                // The screen holds what the events up to its seq drew: the stream goes on
+                // after them (should they be evicted meanwhile, a gap and a new snapshot
+                // follow).
+                self.reader.skip_to(snapshot.seq + 1);
+                return Some(Ok(Delivered::Snapshot(snapshot)));
+            }
         }
         // Kept across an await that may be cancelled (the Attach handler selects on this and
         // on the client's messages), so no event is ever lost between the log and the client.

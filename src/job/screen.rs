@@ -3,8 +3,10 @@
 //! screen itself, not bytes cut in the middle of an escape sequence.
 //!
 //! The model's memory (two grids of 32-byte cells: the main screen and, once a full-screen
-//! program asks for it, the alternate one) is held in the server's output budget for as long as
-//! the job's record lives, so terminals count in the same bound as buffered output.
+//! program asks for it, the alternate one) is held in the server's output budget while the job
+//! runs, so terminals count in the same bound as buffered output. It is given back when the job
+//! ends ([`Screen::close`]): thousands of finished jobs are remembered, and their screens would
+//! take the budget from running jobs. A late reader of a finished job gets its log's tail.
 
 use std::{num::NonZeroU16, sync::Mutex};
 
@@ -47,9 +49,11 @@ pub struct ScreenSnapshot {
     pub alternate_screen: bool,
 }
 
-/// A job's screen.
+/// A job's screen, until it is closed.
 pub struct Screen {
-    state: Mutex<State>,
+    state: Mutex<Option<State>>,
+    /// Its size, kept once closed (for Status).
+    size: Mutex<TerminalSize>,
     budget: OutputBudget,
 }
 
@@ -69,33 +73,43 @@ impl Screen {
     pub fn new(size: TerminalSize, budget: &OutputBudget) -> Result<Screen, NoRoomForScreen> {
         let held = hold(budget, size, screen_bytes(size))?;
         Ok(Screen {
-            state: Mutex::new(State {
+            state: Mutex::new(Some(State {
                 parser: vt100::Parser::new(nonzero(size.rows), nonzero(size.cols), 0),
                 size,
                 seq: 0,
                 stdout_offset: 0,
                 held,
-            }),
+            })),
+            size: Mutex::new(size),
             budget: budget.clone(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<State>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Draws the output of event `seq`.
+    /// Draws the output of event `seq` (nothing once closed).
     pub fn draw(&self, seq: u64, data: &[u8]) {
-        let mut state = self.lock();
-        state.parser.process(data);
-        state.seq = seq;
-        state.stdout_offset += data.len() as u64;
+        if let Some(state) = self.lock().as_mut() {
+            state.parser.process(data);
+            state.seq = seq;
+            state.stdout_offset += data.len() as u64;
+        }
+    }
+
+    /// The job has ended: the model and its memory go.
+    pub fn close(&self) {
+        drop(self.lock().take());
     }
 
     /// The terminal was resized: so is the screen (its memory grows within the budget, or the
-    /// resize is refused).
+    /// resize is refused). Nothing to do once closed.
     pub fn resize(&self, size: TerminalSize) -> Result<(), NoRoomForScreen> {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let Some(state) = guard.as_mut() else {
+            return Ok(());
+        };
         let (had, needs) = (screen_bytes(state.size), screen_bytes(size));
         if needs > had {
             let more = hold(&self.budget, size, needs - had)?;
@@ -107,22 +121,24 @@ impl Screen {
             .parser
             .set_size(nonzero(size.rows), nonzero(size.cols));
         state.size = size;
+        *self.size.lock().unwrap_or_else(|e| e.into_inner()) = size;
         Ok(())
     }
 
-    /// The last event drawn.
-    pub fn drawn_seq(&self) -> u64 {
-        self.lock().seq
+    /// The last event drawn; `None` once closed.
+    pub fn drawn_seq(&self) -> Option<u64> {
+        self.lock().as_ref().map(|state| state.seq)
     }
 
-    /// Its size now.
+    /// Its size now (its last size, once closed).
     pub fn size(&self) -> TerminalSize {
-        self.lock().size
+        *self.size.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The screen as it is now.
-    pub fn snapshot(&self) -> ScreenSnapshot {
-        let state = self.lock();
+    /// The screen as it is now; `None` once closed.
+    pub fn snapshot(&self) -> Option<ScreenSnapshot> {
+        let guard = self.lock();
+        let state = guard.as_ref()?;
         let screen = state.parser.screen();
         let mut drawn = Vec::new();
         if screen.alternate_screen() {
@@ -131,14 +147,14 @@ impl Screen {
             drawn.extend_from_slice(b"\x1b[?1049h");
         }
         drawn.extend_from_slice(screen.state_formatted().as_bytes());
-        ScreenSnapshot {
+        Some(ScreenSnapshot {
             seq: state.seq,
             screen: Bytes::from(drawn),
             size: state.size,
             cursor: screen.cursor_position(),
             stdout_offset: state.stdout_offset,
             alternate_screen: screen.alternate_screen(),
-        }
+        })
     }
 }
 
@@ -172,7 +188,7 @@ mod tests {
         let screen = Screen::new(size(5, 20), &budget).unwrap();
         screen.draw(1, b"\x1b[2J\x1b[H\x1b[1;31mred\x1b[0m plain");
         screen.draw(2, b"\x1b[3;5Hthird");
-        let snapshot = screen.snapshot();
+        let snapshot = screen.snapshot().unwrap();
         assert_eq!(snapshot.seq, 2);
         assert_eq!(snapshot.cursor, (2, 9));
         assert_eq!(snapshot.stdout_offset, 38);
@@ -183,7 +199,7 @@ mod tests {
         replica.process(b"leftover text on the client's screen");
         replica.process(&snapshot.screen);
         let (shown, original) = (replica.screen(), screen.lock());
-        let original = original.parser.screen();
+        let original = original.as_ref().unwrap().parser.screen();
         assert_eq!(shown.contents(), original.contents());
         assert_eq!(shown.cursor_position(), original.cursor_position());
         assert!(shown.cell(0, 0).unwrap().bold());
@@ -196,7 +212,7 @@ mod tests {
         let budget = OutputBudget::new(1 << 20, 4096);
         let screen = Screen::new(size(4, 10), &budget).unwrap();
         screen.draw(1, b"main\x1b[?1049h\x1b[Hfull");
-        let snapshot = screen.snapshot();
+        let snapshot = screen.snapshot().unwrap();
         assert!(snapshot.alternate_screen);
         assert!(snapshot.screen.starts_with(b"\x1b[?1049h"));
         let mut replica = vt100::Parser::new(nonzero(4), nonzero(10), 0);
@@ -225,7 +241,10 @@ mod tests {
         assert_eq!(budget.shared_in_use(), 25_600);
         screen.resize(size(15, 80)).unwrap();
         assert_eq!(budget.shared_in_use(), 76_800);
-        drop(screen);
+        // The job ends: the model goes, its size stays known.
+        screen.close();
         assert_eq!(budget.shared_in_use(), 0);
+        assert_eq!(screen.snapshot(), None);
+        assert_eq!(screen.size(), size(15, 80));
     }
 }
