@@ -5,6 +5,8 @@
 //! - [`config`]: flags and environment, checked once at start.
 //! - [`connection`]: accepted connections, bounded in number, handshake time and idleness.
 //! - [`grpc`]: the thin gRPC layer: handlers, validation and proto conversion, auth, status codes.
+//! - [`rest`]: the REST routes on the same port (the Node runner's API, Server-Sent Events),
+//!   over the same core, validated and mapped through `grpc`.
 //! - [`job`]: the job core: specs, events, lifecycle, the registry of jobs, and the traits it
 //!   drives (`Backend`, `Execution`, `Sink`, `JobSink`). It depends on none of the modules below.
 //! - [`backend`]: where commands run, implementing `job::Backend` (`local`: processes on this
@@ -31,6 +33,7 @@ pub mod error;
 pub mod grpc;
 pub mod job;
 pub mod proto;
+pub mod rest;
 pub mod secrets;
 pub mod server;
 pub mod sink;

@@ -156,15 +156,18 @@ pub async fn run_with_reload(
         let interval = config.session_sweep_interval;
         tokio::spawn(async move { jobs.sweep_every(interval).await })
     });
-    let api = SandboxApi::new(
-        Arc::clone(&jobs),
-        InstanceInfo {
-            started: Instant::now(),
-            daytona_configured: config.daytona.is_configured(),
-            convex_configured: config.convex.is_configured(),
-            convex_sink: crate::sink::convex::NAME,
-        },
-    );
+    let info = InstanceInfo {
+        started: Instant::now(),
+        daytona_configured: config.daytona.is_configured(),
+        convex_configured: config.convex.is_configured(),
+        convex_sink: crate::sink::convex::NAME,
+    };
+    let rest = crate::rest::router(crate::rest::RestState {
+        jobs: Arc::clone(&jobs),
+        info: info.clone(),
+        auth: auth.clone(),
+    });
+    let api = SandboxApi::new(Arc::clone(&jobs), info);
 
     let service_name = <SandboxServiceServer<SandboxApi> as NamedService>::NAME;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -224,10 +227,17 @@ pub async fn run_with_reload(
             crate::grpc::codec::oversize_as_resource_exhausted,
         ))
         .layer(StreamCountLayer)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(SandboxServiceServer::with_interceptor(api, auth))
+        // REST (the Node runner's API, Server-Sent Events) on the same port: HTTP/1.1 too.
+        .accept_http1(true)
+        // The REST routes first, with a JSON 404 for unknown paths (see `rest`); the gRPC
+        // services are added to them.
+        .add_routes(
+            tonic::service::Routes::from(rest.fallback(crate::rest::not_found))
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(SandboxServiceServer::with_interceptor(api, auth)),
+        )
         .serve_with_incoming_shutdown(Incoming::new(listener, connection_limits), drain);
     tokio::pin!(server);
     tokio::select! {

@@ -262,11 +262,25 @@ async fn unknown_attach_requests_are_unimplemented_a_half_close_ends_nothing_and
     assert_eq!(exited.state, JobState::Succeeded as i32);
     assert!(keepalives >= 2, "{keepalives} keepalives in 0.8 s");
 
-    // A request this server does not know (empty here; resize or signals from a newer
-    // client): UNIMPLEMENTED.
+    // After its last event, a finished job's stream ends at once: it has nothing more.
+    let mut after_end = attach(
+        &mut client,
+        &id,
+        Some(Position::NewOnly(pb::NewOnly {})),
+        GapPolicy::Report,
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(after_end.message().await.unwrap().is_none());
+
+    // A request this server does not know (empty here; a request of a newer client):
+    // UNIMPLEMENTED.
+    let running = Job::start(&mut client, detached("sleep 30")).await;
+    let (running, _) = running.disconnect();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(attach_open(
-        &id,
+        &running,
         Some(Position::NewOnly(pb::NewOnly {})),
         GapPolicy::Report,
         false,
@@ -287,6 +301,7 @@ async fn unknown_attach_requests_are_unimplemented_a_half_close_ends_nothing_and
         }
     };
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    common::cancel(&mut client, &running).await;
     server.stop().await;
 }
 

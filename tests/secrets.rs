@@ -5,13 +5,9 @@
 
 mod common;
 
-use std::{
-    path::PathBuf,
-    sync::atomic::{AtomicUsize, Ordering},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use common::{JobState, shell};
+use common::{JobState, SecretFile, shell};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
@@ -37,38 +33,6 @@ const SECRET_VARS: &[&str] = &[
     "DAYTONA_API_KEY",
     "DAYTONA_API_KEY_FILE",
 ];
-
-/// A file under the temp dir, removed on drop.
-struct SecretFile(PathBuf);
-
-impl SecretFile {
-    fn new(content: &str) -> SecretFile {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let file = SecretFile(std::env::temp_dir().join(format!(
-            "sandbox-runner-secrets-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )));
-        file.write(content);
-        file
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-
-    /// Rewrites it in place, as an editor or `echo > file` does (a poll may see it half-written:
-    /// that must be harmless too).
-    fn write(&self, content: &str) {
-        std::fs::write(&self.0, content).unwrap();
-    }
-}
-
-impl Drop for SecretFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// SandboxService.Health with this bearer token (or none): Ok, or the refusal's code.
 async fn health(

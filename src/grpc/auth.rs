@@ -64,23 +64,31 @@ fn encode(tokens: &[String]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+impl BearerAuth {
+    /// Checks an `authorization` header value (`Bearer <token>`), for gRPC and REST alike.
+    pub fn authorize(&self, header: Option<&str>) -> Result<(), Error> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        let presented = header.and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+        match presented {
+            Some(token) if self.accepts(token.as_bytes()) => Ok(()),
+            _ => Err(Error::Unauthenticated),
+        }
+    }
+}
+
 impl Interceptor for BearerAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        if !self.is_enabled() {
-            return Ok(request);
-        }
-        let presented = request
+        let header = request
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            });
-        match presented {
-            Some(token) if self.accepts(token.as_bytes()) => Ok(request),
-            _ => Err(Error::Unauthenticated.into()),
-        }
+            .and_then(|v| v.to_str().ok());
+        self.authorize(header)?;
+        Ok(request)
     }
 }
 

@@ -703,6 +703,9 @@ impl LogReader {
             if let Some(next) = self.try_next() {
                 return Some(next);
             }
+            if self.done {
+                return None;
+            }
             tokio::select! {
                 _ = appended => {}
                 _ = tokio::time::sleep(keepalive) => {
@@ -795,6 +798,10 @@ impl LogReader {
             break;
         }
         let abandoned = delivered.is_none() && state.abandoned;
+        // Opened after the job's last event (`Exited`): it has everything already.
+        if delivered.is_none() && state.ended && self.cursor >= state.next_seq {
+            self.done = true;
+        }
         // The event handed out stays pinned (and its bytes counted in the budget) until the
         // reader asks again: until then it sits in the transport's buffers, waiting for the
         // client's flow-control window. A reader that had stopped holding the job back (see
@@ -1085,7 +1092,8 @@ mod tests {
         assert_eq!(drain(&mut from(Position::Start)).await, all);
         assert_eq!(drain(&mut from(Position::AfterSeq(1))).await, all[2..]);
         assert_eq!(drain(&mut from(Position::AfterSeq(3))).await, ["X4"]);
-        assert!(drain(&mut from(Position::AfterSeq(4))).await.is_empty());
+        // After `Exited`: the stream ends at once (no keepalives for a reader with everything).
+        assert_eq!(from(Position::AfterSeq(4)).next(KEEPALIVE).await, None);
         // By offsets: mid-chunk positions are trimmed, Started is not sent again.
         assert_eq!(
             drain(&mut from(Position::Offsets {

@@ -365,3 +365,35 @@ pub async fn start_daytona(
     args.extend_from_slice(extra);
     start(&args).await
 }
+
+/// A file under the temp dir, removed on drop.
+pub struct SecretFile(pub std::path::PathBuf);
+
+impl SecretFile {
+    pub fn new(content: &str) -> SecretFile {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let file = SecretFile(std::env::temp_dir().join(format!(
+            "sandbox-runner-secrets-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )));
+        file.write(content);
+        file
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+
+    /// Rewrites it in place, as an editor or `echo > file` does (a poll may see it half-written:
+    /// that must be harmless too).
+    pub fn write(&self, content: &str) {
+        std::fs::write(&self.0, content).unwrap();
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
