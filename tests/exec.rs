@@ -300,3 +300,50 @@ async fn programs_are_looked_up_in_the_jobs_path_and_must_be_executable() {
     std::fs::remove_dir_all(&dir).unwrap();
     server.stop().await;
 }
+
+/// `text`: UTF-8 output comes as text, cut on character boundaries even when the program
+/// writes a character in two pieces; what is not UTF-8 comes as bytes; nothing is altered.
+#[tokio::test]
+async fn text_output_is_cut_on_character_boundaries_and_bytes_stay_bytes() {
+    let server = common::start(&[]).await;
+    let mut client = server.client().await;
+    // "é" (C3 A9) written in two pieces, then a byte that is no UTF-8, then a 4-byte character
+    // split 1 + 3, then the stream ends inside a character.
+    let command = "printf 'caf\\303'; sleep 0.2; printf '\\251 ok\\n'; sleep 0.1; \
+                   printf '\\377\\n'; sleep 0.1; printf '\\360'; sleep 0.1; \
+                   printf '\\237\\230\\200!'; sleep 0.1; printf '\\342\\202'";
+    let expected = b"caf\xc3\xa9 ok\n\xff\n\xf0\x9f\x98\x80!\xe2\x82";
+    let run = common::run(
+        &mut client,
+        pb::ExecRequest {
+            text: true,
+            ..shell(command)
+        },
+    )
+    .await;
+    assert_eq!(run.stdout, expected);
+    // However the reads fell: no chunk starts inside a character, a chunk is text exactly
+    // when it is UTF-8, and the stream's unfinished last character comes last, as bytes.
+    for ((_, bytes), &text) in run.chunks.iter().zip(&run.text_chunks) {
+        assert!(
+            bytes[0] & 0xC0 != 0x80,
+            "a chunk starts inside a character: {bytes:?}"
+        );
+        assert_eq!(text, std::str::from_utf8(bytes).is_ok(), "{bytes:?}");
+    }
+    let text_chunks = run.text_chunks.iter().filter(|&&text| text).count();
+    assert!(text_chunks >= 2, "{:?}", run.chunks);
+    assert_eq!(
+        (
+            run.chunks.last().unwrap().1.as_slice(),
+            run.text_chunks.last()
+        ),
+        (&b"\xe2\x82"[..], Some(&false))
+    );
+
+    // Without `text` the same job's output is bytes, as read.
+    let run = common::run(&mut client, shell(command)).await;
+    assert_eq!(run.stdout, expected);
+    assert!(run.text_chunks.iter().all(|text| !text));
+    server.stop().await;
+}

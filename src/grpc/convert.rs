@@ -127,6 +127,7 @@ pub fn job_spec(req: pb::ExecRequest) -> Result<JobSpec, Error> {
         idempotency_key,
         stdin: req.stdin,
         tty: req.tty.map(tty_spec).transpose()?,
+        text_output: req.text,
     })
 }
 
@@ -216,10 +217,19 @@ pub enum AttachFrom {
     Screen,
 }
 
+/// What an Attach stream's `open` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachOptions {
+    pub id: JobId,
+    pub from: AttachFrom,
+    pub on_gap: GapPolicy,
+    pub pace: Pace,
+    /// Output as text where it is UTF-8.
+    pub as_text: bool,
+}
+
 /// Validates an Attach stream's first request.
-pub fn attach_open(
-    req: Option<pb::AttachRequest>,
-) -> Result<(JobId, AttachFrom, GapPolicy, Pace), Error> {
+pub fn attach_open(req: Option<pb::AttachRequest>) -> Result<AttachOptions, Error> {
     let open = match req.and_then(|r| r.kind) {
         Some(pb::attach_request::Kind::Open(open)) => open,
         _ => return invalid("the first Attach request must be `open`"),
@@ -242,7 +252,13 @@ pub fn attach_open(
     } else {
         Pace::Watch
     };
-    Ok((id, position, on_gap, pace))
+    Ok(AttachOptions {
+        id,
+        from: position,
+        on_gap,
+        pace,
+        as_text: open.text,
+    })
 }
 
 /// Most stdin bytes in one write (SendInput, or an Attach `input`).
@@ -447,10 +463,11 @@ fn invalid<T>(message: impl Into<String>) -> Result<T, Error> {
     Err(Error::InvalidArgument(message.into()))
 }
 
-/// What a reader receives, as sent on the Exec and Attach streams.
-pub fn delivered(job_id: &JobId, delivered: Delivered) -> pb::ExecEvent {
+/// What a reader receives, as sent on the Exec and Attach streams (output as text where the
+/// stream asked for it and it is valid).
+pub fn delivered(job_id: &JobId, delivered: Delivered, as_text: bool) -> pb::ExecEvent {
     match delivered {
-        Delivered::Event(event) => exec_event(job_id, event),
+        Delivered::Event(event) => exec_event(job_id, event, as_text),
         Delivered::Gap(gap) => pb::ExecEvent {
             job_id: job_id.to_string(),
             seq: gap.resumed_seq.saturating_sub(1),
@@ -493,8 +510,25 @@ fn screen_snapshot(snapshot: ScreenSnapshot) -> pb::Snapshot {
     }
 }
 
-/// One job event as sent on the Exec stream.
-pub fn exec_event(job_id: &JobId, event: JobEvent) -> pb::ExecEvent {
+/// A chunk of output; with `as_text`, as text when it is UTF-8.
+fn output(stream: StreamKind, offset: u64, data: bytes::Bytes, as_text: bool) -> pb::Output {
+    let text = as_text
+        .then(|| std::str::from_utf8(&data).ok().map(str::to_owned))
+        .flatten();
+    pb::Output {
+        stream: output_stream(stream) as i32,
+        offset,
+        data: if text.is_some() {
+            Default::default()
+        } else {
+            data
+        },
+        text: text.unwrap_or_default(),
+    }
+}
+
+/// One job event as sent on the Exec stream (output as text where asked and valid).
+pub fn exec_event(job_id: &JobId, event: JobEvent, as_text: bool) -> pb::ExecEvent {
     let kind = match event.kind {
         EventKind::Started {
             backend,
@@ -511,11 +545,7 @@ pub fn exec_event(job_id: &JobId, event: JobEvent) -> pb::ExecEvent {
             stream,
             offset,
             data,
-        } => pb::exec_event::Kind::Output(pb::Output {
-            stream: output_stream(stream) as i32,
-            offset,
-            data,
-        }),
+        } => pb::exec_event::Kind::Output(output(stream, offset, data, as_text)),
         EventKind::Exited(summary) => pb::exec_event::Kind::Exited(exited(summary)),
     };
     pb::ExecEvent {

@@ -52,12 +52,14 @@ impl SandboxService for SandboxApi {
         &self,
         request: Request<pb::ExecRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let spec = convert::job_spec(request.into_inner())?;
+        let request = request.into_inner();
+        let as_text = request.text;
+        let spec = convert::job_spec(request)?;
         let events = self.jobs.start(spec).await?;
         let job_id = events.job_id.clone();
         let stream = events.into_stream().map(move |event| {
             event
-                .map(|event| convert::delivered(&job_id, event))
+                .map(|event| convert::delivered(&job_id, event, as_text))
                 .map_err(Status::from)
         });
         Ok(Response::new(Box::pin(stream)))
@@ -76,14 +78,19 @@ impl SandboxService for SandboxApi {
                     ATTACH_OPEN_TIMEOUT.as_secs()
                 ))
             })??;
-        let (id, from, on_gap, pace) = convert::attach_open(first)?;
-        let events = match from {
+        let open = convert::attach_open(first)?;
+        let (id, on_gap, pace) = (&open.id, open.on_gap, open.pace);
+        let events = match open.from {
             convert::AttachFrom::Log(position) => {
-                self.jobs.attach(&id, position, on_gap, pace).await?
+                self.jobs.attach(id, position, on_gap, pace).await?
             }
-            convert::AttachFrom::Screen => self.jobs.attach_to_screen(&id, on_gap, pace).await?,
+            convert::AttachFrom::Screen => self.jobs.attach_to_screen(id, on_gap, pace).await?,
         };
-        Ok(Response::new(Box::pin(attach_stream(events, inbound))))
+        Ok(Response::new(Box::pin(attach_stream(
+            events,
+            inbound,
+            open.as_text,
+        ))))
     }
 
     async fn list_jobs(
@@ -187,9 +194,11 @@ impl SandboxService for SandboxApi {
 fn attach_stream(
     events: JobStream,
     inbound: Streaming<pb::AttachRequest>,
+    as_text: bool,
 ) -> impl Stream<Item = Result<pb::ExecEvent, Status>> + Send + 'static {
     let state = AttachState {
         events,
+        as_text,
         inbound: Some(inbound),
         writing: None,
         queued: None,
@@ -211,6 +220,8 @@ type InputWrite = Pin<Box<dyn Future<Output = Result<u64, Error>> + Send>>;
 /// What an Attach stream holds between the events it sends.
 struct AttachState {
     events: JobStream,
+    /// Output as text where it is UTF-8.
+    as_text: bool,
     /// `None` once the client half-closed.
     inbound: Option<Streaming<pb::AttachRequest>>,
     /// A stdin write (or close) under way.
@@ -241,7 +252,7 @@ impl AttachState {
             tokio::select! {
                 next = self.events.next() => {
                     return Some(match next? {
-                        Ok(event) => Ok(convert::delivered(&self.events.job_id, event)),
+                        Ok(event) => Ok(convert::delivered(&self.events.job_id, event, self.as_text)),
                         Err(e) => Err(Status::from(e)),
                     });
                 }

@@ -65,6 +65,8 @@ pub(super) async fn drive(
         return false;
     }
 
+    // The output is complete: what was held back of a split character goes out first.
+    out.flush_split_chars().await;
     let summary = summarize(&job, outcome);
     info!(
         state = ?summary.state,

@@ -26,6 +26,9 @@ pub struct JobOutput {
     stderr_offset: u64,
     sinks: Vec<Box<dyn JobSink>>,
     budget: JobBudget,
+    /// For a job whose chunks end on character boundaries (`JobSpec::text_output`): the
+    /// incomplete last character of each stream's last chunk, sent with the next.
+    split_chars: Option<[Vec<u8>; 2]>,
 }
 
 impl JobOutput {
@@ -33,6 +36,7 @@ impl JobOutput {
         record: Arc<JobRecord>,
         sinks: Vec<Box<dyn JobSink>>,
         budget: JobBudget,
+        on_char_boundaries: bool,
     ) -> Self {
         JobOutput {
             log: Arc::clone(&record.log),
@@ -42,6 +46,7 @@ impl JobOutput {
             stderr_offset: 0,
             sinks,
             budget,
+            split_chars: on_char_boundaries.then(Default::default),
         }
     }
 
@@ -63,7 +68,49 @@ impl JobOutput {
 
     /// Emits a chunk read within `credit` (from [`JobOutput::budget`]), which the log holds with
     /// it. Empty chunks are dropped.
-    pub async fn output_within(&mut self, stream: StreamKind, data: Bytes, credit: Credit) {
+    pub async fn output_within(&mut self, stream: StreamKind, mut data: Bytes, credit: Credit) {
+        if let Some(split) = self.split_chars.as_mut() {
+            let carried = &mut split[stream_index(stream)];
+            let mut completed = None;
+            if !carried.is_empty() {
+                let needs = utf8_char_len(carried[0]).saturating_sub(carried.len());
+                let continues = data.iter().take(needs).all(|&b| is_continuation(b));
+                if continues && data.len() < needs {
+                    // Still not the whole character.
+                    carried.extend_from_slice(&data);
+                    return;
+                }
+                let mut joined = std::mem::take(carried);
+                if continues {
+                    joined.extend_from_slice(&data.split_to(needs));
+                }
+                // (Otherwise the carried bytes were no character: they go as they are.)
+                completed = Some(Bytes::from(joined));
+            }
+            let tail = incomplete_tail(&data);
+            carried.extend_from_slice(&data.split_off(data.len() - tail));
+            if let Some(completed) = completed {
+                // At most 4 bytes, outside any credit.
+                self.emit_output(stream, completed, Credit::default()).await;
+            }
+        }
+        self.emit_output(stream, data, credit).await;
+    }
+
+    /// Sends what is carried of each stream's last character: the job's output is complete.
+    pub(crate) async fn flush_split_chars(&mut self) {
+        let Some(split) = self.split_chars.as_mut() else {
+            return;
+        };
+        let carried = [StreamKind::Stdout, StreamKind::Stderr]
+            .map(|stream| (stream, std::mem::take(&mut split[stream_index(stream)])));
+        for (stream, bytes) in carried {
+            self.emit_output(stream, Bytes::from(bytes), Credit::default())
+                .await;
+        }
+    }
+
+    async fn emit_output(&mut self, stream: StreamKind, data: Bytes, credit: Credit) {
         if data.is_empty() {
             return;
         }
@@ -110,5 +157,72 @@ impl JobOutput {
         if let (Some(screen), Some((seq, data))) = (&self.record.screen, drawn) {
             screen.draw(seq, &data);
         }
+    }
+}
+
+fn stream_index(stream: StreamKind) -> usize {
+    match stream {
+        StreamKind::Stdout => 0,
+        StreamKind::Stderr => 1,
+    }
+}
+
+fn is_continuation(byte: u8) -> bool {
+    byte & 0xC0 == 0x80
+}
+
+/// The length of the UTF-8 character `lead` starts (1 for a byte that starts none).
+fn utf8_char_len(lead: u8) -> usize {
+    match lead {
+        0xC2..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF4 => 4,
+        _ => 1,
+    }
+}
+
+/// How many bytes at the end of `data` are the start of a character that is not complete yet
+/// (valid so far): 0 to 3.
+fn incomplete_tail(data: &[u8]) -> usize {
+    for len in 1..=data.len().min(3) {
+        let start = data.len() - len;
+        if is_continuation(data[start]) {
+            continue;
+        }
+        let valid_so_far =
+            matches!(std::str::from_utf8(&data[start..]), Err(e) if e.error_len().is_none());
+        return if utf8_char_len(data[start]) > len && valid_so_far {
+            len
+        } else {
+            0
+        };
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_incomplete_last_character_is_held_back() {
+        let e_acute = "é".as_bytes(); // C3 A9
+        let euro = "€".as_bytes(); // E2 82 AC
+        let smile = "😀".as_bytes(); // F0 9F 98 80
+        assert_eq!(incomplete_tail(b"plain"), 0);
+        assert_eq!(incomplete_tail(b""), 0);
+        assert_eq!(incomplete_tail("caf\u{e9}".as_bytes()), 0);
+        assert_eq!(incomplete_tail(&[b'x', e_acute[0]]), 1);
+        assert_eq!(incomplete_tail(&euro[..2]), 2);
+        assert_eq!(incomplete_tail(&smile[..3]), 3);
+        assert_eq!(incomplete_tail(&smile[..1]), 1);
+        // Not a character's start: sent as it is (it is not text anyway).
+        assert_eq!(incomplete_tail(&[b'x', 0xFF]), 0);
+        assert_eq!(incomplete_tail(&[0xA9]), 0);
+        assert_eq!(
+            incomplete_tail(&[0xE0, 0x80]),
+            0,
+            "overlong: invalid already"
+        );
     }
 }

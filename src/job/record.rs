@@ -154,6 +154,8 @@ pub(crate) struct RecordInit {
     pub(crate) idempotency_key: Option<String>,
     pub(crate) handle: Option<String>,
     pub(crate) followed: bool,
+    /// Its output chunks end on character boundaries (`JobSpec::text_output`).
+    pub(crate) text_output: bool,
 }
 
 impl RecordInit {
@@ -166,6 +168,7 @@ impl RecordInit {
             idempotency_key: spec.idempotency_key.clone(),
             handle,
             followed: false,
+            text_output: spec.text_output,
         }
     }
 

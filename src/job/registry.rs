@@ -412,6 +412,7 @@ impl Jobs {
             Some(sink) => JobInput::open(sink),
             None => JobInput::none(),
         };
+        let on_char_boundaries = init.text_output;
         let controls = JobControls {
             input,
             signaller: execution.take_signaller(),
@@ -432,6 +433,7 @@ impl Jobs {
             sinks,
             self.budget
                 .for_job(record.stop.clone(), self.config.stopped_client_grace, log),
+            on_char_boundaries,
         );
         let job = lifecycle::drive(
             Arc::clone(&record),
@@ -586,6 +588,7 @@ impl Jobs {
             idempotency_key: None,
             handle: Some(handle),
             followed: true,
+            text_output: false,
         };
         // No sinks: the replica that started the job mirrors it.
         let (record, job) = self.prepare(

@@ -83,6 +83,9 @@ pub struct JobSpec {
     /// Run the job on a terminal (stdin, stdout and stderr all on it; stdin always open)
     /// rather than on pipes.
     pub tty: Option<TtySpec>,
+    /// Cut the job's output chunks on UTF-8 character boundaries (see `JobOutput`), so that
+    /// readers may carry each chunk as text.
+    pub text_output: bool,
 }
 
 /// A terminal's size, in character cells.
@@ -114,6 +117,7 @@ impl JobSpec {
             idempotency_key: None,
             stdin: false,
             tty: None,
+            text_output: false,
         }
     }
 }

@@ -30,7 +30,7 @@ pub fn attach_open(
             }),
             on_gap: on_gap as i32,
             lossless,
-            snapshot: false,
+            ..Default::default()
         })),
     }
 }
@@ -55,6 +55,8 @@ pub struct Run {
     pub stderr: Vec<u8>,
     /// (stream, data) in arrival order; empty unless the output was kept.
     pub chunks: Vec<(OutputStream, Vec<u8>)>,
+    /// Which of those came as `text` (the rest as `data`).
+    pub text_chunks: Vec<bool>,
     pub exited: pb::Exited,
     /// From the request (or from reading a stream handed over) to the first `Output`.
     pub first_output: Option<Duration>,
@@ -98,6 +100,7 @@ pub struct Job {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     chunks: Vec<(OutputStream, Vec<u8>)>,
+    text_chunks: Vec<bool>,
     first_output: Option<Duration>,
     exited: Option<(pb::Exited, Duration)>,
     gaps: Vec<pb::Gap>,
@@ -160,6 +163,7 @@ impl Job {
             stdout: Vec::new(),
             stderr: Vec::new(),
             chunks: Vec::new(),
+            text_chunks: Vec::new(),
             first_output: None,
             exited: None,
             gaps: Vec::new(),
@@ -320,11 +324,19 @@ impl Job {
                     out.offset,
                     *received
                 );
-                ensure!(!out.data.is_empty(), "empty output chunk");
-                *received += out.data.len() as u64;
+                // Text (where the stream asked for it) is the same bytes.
+                let as_text = !out.text.is_empty();
+                let data = match (out.data.is_empty(), out.text.is_empty()) {
+                    (false, true) => out.data,
+                    (true, false) => bytes::Bytes::from(out.text.into_bytes()),
+                    (true, true) => bail!("empty output chunk"),
+                    (false, false) => bail!("output with both data and text"),
+                };
+                *received += data.len() as u64;
                 if self.output == Output::Keep {
-                    kept.extend_from_slice(&out.data);
-                    self.chunks.push((stream, out.data.to_vec()));
+                    kept.extend_from_slice(&data);
+                    self.chunks.push((stream, data.to_vec()));
+                    self.text_chunks.push(as_text);
                 }
             }
             Kind::Exited(e) => self.exited = Some((e, self.t0.elapsed())),
@@ -369,6 +381,7 @@ impl Job {
             stdout: self.stdout,
             stderr: self.stderr,
             chunks: self.chunks,
+            text_chunks: self.text_chunks,
             exited,
             first_output: self.first_output,
             exited_after,
