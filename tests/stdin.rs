@@ -277,36 +277,33 @@ async fn a_process_that_does_not_read_pushes_back_on_the_writer() {
 }
 
 #[tokio::test]
-async fn the_daytona_backend_refuses_stdin_tty_and_signals_by_name() {
+async fn the_daytona_backend_refuses_signals_by_name_and_terminals_beyond_its_bounds() {
     let fake = sandbox_runner::testing::daytona::FakeDaytona::start(common::DAYTONA_KEY).await;
     fake.add_sandbox("sbx-1", "started");
     let server = common::start_daytona(&fake, &[]).await;
     let mut client = server.client().await;
-    let on_tty = pb::ExecRequest {
-        tty: Some(pb::TtyOptions::default()),
-        ..shell("cat")
-    };
-    for (request, capability) in [(with_stdin("cat"), "stdin"), (on_tty, "tty")] {
-        let refused = client
-            .exec(pb::ExecRequest {
-                sandbox_id: "sbx-1".into(),
-                ..request
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-        assert!(refused.message().contains(capability), "{refused:?}");
-    }
-    let listed = client
-        .list_jobs(pb::ListJobsRequest::default())
+    // Daytona's terminals have at most 1000 rows: refused before anything is made.
+    let refused = client
+        .exec(pb::ExecRequest {
+            sandbox_id: "sbx-1".into(),
+            tty: Some(pb::TtyOptions {
+                rows: 2000,
+                cols: 10,
+                term: String::new(),
+            }),
+            ..shell("cat")
+        })
         .await
-        .unwrap()
-        .into_inner()
-        .jobs;
-    assert!(listed.is_empty(), "nothing ran: {listed:?}");
-    assert_eq!(fake.created_sessions().len(), 0, "no session was made");
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("1000 rows"), "{refused:?}");
+    assert_eq!(
+        fake.pty_ids("sbx-1").len(),
+        0,
+        "no terminal session was made"
+    );
 
-    // Nor can it signal its jobs (yet): refused by name, the job untouched.
+    // Nor can it signal its jobs: refused by name, the job untouched.
     let job = Job::start(
         &mut client,
         pb::ExecRequest {
@@ -435,7 +432,15 @@ async fn health_and_started_say_what_each_backend_can_do() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(health.capabilities, Some(pb::Capabilities::default()));
+    // Stdin in whole lines without EOF, and terminals, but no signals (see the README).
+    let daytona = pb::Capabilities {
+        stdin: true,
+        stdin_eof: false,
+        tty: true,
+        resize: true,
+        signals: false,
+    };
+    assert_eq!(health.capabilities, Some(daytona));
     server.stop().await;
 }
 

@@ -4,7 +4,7 @@ use tonic::{Code, Status};
 
 use crate::{
     error::Error,
-    job::{BackendError, InputError, ResizeRefused},
+    job::{BackendError, InputError, InputRefused, ResizeRefused},
 };
 
 impl From<Error> for Status {
@@ -34,10 +34,22 @@ impl From<Error> for Status {
             Error::IdempotencyKeyReused(_) => Code::AlreadyExists,
             Error::Unauthenticated => Code::Unauthenticated,
             // The job is in a state where it takes no input; the caller should not retry as is.
+            // The job is in a state where it takes no input, or its backend has no end of input;
+            // the caller should not retry as is.
             Error::Input {
-                source: InputError::Closed(_),
+                source: InputError::Closed(_) | InputError::NoEof,
                 ..
             } => Code::FailedPrecondition,
+            // Bytes the job's backend cannot carry (a Daytona write that is not whole lines).
+            Error::Input {
+                source: InputError::Refused(InputRefused::Unfaithful(_)),
+                ..
+            } => Code::InvalidArgument,
+            // The backend failed on the way; the client may check `stdin_accepted_bytes`.
+            Error::Input {
+                source: InputError::Refused(InputRefused::Unconfirmed(_)),
+                ..
+            } => Code::Unavailable,
             // As for a position beyond the end of the log: the message gives the offset due.
             Error::Input {
                 source: InputError::OffsetAhead { .. },
@@ -126,6 +138,27 @@ mod tests {
                     },
                 },
                 Code::OutOfRange,
+            ),
+            (
+                Error::Input {
+                    job_id: "j".into(),
+                    source: InputError::NoEof,
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::Input {
+                    job_id: "j".into(),
+                    source: InputError::Refused(InputRefused::Unfaithful("partial line".into())),
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                Error::Input {
+                    job_id: "j".into(),
+                    source: InputError::Refused(InputRefused::Unconfirmed("503".into())),
+                },
+                Code::Unavailable,
             ),
             (
                 Error::Unsupported {

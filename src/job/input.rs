@@ -26,6 +26,31 @@ pub trait InputSink: Send {
     async fn close(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+
+    /// Whether `close` gives the process end of input. A backend whose stdin has no end (one
+    /// that only appends lines, say) says no: closing is then refused and the input stays open.
+    fn has_eof(&self) -> bool {
+        true
+    }
+}
+
+/// A write a sink did not make, returned by [`InputSink::write`] inside an `io::Error`: the
+/// write is refused and the input stays open (unlike any other error, which closes it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputRefused {
+    /// Bytes the backend's stdin cannot carry as given; nothing was sent. The caller's to change.
+    #[error("{0}")]
+    Unfaithful(String),
+    /// The backend did not confirm the write (it failed on the way): it may or may not have
+    /// reached the process.
+    #[error("{0}")]
+    Unconfirmed(String),
+}
+
+impl From<InputRefused> for std::io::Error {
+    fn from(refused: InputRefused) -> Self {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, refused)
+    }
 }
 
 /// Why a job takes no more input.
@@ -65,6 +90,16 @@ pub enum InputError {
         "stdin write at offset {offset}, but {accepted} bytes were accepted: resend from offset {accepted}"
     )]
     OffsetAhead { offset: u64, accepted: u64 },
+    /// The job's backend cannot deliver this input as given; nothing was written and the input
+    /// is still open.
+    #[error("stdin write refused: {0}")]
+    Refused(InputRefused),
+    /// The job's backend cannot give its process end of input; the input is still open.
+    #[error(
+        "its backend cannot send stdin EOF (see Capabilities.stdin_eof): its stdin stays open \
+         until the job ends"
+    )]
+    NoEof,
 }
 
 /// A job's stdin, shared by every client of the job.
@@ -159,6 +194,11 @@ impl JobInput {
                     data = data.slice(written..);
                 }
                 Err(e) => {
+                    if let Some(refused) =
+                        e.get_ref().and_then(|e| e.downcast_ref::<InputRefused>())
+                    {
+                        return Err(InputError::Refused(refused.clone()));
+                    }
                     tracing::debug!(error = %e, "a job's stdin stopped taking input");
                     self.close_locked(&mut sink, InputClosed::ByProcess);
                     return Err(InputError::Closed(InputClosed::ByProcess));
@@ -176,6 +216,9 @@ impl JobInput {
             return Err(InputError::Closed(InputClosed::NotRequested));
         }
         if let Some(to) = sink.to.as_mut() {
+            if !to.has_eof() {
+                return Err(InputError::NoEof);
+            }
             tokio::select! {
                 closed = to.close() => if let Err(e) = closed {
                     tracing::debug!(error = %e, "telling a job its input ended failed");
@@ -316,6 +359,43 @@ mod tests {
             none.close().await,
             Err(InputError::Closed(InputClosed::NotRequested))
         );
+    }
+
+    /// A sink like Daytona's session input: whole lines only, and no end of input.
+    struct LinesOnly(Arc<Mutex<Vec<u8>>>);
+
+    #[async_trait]
+    impl InputSink for LinesOnly {
+        async fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            if data.last() != Some(&b'\n') {
+                return Err(InputRefused::Unfaithful("end it with a newline".into()).into());
+            }
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+
+        fn has_eof(&self) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_or_close_leaves_the_input_open() {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let input = JobInput::open(Box::new(LinesOnly(Arc::clone(&got))));
+        assert_eq!(
+            input.write(Bytes::from_static(b"partial"), None).await,
+            Err(InputError::Refused(InputRefused::Unfaithful(
+                "end it with a newline".into()
+            )))
+        );
+        assert_eq!(input.close().await, Err(InputError::NoEof));
+        assert!(input.is_open());
+        assert_eq!(
+            input.write(Bytes::from_static(b"line\n"), None).await,
+            Ok(5)
+        );
+        assert_eq!(*got.lock().unwrap(), b"line\n");
     }
 
     /// A process that never reads.

@@ -33,7 +33,7 @@ pub use backend::{
 pub use budget::{Credit, JobBudget, OutputBudget};
 pub use event::{EventKind, ExitSummary, JobEvent, JobState, StreamKind};
 pub use id::{JobIdCodec, JobIdError, JobLocation};
-pub use input::{InputClosed, InputError, InputSink, JobInput};
+pub use input::{InputClosed, InputError, InputRefused, InputSink, JobInput};
 pub use log::{
     Delivered, EventLog, Gap, GapPolicy, LogLimits, LogReader, LogSummary, Pace, Position,
     PositionError,

@@ -8,8 +8,16 @@
 //! and delete (204, kills the command's group); async exec (202 with a uuid `cmdId`); `exitCode` absent while running;
 //! per-line `01 01 01`/`02 02 02` log markers with a newline added to a final partial line; a
 //! JSON plain log GET; a WebSocket follower that replays from byte 0 in binary frames of at
-//! most 1 KiB and closes with 1000 shortly after the exit. Fault switches cover the known
-//! failure modes.
+//! most 1 KiB and closes with 1000 shortly after the exit; a command's `/input` (204, a newline
+//! added when missing, echoed into the log unless the exec asked `suppressInputEcho`, 410 once
+//! the command completed). Terminal sessions (`/process/pty`, research/peers-2026.md section 2)
+//! run `/bin/sh -i` (the daemon runs `$SHELL -i -l`) on a real pseudo-terminal, made its
+//! controlling terminal by `setsid -c`: create (201, 409 duplicate, 400 beyond 1000 rows or
+//! columns), resize (410 once exited), delete (kills its process group) and the WebSocket
+//! (`connected` first, binary output frames of at most 32 KiB, client frames typed into the
+//! terminal, a 256-slot queue per client closed with 1008 "slow consumer" when full, no replay,
+//! exit as close 1000 for status 0 or 1011 with `{exitCode, exitReason}`). Fault switches cover
+//! the known failure modes.
 
 // Handlers return ready-made error responses through `Result`; their size does not matter here.
 #![allow(clippy::result_large_err)]
@@ -66,6 +74,13 @@ pub struct Faults {
     pub transient_get_failures: AtomicUsize,
     /// Sandbox DTOs lack `toolboxProxyUrl`, as from APIs older than v0.148.
     pub legacy_sandbox_dto: AtomicBool,
+    /// Terminal streams send the newer `{"type":"control","status":"exited"}` message, ahead of
+    /// all output still queued for the client (the overtaking research/peers-2026.md infers):
+    /// output is held in the queue until the exit, then follows the message.
+    pub pty_exit_message_first: AtomicBool,
+    /// A terminal client whose queue took this many output bytes is treated as having filled its
+    /// queue: closed with 1008 "slow consumer", the rest of the output discarded (0: off).
+    pub pty_slow_consumer_after_bytes: AtomicUsize,
 }
 
 /// A running fake.
@@ -94,12 +109,16 @@ struct Fake {
     delete_requests: Mutex<Vec<String>>,
     /// Session creates refused as duplicates (409).
     conflicts: Mutex<Vec<String>>,
+    /// Every terminal session DELETE received.
+    pty_deletes: Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
 struct Sandbox {
     state: String,
     sessions: HashMap<String, HashMap<String, Arc<CommandRun>>>,
+    /// Terminal sessions, until deleted (an exited one stays, answering 410).
+    ptys: HashMap<String, Arc<PtyRun>>,
 }
 
 struct CommandRun {
@@ -109,6 +128,10 @@ struct CommandRun {
     pgid: Mutex<Option<u32>>,
     /// Set when its session is deleted: followers close.
     gone: AtomicBool,
+    /// Its stdin, open for `/input` while it runs (the daemon's FIFO).
+    stdin: tokio::sync::Mutex<Option<tokio::process::ChildStdin>>,
+    /// `/input` is not copied into the log.
+    suppress_input_echo: bool,
 }
 
 impl FakeDaytona {
@@ -127,7 +150,9 @@ impl FakeDaytona {
             deleted_sessions: Mutex::new(Vec::new()),
             delete_requests: Mutex::new(Vec::new()),
             conflicts: Mutex::new(Vec::new()),
+            pty_deletes: Mutex::new(Vec::new()),
         });
+        let pty = "/toolbox/{sandbox}/process/pty";
         let toolbox = "/toolbox/{sandbox}/process/session";
         let app = Router::new()
             .route("/api/sandbox", get(list_sandboxes))
@@ -151,6 +176,14 @@ impl FakeDaytona {
                 &format!("{toolbox}/{{session}}/command/{{command}}/logs"),
                 get(logs),
             )
+            .route(
+                &format!("{toolbox}/{{session}}/command/{{command}}/input"),
+                post(input),
+            )
+            .route(pty, post(create_pty))
+            .route(&format!("{pty}/{{id}}"), axum::routing::delete(delete_pty))
+            .route(&format!("{pty}/{{id}}/resize"), post(resize_pty))
+            .route(&format!("{pty}/{{id}}/connect"), get(connect_pty))
             .layer(middleware::from_fn_with_state(
                 Arc::clone(&state),
                 auth_and_faults,
@@ -176,6 +209,7 @@ impl FakeDaytona {
             Sandbox {
                 state: state.to_owned(),
                 sessions: HashMap::new(),
+                ptys: HashMap::new(),
             },
         );
     }
@@ -233,6 +267,8 @@ impl FakeDaytona {
             exit: Mutex::new(exit_code),
             pgid: Mutex::new(None),
             gone: AtomicBool::new(false),
+            stdin: tokio::sync::Mutex::new(None),
+            suppress_input_echo: false,
         });
         let mut sandboxes = self.state.sandboxes.lock().unwrap();
         let sessions = &mut sandboxes.get_mut(sandbox).expect("sandbox exists").sessions;
@@ -251,6 +287,22 @@ impl FakeDaytona {
             .values()
             .map(|s| s.sessions.len())
             .sum()
+    }
+
+    /// Ids of the terminal sessions that exist now in `sandbox` (exited or not), sorted.
+    pub fn pty_ids(&self, sandbox: &str) -> Vec<String> {
+        let sandboxes = self.state.sandboxes.lock().unwrap();
+        let mut ids: Vec<String> = sandboxes
+            .get(sandbox)
+            .map(|s| s.ptys.keys().cloned().collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// Every terminal session DELETE received, in order.
+    pub fn pty_deletes(&self) -> Vec<String> {
+        self.state.pty_deletes.lock().unwrap().clone()
     }
 
     /// Commands the fake was asked to run, in no particular order.
@@ -492,6 +544,8 @@ struct Exec {
     run_async: bool,
     #[serde(default, rename = "async")]
     legacy_async: bool,
+    #[serde(default)]
+    suppress_input_echo: bool,
 }
 
 async fn exec(
@@ -509,6 +563,8 @@ async fn exec(
         exit: Mutex::new(None),
         pgid: Mutex::new(None),
         gone: AtomicBool::new(false),
+        stdin: tokio::sync::Mutex::new(None),
+        suppress_input_echo: body.suppress_input_echo,
     });
     let registered = with_sandbox(&fake, &sandbox, |s| match s.sessions.get_mut(&session) {
         Some(commands) => {
@@ -546,7 +602,7 @@ async fn run_command(run: Arc<CommandRun>) {
     let spawned = Command::new("/bin/sh")
         .arg("-c")
         .arg(&run.command)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -560,12 +616,15 @@ async fn run_command(run: Arc<CommandRun>) {
         }
     };
     *run.pgid.lock().unwrap() = child.id();
+    *run.stdin.lock().await = child.stdin.take();
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
     let out = tokio::spawn(copy_lines(stdout, [1, 1, 1], Arc::clone(&run)));
     let err = tokio::spawn(copy_lines(stderr, [2, 2, 2], Arc::clone(&run)));
     let status = child.wait().await;
     let _ = tokio::join!(out, err);
+    // The daemon's FIFO goes with the command.
+    run.stdin.lock().await.take();
     use std::os::unix::process::ExitStatusExt;
     let code = match status {
         Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
@@ -742,4 +801,386 @@ async fn follow(mut socket: WebSocket, run: Arc<CommandRun>, fake: Arc<Fake>) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[derive(Deserialize)]
+struct Input {
+    data: String,
+}
+
+/// `POST …/input`: the data, with a newline added when missing, to the command's stdin, and
+/// into its log as stdout unless the exec said `suppressInputEcho`; 410 once it completed.
+async fn input(
+    State(fake): State<Arc<Fake>>,
+    Path((sandbox, session, command)): Path<(String, String, String)>,
+    Json(body): Json<Input>,
+) -> Response {
+    let run = match find_command(&fake, &sandbox, &session, &command) {
+        Ok(run) => run,
+        Err(response) => return response,
+    };
+    let completed = |code: i32| {
+        error(
+            StatusCode::GONE,
+            &format!("gone: command has already completed with exit code {code}"),
+        )
+    };
+    if let Some(code) = *run.exit.lock().unwrap() {
+        return completed(code);
+    }
+    let mut line = body.data.into_bytes();
+    if line.last() != Some(&b'\n') {
+        line.push(b'\n');
+    }
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = run.stdin.lock().await;
+        if let Some(pipe) = stdin.as_mut()
+            && pipe.write_all(&line).await.is_err()
+        {
+            // The program closed its stdin: the daemon's FIFO write fails the same way.
+            stdin.take();
+        }
+    }
+    if let Some(code) = *run.exit.lock().unwrap() {
+        return completed(code);
+    }
+    if !run.suppress_input_echo {
+        let mut log = run.log.lock().unwrap();
+        log.extend_from_slice(&[1, 1, 1]);
+        log.extend_from_slice(&line);
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// What a terminal client's queue carries.
+enum PtyOut {
+    Output(Bytes),
+    Exited(i32),
+}
+
+/// One client of a terminal session.
+struct PtyClient {
+    queue: tokio::sync::mpsc::Sender<PtyOut>,
+    /// Output bytes queued for it so far (for the slow-consumer fault).
+    queued: usize,
+    /// Set when it fell behind: its WebSocket closes with 1008.
+    slow: Arc<tokio::sync::Notify>,
+}
+
+/// Slots of each terminal client's queue, as the daemon's.
+const PTY_QUEUE_SLOTS: usize = 256;
+/// Largest output frame of a terminal stream.
+const PTY_FRAME: usize = 32 * 1024;
+
+/// A terminal session: a shell on a pseudo-terminal.
+struct PtyRun {
+    /// The terminal's master, for input and resizes.
+    master: std::os::fd::OwnedFd,
+    pid: u32,
+    clients: Mutex<Vec<PtyClient>>,
+    exit: Mutex<Option<i32>>,
+}
+
+#[derive(Deserialize)]
+struct CreatePty {
+    id: String,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    envs: HashMap<String, String>,
+    #[serde(default)]
+    cols: Option<u16>,
+    #[serde(default)]
+    rows: Option<u16>,
+}
+
+#[derive(Deserialize)]
+struct PtySize {
+    cols: u16,
+    rows: u16,
+}
+
+fn winsize(rows: u16, cols: u16) -> rustix::termios::Winsize {
+    rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// Starts `/bin/sh -i` on a new terminal of its own (`setsid -c` makes it the controlling
+/// terminal without code in the child), with a thread that reads the terminal's output into
+/// the clients' queues and, at the end, the exit status.
+fn spawn_pty(body: &CreatePty, fake: Arc<Fake>) -> std::io::Result<Arc<PtyRun>> {
+    use rustix::pty::{OpenptFlags, grantpt, ioctl_tiocgptpeer, openpt, unlockpt};
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = openpt(flags)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    rustix::termios::tcsetwinsize(
+        &master,
+        winsize(body.rows.unwrap_or(24), body.cols.unwrap_or(80)),
+    )?;
+    let terminal = ioctl_tiocgptpeer(&master, flags)?;
+    let mut command = std::process::Command::new("/usr/bin/setsid");
+    command
+        .args(["-c", "/bin/sh", "-i"])
+        .env("TERM", "xterm-256color")
+        .envs(&body.envs)
+        .stdin(Stdio::from(terminal.try_clone()?))
+        .stdout(Stdio::from(terminal.try_clone()?))
+        .stderr(Stdio::from(terminal));
+    if let Some(cwd) = &body.cwd {
+        command.current_dir(cwd);
+    }
+    let mut child = command.spawn()?;
+    // The terminal's other side is now only the shell's: reads end (EIO) when it is gone.
+    drop(command);
+    let run = Arc::new(PtyRun {
+        master: master.try_clone()?,
+        pid: child.id(),
+        clients: Mutex::new(Vec::new()),
+        exit: Mutex::new(None),
+    });
+    let reading = Arc::clone(&run);
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut master = std::fs::File::from(master);
+        let mut buf = vec![0; PTY_FRAME];
+        // EIO once every process closed the terminal: the end of its output.
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            let chunk = Bytes::copy_from_slice(&buf[..n]);
+            let slow_after = fake
+                .faults
+                .pty_slow_consumer_after_bytes
+                .load(Ordering::Relaxed);
+            // No replay: with no client, output is discarded.
+            reading.clients.lock().unwrap().retain_mut(|client| {
+                client.queued += n;
+                let full = slow_after > 0 && client.queued > slow_after;
+                if full
+                    || client
+                        .queue
+                        .try_send(PtyOut::Output(chunk.clone()))
+                        .is_err()
+                {
+                    client.slow.notify_one();
+                    return false;
+                }
+                true
+            });
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let code = match child.wait() {
+            Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+            Err(_) => -1,
+        };
+        *reading.exit.lock().unwrap() = Some(code);
+        for client in reading.clients.lock().unwrap().drain(..) {
+            if client.queue.try_send(PtyOut::Exited(code)).is_err() {
+                client.slow.notify_one();
+            }
+        }
+    });
+    Ok(run)
+}
+
+async fn create_pty(
+    State(fake): State<Arc<Fake>>,
+    Path(sandbox): Path<String>,
+    Json(body): Json<CreatePty>,
+) -> Response {
+    if body.rows.unwrap_or(24) > 1000 || body.cols.unwrap_or(80) > 1000 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad request: rows and cols must be at most 1000",
+        );
+    }
+    let exists = with_sandbox(&fake, &sandbox, |s| Ok(s.ptys.contains_key(&body.id)));
+    match exists {
+        Err(response) => return response,
+        Ok(true) => return error(StatusCode::CONFLICT, "conflict: PTY session already exists"),
+        Ok(false) => {}
+    }
+    let run = match spawn_pty(&body, Arc::clone(&fake)) {
+        Ok(run) => run,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("failed to start PTY session: {e}"),
+            );
+        }
+    };
+    let inserted = with_sandbox(&fake, &sandbox, |s| {
+        s.ptys.insert(body.id.clone(), run);
+        Ok(())
+    });
+    match inserted {
+        Ok(()) => (StatusCode::CREATED, Json(json!({ "sessionId": body.id }))).into_response(),
+        Err(response) => response,
+    }
+}
+
+fn find_pty(fake: &Fake, sandbox: &str, id: &str) -> Result<Arc<PtyRun>, Response> {
+    with_sandbox(fake, sandbox, |s| {
+        s.ptys
+            .get(id)
+            .cloned()
+            .ok_or_else(|| error(StatusCode::NOT_FOUND, "not found: PTY session not found"))
+    })
+}
+
+async fn delete_pty(
+    State(fake): State<Arc<Fake>>,
+    Path((sandbox, id)): Path<(String, String)>,
+) -> Response {
+    fake.pty_deletes.lock().unwrap().push(id.clone());
+    let removed = with_sandbox(&fake, &sandbox, |s| {
+        s.ptys
+            .remove(&id)
+            .ok_or_else(|| error(StatusCode::NOT_FOUND, "not found: PTY session not found"))
+    });
+    match removed {
+        Ok(run) => {
+            if run.exit.lock().unwrap().is_none() {
+                use nix::sys::signal::{Signal, killpg};
+                let _ = killpg(nix::unistd::Pid::from_raw(run.pid as i32), Signal::SIGKILL);
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+async fn resize_pty(
+    State(fake): State<Arc<Fake>>,
+    Path((sandbox, id)): Path<(String, String)>,
+    Json(size): Json<PtySize>,
+) -> Response {
+    let run = match find_pty(&fake, &sandbox, &id) {
+        Ok(run) => run,
+        Err(response) => return response,
+    };
+    if run.exit.lock().unwrap().is_some() {
+        return error(StatusCode::GONE, "gone: PTY session has exited");
+    }
+    if size.rows == 0 || size.cols == 0 || size.rows > 1000 || size.cols > 1000 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad request: rows and cols must be 1 to 1000",
+        );
+    }
+    // The kernel sends SIGWINCH to the terminal's foreground group.
+    if let Err(e) = rustix::termios::tcsetwinsize(&run.master, winsize(size.rows, size.cols)) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+    }
+    Json(json!({ "id": id, "cols": size.cols, "rows": size.rows, "active": true })).into_response()
+}
+
+async fn connect_pty(
+    State(fake): State<Arc<Fake>>,
+    Path((sandbox, id)): Path<(String, String)>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    match find_pty(&fake, &sandbox, &id) {
+        Ok(run) => upgrade.on_upgrade(move |socket| pty_client(socket, run, fake)),
+        Err(response) => response,
+    }
+}
+
+/// One client's WebSocket: `connected`, then its queue's output, and what it sends typed into
+/// the terminal; at the exit, the status (see the module doc).
+async fn pty_client(mut socket: WebSocket, run: Arc<PtyRun>, fake: Arc<Fake>) {
+    let (queue, mut queued) = tokio::sync::mpsc::channel(PTY_QUEUE_SLOTS);
+    let slow = Arc::new(tokio::sync::Notify::new());
+    let exited_before = *run.exit.lock().unwrap();
+    if exited_before.is_none() {
+        run.clients.lock().unwrap().push(PtyClient {
+            queue,
+            queued: 0,
+            slow: Arc::clone(&slow),
+        });
+    }
+    let connected = json!({ "type": "control", "status": "connected" }).to_string();
+    if socket.send(Message::Text(connected.into())).await.is_err() {
+        return;
+    }
+    let exit_first = fake.faults.pty_exit_message_first.load(Ordering::Relaxed);
+    // Output held back (exit_first) until the exit is known; then sent after the message.
+    let mut held: Vec<Bytes> = Vec::new();
+    let code = match exited_before {
+        Some(code) => code,
+        None => loop {
+            tokio::select! {
+                biased;
+                _ = slow.notified() => {
+                    let _ = socket.send(Message::Close(Some(CloseFrame {
+                        code: 1008,
+                        reason: "slow consumer".into(),
+                    }))).await;
+                    return;
+                }
+                out = queued.recv() => match out {
+                    Some(PtyOut::Output(data)) if exit_first => held.push(data),
+                    Some(PtyOut::Output(data)) => {
+                        if socket.send(Message::Binary(data)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(PtyOut::Exited(code)) => break code,
+                    // Dropped from the clients without a slow mark: cannot happen; end.
+                    None => return,
+                },
+                typed = socket.recv() => match typed {
+                    Some(Ok(Message::Binary(data))) => type_into(&run, data.to_vec()).await,
+                    Some(Ok(Message::Text(text))) => type_into(&run, text.as_bytes().to_vec()).await,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return,
+                },
+            }
+        },
+    };
+    if exit_first {
+        let exited = json!({ "type": "control", "status": "exited", "exitCode": code });
+        if socket
+            .send(Message::Text(exited.to_string().into()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        for data in held {
+            if socket.send(Message::Binary(data)).await.is_err() {
+                return;
+            }
+        }
+    }
+    let close = if code == 0 {
+        CloseFrame {
+            code: 1000,
+            reason: "".into(),
+        }
+    } else {
+        let reason = json!({ "exitCode": code, "exitReason": "exited" }).to_string();
+        CloseFrame {
+            code: 1011,
+            reason: reason.into(),
+        }
+    };
+    let _ = socket.send(Message::Close(Some(close))).await;
+}
+
+/// Writes what a client typed into the terminal (a blocking write: the terminal's input
+/// buffer may be full until the program reads).
+async fn type_into(run: &Arc<PtyRun>, data: Vec<u8>) {
+    let Ok(master) = run.master.try_clone() else {
+        return;
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        std::fs::File::from(master).write_all(&data)
+    })
+    .await;
 }

@@ -68,6 +68,9 @@ pub enum ApiError {
     #[error("Daytona is unreachable: {0}")]
     /// The connection failed before any request was sent, so even a POST may be retried.
     Unreachable(String),
+    /// The command or terminal has ended (HTTP 410).
+    #[error("gone: {0}")]
+    Gone(String),
     #[error("Daytona answered HTTP {status}: {message}")]
     Unexpected { status: StatusCode, message: String },
 }
@@ -103,6 +106,17 @@ pub struct CommandInfo {
     pub exit_code: Option<i32>,
 }
 
+/// The body of `POST /process/pty`.
+#[derive(Debug, serde::Serialize)]
+pub struct PtyRequest<'a> {
+    pub id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<&'a str>,
+    pub envs: &'a std::collections::BTreeMap<String, String>,
+    pub cols: u16,
+    pub rows: u16,
+}
+
 /// A sandbox's toolbox base URL: `{toolboxProxyUrl}/{sandboxId}`.
 #[derive(Debug, Clone)]
 pub struct Toolbox(String);
@@ -118,6 +132,10 @@ impl Toolbox {
 
     fn session(&self, session_id: &str) -> String {
         format!("{}/process/session/{}", self.0, segment(session_id))
+    }
+
+    fn pty(&self, pty_id: &str) -> String {
+        format!("{}/process/pty/{}", self.0, segment(pty_id))
     }
 
     fn command(&self, session_id: &str, command_id: &str) -> String {
@@ -215,12 +233,14 @@ impl DaytonaClient {
         Ok(())
     }
 
-    /// Starts `command` asynchronously in the session; returns the command id.
+    /// Starts `command` asynchronously in the session; returns the command id. With
+    /// `suppress_input_echo`, what `/input` sends is not copied into the command's log.
     pub async fn exec_async(
         &self,
         toolbox: &Toolbox,
         session_id: &str,
         command: &str,
+        suppress_input_echo: bool,
     ) -> Result<String, ApiError> {
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
@@ -228,9 +248,75 @@ impl DaytonaClient {
             cmd_id: String,
         }
         let url = format!("{}/exec", toolbox.session(session_id));
-        let body = serde_json::json!({ "command": command, "runAsync": true });
+        let mut body = serde_json::json!({ "command": command, "runAsync": true });
+        if suppress_input_echo {
+            body["suppressInputEcho"] = true.into();
+        }
         let response = self.posting(|| self.http.post(&url).json(&body)).await?;
         Ok(json::<Started>(response).await?.cmd_id)
+    }
+
+    /// Writes `data` to the running command's stdin (`POST …/input`; Daytona appends a newline
+    /// when `data` has none). [`ApiError::Gone`] once the command has completed.
+    pub async fn send_input(
+        &self,
+        toolbox: &Toolbox,
+        session_id: &str,
+        command_id: &str,
+        data: &str,
+    ) -> Result<(), ApiError> {
+        let url = format!("{}/input", toolbox.command(session_id, command_id));
+        let body = serde_json::json!({ "data": data });
+        self.posting(|| self.http.post(&url).json(&body)).await?;
+        Ok(())
+    }
+
+    /// Creates a terminal session running the sandbox's login shell (`POST /process/pty`).
+    pub async fn create_pty(
+        &self,
+        toolbox: &Toolbox,
+        pty: &PtyRequest<'_>,
+    ) -> Result<(), ApiError> {
+        let url = format!("{}/process/pty", toolbox.0);
+        self.posting(|| self.http.post(&url).json(pty)).await?;
+        Ok(())
+    }
+
+    /// Sets the size of a terminal session; [`ApiError::Gone`] once it has exited.
+    pub async fn resize_pty(
+        &self,
+        toolbox: &Toolbox,
+        pty_id: &str,
+        cols: u16,
+        rows: u16,
+    ) -> Result<(), ApiError> {
+        let url = format!("{}/resize", toolbox.pty(pty_id));
+        let body = serde_json::json!({ "cols": cols, "rows": rows });
+        // Setting a size twice is harmless, so transient failures are retried.
+        self.retrying(|| self.http.post(&url).json(&body)).await?;
+        Ok(())
+    }
+
+    /// Deletes a terminal session, killing everything on it. One already gone is not an error.
+    pub async fn delete_pty(&self, toolbox: &Toolbox, pty_id: &str) -> Result<(), ApiError> {
+        let url = toolbox.pty(pty_id);
+        match self
+            .retrying(|| self.http.request(Method::DELETE, &url))
+            .await
+        {
+            Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the WebSocket of a terminal session: its output, and input to it.
+    pub async fn connect_pty(
+        &self,
+        toolbox: &Toolbox,
+        pty_id: &str,
+    ) -> Result<LogSocket, ApiError> {
+        let url = format!("{}/connect", toolbox.pty(pty_id));
+        self.websocket(url, "terminal stream").await
     }
 
     /// The command's exit code, or `None` while it runs (Daytona omits the field until then).
@@ -291,6 +377,11 @@ impl DaytonaClient {
             "{}/logs?follow=true",
             toolbox.command(session_id, command_id)
         );
+        self.websocket(url, "log stream").await
+    }
+
+    /// Opens a WebSocket to `url` (http or https) with this client's headers.
+    async fn websocket(&self, url: String, what: &str) -> Result<LogSocket, ApiError> {
         let ws_url = if let Some(rest) = url.strip_prefix("https://") {
             format!("wss://{rest}")
         } else if let Some(rest) = url.strip_prefix("http://") {
@@ -302,7 +393,7 @@ impl DaytonaClient {
             .into_client_request()
             .map_err(|e| ApiError::Unexpected {
                 status: StatusCode::BAD_REQUEST,
-                message: format!("bad log URL: {e}"),
+                message: format!("bad {what} URL: {e}"),
             })?;
         request.headers_mut().extend(self.headers.clone());
         request
@@ -311,15 +402,15 @@ impl DaytonaClient {
         let connect =
             tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true);
         match tokio::time::timeout(self.request_timeout, connect).await {
-            Err(_) => Err(ApiError::Unavailable(
-                "timed out opening the log stream".into(),
-            )),
+            Err(_) => Err(ApiError::Unavailable(format!(
+                "timed out opening the {what}"
+            ))),
             Ok(Ok((socket, _))) => Ok(socket),
             Ok(Err(tungstenite::Error::Http(response))) => Err(status_error(
                 StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
-                "log stream".into(),
+                what.into(),
             )),
-            Ok(Err(e)) => Err(ApiError::Unavailable(format!("log stream: {e}"))),
+            Ok(Err(e)) => Err(ApiError::Unavailable(format!("{what}: {e}"))),
         }
     }
 
@@ -404,6 +495,7 @@ fn status_error(status: StatusCode, message: String) -> ApiError {
     match status {
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ApiError::Unauthorized(status),
         StatusCode::NOT_FOUND => ApiError::NotFound(message),
+        StatusCode::GONE => ApiError::Gone(message),
         StatusCode::TOO_MANY_REQUESTS
         | StatusCode::BAD_GATEWAY
         | StatusCode::SERVICE_UNAVAILABLE

@@ -14,6 +14,8 @@
 mod client;
 mod config;
 mod demux;
+mod input;
+mod pty;
 mod script;
 
 use std::{
@@ -36,7 +38,8 @@ pub use config::{DEFAULT_DAYTONA_API_URL, DaytonaArgs, DaytonaConfigError};
 use demux::Demux;
 
 use crate::job::{
-    Backend, BackendError, Execution, JobOutput, JobSpec, Outcome, RemoteState, StreamKind,
+    Backend, BackendError, Capabilities, Execution, InputSink, JobOutput, JobSpec, Outcome,
+    RemoteState, StreamKind,
 };
 
 /// Settings of the Daytona backend.
@@ -266,6 +269,19 @@ impl Backend for DaytonaBackend {
         "daytona"
     }
 
+    /// Stdin through the session command's `/input` (whole lines, no EOF: see [`input`]), and
+    /// terminals through Daytona's PTY sessions (see [`pty`]). Daytona has no way to signal
+    /// one command.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            stdin: true,
+            stdin_eof: false,
+            tty: true,
+            resize: true,
+            signals: false,
+        }
+    }
+
     /// A stopped job's stop is one call: the session DELETE, which kills the command.
     fn stop_time(&self) -> Duration {
         self.config.request_timeout
@@ -330,6 +346,8 @@ impl Backend for DaytonaBackend {
             client: Arc::clone(&self.client),
             session,
             poll_interval: self.config.poll_interval,
+            // Its stdin belongs to the replica that started it.
+            input: None,
         }))
     }
 
@@ -388,6 +406,18 @@ impl Backend for DaytonaBackend {
             ));
         }
         let toolbox = self.toolbox(sandbox_id).await?;
+        if let Some(tty) = &spec.tty {
+            let execution = pty::TerminalExecution::start(
+                Arc::clone(&self.client),
+                toolbox,
+                spec,
+                tty,
+                self.cleanups.clone(),
+                self.config.request_timeout,
+            )
+            .await?;
+            return Ok(Box::new(execution));
+        }
         let session_id = format!("{SESSION_PREFIX}{}", uuid::Uuid::new_v4());
         // The guard exists before the session does: if this future is dropped while the
         // create call is in flight, or the call times out after Daytona made the session, the
@@ -404,7 +434,13 @@ impl Backend for DaytonaBackend {
             .map_err(|e| api_error(e, &format!("sandbox {sandbox_id:?}")))?;
         let command_id = self
             .client
-            .exec_async(&session.toolbox, &session.id, &script::command_line(spec))
+            .exec_async(
+                &session.toolbox,
+                &session.id,
+                &script::command_line(spec),
+                // What clients write is the job's input, not its output.
+                spec.stdin,
+            )
             .await
             .map_err(|e| api_error(e, &format!("session in sandbox {sandbox_id:?}")))?;
         info!(sandbox_id, session_id = %session.id, command_id, "command started in Daytona");
@@ -413,12 +449,21 @@ impl Backend for DaytonaBackend {
             session_id: session.id.clone(),
             command_id: command_id.clone(),
         };
+        let input = spec.stdin.then(|| {
+            input::CommandInput::new(
+                Arc::clone(&self.client),
+                session.toolbox.clone(),
+                session.id.clone(),
+                command_id.clone(),
+            )
+        });
         Ok(Box::new(DaytonaExecution {
             handle,
             client: Arc::clone(&self.client),
             session,
             command_id,
             poll_interval: self.config.poll_interval,
+            input,
         }))
     }
 }
@@ -433,7 +478,7 @@ fn api_error(e: ApiError, what: &str) -> BackendError {
         },
         ApiError::Unauthorized(_) => BackendError::Misconfigured(e.into()),
         ApiError::Unavailable(_) | ApiError::Unreachable(_) => BackendError::Unavailable(e.into()),
-        ApiError::Unexpected { .. } => BackendError::Failed {
+        ApiError::Unexpected { .. } | ApiError::Gone(_) => BackendError::Failed {
             context: what.to_owned(),
             source: e.into(),
         },
@@ -541,6 +586,8 @@ struct DaytonaExecution {
     session: Session,
     command_id: String,
     poll_interval: Duration,
+    /// The command's stdin, for a job started with it.
+    input: Option<input::CommandInput>,
 }
 
 /// Where reading the log got to.
@@ -593,6 +640,12 @@ impl Execution for DaytonaExecution {
 
     fn handle(&self) -> Option<String> {
         Some(serde_json::to_string(&self.handle).expect("handle serialises"))
+    }
+
+    fn take_input(&mut self) -> Option<Box<dyn InputSink>> {
+        self.input
+            .take()
+            .map(|input| Box::new(input) as Box<dyn InputSink>)
     }
 
     async fn run(
