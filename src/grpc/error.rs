@@ -33,7 +33,6 @@ impl From<Error> for Status {
             Error::Position { .. } => Code::OutOfRange,
             Error::IdempotencyKeyReused(_) => Code::AlreadyExists,
             Error::Unauthenticated => Code::Unauthenticated,
-            // The job is in a state where it takes no input; the caller should not retry as is.
             // The job is in a state where it takes no input, or its backend has no end of input;
             // the caller should not retry as is.
             Error::Input {
