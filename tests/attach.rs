@@ -452,8 +452,12 @@ async fn random_disconnects_and_resumes_never_lose_or_duplicate_a_byte() {
     // sees chunks as small as the writer's 4-8 KiB writes, so 50 MiB can be 12,800 events. And
     // the budget: a chunk holds the credit of the buffer it was read into (up to 4x its bytes:
     // see `OutputReader::next`), so 50 MiB may hold 200 MiB of it; past the budget, history
-    // nobody is attached to is given up (CI saw 2 MiB lost so with a 128 MiB budget).
+    // nobody is attached to is given up. And the job may well finish while the client is
+    // between connections (under load: CI lost 1-2 MiB so): a finished job's log keeps at most
+    // --retained-output-bytes (16 MiB by default) for late readers, so that is raised too.
     let server = common::start(&[
+        "--retained-output-bytes",
+        "134217728",
         "--job-log-bytes",
         "67108864",
         "--job-log-events",
