@@ -44,7 +44,14 @@ pub enum LogFormat {
 
 /// Everything the service can be told at start.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "sandbox-runner", version, about, args_override_self = true)]
+#[command(
+    name = "sandbox-runner",
+    version,
+    about,
+    args_override_self = true,
+    after_help = "Client commands: sandbox-runner exec|attach|status|cancel|ls|health \
+                  (each with --help)."
+)]
 pub struct Config {
     // LISTEN_HOST rather than HOST: zsh sets HOST to the machine name.
     /// Address to listen on.

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`server`]: `run(listener, config, shutdown)`, the one entry point of `main` and the tests.
+//! - [`cli`]: the client subcommands of the same binary (`exec`, `attach`, `status`, ...).
 //! - [`config`]: flags and environment, checked once at start.
 //! - [`connection`]: accepted connections, bounded in number, handshake time and idleness.
 //! - [`grpc`]: the thin gRPC layer: handlers, validation and proto conversion, auth, status codes.
@@ -27,6 +28,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod error;

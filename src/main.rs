@@ -33,7 +33,18 @@ fn main() -> ExitCode {
         .enable_all()
         .on_thread_park(collect_when_idle)
         .build();
+    // `sandbox-runner exec ...` and the other client commands; anything else is the server.
+    let client = std::env::args()
+        .nth(1)
+        .is_some_and(|first| sandbox_runner::cli::SUBCOMMANDS.contains(&first.as_str()));
     match runtime {
+        Ok(runtime) if client => {
+            let code = runtime.block_on(sandbox_runner::cli::run(std::env::args_os()));
+            // Without waiting for a read of stdin that may never complete (`exec -i` on a
+            // terminal): the job has ended, and the terminal is restored already.
+            runtime.shutdown_background();
+            code
+        }
         Ok(runtime) => runtime.block_on(serve()),
         Err(e) => {
             eprintln!("sandbox-runner: cannot start the async runtime: {e}");
