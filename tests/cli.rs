@@ -292,3 +292,89 @@ async fn exec_t_runs_the_job_on_a_terminal_of_the_local_ones_size_in_raw_mode() 
     assert_eq!(status.code(), Some(4), "{text:?}");
     server.stop().await;
 }
+
+/// A TCP proxy to `target` that cuts its first connection once `cut_after` bytes went from the
+/// server to the client (a dropped connection); later connections are left alone.
+async fn cutting_proxy(
+    target: std::net::SocketAddr,
+    cut_after: usize,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&connections);
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((client, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Ok(server) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let cut = std::mem::take(&mut first).then_some(cut_after);
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let upstream = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let mut sent = 0;
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match server_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    sent += n;
+                    if cut.is_some_and(|cut| sent >= cut) {
+                        break;
+                    }
+                }
+                // Both directions go: the connection is dropped.
+                upstream.abort();
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_resumed_with_nothing_lost_or_repeated() {
+    let server = common::start(&[]).await;
+    let (proxy, connections) = cutting_proxy(server.addr, 64 * 1024).await;
+    // About 1 MiB of numbered lines, written over a second or so.
+    let script = "i=0; while [ $i -lt 40 ]; do seq $((i*1000)) $((i*1000+999)); i=$((i+1)); \
+                  sleep 0.02; done";
+    let output = cli(&server, &["exec", "--", "sh", "-c", script])
+        .env("SANDBOX_RUNNER_ADDR", format!("http://{proxy}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output)
+        .await
+        .expect("the client ends")
+        .unwrap();
+    let expected: String = (0..40_000).map(|n| format!("{n}\n")).collect();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.stdout.len(), expected.len());
+    assert!(output.stdout == expected.as_bytes(), "the output differs");
+    assert!(
+        connections.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "the first connection was cut, and the stream resumed on another"
+    );
+    server.stop().await;
+}
