@@ -10,9 +10,7 @@ use std::{sync::atomic::Ordering, time::Duration};
 
 use common::{Job, JobState, TestServer, shell};
 use sandbox_runner::{proto as pb, testing::daytona::FakeDaytona};
-use tonic::{Code, transport::Channel};
-
-type Client = pb::sandbox_service_client::SandboxServiceClient<Channel>;
+use tonic::Code;
 
 const SANDBOX: &str = "sbx-1";
 
@@ -41,35 +39,6 @@ fn on_tty(command: &str, rows: u32, cols: u32) -> pb::ExecRequest {
         }),
         ..shell(command)
     }
-}
-
-async fn send(client: &mut Client, id: &str, data: &[u8]) -> Result<u64, tonic::Status> {
-    client
-        .send_input(pb::SendInputRequest {
-            job_id: id.into(),
-            data: data.to_vec().into(),
-            offset: None,
-        })
-        .await
-        .map(|r| r.into_inner().accepted_bytes)
-}
-
-async fn close(client: &mut Client, id: &str) -> Result<u64, tonic::Status> {
-    client
-        .close_input(pb::CloseInputRequest { job_id: id.into() })
-        .await
-        .map(|r| r.into_inner().accepted_bytes)
-}
-
-async fn resize(client: &mut Client, id: &str, rows: u32, cols: u32) -> Result<(), tonic::Status> {
-    client
-        .resize(pb::ResizeRequest {
-            job_id: id.into(),
-            rows,
-            cols,
-        })
-        .await
-        .map(drop)
 }
 
 /// Waits (bounded) until the sandbox has no terminal session left.
@@ -101,7 +70,12 @@ async fn a_read_prompt_is_answered_through_send_input_without_echo() {
     )
     .await;
     job.read_until(0, "name?\n").await;
-    assert_eq!(send(&mut client, &job.job_id, b"ada\n").await.unwrap(), 4);
+    assert_eq!(
+        common::send_input(&mut client, &job.job_id, b"ada\n", None)
+            .await
+            .unwrap(),
+        4
+    );
     let run = job.finish().await;
     // `suppressInputEcho`: what was typed is input, not output.
     assert_eq!(run.stdout, b"name?\nhello ada\n");
@@ -120,16 +94,27 @@ async fn partial_lines_and_close_input_are_refused_and_stdin_stays_open() {
     )
     .await;
     job.read_until(0, "ready\n").await;
-    let partial = send(&mut client, &job.job_id, b"par").await.unwrap_err();
+    let partial = common::send_input(&mut client, &job.job_id, b"par", None)
+        .await
+        .unwrap_err();
     assert_eq!(partial.code(), Code::InvalidArgument, "{partial:?}");
     assert!(partial.message().contains("whole lines"), "{partial:?}");
-    let binary = send(&mut client, &job.job_id, b"\xff\n").await.unwrap_err();
+    let binary = common::send_input(&mut client, &job.job_id, b"\xff\n", None)
+        .await
+        .unwrap_err();
     assert_eq!(binary.code(), Code::InvalidArgument, "{binary:?}");
-    let eof = close(&mut client, &job.job_id).await.unwrap_err();
+    let eof = common::close_input(&mut client, &job.job_id)
+        .await
+        .unwrap_err();
     assert_eq!(eof.code(), Code::FailedPrecondition, "{eof:?}");
     assert!(eof.message().contains("stdin EOF"), "{eof:?}");
     // Nothing of the refused writes was sent, and stdin is still open.
-    assert_eq!(send(&mut client, &job.job_id, b"x y\n").await.unwrap(), 4);
+    assert_eq!(
+        common::send_input(&mut client, &job.job_id, b"x y\n", None)
+            .await
+            .unwrap(),
+        4
+    );
     let run = job.finish().await;
     assert_eq!(run.stdout, b"ready\ngot x y\n");
     assert_eq!(run.state(), JobState::Succeeded);
@@ -146,10 +131,12 @@ async fn a_write_after_the_command_completed_is_refused() {
         .store(true, Ordering::Relaxed);
     let mut client = server.client().await;
     let job = Job::start(&mut client, with_stdin("read -r a; echo \"got $a\"")).await;
-    send(&mut client, &job.job_id, b"one\n").await.unwrap();
+    common::send_input(&mut client, &job.job_id, b"one\n", None)
+        .await
+        .unwrap();
     let mut refused = None;
     for _ in 0..100 {
-        match send(&mut client, &job.job_id, b"more\n").await {
+        match common::send_input(&mut client, &job.job_id, b"more\n", None).await {
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             Err(status) => {
                 refused = Some(status);
@@ -167,7 +154,9 @@ async fn a_write_after_the_command_completed_is_refused() {
     assert_eq!(run.stdout, b"got one\n");
     assert_eq!(run.state(), JobState::Succeeded);
     // And once the job has finished, as on any backend.
-    let ended = send(&mut client, &run.job_id, b"late\n").await.unwrap_err();
+    let ended = common::send_input(&mut client, &run.job_id, b"late\n", None)
+        .await
+        .unwrap_err();
     assert_eq!(ended.code(), Code::FailedPrecondition, "{ended:?}");
     server.stop().await;
 }
@@ -195,15 +184,21 @@ async fn a_tty_job_sees_its_size_a_resize_and_its_input_and_exits_with_its_statu
     );
     assert!(stderr.is_empty(), "a terminal has one output stream");
 
-    resize(&mut client, &job.job_id, 40, 120).await.unwrap();
+    common::resize(&mut client, &job.job_id, 40, 120)
+        .await
+        .unwrap();
     // Typed after the resize: the program reads it at the new size.
-    send(&mut client, &job.job_id, b"hello\n").await.unwrap();
+    common::send_input(&mut client, &job.job_id, b"hello\n", None)
+        .await
+        .unwrap();
     job.read_until(ready, "hello\r\n40 120\r\ngot hello\r\n")
         .await;
     let run = job.finish().await;
     assert_eq!(run.exited.exit_code, Some(3));
     assert_eq!(run.state(), JobState::Failed);
-    let refused = resize(&mut client, &run.job_id, 10, 10).await.unwrap_err();
+    let refused = common::resize(&mut client, &run.job_id, 10, 10)
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert_ptys_deleted(&fake).await;
     server.stop().await;
@@ -216,10 +211,12 @@ async fn cat_on_a_daytona_tty_ends_when_input_is_closed() {
     let mut job = Job::start(&mut client, on_tty("cat", 0, 0)).await;
     // Typed before the job has printed anything: it waits for the job to start, so its echo is
     // the job's output, not the login shell's.
-    send(&mut client, &job.job_id, b"hi\n").await.unwrap();
+    common::send_input(&mut client, &job.job_id, b"hi\n", None)
+        .await
+        .unwrap();
     // Once echoed by the terminal, once printed by cat.
     job.read_until(0, "hi\r\nhi\r\n").await;
-    close(&mut client, &job.job_id).await.unwrap();
+    common::close_input(&mut client, &job.job_id).await.unwrap();
     let run = job.finish().await;
     assert_eq!(run.state(), JobState::Succeeded);
     assert_eq!(run.stdout, b"hi\r\nhi\r\n");

@@ -24,29 +24,6 @@ fn with_stdin(command: &str) -> pb::ExecRequest {
     }
 }
 
-async fn send(
-    client: &mut Client,
-    id: &str,
-    data: &[u8],
-    offset: Option<u64>,
-) -> Result<u64, tonic::Status> {
-    client
-        .send_input(pb::SendInputRequest {
-            job_id: id.into(),
-            data: data.to_vec().into(),
-            offset,
-        })
-        .await
-        .map(|r| r.into_inner().accepted_bytes)
-}
-
-async fn close(client: &mut Client, id: &str) -> Result<u64, tonic::Status> {
-    client
-        .close_input(pb::CloseInputRequest { job_id: id.into() })
-        .await
-        .map(|r| r.into_inner().accepted_bytes)
-}
-
 /// An Attach stream whose requests the test sends after `open` (new events only, watching).
 async fn attach_for_input(
     client: &mut Client,
@@ -121,7 +98,7 @@ async fn a_read_prompt_is_answered_through_send_input() {
     .await;
     job.read_stdout(6).await;
     assert_eq!(
-        send(&mut client, &job.job_id, b"ada\n", None)
+        common::send_input(&mut client, &job.job_id, b"ada\n", None)
             .await
             .unwrap(),
         4
@@ -138,11 +115,28 @@ async fn a_resent_write_is_applied_once_and_a_write_past_the_end_is_refused() {
     let mut client = server.client().await;
     let job = Job::start(&mut client, with_stdin("cat")).await;
     let id = job.job_id.clone();
-    assert_eq!(send(&mut client, &id, b"abc", Some(0)).await.unwrap(), 3);
+    assert_eq!(
+        common::send_input(&mut client, &id, b"abc", Some(0))
+            .await
+            .unwrap(),
+        3
+    );
     // A client that lost the answer resends from where it started, with more.
-    assert_eq!(send(&mut client, &id, b"abcdef", Some(0)).await.unwrap(), 6);
-    assert_eq!(send(&mut client, &id, b"def", Some(3)).await.unwrap(), 6);
-    let ahead = send(&mut client, &id, b"zz", Some(9)).await.unwrap_err();
+    assert_eq!(
+        common::send_input(&mut client, &id, b"abcdef", Some(0))
+            .await
+            .unwrap(),
+        6
+    );
+    assert_eq!(
+        common::send_input(&mut client, &id, b"def", Some(3))
+            .await
+            .unwrap(),
+        6
+    );
+    let ahead = common::send_input(&mut client, &id, b"zz", Some(9))
+        .await
+        .unwrap_err();
     assert_eq!(ahead.code(), Code::OutOfRange, "{ahead:?}");
     assert!(
         ahead.message().contains("resend from offset 6"),
@@ -151,19 +145,23 @@ async fn a_resent_write_is_applied_once_and_a_write_past_the_end_is_refused() {
     let status = common::status(&mut client, &id).await;
     assert_eq!((status.stdin_accepted_bytes, status.stdin_open), (6, true));
 
-    assert_eq!(close(&mut client, &id).await.unwrap(), 6);
+    assert_eq!(common::close_input(&mut client, &id).await.unwrap(), 6);
     assert_eq!(
-        close(&mut client, &id).await.unwrap(),
+        common::close_input(&mut client, &id).await.unwrap(),
         6,
         "closing again is fine"
     );
-    let closed = send(&mut client, &id, b"late", None).await.unwrap_err();
+    let closed = common::send_input(&mut client, &id, b"late", None)
+        .await
+        .unwrap_err();
     assert_eq!(closed.code(), Code::FailedPrecondition, "{closed:?}");
     let run = job.finish().await;
     assert_eq!(run.stdout, b"abcdef");
     let status = common::status(&mut client, &id).await;
     assert_eq!((status.stdin_accepted_bytes, status.stdin_open), (6, false));
-    let ended = send(&mut client, &id, b"x", None).await.unwrap_err();
+    let ended = common::send_input(&mut client, &id, b"x", None)
+        .await
+        .unwrap_err();
     assert_eq!(ended.code(), Code::FailedPrecondition);
     assert!(ended.message().contains("finished"), "{ended:?}");
     server.stop().await;
@@ -178,19 +176,21 @@ async fn without_stdin_the_job_reads_dev_null_and_writes_are_refused() {
 
     let job = Job::start(&mut client, shell("sleep 30")).await;
     for refused in [
-        send(&mut client, &job.job_id, b"x", None)
+        common::send_input(&mut client, &job.job_id, b"x", None)
             .await
             .unwrap_err(),
-        close(&mut client, &job.job_id).await.unwrap_err(),
+        common::close_input(&mut client, &job.job_id)
+            .await
+            .unwrap_err(),
     ] {
         assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
         assert!(refused.message().contains("without stdin"), "{refused:?}");
     }
-    let too_big = send(&mut client, &job.job_id, &vec![b'x'; (1 << 20) + 1], None)
+    let too_big = common::send_input(&mut client, &job.job_id, &vec![b'x'; (1 << 20) + 1], None)
         .await
         .unwrap_err();
     assert_eq!(too_big.code(), Code::InvalidArgument);
-    let missing = send(&mut client, "no-such-job", b"x", None)
+    let missing = common::send_input(&mut client, "no-such-job", b"x", None)
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -217,7 +217,7 @@ async fn a_process_that_does_not_read_pushes_back_on_the_writer() {
     let mut waited = 0;
     let mib = vec![b'u'; 1 << 20];
     for _ in 0..4 {
-        let call = send(&mut client, &id, &mib, None);
+        let call = common::send_input(&mut client, &id, &mib, None);
         if tokio::time::timeout(Duration::from_millis(300), call)
             .await
             .is_err()

@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use common::{Job, JobState, shell};
 use sandbox_runner::proto::{self as pb, resume_from::Position};
-use tonic::{Code, transport::Channel};
-
-type Client = pb::sandbox_service_client::SandboxServiceClient<Channel>;
+use tonic::Code;
 
 fn on_tty(command: &str, rows: u32, cols: u32) -> pb::ExecRequest {
     pb::ExecRequest {
@@ -22,28 +20,6 @@ fn on_tty(command: &str, rows: u32, cols: u32) -> pb::ExecRequest {
         }),
         ..shell(command)
     }
-}
-
-async fn send(client: &mut Client, id: &str, data: &[u8]) {
-    client
-        .send_input(pb::SendInputRequest {
-            job_id: id.into(),
-            data: data.to_vec().into(),
-            offset: None,
-        })
-        .await
-        .expect("SendInput succeeds");
-}
-
-async fn resize(client: &mut Client, id: &str, rows: u32, cols: u32) -> Result<(), tonic::Status> {
-    client
-        .resize(pb::ResizeRequest {
-            job_id: id.into(),
-            rows,
-            cols,
-        })
-        .await
-        .map(drop)
 }
 
 #[tokio::test]
@@ -71,7 +47,9 @@ async fn a_tty_job_sees_a_terminal_of_its_size_and_a_resize_reaches_it() {
     assert!(text.contains("30 100\r\n"), "initial size: {text:?}");
     assert!(stderr.is_empty(), "a terminal has one output stream");
 
-    resize(&mut client, &job.job_id, 40, 120).await.unwrap();
+    common::resize(&mut client, &job.job_id, 40, 120)
+        .await
+        .unwrap();
     let winched = job.read_until(ready, "winched\r\n40 120\r\n").await;
     let status = common::status(&mut client, &job.job_id).await;
     assert_eq!(
@@ -82,13 +60,17 @@ async fn a_tty_job_sees_a_terminal_of_its_size_and_a_resize_reaches_it() {
             term: "xterm-256color".into()
         })
     );
-    send(&mut client, &job.job_id, b"done\n").await;
+    common::send_input(&mut client, &job.job_id, b"done\n", None)
+        .await
+        .unwrap();
     // The line discipline echoes what is typed.
     job.read_until(winched, "done\r\n").await;
     let run = job.finish().await;
     assert_eq!(run.exited.exit_code, Some(3));
     // A finished job's terminal is gone.
-    let refused = resize(&mut client, &run.job_id, 10, 10).await.unwrap_err();
+    let refused = common::resize(&mut client, &run.job_id, 10, 10)
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     server.stop().await;
 }
@@ -98,7 +80,9 @@ async fn cat_on_a_tty_echoes_input_and_ends_when_input_is_closed() {
     let server = common::start(&[]).await;
     let mut client = server.client().await;
     let mut job = Job::start(&mut client, on_tty("cat", 0, 0)).await;
-    send(&mut client, &job.job_id, b"hello\n").await;
+    common::send_input(&mut client, &job.job_id, b"hello\n", None)
+        .await
+        .unwrap();
     // Once echoed by the terminal, once printed by cat.
     job.read_until(0, "hello\r\nhello\r\n").await;
     client
@@ -150,7 +134,9 @@ async fn ctrl_c_and_signal_int_interrupt_the_foreground_job_and_the_shell_surviv
     )
     .await;
     let shell = job.pid;
-    send(&mut client, &job.job_id, b"sleep 100\n").await;
+    common::send_input(&mut client, &job.job_id, b"sleep 100\n", None)
+        .await
+        .unwrap();
     let group = wait_for_foreground_sleep(shell).await;
     assert_ne!(
         group, shell,
@@ -159,13 +145,19 @@ async fn ctrl_c_and_signal_int_interrupt_the_foreground_job_and_the_shell_surviv
     // Ctrl-C, typed: the line discipline makes it SIGINT for the foreground group. (The
     // shell abandons the rest of a command line whose job was interrupted: the status is
     // asked for on a line of its own.)
-    send(&mut client, &job.job_id, b"\x03").await;
+    common::send_input(&mut client, &job.job_id, b"\x03", None)
+        .await
+        .unwrap();
     let at = job.read_until(0, "^C").await;
-    send(&mut client, &job.job_id, b"echo rc=$?\n").await;
+    common::send_input(&mut client, &job.job_id, b"echo rc=$?\n", None)
+        .await
+        .unwrap();
     let at = job.read_until(at, "rc=130\r\n").await;
 
     // The same through Signal: to the foreground group, not the shell's.
-    send(&mut client, &job.job_id, b"sleep 100\n").await;
+    common::send_input(&mut client, &job.job_id, b"sleep 100\n", None)
+        .await
+        .unwrap();
     wait_for_foreground_sleep(shell).await;
     client
         .signal(pb::SignalRequest {
@@ -174,11 +166,17 @@ async fn ctrl_c_and_signal_int_interrupt_the_foreground_job_and_the_shell_surviv
         })
         .await
         .unwrap();
-    send(&mut client, &job.job_id, b"echo rc=$?\n").await;
+    common::send_input(&mut client, &job.job_id, b"echo rc=$?\n", None)
+        .await
+        .unwrap();
     let at = job.read_until(at, "rc=130\r\n").await;
-    send(&mut client, &job.job_id, b"echo still-$((20+22))\n").await;
+    common::send_input(&mut client, &job.job_id, b"echo still-$((20+22))\n", None)
+        .await
+        .unwrap();
     let at = job.read_until(at, "still-42\r\n").await;
-    send(&mut client, &job.job_id, b"exit 5\n").await;
+    common::send_input(&mut client, &job.job_id, b"exit 5\n", None)
+        .await
+        .unwrap();
     job.read_until(at, "exit 5").await;
     let run = job.finish().await;
     assert_eq!(run.exited.exit_code, Some(5), "the shell survived both");
@@ -350,13 +348,15 @@ async fn terminal_requests_that_cannot_be_served_are_refused_with_their_codes() 
     }
     // Resizing a job without a terminal, or to no size at all.
     let mut piped = Job::start(&mut client, shell("sleep 30")).await;
-    let refused = resize(&mut client, &piped.job_id, 24, 80)
+    let refused = common::resize(&mut client, &piped.job_id, 24, 80)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("no terminal"), "{refused:?}");
     let mut tty = Job::start(&mut client, on_tty("sleep 30", 0, 0)).await;
-    let refused = resize(&mut client, &tty.job_id, 0, 80).await.unwrap_err();
+    let refused = common::resize(&mut client, &tty.job_id, 0, 80)
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     // `snapshot` starts from now: with `from` it is a contradiction.
     let open = pb::AttachRequest {

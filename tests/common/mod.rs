@@ -237,6 +237,50 @@ impl Job {
     }
 }
 
+pub async fn send_input(
+    client: &mut SandboxServiceClient<Channel>,
+    job_id: &str,
+    data: &[u8],
+    offset: Option<u64>,
+) -> Result<u64, tonic::Status> {
+    client
+        .send_input(pb::SendInputRequest {
+            job_id: job_id.into(),
+            data: data.to_vec().into(),
+            offset,
+        })
+        .await
+        .map(|r| r.into_inner().accepted_bytes)
+}
+
+pub async fn close_input(
+    client: &mut SandboxServiceClient<Channel>,
+    job_id: &str,
+) -> Result<u64, tonic::Status> {
+    client
+        .close_input(pb::CloseInputRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .map(|r| r.into_inner().accepted_bytes)
+}
+
+pub async fn resize(
+    client: &mut SandboxServiceClient<Channel>,
+    job_id: &str,
+    rows: u32,
+    cols: u32,
+) -> Result<(), tonic::Status> {
+    client
+        .resize(pb::ResizeRequest {
+            job_id: job_id.into(),
+            rows,
+            cols,
+        })
+        .await
+        .map(drop)
+}
+
 pub async fn run(client: &mut SandboxServiceClient<Channel>, req: pb::ExecRequest) -> Run {
     Job::start(client, req).await.finish().await
 }
