@@ -378,3 +378,26 @@ async fn a_dropped_connection_is_resumed_with_nothing_lost_or_repeated() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_token_comes_from_the_environment_a_file_or_the_flag() {
+    let tokens = common::SecretFile::new("s3cret\n");
+    let server = common::start(&["--auth-tokens-file", tokens.path()]).await;
+    let (code, _, stderr) = run(&server, &["health"], b"").await;
+    assert_eq!(code, 125);
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+    let (code, _, stderr) = run(&server, &["health", "--token-file", tokens.path()], b"").await;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = run(&server, &["health", "--token", "s3cret"], b"").await;
+    assert_eq!(code, 0, "{stderr}");
+    let output = cli(&server, &["exec", "--", "echo", "ok"])
+        .env("SANDBOX_RUNNER_TOKEN", "s3cret")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        (output.status.code(), output.stdout.as_slice()),
+        (Some(0), &b"ok\n"[..])
+    );
+    server.stop().await;
+}

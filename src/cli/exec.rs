@@ -68,6 +68,9 @@ pub(super) struct ExecArgs {
 #[derive(Args)]
 pub(super) struct AttachArgs {
     job_id: String,
+    /// From the job's first event (the default).
+    #[arg(long, conflicts_with = "after_seq")]
+    from_start: bool,
     /// Start after this seq (the events of a job's stream are numbered from 0).
     #[arg(long)]
     after_seq: Option<u64>,

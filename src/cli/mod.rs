@@ -62,8 +62,17 @@ struct Connection {
         global = true
     )]
     addr: String,
-    /// A file holding the bearer token, when the service wants one (or SANDBOX_RUNNER_TOKEN).
-    #[arg(long, global = true)]
+    /// The bearer token, when the service wants one (visible to other local users in the
+    /// process list: prefer the environment variable or --token-file).
+    #[arg(
+        long,
+        env = "SANDBOX_RUNNER_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    token: Option<String>,
+    /// A file holding the bearer token.
+    #[arg(long, global = true, conflicts_with = "token")]
     token_file: Option<std::path::PathBuf>,
     /// Machine-readable output: JSON (JSON lines for streams).
     #[arg(long, global = true)]
@@ -182,7 +191,7 @@ async fn connect(connection: &Connection) -> Result<Client, String> {
             std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
         ),
-        None => std::env::var("SANDBOX_RUNNER_TOKEN").ok(),
+        None => connection.token.clone(),
     };
     let token = token
         .map(|t| format!("Bearer {}", t.trim()).parse())
