@@ -32,6 +32,10 @@ use super::{
 /// job at most, which every running job may hold).
 const EVICTED_INDEX_LEN: usize = 8192;
 
+/// As many for a finished job: thousands are remembered (--finished-job-capacity), and 32 KiB
+/// each was most of what 1,000 finished jobs kept resident (4 KiB each).
+const RETIRED_EVICTED_INDEX_LEN: usize = 1024;
+
 /// Below this many entries' room, a log's queue is not shrunk (see `State::evict_front`).
 const MIN_QUEUE_ROOM: usize = 64;
 
@@ -204,12 +208,26 @@ impl EvictedIndex {
             }
             _ => 0,
         };
+        // The oldest goes first, so the queue never grows past its bound (doubling its room).
+        if self.sizes.len() >= EVICTED_INDEX_LEN {
+            self.forget_oldest();
+        }
         self.sizes.push_back(size);
-        if self.sizes.len() > EVICTED_INDEX_LEN {
-            let oldest = self.sizes.pop_front().unwrap_or_default();
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some(oldest) = self.sizes.pop_front() {
             self.floor[usize::from(oldest & STDERR_BIT != 0)] += u64::from(oldest & !STDERR_BIT);
             self.first_seq += 1;
         }
+    }
+
+    /// Keeps the sizes of the newest `len` evicted events only.
+    fn shrink_to(&mut self, len: usize) {
+        while self.sizes.len() > len {
+            self.forget_oldest();
+        }
+        self.sizes.shrink_to_fit();
     }
 
     /// Offsets of each stream before `seq` (an evicted seq, or the first held one), and
@@ -431,6 +449,12 @@ impl EventLog {
     /// read into.
     pub(crate) fn credited_bytes(&self) -> usize {
         self.lock().credited
+    }
+
+    /// The job has finished: what the log keeps only for exact gap reports shrinks (see
+    /// `RETIRED_EVICTED_INDEX_LEN`).
+    pub(crate) fn retire(&self) {
+        self.lock().evicted.shrink_to(RETIRED_EVICTED_INDEX_LEN);
     }
 
     /// Readers attached now, as a watch (for the disconnect policy).
@@ -866,6 +890,7 @@ impl RetiredLogs {
 
     /// Takes in a finished job's log, then trims the oldest to the bound.
     pub fn retire(&self, log: &Arc<EventLog>) {
+        log.retire();
         let bytes = log.credited_bytes();
         let mut retired = self.lock();
         retired.forget_gone();
@@ -1505,5 +1530,32 @@ mod tests {
         assert_eq!(index.first_seq, 3);
         assert_eq!(index.offsets_before(1), ([10, 5], false), "a lower bound");
         assert_eq!(index.offsets_before(3), ([10, 5], true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_finished_log_keeps_the_sizes_of_fewer_evicted_events() {
+        let mut w = Writer::new(1 << 20, 16);
+        w.started().await;
+        for _ in 0..3000 {
+            w.output(Stdout, "ab").await;
+        }
+        w.exited().await;
+        let gap_from = |log: &Arc<EventLog>, after| {
+            let mut reader = log
+                .reader(Position::AfterSeq(after), GapPolicy::Report, Pace::Watch)
+                .unwrap();
+            match reader.try_next() {
+                Some(Ok(Delivered::Gap(gap))) => (gap.lost_stdout_bytes, gap.exact),
+                other => panic!("{other:?}"),
+            }
+        };
+        // Running (or just ended): 8,192 sizes would be kept, all ~2,985 evicted here are.
+        let (all, exact) = gap_from(&w.log, 1);
+        assert!(exact && all > 2 * 2900, "{all}");
+        w.log.retire();
+        // Finished: only the newest 1,024 evicted sizes; older resumes get lower bounds.
+        assert_eq!(gap_from(&w.log, 2000), (all - 2 * 1999, true));
+        let (lost, exact) = gap_from(&w.log, 1);
+        assert!(!exact && lost < all, "{lost} {exact}");
     }
 }
