@@ -184,6 +184,48 @@ async fn a_closed_stdout_and_ctrl_c_cancel_the_job() {
         0,
         "cancelled before the client left"
     );
+
+    // A job that ignores SIGTERM takes the cancel grace (2 s here) to end: a second Ctrl-C
+    // leaves at once, without waiting for it.
+    let mut child = cli(
+        &server,
+        &[
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo started; sleep 30",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    stdout.read_exact(&mut started).await.unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    // Once the first has been taken (it says so; the job is then in its grace).
+    let mut stderr = child.stderr.take().unwrap();
+    let mut said = Vec::new();
+    while !String::from_utf8_lossy(&said).contains("cancelling") {
+        let mut buf = [0u8; 256];
+        let n = stderr.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the client said nothing of the cancel");
+        said.extend_from_slice(&buf[..n]);
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(
+        running_jobs(&server).await,
+        1,
+        "left without waiting for the job's end"
+    );
+    wait_no_running_jobs(&server).await;
     server.stop().await;
 }
 

@@ -782,3 +782,39 @@ async fn the_binary_refuses_half_a_convex_configuration_and_hides_the_secret() {
     assert!(text.contains("CONVEX_INGEST_SECRET"), "{text}");
     assert!(!text.contains(SECRET), "{text}");
 }
+
+/// A job started over REST (the Node runner's route) is mirrored as the Node runner's were, so
+/// the web terminal shows it: the command line, its output, its real exit code.
+#[tokio::test]
+async fn a_rest_exec_is_mirrored_like_the_node_runners() {
+    sandbox_runner::tls::install_crypto_provider();
+    let fake = FakeIngest::start(SECRET).await;
+    let server = server(&fake, SECRET, &[]).await;
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/exec", server.addr))
+        .json(&serde_json::json!({
+            "taskId": "task-1",
+            "sessionId": "s-rest",
+            "sandboxId": "sandbox-1",
+            "command": "echo \"from $PLACE\"; exit 2",
+            "env": { "PLACE": "rest" }
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let started: Value = response.json().await.unwrap();
+    let job_id = started["jobId"].as_str().unwrap();
+    let mut client = server.client().await;
+    mirror_done(&mut client, job_id).await;
+    assert_eq!(
+        rows(&fake.session("s-rest")),
+        [
+            ("stdout", "$ echo \"from $PLACE\"; exit 2"),
+            ("stdout", "from rest\n"),
+            ("stdout", "\n[DONE] Exit code: 2")
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    server.stop().await;
+}
