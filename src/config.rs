@@ -62,6 +62,11 @@ pub struct Config {
     #[arg(long, env = "PORT", default_value_t = 5100)]
     pub port: u16,
 
+    /// Serve Prometheus metrics at `/metrics` on this port (same address as the service).
+    /// Unset: no metrics endpoint.
+    #[arg(long, env = "METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+
     /// Backend that runs jobs.
     #[arg(long, env = "SANDBOX_BACKEND", value_enum, default_value_t = BackendKind::Local)]
     pub backend: BackendKind,

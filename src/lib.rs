@@ -5,6 +5,7 @@
 //! - [`cli`]: the client subcommands of the same binary (`exec`, `attach`, `status`, ...).
 //! - [`config`]: flags and environment, checked once at start.
 //! - [`connection`]: accepted connections, bounded in number, handshake time and idleness.
+//! - [`metrics`]: Prometheus metrics (`--metrics-port`): per RPC, per job, the budget.
 //! - [`grpc`]: the thin gRPC layer: handlers, validation and proto conversion, auth, status codes.
 //! - [`rest`]: the REST routes on the same port (the Node runner's API, Server-Sent Events),
 //!   over the same core, validated and mapped through `grpc`.
@@ -34,6 +35,7 @@ pub mod connection;
 pub mod error;
 pub mod grpc;
 pub mod job;
+pub mod metrics;
 pub mod proto;
 pub mod rest;
 pub mod secrets;

@@ -25,6 +25,26 @@ use crate::{
     sink::convex::SinkSetupError,
 };
 
+/// Serves `/metrics` on `port` (see `metrics`); `None` when the process has another recorder.
+async fn serve_metrics(
+    host: std::net::IpAddr,
+    port: u16,
+    jobs: &Arc<Jobs>,
+) -> Result<Option<tokio_util::task::AbortOnDropHandle<std::io::Result<()>>>, ServerError> {
+    let Some(handle) = crate::metrics::recorder() else {
+        warn!("another metrics recorder is installed in this process: no /metrics");
+        return Ok(None);
+    };
+    let listener = TcpListener::bind((host, port))
+        .await
+        .map_err(|source| ServerError::Metrics { port, source })?;
+    info!(addr = %listener.local_addr().map_err(ServerError::Listener)?, "serving /metrics");
+    let served = crate::metrics::serve(listener, handle, Arc::clone(jobs), std::future::pending());
+    Ok(Some(tokio_util::task::AbortOnDropHandle::new(
+        tokio::spawn(served),
+    )))
+}
+
 /// How long connections may take to close once every job has ended, before the server returns
 /// anyway (e.g. a client that stopped reading its stream).
 const CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -41,6 +61,12 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("cannot set up the Convex mirror: {0}")]
     Sink(#[from] crate::sink::convex::SinkSetupError),
+    #[error("cannot listen for metrics on port {port}: {source}")]
+    Metrics {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("cannot set up the Daytona backend: {0}")]
@@ -180,6 +206,11 @@ pub async fn run_with_reload(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    // Served until `run` returns (the guard aborts it).
+    let _metrics = match config.metrics_port {
+        Some(port) => serve_metrics(config.host, port, &jobs).await?,
+        None => None,
+    };
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_grace = config.drain_grace;
     let drain = async move {
@@ -227,6 +258,7 @@ pub async fn run_with_reload(
             crate::grpc::codec::oversize_as_resource_exhausted,
         ))
         .layer(StreamCountLayer)
+        .layer(crate::metrics::RpcMetricsLayer)
         // REST (the Node runner's API, Server-Sent Events) on the same port: HTTP/1.1 too.
         .accept_http1(true)
         // The REST routes first, with a JSON 404 for unknown paths (see `rest`); the gRPC

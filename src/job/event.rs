@@ -32,6 +32,19 @@ pub enum JobState {
     TimedOut,
 }
 
+impl JobState {
+    /// Its name in logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+        }
+    }
+}
+
 /// How a job ended; carried by the `Exited` event and kept for Status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExitSummary {

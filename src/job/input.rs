@@ -191,6 +191,7 @@ impl JobInput {
             match written {
                 Ok(written) => {
                     self.accepted.fetch_add(written as u64, Ordering::AcqRel);
+                    metrics::counter!("sandbox_job_stdin_bytes_total").increment(written as u64);
                     data = data.slice(written..);
                 }
                 Err(e) => {

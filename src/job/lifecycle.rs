@@ -35,6 +35,7 @@ pub(super) async fn drive(
         tty: job.tty.clone(),
     })
     .await;
+    metrics::counter!("sandbox_jobs_started_total", "backend" => job.backend).increment(1);
 
     let timer = tokio::spawn({
         let job = Arc::clone(&job);
@@ -79,6 +80,13 @@ pub(super) async fn drive(
         summary.message
     );
     // Recorded before the event goes out, so a Status call made on seeing `Exited` agrees.
+    metrics::counter!(
+        "sandbox_jobs_finished_total",
+        "backend" => job.backend, "state" => summary.state.as_str()
+    )
+    .increment(1);
+    metrics::histogram!("sandbox_job_duration_seconds", "backend" => job.backend)
+        .record(summary.duration.as_secs_f64());
     job.finish(summary.clone());
     out.emit(EventKind::Exited(summary)).await;
     true

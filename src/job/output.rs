@@ -114,6 +114,12 @@ impl JobOutput {
         if data.is_empty() {
             return;
         }
+        if self.stdout_offset + self.stderr_offset == 0 {
+            metrics::histogram!("sandbox_job_first_output_seconds", "backend" => self.record.backend)
+                .record(self.record.started.elapsed().as_secs_f64());
+        }
+        metrics::counter!("sandbox_job_output_bytes_total", "stream" => stream.as_str())
+            .increment(data.len() as u64);
         let len = data.len() as u64;
         let offset_slot = match stream {
             StreamKind::Stdout => &mut self.stdout_offset,

@@ -328,6 +328,8 @@ impl Jobs {
                     (timeout, spec.on_disconnect),
                 );
                 self.report_failed_start(&id, &spec, &e);
+                metrics::counter!("sandbox_jobs_start_failed_total", "backend" => self.backend.name())
+                    .increment(1);
                 return Err(e);
             }
         };
@@ -1192,8 +1194,11 @@ impl JobStream {
         }
         // Terminal output replayed after a gap would start inside an escape sequence: the
         // screen is sent instead.
-        if let Some(Ok(Delivered::Gap(_))) = &self.pending {
+        if let Some(Ok(Delivered::Gap(gap))) = &self.pending {
             self.snapshot_due = self.record.screen.is_some();
+            metrics::counter!("sandbox_gaps_total").increment(1);
+            metrics::counter!("sandbox_gap_lost_bytes_total")
+                .increment(gap.lost_stdout_bytes + gap.lost_stderr_bytes);
         }
         let watched_bytes = match &self.pending {
             Some(Ok(Delivered::Event(JobEvent {

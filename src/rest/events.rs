@@ -22,7 +22,7 @@ use base64::Engine;
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::{RestError, RestState, epoch_ms, header_text, state_name};
+use super::{RestError, RestState, epoch_ms, header_text};
 use crate::{
     error::Error,
     grpc::convert,
@@ -145,7 +145,7 @@ fn job_event(event: JobEvent) -> (&'static str, u64, serde_json::Value) {
             seq,
             json!({
                 "seq": seq,
-                "status": state_name(exit.state),
+                "status": exit.state.as_str(),
                 "exitCode": exit.exit_code,
                 "signal": exit.signal,
                 "durationMs": exit.duration.as_millis() as u64,

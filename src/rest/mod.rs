@@ -194,7 +194,7 @@ async fn cancel(State(state): State<RestState>, body: Bytes) -> Result<Response,
     let job = state.jobs.cancel(&id).await?;
     let status = match job.state {
         JobState::Running => "cancelled",
-        finished => state_name(finished),
+        finished => finished.as_str(),
     };
     Ok(Json(json!({ "jobId": job.id.to_string(), "status": status })).into_response())
 }
@@ -216,7 +216,7 @@ fn status_reply(job: JobSnapshot) -> serde_json::Value {
         "taskId": job.meta.task_id,
         "sessionId": job.meta.session_id,
         "sandboxId": job.meta.sandbox_id,
-        "status": state_name(job.state),
+        "status": job.state.as_str(),
         "startedAt": epoch_ms(job.started_at),
         "runningFor": job
             .running_for
@@ -251,17 +251,6 @@ async fn health(State(state): State<RestState>) -> Response {
         StatusCode::OK
     };
     (status, Json(body)).into_response()
-}
-
-/// A job state as the REST API spells it.
-fn state_name(state: JobState) -> &'static str {
-    match state {
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-        JobState::TimedOut => "timed_out",
-    }
 }
 
 fn epoch_ms(time: SystemTime) -> u64 {

@@ -1,0 +1,461 @@
+//! Prometheus metrics on a port of their own (`--metrics-port`, off by default): `/metrics` in
+//! the Prometheus text format.
+//!
+//! - Per RPC, with the names gRPC dashboards already query (go-grpc-prometheus):
+//!   `grpc_server_started_total`, `grpc_server_handled_total` (with `grpc_code`) and
+//!   `grpc_server_handling_seconds` (to the end of the response: for a stream, to its last
+//!   event), labelled by service, method and type; the REST routes as `http_requests_total`
+//!   and `http_request_duration_seconds` by route template, method and status.
+//! - Per job (recorded by the job core through the `metrics` facade): started and finished by
+//!   backend and final state, duration, time to first output, output bytes by stream, stdin
+//!   bytes, gaps served and bytes lost; and, read when scraped, jobs running, the output
+//!   budget in use and what finished jobs retain.
+//!
+//! Label values are bounded: services, methods and routes come from fixed lists (anything else
+//! is `unknown`), never from job ids, tasks or commands. The recorder is the process's: servers
+//! started in one process (the tests) share it.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tonic::codegen::{Service, http};
+
+use crate::job::Jobs;
+
+/// Buckets of every duration histogram, in seconds: a millisecond (a unary call) to an hour
+/// (a long job or stream).
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process's recorder, installed on first use (`None` if another recorder was installed
+/// first, by an embedding program).
+pub fn recorder() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .ok()?;
+            builder.install_recorder().ok()
+        })
+        .clone()
+}
+
+/// Serves `/metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    jobs: Arc<Jobs>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (handle, jobs) = (handle.clone(), Arc::clone(&jobs));
+            async move {
+                sample(&jobs);
+                handle.run_upkeep();
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Gauges read from the server when scraped.
+fn sample(jobs: &Jobs) {
+    metrics::gauge!("sandbox_jobs_running").set(jobs.active() as f64);
+    metrics::gauge!("sandbox_jobs_max_concurrent").set(f64::from(jobs.max_concurrent()));
+    let budget = jobs.output_budget();
+    metrics::gauge!("sandbox_output_budget_in_use_bytes").set(budget.shared_in_use() as f64);
+    metrics::gauge!("sandbox_output_budget_bytes").set(budget.shared_bytes() as f64);
+    metrics::gauge!("sandbox_output_retained_bytes").set(budget.retained_bytes() as f64);
+}
+
+/// gRPC methods by service, the only values their labels take.
+const GRPC_METHODS: &[(&str, &[(&str, &str)])] = &[
+    (
+        "sandbox.v1.SandboxService",
+        &[
+            ("Exec", "server_stream"),
+            ("Attach", "bidi_stream"),
+            ("SendInput", "unary"),
+            ("CloseInput", "unary"),
+            ("Signal", "unary"),
+            ("Resize", "unary"),
+            ("ListJobs", "unary"),
+            ("Cancel", "unary"),
+            ("Status", "unary"),
+            ("Health", "unary"),
+        ],
+    ),
+    (
+        "grpc.health.v1.Health",
+        &[("Check", "unary"), ("Watch", "server_stream")],
+    ),
+    (
+        "grpc.reflection.v1.ServerReflection",
+        &[("ServerReflectionInfo", "bidi_stream")],
+    ),
+    (
+        "grpc.reflection.v1alpha.ServerReflection",
+        &[("ServerReflectionInfo", "bidi_stream")],
+    ),
+];
+
+/// REST route templates (`rest`), the only values of `route`.
+const REST_ROUTES: &[&str] = &[
+    "/v1/exec",
+    "/v1/cancel",
+    "/v1/status/{job_id}",
+    "/v1/jobs/{job_id}/events",
+    "/health",
+];
+
+/// What a request is, for its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Grpc {
+        service: &'static str,
+        method: &'static str,
+        kind: &'static str,
+    },
+    Http {
+        route: &'static str,
+        method: &'static str,
+    },
+}
+
+fn classify<B>(request: &http::Request<B>) -> Call {
+    let path = request.uri().path();
+    let is_grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if is_grpc {
+        let known = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .and_then(|(service, method)| {
+                let (service, methods) = GRPC_METHODS.iter().find(|(s, _)| *s == service)?;
+                let (method, kind) = methods.iter().find(|(m, _)| *m == method)?;
+                Some((*service, *method, *kind))
+            });
+        let (service, method, kind) = known.unwrap_or(("unknown", "unknown", "unknown"));
+        return Call::Grpc {
+            service,
+            method,
+            kind,
+        };
+    }
+    let route = REST_ROUTES
+        .iter()
+        .find(|template| route_matches(template, path))
+        .copied()
+        .unwrap_or("unknown");
+    let method = match *request.method() {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::HEAD => "HEAD",
+        _ => "other",
+    };
+    Call::Http { route, method }
+}
+
+/// Whether `path` is an instance of `template` (`{name}` matches one segment).
+fn route_matches(template: &str, path: &str) -> bool {
+    let (mut t, mut p) = (template.split('/'), path.split('/'));
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return true,
+            (Some(t), Some(p)) if t.starts_with('{') && !p.is_empty() => {}
+            (Some(t), Some(p)) if t == p => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Records every request's metrics (see the module).
+#[derive(Debug, Clone, Copy)]
+pub struct RpcMetricsLayer;
+
+impl<S> tower::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> RpcMetrics<S> {
+        RpcMetrics(inner)
+    }
+}
+
+/// See [`RpcMetricsLayer`].
+#[derive(Debug, Clone)]
+pub struct RpcMetrics<S>(S);
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, ResBody> Service<http::Request<B>> for RpcMetrics<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    ResBody::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let call = classify(&request);
+        if let Call::Grpc {
+            service,
+            method,
+            kind,
+        } = &call
+        {
+            metrics::counter!(
+                "grpc_server_started_total",
+                "grpc_service" => *service, "grpc_method" => *method, "grpc_type" => *kind
+            )
+            .increment(1);
+        }
+        let started = Instant::now();
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            let mut end = CallEnd {
+                call,
+                started,
+                status: response.status().as_u16(),
+                // A trailers-only answer (an error before any message) has it in its headers.
+                grpc_code: response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+                done: false,
+            };
+            if response.body().is_end_stream() {
+                end.record();
+            }
+            Ok(response.map(|body| tonic::body::Body::new(MeteredBody { body, end })))
+        })
+    }
+}
+
+/// Recorded once, when the response ends (or is dropped: the client went away).
+struct CallEnd {
+    call: Call,
+    started: Instant,
+    status: u16,
+    grpc_code: Option<i32>,
+    done: bool,
+}
+
+impl CallEnd {
+    fn record(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let seconds = self.started.elapsed().as_secs_f64();
+        match &self.call {
+            Call::Grpc {
+                service,
+                method,
+                kind,
+            } => {
+                // No grpc-status at all: the stream was cut short (the client left).
+                let code = self
+                    .grpc_code
+                    .map_or(tonic::Code::Cancelled, tonic::Code::from_i32);
+                metrics::counter!(
+                    "grpc_server_handled_total",
+                    "grpc_service" => *service, "grpc_method" => *method, "grpc_type" => *kind,
+                    "grpc_code" => code_name(code)
+                )
+                .increment(1);
+                metrics::histogram!(
+                    "grpc_server_handling_seconds",
+                    "grpc_service" => *service, "grpc_method" => *method, "grpc_type" => *kind
+                )
+                .record(seconds);
+            }
+            Call::Http { route, method } => {
+                let status = match self.status {
+                    200 => "200",
+                    204 => "204",
+                    400 => "400",
+                    401 => "401",
+                    404 => "404",
+                    405 => "405",
+                    503 => "503",
+                    s if s < 500 => "4xx",
+                    _ => "5xx",
+                };
+                metrics::counter!(
+                    "http_requests_total",
+                    "route" => *route, "method" => *method, "status" => status
+                )
+                .increment(1);
+                metrics::histogram!(
+                    "http_request_duration_seconds",
+                    "route" => *route, "method" => *method
+                )
+                .record(seconds);
+            }
+        }
+    }
+}
+
+impl Drop for CallEnd {
+    fn drop(&mut self) {
+        self.record();
+    }
+}
+
+/// go-grpc-prometheus's spelling of the codes.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// A response body that records its call's end: its last frame (the trailers, with the
+/// status), or its drop.
+struct MeteredBody<B> {
+    body: B,
+    end: CallEnd,
+}
+
+impl<B> http_body::Body for MeteredBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                {
+                    self.end.grpc_code = Some(code);
+                }
+            }
+            Poll::Ready(None) => self.end.record(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(path: &str, grpc: bool) -> http::Request<()> {
+        let mut builder = http::Request::builder().uri(path).method("POST");
+        if grpc {
+            builder = builder.header("content-type", "application/grpc");
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn labels_come_from_fixed_lists() {
+        assert_eq!(
+            classify(&request("/sandbox.v1.SandboxService/Exec", true)),
+            Call::Grpc {
+                service: "sandbox.v1.SandboxService",
+                method: "Exec",
+                kind: "server_stream"
+            }
+        );
+        // A made-up path does not make a label value of its own.
+        assert_eq!(
+            classify(&request("/sandbox.v1.SandboxService/Nope123", true)),
+            Call::Grpc {
+                service: "unknown",
+                method: "unknown",
+                kind: "unknown"
+            }
+        );
+        assert_eq!(
+            classify(&request("/v1/status/j1.abc.def", false)),
+            Call::Http {
+                route: "/v1/status/{job_id}",
+                method: "POST"
+            }
+        );
+        assert_eq!(
+            classify(&request("/v1/status/", false)),
+            Call::Http {
+                route: "unknown",
+                method: "POST"
+            }
+        );
+        assert_eq!(
+            classify(&request("/random/path/42", false)),
+            Call::Http {
+                route: "unknown",
+                method: "POST"
+            }
+        );
+    }
+}
