@@ -10,7 +10,7 @@
 //!   preface has not arrived within the handshake timeout, when it has had no open stream for
 //!   the idle timeout, or when it was evicted.
 //! - [`StreamCountLayer`] counts each connection's open streams (a request is open until its
-//!   response body is dropped), which is what "idle" means here.
+//!   response ends or is dropped; see `response_watch`), which is what "idle" means here.
 
 use std::{
     collections::VecDeque,
@@ -25,9 +25,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use http_body::{Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -35,10 +33,12 @@ use tokio::{
 };
 use tokio_stream::Stream;
 use tonic::{
-    codegen::{Service, http},
+    codegen::http,
     transport::server::{Connected, TcpConnectInfo, TcpIncoming},
 };
 use tracing::{debug, warn};
+
+use crate::response_watch::{ResponseWatch, WatchLayer, WatchRequests};
 
 /// The HTTP/2 client preface, which every gRPC connection starts with.
 const PREFACE_LEN: usize = 24;
@@ -385,7 +385,7 @@ impl Connected for Conn {
 }
 
 /// Counts a stream as open while it lives.
-struct OpenStream(Arc<ConnState>);
+pub struct OpenStream(Arc<ConnState>);
 
 impl OpenStream {
     fn new(state: Arc<ConnState>) -> Self {
@@ -405,77 +405,26 @@ impl Drop for OpenStream {
 }
 
 /// Tower layer that counts each connection's open streams (see the module docs).
-#[derive(Debug, Clone, Default)]
-pub struct StreamCountLayer;
+pub type StreamCountLayer = WatchLayer<StreamCounting>;
 
-impl<S> tower::Layer<S> for StreamCountLayer {
-    type Service = StreamCount<S>;
+/// Counts a stream open from its request until its response ends (or is dropped).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamCounting;
 
-    fn layer(&self, inner: S) -> StreamCount<S> {
-        StreamCount(inner)
-    }
-}
+impl WatchRequests for StreamCounting {
+    type Watch = Option<OpenStream>;
 
-/// See [`StreamCountLayer`].
-#[derive(Debug, Clone)]
-pub struct StreamCount<S>(S);
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B, ResBody> Service<http::Request<B>> for StreamCount<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-    ResBody: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-    ResBody::Error: Into<tonic::codegen::StdError>,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let open = request
+    fn watch<B>(&self, request: &http::Request<B>) -> Option<OpenStream> {
+        request
             .extensions()
             .get::<ConnInfo>()
-            .map(|info| OpenStream::new(Arc::clone(&info.state)));
-        let response = self.0.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|body| tonic::body::Body::new(CountedBody { body, _open: open })))
-        })
+            .map(|info| OpenStream::new(Arc::clone(&info.state)))
     }
 }
 
-/// A response body that keeps its stream counted until it is dropped.
-struct CountedBody<B> {
-    body: B,
-    _open: Option<OpenStream>,
-}
-
-impl<B> http_body::Body for CountedBody<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+impl ResponseWatch for Option<OpenStream> {
+    fn end(&mut self) {
+        drop(self.take());
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`config`]: flags and environment, checked once at start.
 //! - [`connection`]: accepted connections, bounded in number, handshake time and idleness.
 //! - [`metrics`]: Prometheus metrics (`--metrics-port`): per RPC, per job, the budget.
+//! - [`response_watch`]: a layer following each response to its end (stream counting, metrics).
 //! - [`grpc`]: the thin gRPC layer: handlers, validation and proto conversion, auth, status codes.
 //! - [`rest`]: the REST routes on the same port (the Node runner's API, Server-Sent Events),
 //!   over the same core, validated and mapped through `grpc`.
@@ -37,6 +38,7 @@ pub mod grpc;
 pub mod job;
 pub mod metrics;
 pub mod proto;
+pub mod response_watch;
 pub mod rest;
 pub mod secrets;
 pub mod server;

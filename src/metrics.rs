@@ -17,18 +17,19 @@
 
 use std::{
     future::Future,
-    pin::Pin,
     sync::{Arc, OnceLock},
-    task::{Context, Poll},
     time::Instant,
 };
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::Frame;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tonic::codegen::{Service, http};
+use tonic::codegen::http;
 
-use crate::job::Jobs;
+use crate::{
+    job::Jobs,
+    response_watch::{ResponseWatch, WatchLayer, WatchRequests},
+};
 
 /// Buckets of every duration histogram, in seconds: a millisecond (a unary call) to an hour
 /// (a long job or stream).
@@ -196,40 +197,17 @@ fn route_matches(template: &str, path: &str) -> bool {
 }
 
 /// Records every request's metrics (see the module).
-#[derive(Debug, Clone, Copy)]
-pub struct RpcMetricsLayer;
+pub type RpcMetricsLayer = WatchLayer<Metering>;
 
-impl<S> tower::Layer<S> for RpcMetricsLayer {
-    type Service = RpcMetrics<S>;
+/// Starts each call's metrics; its [`CallEnd`] records the rest.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Metering;
 
-    fn layer(&self, inner: S) -> RpcMetrics<S> {
-        RpcMetrics(inner)
-    }
-}
+impl WatchRequests for Metering {
+    type Watch = CallEnd;
 
-/// See [`RpcMetricsLayer`].
-#[derive(Debug, Clone)]
-pub struct RpcMetrics<S>(S);
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B, ResBody> Service<http::Request<B>> for RpcMetrics<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-    ResBody: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-    ResBody::Error: Into<tonic::codegen::StdError>,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let call = classify(&request);
+    fn watch<B>(&self, request: &http::Request<B>) -> CallEnd {
+        let call = classify(request);
         if let Call::Grpc {
             service,
             method,
@@ -242,44 +220,45 @@ where
             )
             .increment(1);
         }
-        let started = Instant::now();
-        let response = self.0.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            let mut end = CallEnd {
-                call,
-                started,
-                status: response.status().as_u16(),
-                // A trailers-only answer (an error before any message) has it in its headers.
-                grpc_code: response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok()),
-                done: false,
-            };
-            if response.body().is_end_stream() {
-                end.record();
-            }
-            Ok(response.map(|body| tonic::body::Body::new(MeteredBody { body, end })))
-        })
+        CallEnd {
+            call,
+            started: Instant::now(),
+            status: 0,
+            grpc_code: None,
+        }
     }
 }
 
-/// Recorded once, when the response ends (or is dropped: the client went away).
-struct CallEnd {
+/// What a call's end records: when the response ends (or is dropped: the client went away).
+pub struct CallEnd {
     call: Call,
     started: Instant,
     status: u16,
     grpc_code: Option<i32>,
-    done: bool,
 }
 
-impl CallEnd {
-    fn record(&mut self) {
-        if std::mem::replace(&mut self.done, true) {
-            return;
+/// The `grpc-status` of a header map (response headers, or trailers).
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+impl ResponseWatch for CallEnd {
+    fn head(&mut self, status: http::StatusCode, headers: &http::HeaderMap) {
+        self.status = status.as_u16();
+        // A trailers-only answer (an error before any message) has it in its headers.
+        self.grpc_code = grpc_status(headers);
+    }
+
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+            self.grpc_code = Some(code);
         }
+    }
+
+    fn end(&mut self) {
         let seconds = self.started.elapsed().as_secs_f64();
         match &self.call {
             Call::Grpc {
@@ -330,12 +309,6 @@ impl CallEnd {
     }
 }
 
-impl Drop for CallEnd {
-    fn drop(&mut self) {
-        self.record();
-    }
-}
-
 /// go-grpc-prometheus's spelling of the codes.
 fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
@@ -357,51 +330,6 @@ fn code_name(code: tonic::Code) -> &'static str {
         Unavailable => "Unavailable",
         DataLoss => "DataLoss",
         Unauthenticated => "Unauthenticated",
-    }
-}
-
-/// A response body that records its call's end: its last frame (the trailers, with the
-/// status), or its drop.
-struct MeteredBody<B> {
-    body: B,
-    end: CallEnd,
-}
-
-impl<B> http_body::Body for MeteredBody<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame
-                    .trailers_ref()
-                    .and_then(|t| t.get("grpc-status"))
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                {
-                    self.end.grpc_code = Some(code);
-                }
-            }
-            Poll::Ready(None) => self.end.record(),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

@@ -257,8 +257,8 @@ pub async fn run_with_reload(
         .layer(tower::util::MapResponseLayer::new(
             crate::grpc::codec::oversize_as_resource_exhausted,
         ))
-        .layer(StreamCountLayer)
-        .layer(crate::metrics::RpcMetricsLayer)
+        .layer(StreamCountLayer::default())
+        .layer(crate::metrics::RpcMetricsLayer::default())
         // REST (the Node runner's API, Server-Sent Events) on the same port: HTTP/1.1 too.
         .accept_http1(true)
         // The REST routes first, with a JSON 404 for unknown paths (see `rest`); the gRPC
