@@ -260,6 +260,21 @@ fn check_deployment(docs: &[Value], backend: &str) {
             "manifest sets {name}, which the binary does not read"
         );
     }
+    // Metrics: the port the binary serves is the container's `metrics` port, and the one the
+    // scrape annotations name.
+    if let Some(port) = env.get("METRICS_PORT") {
+        let declared = container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "metrics")
+            .map(|p| p["containerPort"].as_u64().unwrap().to_string());
+        assert_eq!(declared.as_deref(), Some(port.as_str()), "the metrics port");
+        let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(annotations["prometheus.io/port"], port.as_str());
+        assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    }
     let args: Vec<String> = container["args"]
         .as_array()
         .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
