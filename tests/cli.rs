@@ -264,23 +264,13 @@ async fn detach_status_cancel_ls_and_health() {
 /// holds the other side of, as a terminal emulator would.
 #[tokio::test]
 async fn exec_t_runs_the_job_on_a_terminal_of_the_local_ones_size_in_raw_mode() {
-    use rustix::pty::{OpenptFlags, grantpt, ioctl_tiocgptpeer, openpt, unlockpt};
     let server = common::start(&[]).await;
-    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
-    let master = openpt(flags).unwrap();
-    grantpt(&master).unwrap();
-    unlockpt(&master).unwrap();
-    rustix::termios::tcsetwinsize(
-        &master,
-        rustix::termios::Winsize {
-            ws_row: 33,
-            ws_col: 101,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        },
-    )
-    .unwrap();
-    let terminal = ioctl_tiocgptpeer(&master, flags).unwrap();
+    let (master, terminal) =
+        sandbox_runner::backend::local::open_pty(sandbox_runner::job::TerminalSize {
+            rows: 33,
+            cols: 101,
+        })
+        .unwrap();
     let mut child = cli(
         &server,
         &[

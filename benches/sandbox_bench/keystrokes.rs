@@ -7,7 +7,6 @@
 use std::{
     fs::File,
     io::{Read, Write},
-    os::fd::OwnedFd,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -105,12 +104,11 @@ async fn through_service(
 /// The floor: the same program on a local pseudo-terminal, its master written and read
 /// directly (blocking).
 fn local_terminal(keystrokes: usize) -> anyhow::Result<Vec<Duration>> {
-    use rustix::pty::{OpenptFlags, grantpt, ioctl_tiocgptpeer, openpt, unlockpt};
-    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
-    let master = openpt(flags)?;
-    grantpt(&master)?;
-    unlockpt(&master)?;
-    let terminal: OwnedFd = ioctl_tiocgptpeer(&master, flags)?;
+    let (master, terminal) =
+        sandbox_runner::backend::local::open_pty(sandbox_runner::job::TerminalSize {
+            rows: 24,
+            cols: 80,
+        })?;
     let mut child = Command::new("/bin/sh")
         .args(["-c", ECHOING])
         .stdin(Stdio::from(terminal.try_clone()?))

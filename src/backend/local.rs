@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use self::identity::JobIdentity;
+pub use self::terminal::{open_pty, winsize};
 use self::{
     cgroup::CgroupRoot,
     leader::LeaderProcess,
@@ -318,7 +319,7 @@ impl Backend for LocalBackend {
             cgroup_procs,
             server_pid: std::process::id(),
             stdin: spec.stdin,
-            tty: spec.tty.as_ref().map(|tty| terminal::winsize(tty.size)),
+            tty: spec.tty.as_ref().map(|tty| tty.size),
         })
         .map_err(spawn_error)?;
 

@@ -20,6 +20,14 @@ impl StreamKind {
             StreamKind::Stderr => "stderr",
         }
     }
+
+    /// 0 for stdout, 1 for stderr: its slot in per-stream arrays.
+    pub fn index(self) -> usize {
+        match self {
+            StreamKind::Stdout => 0,
+            StreamKind::Stderr => 1,
+        }
+    }
 }
 
 /// Lifecycle state of a job.

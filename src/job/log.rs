@@ -187,13 +187,6 @@ struct EvictedIndex {
 
 const STDERR_BIT: u32 = 1 << 31;
 
-fn stream_index(stream: StreamKind) -> usize {
-    match stream {
-        StreamKind::Stdout => 0,
-        StreamKind::Stderr => 1,
-    }
-}
-
 impl EvictedIndex {
     fn push(&mut self, entry: &Entry) {
         let size = match &entry.event.kind {
@@ -293,7 +286,7 @@ impl State {
             return 0;
         };
         if let EventKind::Output { stream, offset, .. } = &entry.event.kind {
-            self.held_from[stream_index(*stream)] = offset + entry.len as u64;
+            self.held_from[stream.index()] = offset + entry.len as u64;
         }
         self.bytes -= entry.len;
         self.credited -= entry.credit.bytes();
@@ -333,7 +326,7 @@ impl State {
                 offset,
                 data,
             } => {
-                self.ends[stream_index(*stream)] = offset + data.len() as u64;
+                self.ends[stream.index()] = offset + data.len() as u64;
                 data.len()
             }
             EventKind::Exited(_) => {
@@ -359,7 +352,7 @@ impl State {
         let mut offsets = self.held_from;
         for entry in self.entries.iter().take_while(|e| e.seq() < seq) {
             if let EventKind::Output { stream, .. } = &entry.event.kind {
-                offsets[stream_index(*stream)] += entry.len as u64;
+                offsets[stream.index()] += entry.len as u64;
             }
         }
         (offsets, true)
@@ -794,7 +787,7 @@ impl LogReader {
                     offset,
                     data,
                 } => {
-                    let slot = stream_index(*stream);
+                    let slot = stream.index();
                     let end = *offset + data.len() as u64;
                     if end <= self.skip_below[slot] {
                         continue;
@@ -1024,7 +1017,7 @@ mod tests {
         }
 
         async fn output(&mut self, stream: StreamKind, data: &str) {
-            let slot = stream_index(stream);
+            let slot = stream.index();
             let offset = self.ends[slot];
             self.ends[slot] += data.len() as u64;
             let event = self.event(EventKind::Output {

@@ -70,7 +70,7 @@ impl JobOutput {
     /// it. Empty chunks are dropped.
     pub async fn output_within(&mut self, stream: StreamKind, mut data: Bytes, credit: Credit) {
         if let Some(split) = self.split_chars.as_mut() {
-            let carried = &mut split[stream_index(stream)];
+            let carried = &mut split[stream.index()];
             let mut completed = None;
             if !carried.is_empty() {
                 let needs = utf8_char_len(carried[0]).saturating_sub(carried.len());
@@ -103,7 +103,7 @@ impl JobOutput {
             return;
         };
         let carried = [StreamKind::Stdout, StreamKind::Stderr]
-            .map(|stream| (stream, std::mem::take(&mut split[stream_index(stream)])));
+            .map(|stream| (stream, std::mem::take(&mut split[stream.index()])));
         for (stream, bytes) in carried {
             self.emit_output(stream, Bytes::from(bytes), Credit::default())
                 .await;
@@ -163,13 +163,6 @@ impl JobOutput {
         if let (Some(screen), Some((seq, data))) = (&self.record.screen, drawn) {
             screen.draw(seq, &data);
         }
-    }
-}
-
-fn stream_index(stream: StreamKind) -> usize {
-    match stream {
-        StreamKind::Stdout => 0,
-        StreamKind::Stderr => 1,
     }
 }
 

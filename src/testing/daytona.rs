@@ -33,6 +33,7 @@ use std::{
     time::Duration,
 };
 
+use crate::{backend::local::winsize, job::TerminalSize};
 use axum::{
     Json, Router,
     extract::{
@@ -49,6 +50,7 @@ use axum::{
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
+
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, BufReader},
     net::TcpListener,
@@ -901,29 +903,14 @@ struct PtySize {
     rows: u16,
 }
 
-fn winsize(rows: u16, cols: u16) -> rustix::termios::Winsize {
-    rustix::termios::Winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    }
-}
-
 /// Starts `/bin/sh -i` on a new terminal of its own (`setsid -c` makes it the controlling
 /// terminal without code in the child), with a thread that reads the terminal's output into
 /// the clients' queues and, at the end, the exit status.
 fn spawn_pty(body: &CreatePty, fake: Arc<Fake>) -> std::io::Result<Arc<PtyRun>> {
-    use rustix::pty::{OpenptFlags, grantpt, ioctl_tiocgptpeer, openpt, unlockpt};
-    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
-    let master = openpt(flags)?;
-    grantpt(&master)?;
-    unlockpt(&master)?;
-    rustix::termios::tcsetwinsize(
-        &master,
-        winsize(body.rows.unwrap_or(24), body.cols.unwrap_or(80)),
-    )?;
-    let terminal = ioctl_tiocgptpeer(&master, flags)?;
+    let (master, terminal) = crate::backend::local::open_pty(TerminalSize {
+        rows: body.rows.unwrap_or(24),
+        cols: body.cols.unwrap_or(80),
+    })?;
     let mut command = std::process::Command::new("/usr/bin/setsid");
     command
         .args(["-c", "/bin/sh", "-i"])
@@ -1073,7 +1060,11 @@ async fn resize_pty(
         );
     }
     // The kernel sends SIGWINCH to the terminal's foreground group.
-    if let Err(e) = rustix::termios::tcsetwinsize(&run.master, winsize(size.rows, size.cols)) {
+    let size = TerminalSize {
+        rows: size.rows,
+        cols: size.cols,
+    };
+    if let Err(e) = rustix::termios::tcsetwinsize(&run.master, winsize(size)) {
         return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
     }
     Json(json!({ "id": id, "cols": size.cols, "rows": size.rows, "active": true })).into_response()

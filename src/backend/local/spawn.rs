@@ -44,7 +44,8 @@ use std::{
     sync::atomic::{AtomicI32, AtomicU8, Ordering},
 };
 
-use rustix::termios::Winsize;
+use super::terminal::open_pty;
+use crate::job::TerminalSize;
 
 use nix::{
     errno::Errno,
@@ -88,7 +89,7 @@ pub(super) struct JobCommand {
     stdin: bool,
     /// On a new terminal of this size instead of pipes (and the terminal's owner, with a job
     /// user).
-    tty: Option<Winsize>,
+    tty: Option<TerminalSize>,
 }
 
 /// What [`JobCommand::spawn`] started: the process and the server's ends of its stdio.
@@ -126,7 +127,7 @@ pub(super) struct JobSetup<'a> {
     pub stdin: bool,
     /// Run the job on a new terminal of this size (its controlling terminal, and its stdin,
     /// stdout and stderr), rather than on pipes; `stdin` is then ignored.
-    pub tty: Option<Winsize>,
+    pub tty: Option<TerminalSize>,
 }
 
 impl JobCommand {
@@ -368,19 +369,11 @@ impl Drop for FilledSlots {
     }
 }
 
-/// A new terminal of `size`: its master and its other side (both close-on-exec, neither the
-/// server's controlling terminal). The size is set before the program runs, so its first
-/// screen is drawn at the right size. With a job user, the terminal is given to that user
-/// where the server may (as `login` does), so that programs that reopen it by name can.
-fn open_terminal(size: Winsize, owner: Option<(u32, u32)>) -> io::Result<(OwnedFd, OwnedFd)> {
-    use rustix::pty::{OpenptFlags, grantpt, ioctl_tiocgptpeer, openpt, unlockpt};
-    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
-    let master = openpt(flags)?;
-    grantpt(&master)?;
-    unlockpt(&master)?;
-    rustix::termios::tcsetwinsize(&master, size)?;
-    // By the master, not by path: no race with another terminal reusing the name.
-    let terminal = ioctl_tiocgptpeer(&master, flags)?;
+/// A new terminal of `size` for a job (see [`open_pty`]). With a job user, the terminal is
+/// given to that user where the server may (as `login` does), so that programs that reopen it
+/// by name can.
+fn open_terminal(size: TerminalSize, owner: Option<(u32, u32)>) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (master, terminal) = open_pty(size)?;
     if let Some((uid, gid)) = owner {
         let owner = (
             rustix::fs::Uid::from_raw(uid),

@@ -80,8 +80,23 @@ impl Terminal {
     }
 }
 
+/// A new pseudo-terminal of `size`: its master and its other side, both close-on-exec and
+/// neither this process's controlling terminal. The size is set before anyone uses it, so a
+/// program started on it draws its first screen at the right size. The other side is opened by
+/// the master, not by path: no race with another terminal reusing the name.
+pub fn open_pty(size: TerminalSize) -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::pty::{OpenptFlags, grantpt, ioctl_tiocgptpeer, openpt, unlockpt};
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = openpt(flags)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    rustix::termios::tcsetwinsize(&master, winsize(size))?;
+    let terminal = ioctl_tiocgptpeer(&master, flags)?;
+    Ok((master, terminal))
+}
+
 /// A terminal's size as the kernel takes it.
-pub(super) fn winsize(size: TerminalSize) -> Winsize {
+pub fn winsize(size: TerminalSize) -> Winsize {
     Winsize {
         ws_row: size.rows,
         ws_col: size.cols,
