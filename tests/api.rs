@@ -102,11 +102,7 @@ async fn reflection_v1_and_v1alpha_list_and_describe_the_service() {
 async fn health_rpc_reports_the_instance() {
     let server = common::start(&["--max-concurrent-jobs", "7"]).await;
     let mut client = server.client().await;
-    let health = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let health = common::health(&mut client).await;
     assert_eq!(health.status, pb::ServingStatus::Ok as i32);
     assert_eq!(health.active_jobs, 0);
     assert_eq!(health.max_concurrent_jobs, 7);
@@ -203,11 +199,7 @@ async fn draining_refuses_new_jobs_and_flips_health() {
     common::wait_not_serving(&channel).await;
     let err = client.exec(shell("true")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    let report = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let report = common::health(&mut client).await;
     assert_eq!(report.status, pb::ServingStatus::Draining as i32);
 
     // The running job finishes normally within the grace.

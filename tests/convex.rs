@@ -51,14 +51,6 @@ async fn closed_addr() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
-async fn health(client: &mut SandboxServiceClient<Channel>) -> pb::HealthResponse {
-    client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// Polls Status until `done(mirror status)` holds.
 async fn wait_mirror(
     client: &mut SandboxServiceClient<Channel>,
@@ -415,11 +407,7 @@ async fn a_refused_secret_marks_the_sink_unhealthy_and_the_job_still_succeeds() 
     let wrong = "not-the-secret-value";
     let server = server(&fake, wrong, &[]).await;
     let mut client = server.client().await;
-    let health = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let health = common::health(&mut client).await;
     assert!(
         health.convex_configured && health.convex_healthy,
         "{health:?}"
@@ -444,11 +432,7 @@ async fn a_refused_secret_marks_the_sink_unhealthy_and_the_job_still_succeeds() 
     assert_eq!(fake.refused(), [401]);
     assert!(fake.records().is_empty());
 
-    let health = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let health = common::health(&mut client).await;
     assert!(
         health.convex_configured && !health.convex_healthy,
         "{health:?}"
@@ -498,7 +482,7 @@ async fn a_closed_port_shows_in_last_error_and_health_until_the_ingest_comes_bac
     let addr = closed_addr().await;
     let server = server_at(&format!("http://{addr}"), SECRET, &[]).await;
     let mut client = server.client().await;
-    assert!(health(&mut client).await.convex_healthy);
+    assert!(common::health(&mut client).await.convex_healthy);
 
     let run = common::run(
         &mut client,
@@ -515,7 +499,7 @@ async fn a_closed_port_shows_in_last_error_and_health_until_the_ingest_comes_bac
     // Every recent attempt failed: Health says so long before a record is given up (60 s).
     let deadline = Instant::now() + PATIENCE;
     let unhealthy = loop {
-        let health = health(&mut client).await;
+        let health = common::health(&mut client).await;
         if !health.convex_healthy {
             break health;
         }
@@ -542,7 +526,7 @@ async fn a_closed_port_shows_in_last_error_and_health_until_the_ingest_comes_bac
         check_records(&records, &run, "$ echo waiting")["exitCode"],
         0
     );
-    let health = health(&mut client).await;
+    let health = common::health(&mut client).await;
     assert!(health.convex_healthy, "{health:?}");
     assert!(health.convex_error.is_empty(), "{health:?}");
     let status = format!("{:?}", common::status(&mut client, &run.job_id).await);
@@ -575,7 +559,7 @@ async fn sigterm_with_an_unreachable_ingest_does_not_wait_out_the_drain_grace() 
         wait_mirror(&mut client, &run.job_id, |m| m.retries >= 1).await;
         if wait_unhealthy {
             let deadline = Instant::now() + PATIENCE;
-            while health(&mut client).await.convex_healthy {
+            while common::health(&mut client).await.convex_healthy {
                 assert!(Instant::now() < deadline, "never unhealthy");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -618,11 +602,7 @@ async fn sigterm_with_an_unreachable_ingest_does_not_wait_out_the_drain_grace() 
 async fn without_convex_health_says_so_and_jobs_are_not_mirrored() {
     let server = common::start(&[]).await;
     let mut client = server.client().await;
-    let health = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let health = common::health(&mut client).await;
     assert!(!health.convex_configured && !health.convex_healthy);
     assert!(health.sinks.is_empty());
     let run = common::run(&mut client, mirrored(common::shell("echo hi"), "s-off")).await;

@@ -372,11 +372,7 @@ async fn an_unreachable_api_is_unavailable() {
     let mut client = server.client().await;
     let err = client.exec(in_sandbox(shell("true"))).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let health = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let health = common::health(&mut client).await;
     assert!(health.daytona_configured);
     assert_eq!(health.backend, "daytona");
     server.stop().await;

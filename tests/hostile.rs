@@ -251,21 +251,13 @@ async fn wait_health(
     done: impl Fn(&pb::HealthResponse) -> bool,
 ) -> pb::HealthResponse {
     for _ in 0..400 {
-        let health = client
-            .health(pb::HealthRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let health = common::health(client).await;
         if done(&health) {
             return health;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let last = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let last = common::health(client).await;
     panic!("Health never showed {what}: {last:?}");
 }
 
@@ -296,11 +288,7 @@ async fn callers_that_never_read_hold_no_more_than_the_output_budget() {
     assert_eq!(health.output_budget_bytes, BUDGET);
     assert_eq!(health.active_jobs, 16);
     for _ in 0..10 {
-        let health = client
-            .health(pb::HealthRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let health = common::health(&mut client).await;
         assert!(health.output_budget_in_use_bytes <= BUDGET, "{health:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

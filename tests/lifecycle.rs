@@ -247,11 +247,7 @@ async fn concurrency_limit_returns_resource_exhausted_and_recovers() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("limit 2"), "{}", err.message());
 
-    let health = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let health = common::health(&mut client).await;
     assert_eq!(health.active_jobs, 2);
 
     cancel(&mut client, &a.job_id).await;
@@ -282,11 +278,7 @@ async fn a_client_that_stops_reading_cannot_keep_a_timed_out_job_alive() {
     let status = wait_finished(&mut client, &first.job_id).await;
     assert_eq!(status.state, JobState::TimedOut as i32);
     assert_group_gone(status_pid(&first)).await;
-    let health = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let health = common::health(&mut client).await;
     assert_eq!(health.active_jobs, 0);
     // Reading now: a gap that says what it missed (never a silent one), then the end of the
     // output and Exited.

@@ -409,11 +409,7 @@ async fn health_and_started_say_what_each_backend_can_do() {
     };
     let server = common::start(&[]).await;
     let mut client = server.client().await;
-    let health = client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let health = common::health(&mut client).await;
     assert_eq!(health.capabilities, Some(local));
     let mut stream = client.exec(shell("true")).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
@@ -425,13 +421,7 @@ async fn health_and_started_say_what_each_backend_can_do() {
 
     let fake = sandbox_runner::testing::daytona::FakeDaytona::start(common::DAYTONA_KEY).await;
     let server = common::start_daytona(&fake, &[]).await;
-    let health = server
-        .client()
-        .await
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let health = common::health(&mut server.client().await).await;
     // Stdin in whole lines without EOF, and terminals, but no signals (see the README).
     let daytona = pb::Capabilities {
         stdin: true,

@@ -237,6 +237,14 @@ impl Job {
     }
 }
 
+pub async fn health(client: &mut SandboxServiceClient<Channel>) -> pb::HealthResponse {
+    client
+        .health(pb::HealthRequest {})
+        .await
+        .expect("Health succeeds")
+        .into_inner()
+}
+
 pub async fn send_input(
     client: &mut SandboxServiceClient<Channel>,
     job_id: &str,
