@@ -244,7 +244,22 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 
-    /// How long a new connection may take to send the HTTP/2 preface before it is closed.
+    /// Serve TLS with this certificate chain (PEM, leaf first; with --tls-key-file). Re-read
+    /// when it changes (and on SIGHUP): new connections get the new certificate.
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Require client certificates (mTLS) that chain to these CA certificates (PEM). The
+    /// certificate's subject is the caller's identity in logs.
+    #[arg(long, env = "TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
+
+    /// How long a new connection may take to send the HTTP/2 preface (or to finish its TLS
+    /// handshake) before it is closed.
     #[arg(long, env = "HANDSHAKE_TIMEOUT", default_value = "5s",
           value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
@@ -299,6 +314,8 @@ pub enum ConfigError {
     Secret(#[from] SecretError),
     #[error("--replica-name must be 1 to 253 characters without whitespace")]
     ReplicaName,
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Shortest accepted job-id signing key.
@@ -436,6 +453,9 @@ impl Config {
                 flag: "--max-connection-age",
             });
         }
+        if let Some(files) = self.tls_files() {
+            crate::tls::ServerTls::load(files)?;
+        }
         Ok(())
     }
 
@@ -463,6 +483,15 @@ impl Config {
     }
 
     /// Address to bind.
+    /// The files of the server's TLS, when it serves TLS.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert_file.clone()?,
+            key: self.tls_key_file.clone()?,
+            client_ca: self.tls_client_ca_file.clone(),
+        })
+    }
+
     pub fn listen_addr(&self) -> SocketAddr {
         SocketAddr::new(self.host, self.port)
     }

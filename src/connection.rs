@@ -370,6 +370,8 @@ impl AsyncWrite for Conn {
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub tcp: TcpConnectInfo,
+    /// The subject of the client's TLS certificate (mTLS; see `tls`), the caller's identity.
+    pub client: Option<Arc<str>>,
     state: Arc<ConnState>,
 }
 
@@ -379,6 +381,7 @@ impl Connected for Conn {
     fn connect_info(&self) -> ConnInfo {
         ConnInfo {
             tcp: self.io.connect_info(),
+            client: None,
             state: Arc::clone(&self.state),
         }
     }

@@ -14,7 +14,7 @@ use crate::{
         local::{LocalBackend, LocalConfig},
     },
     config::{BackendKind, Config, ConfigError, tokens_of_file},
-    connection::{ConnectionLimits, Incoming, StreamCountLayer},
+    connection::{ConnInfo, ConnectionLimits, Incoming, StreamCountLayer},
     grpc::{
         auth::BearerAuth,
         service::{InstanceInfo, SandboxApi},
@@ -23,6 +23,7 @@ use crate::{
     proto::{self as pb, sandbox_service_server::SandboxServiceServer},
     secrets::{Applied, SecretError, Watcher},
     sink::convex::SinkSetupError,
+    tls::{Accepted, ServerTls, TlsError},
 };
 
 /// Serves `/metrics` on `port` (see `metrics`); `None` when the process has another recorder.
@@ -77,6 +78,8 @@ pub enum ServerError {
     Randomness(String),
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 impl From<SecretError> for ServerError {
@@ -115,6 +118,7 @@ pub async fn run_with_reload(
         );
     }
 
+    let tls = server_tls(&config, &mut secret_files)?;
     let backend = backend(&config, &mut secret_files)?;
     let convex = config.convex.settings().map_err(SinkSetupError::from)?;
     if let (Some(settings), Some(path)) = (&convex, config.convex.secret_source().file) {
@@ -237,7 +241,13 @@ pub async fn run_with_reload(
     let _secret_watch = secret_files.spawn(poll, reload);
 
     let connection_limits = connection_limits(&config);
-    info!(%addr, backend = config.backend.as_str(), auth = auth.is_enabled(), %replica, "listening");
+    info!(%addr, backend = config.backend.as_str(), auth = auth.is_enabled(),
+          tls = tls.is_some(), mtls = config.tls_client_ca_file.is_some(), %replica, "listening");
+    let accepted = Accepted::new(
+        Incoming::new(listener, connection_limits),
+        tls,
+        config.handshake_timeout,
+    );
     let mut builder = tonic::transport::Server::builder();
     if let Some(age) = config.max_connection_age {
         // Streams still open when the age is reached get this long to finish.
@@ -254,6 +264,14 @@ pub async fn run_with_reload(
         // requests started at once on one connection. Requests are tiny, so a larger window
         // costs nothing; 16 MiB allows ~38,000.
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        // Each request's log lines carry what it was and, over mTLS, who asked.
+        .trace_fn(|request| {
+            let caller = request
+                .extensions()
+                .get::<ConnInfo>()
+                .and_then(|info| info.client.clone());
+            tracing::info_span!("request", path = %request.uri().path(), caller = caller.as_deref())
+        })
         .layer(tower::util::MapResponseLayer::new(
             crate::grpc::codec::oversize_as_resource_exhausted,
         ))
@@ -270,7 +288,7 @@ pub async fn run_with_reload(
                 .add_service(reflection_v1alpha)
                 .add_service(SandboxServiceServer::with_interceptor(api, auth)),
         )
-        .serve_with_incoming_shutdown(Incoming::new(listener, connection_limits), drain);
+        .serve_with_incoming_shutdown(accepted, drain);
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result?,
@@ -331,6 +349,30 @@ fn connection_room(fd_limit: u64, max_jobs: u32) -> u64 {
 }
 
 /// Bearer authentication with the configured tokens; a tokens file is watched for rotation.
+/// The server's TLS, when configured; its files are watched so a rotation reaches new
+/// connections.
+fn server_tls(
+    config: &Config,
+    secret_files: &mut Watcher,
+) -> Result<Option<ServerTls>, ServerError> {
+    let Some(files) = config.tls_files() else {
+        return Ok(None);
+    };
+    let tls = ServerTls::load(files.clone())?;
+    let watched = [("TLS_CERT_FILE", files.cert), ("TLS_KEY_FILE", files.key)]
+        .into_iter()
+        .chain(files.client_ca.map(|ca| ("TLS_CLIENT_CA_FILE", ca)));
+    for (var, path) in watched {
+        let tls = tls.clone();
+        // Whichever file changed, all are read again: a certificate and its key change together.
+        secret_files.watch(var, &path, move |_| {
+            tls.reload().map_err(|e| e.to_string())?;
+            Ok(Applied::Now)
+        })?;
+    }
+    Ok(Some(tls))
+}
+
 fn auth(config: &Config, secret_files: &mut Watcher) -> Result<BearerAuth, ServerError> {
     let auth = BearerAuth::new(&config.auth_tokens()?);
     if let Some(path) = config.auth_tokens_source().file {

@@ -18,6 +18,8 @@ use serde_json::Value;
 use tonic::server::NamedService;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sandbox-runner");
+/// Where the image puts the binary (deploy/Dockerfile).
+const IMAGE_BIN: &str = "/usr/local/bin/sandbox-runner";
 const SERVICE: &str = <SandboxServiceServer<SandboxApi> as NamedService>::NAME;
 
 fn root() -> &'static Path {
@@ -73,10 +75,16 @@ fn render(dir: &str) -> Vec<Value> {
                 d["kind"] == "Deployment" && d["metadata"]["name"] == patch["metadata"]["name"]
             })
             .expect("patch targets a deployment");
-        for patched in patch["spec"]["template"]["spec"]["containers"]
-            .as_array()
-            .unwrap()
-        {
+        let patched_pod = &patch["spec"]["template"]["spec"];
+        let pod = &mut deployment["spec"]["template"]["spec"];
+        for (key, value) in patched_pod.as_object().unwrap() {
+            match key.as_str() {
+                "containers" => {}
+                "volumes" => merge_by(pod[key].as_array_mut().unwrap(), value, "name"),
+                _ => pod[key] = value.clone(),
+            }
+        }
+        for patched in patched_pod["containers"].as_array().unwrap() {
             let containers = deployment["spec"]["template"]["spec"]["containers"]
                 .as_array_mut()
                 .unwrap();
@@ -85,19 +93,39 @@ fn render(dir: &str) -> Vec<Value> {
                 .find(|c| c["name"] == patched["name"])
                 .unwrap();
             for (key, value) in patched.as_object().unwrap() {
-                if key == "env" {
-                    let env = container["env"].as_array_mut().unwrap();
-                    for var in value.as_array().unwrap() {
-                        env.retain(|e| e["name"] != var["name"]);
-                        env.push(var.clone());
+                match key.as_str() {
+                    "env" => merge_by(container[key].as_array_mut().unwrap(), value, "name"),
+                    "volumeMounts" => {
+                        merge_by(container[key].as_array_mut().unwrap(), value, "mountPath")
                     }
-                } else {
-                    container[key] = value.clone();
+                    // A probe's handler is replaced (`grpc: null` drops the base's).
+                    _ => container[key] = without_nulls(value),
                 }
             }
         }
     }
     docs
+}
+
+/// A list merged as a strategic-merge patch does: items matched by `key`, the patch's win.
+fn merge_by(list: &mut Vec<Value>, patch: &Value, key: &str) {
+    for item in patch.as_array().unwrap() {
+        list.retain(|existing| existing[key] != item[key]);
+        list.push(item.clone());
+    }
+}
+
+/// `value` without its null fields (a patch's deletions).
+fn without_nulls(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_nulls(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 fn one<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -193,7 +221,13 @@ fn container_env(
             );
             let stand_in = files_dir.join(&name);
             std::fs::create_dir_all(files_dir).unwrap();
-            std::fs::write(&stand_in, format!("{STAND_IN_SECRET}\n")).unwrap();
+            let content = match name.as_str() {
+                "TLS_CERT_FILE" | "TLS_KEY_FILE" | "TLS_CLIENT_CA_FILE" => {
+                    tls_stand_in(files_dir, &name)
+                }
+                _ => format!("{STAND_IN_SECRET}\n"),
+            };
+            std::fs::write(&stand_in, content).unwrap();
             stand_in.to_str().unwrap().to_owned()
         } else if let Some(v) = var["value"].as_str() {
             v.to_owned()
@@ -212,6 +246,36 @@ fn container_env(
         env.insert(name, value);
     }
     env
+}
+
+/// A certificate, its key or its CA (PEM), of one set made per stand-in directory: the
+/// certificate is for localhost, and serves and identifies clients, as the TLS overlay's does.
+fn tls_stand_in(files_dir: &Path, var: &str) -> String {
+    let set = files_dir.join("tls-set.json");
+    if !set.exists() {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+            KeyPair,
+        };
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &ca).unwrap();
+        let json = serde_json::json!({
+            "TLS_CERT_FILE": cert.pem(),
+            "TLS_KEY_FILE": key.serialize_pem(),
+            "TLS_CLIENT_CA_FILE": ca.pem(),
+        });
+        std::fs::write(&set, json.to_string()).unwrap();
+    }
+    let json: Value = serde_json::from_slice(&std::fs::read(&set).unwrap()).unwrap();
+    json[var].as_str().unwrap().to_owned()
 }
 
 /// Counts renderings checked, for distinct stand-in directories in parallel tests.
@@ -327,11 +391,34 @@ fn check_deployment(docs: &[Value], backend: &str) {
         .find(|p| p["name"] == "grpc")
         .expect("a port named grpc");
     assert_eq!(container_port["containerPort"], port);
+    // Probes: gRPC on the port, or (over TLS, where the kubelet's gRPC probe cannot go) the
+    // binary's `health` against it, or TCP for liveness.
     for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
-        assert_eq!(container[probe]["grpc"]["port"], port, "{probe} port");
+        let handlers: Vec<&String> = container[probe].as_object().unwrap().keys().collect();
+        let spec = &container[probe];
+        if spec["grpc"].is_object() {
+            assert_eq!(spec["grpc"]["port"], port, "{probe} port");
+        } else if let Some(command) = spec["exec"]["command"].as_array() {
+            let command: Vec<&str> = command.iter().map(|a| a.as_str().unwrap()).collect();
+            assert_eq!(command[..2], [IMAGE_BIN, "health"], "{probe}");
+            let addr = command.iter().skip_while(|a| **a != "--addr").nth(1);
+            assert_eq!(addr, Some(&format!("https://127.0.0.1:{port}").as_str()));
+        } else {
+            assert_eq!(probe, "livenessProbe", "{probe}: {handlers:?}");
+            assert_eq!(spec["tcpSocket"]["port"], port, "{probe} port");
+        }
+        let kinds = ["grpc", "exec", "tcpSocket", "httpGet"];
+        let count = handlers
+            .iter()
+            .filter(|h| kinds.contains(&h.as_str()))
+            .count();
+        assert_eq!(count, 1, "{probe} must have one handler: {handlers:?}");
     }
-    assert_eq!(
-        container["readinessProbe"]["grpc"]["service"], SERVICE,
+    // Readiness follows draining: the gRPC probe of the service (not the server's), or
+    // `health`, which exits 1 when draining.
+    let readiness = &container["readinessProbe"];
+    assert!(
+        readiness["grpc"]["service"] == SERVICE || readiness["exec"].is_object(),
         "readiness must follow draining"
     );
     let liveness_service = container["livenessProbe"]["grpc"]["service"]
@@ -454,6 +541,115 @@ fn check_daytona_overlay(docs: &[Value]) {
         &deployment["spec"]["template"]["spec"]["containers"][0],
         "DAYTONA_API_KEY",
     );
+}
+
+#[tokio::test]
+async fn tls_overlay_matches_the_binary_and_its_probes_pass() {
+    for docs in renderings("deploy/k8s/overlays/tls") {
+        check_deployment(&docs, "local");
+        check_tls_overlay(&docs).await;
+    }
+}
+
+/// The TLS overlay: its files come from the Secret cert-manager writes, with the usages the
+/// probes need; and its readiness probe, run against the binary serving those files (stand-ins
+/// made here), passes.
+async fn check_tls_overlay(docs: &[Value]) {
+    let deployment = one(docs, "Deployment", "sandbox-runner");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let certificate = one(docs, "Certificate", "sandbox-runner-tls");
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == certificate["spec"]["secretName"])
+        .expect("a volume of the certificate's Secret");
+    let usages = certificate["spec"]["usages"].as_array().unwrap();
+    assert!(usages.contains(&"server auth".into()) && usages.contains(&"client auth".into()));
+    let dns_names = certificate["spec"]["dnsNames"].as_array().unwrap();
+
+    let mounted = mounted_secret_files(pod, container);
+    let files_dir = std::env::temp_dir().join(format!(
+        "sandbox-runner-deploy-tls-{}-{}",
+        std::process::id(),
+        RENDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let mut env = container_env(container, &mounted, &files_dir);
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .unwrap();
+    // The manifest's path of each file, and the stand-in written for it.
+    let mut stand_ins = BTreeMap::new();
+    for var in container["env"].as_array().unwrap() {
+        let name = var["name"].as_str().unwrap();
+        if let Some(path) = var["value"].as_str()
+            && name.ends_with("_FILE")
+        {
+            stand_ins.insert(path.to_owned(), env[name].clone());
+        }
+    }
+    for var in ["TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE"] {
+        let path = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == var)
+            .and_then(|v| v["value"].as_str())
+            .unwrap_or_else(|| panic!("{var} set"));
+        assert!(
+            path.starts_with(mount["mountPath"].as_str().unwrap()),
+            "{var} comes from the certificate's Secret"
+        );
+    }
+
+    // The readiness probe against the binary with the overlay's settings.
+    env.remove("JOB_USER");
+    env.remove("JOB_GROUP");
+    env.insert(
+        "DEFAULT_CWD".into(),
+        std::env::temp_dir().display().to_string(),
+    );
+    let envs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let server = sandbox_runner::testing::server_process::ServerProcess::start(BIN, &[], &envs)
+        .await
+        .expect("the binary serves the overlay's configuration");
+    let port = server.addr.rsplit(':').next().unwrap();
+    let command: Vec<String> = container["readinessProbe"]["exec"]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|arg| {
+            let arg = arg.as_str().unwrap();
+            if let Some(stand_in) = stand_ins.get(arg) {
+                return stand_in.clone();
+            }
+            arg.replace(":5100", &format!(":{port}"))
+        })
+        .collect();
+    let server_name = command
+        .iter()
+        .skip_while(|a| *a != "--tls-server-name")
+        .nth(1)
+        .expect("the probe names the certificate's name");
+    assert!(dns_names.contains(&server_name.as_str().into()));
+    let probe = tokio::process::Command::new(BIN)
+        .args(&command[1..])
+        .env_clear()
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        probe.status.code(),
+        Some(0),
+        "readiness probe: {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&files_dir);
 }
 
 /// Capabilities the image's binary carries (`setcap ...+ep`), as Kubernetes names them.
@@ -599,7 +795,7 @@ fn dockerfile_matches_the_binary() {
     // process the container runtime starts, not one an init wrapper starts.
     assert_eq!(
         image.entrypoint.first().map(String::as_str),
-        Some("/usr/local/bin/sandbox-runner"),
+        Some(IMAGE_BIN),
         "ENTRYPOINT"
     );
     let mut caps: Vec<String> = image
@@ -613,10 +809,7 @@ fn dockerfile_matches_the_binary() {
         .collect();
     caps.sort();
     assert_eq!(caps, FILE_CAPABILITIES);
-    assert_eq!(
-        image.setcap.get(1).map(String::as_str),
-        Some("/usr/local/bin/sandbox-runner")
-    );
+    assert_eq!(image.setcap.get(1).map(String::as_str), Some(IMAGE_BIN));
 }
 
 /// Whether this process may run processes as another user and signal them (what

@@ -16,7 +16,7 @@ use tonic::{
     Request, Status,
     metadata::MetadataValue,
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
 use crate::proto::{self as pb, sandbox_service_client::SandboxServiceClient};
@@ -27,6 +27,8 @@ pub const SUBCOMMANDS: [&str; 6] = ["exec", "attach", "status", "cancel", "ls", 
 /// Exit codes of the client beyond the job's own (0-255, or 128+N for a job killed by signal
 /// N), as shells and `timeout(1)` use them.
 pub mod exit {
+    /// `health`: the service answered but is not serving (draining), as a probe wants.
+    pub const NOT_SERVING: u8 = 1;
     /// The job reached its timeout (as `timeout(1)`).
     pub const TIMED_OUT: u8 = 124;
     /// The service could not be reached or failed the request (as `docker run`'s 125).
@@ -74,6 +76,18 @@ struct Connection {
     /// A file holding the bearer token.
     #[arg(long, global = true, conflicts_with = "token")]
     token_file: Option<std::path::PathBuf>,
+    /// CA certificates (PEM) to trust for an https:// address, instead of the system's.
+    #[arg(long, env = "SANDBOX_RUNNER_CA_FILE", global = true)]
+    ca_file: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) for a service that requires one (mTLS; with --key-file).
+    #[arg(long, env = "SANDBOX_RUNNER_CERT_FILE", global = true)]
+    cert_file: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --cert-file.
+    #[arg(long, env = "SANDBOX_RUNNER_KEY_FILE", global = true)]
+    key_file: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry, when not the address's host.
+    #[arg(long, env = "SANDBOX_RUNNER_TLS_SERVER_NAME", global = true)]
+    tls_server_name: Option<String>,
     /// Machine-readable output: JSON (JSON lines for streams).
     #[arg(long, global = true)]
     json: bool,
@@ -137,6 +151,7 @@ pub async fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             ExitCode::from(exit::SERVICE_ERROR)
         }
         Err(Failed::StdoutClosed) => ExitCode::from(exit::BROKEN_PIPE),
+        Err(Failed::NotServing) => ExitCode::from(exit::NOT_SERVING),
     }
 }
 
@@ -145,6 +160,8 @@ enum Failed {
     Service(Status),
     /// Standard output was closed (`| head`): a quiet end.
     StdoutClosed,
+    /// `health` found the service draining.
+    NotServing,
 }
 
 impl From<Status> for Failed {
@@ -198,7 +215,14 @@ async fn connect(connection: &Connection) -> Result<Client, String> {
         .transpose()
         .map_err(|_| "the token is not a valid header value".to_owned())?;
     let endpoint = Endpoint::from_shared(connection.addr.clone())
-        .map_err(|e| format!("--addr {:?}: {e}", connection.addr))?
+        .map_err(|e| format!("--addr {:?}: {e}", connection.addr))?;
+    let endpoint = match tls_config(connection, endpoint.uri())? {
+        Some(tls) => endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("TLS settings: {e}"))?,
+        None => endpoint,
+    };
+    let endpoint = endpoint
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
@@ -210,6 +234,43 @@ async fn connect(connection: &Connection) -> Result<Client, String> {
         channel,
         Bearer(token),
     ))
+}
+
+/// The TLS settings for an https:// address (`None` for http://).
+fn tls_config(
+    connection: &Connection,
+    uri: &tonic::codegen::http::Uri,
+) -> Result<Option<ClientTlsConfig>, String> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    if uri.scheme_str() != Some("https") {
+        let tls_flags = connection.ca_file.is_some()
+            || connection.cert_file.is_some()
+            || connection.key_file.is_some()
+            || connection.tls_server_name.is_some();
+        return match tls_flags {
+            true => Err(format!(
+                "TLS settings were given but --addr {:?} is not https://",
+                connection.addr
+            )),
+            false => Ok(None),
+        };
+    }
+    let mut tls = ClientTlsConfig::new();
+    tls = match &connection.ca_file {
+        Some(path) => tls.ca_certificate(Certificate::from_pem(read(path)?)),
+        None => tls.with_native_roots(),
+    };
+    match (&connection.cert_file, &connection.key_file) {
+        (Some(cert), Some(key)) => tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?)),
+        (None, None) => {}
+        _ => return Err("--cert-file and --key-file go together".to_owned()),
+    }
+    if let Some(name) = &connection.tls_server_name {
+        tls = tls.domain_name(name);
+    }
+    Ok(Some(tls))
 }
 
 fn report(status: &Status) {
@@ -305,7 +366,10 @@ async fn health(mut client: Client, json: bool) -> Result<(), Failed> {
             health.active_jobs, health.max_concurrent_jobs, health.backend
         ))?;
     }
-    Ok(())
+    match status {
+        "ok" => Ok(()),
+        _ => Err(Failed::NotServing),
+    }
 }
 
 fn state_name(state: i32) -> &'static str {
