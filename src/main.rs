@@ -97,7 +97,7 @@ async fn serve() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    telemetry::init(config.log_format);
+    let telemetry = telemetry::init(config.log_format);
     // Jobs run as our uid; without this they could read our secrets from /proc/<ppid>/environ
     // (and ptrace us). Non-dumpable processes' /proc entries are root-only.
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
@@ -116,13 +116,15 @@ async fn serve() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run_with_reload(listener, config, shutdown_signal(), reload).await {
+    let code = match run_with_reload(listener, config, shutdown_signal(), reload).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "server failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }
 
 /// Every connection and every job's pipes take descriptors: the soft `RLIMIT_NOFILE` (often

@@ -264,14 +264,9 @@ pub async fn run_with_reload(
         // requests started at once on one connection. Requests are tiny, so a larger window
         // costs nothing; 16 MiB allows ~38,000.
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
-        // Each request's log lines carry what it was and, over mTLS, who asked.
-        .trace_fn(|request| {
-            let caller = request
-                .extensions()
-                .get::<ConnInfo>()
-                .and_then(|info| info.client.clone());
-            tracing::info_span!("request", path = %request.uri().path(), caller = caller.as_deref())
-        })
+        // Each request's log lines carry what it was and, over mTLS, who asked; with traces
+        // on, it is the request's span, continuing the caller's trace.
+        .trace_fn(request_span)
         .layer(tower::util::MapResponseLayer::new(
             crate::grpc::codec::oversize_as_resource_exhausted,
         ))
@@ -302,6 +297,44 @@ pub async fn run_with_reload(
     }
     info!("server stopped");
     Ok(())
+}
+
+/// The span of one request (gRPC or REST), named and attributed as OpenTelemetry's semantic
+/// conventions say (`rpc.*` for gRPC, `http.*` for REST; REST spans are named by method only, as
+/// paths carry job ids).
+fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let caller = request
+        .extensions()
+        .get::<ConnInfo>()
+        .and_then(|info| info.client.clone());
+    let path = request.uri().path();
+    let is_grpc = request
+        .headers()
+        .get(tonic::codegen::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let span = match (is_grpc, path.trim_start_matches('/').split_once('/')) {
+        (true, Some((service, method))) => tracing::info_span!(
+            "request",
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            path,
+            caller = caller.as_deref(),
+        ),
+        _ => tracing::info_span!(
+            "request",
+            otel.name = %request.method(),
+            otel.kind = "server",
+            http.request.method = %request.method(),
+            url.path = path,
+            path,
+            caller = caller.as_deref(),
+        ),
+    };
+    crate::telemetry::continue_trace(&span, request.headers());
+    span
 }
 
 /// Reflection over this service and the health service.

@@ -79,6 +79,15 @@ pub(super) async fn drive(
         "job finished: {}",
         summary.message
     );
+    // The job's span (see `Jobs::start`) ends with the job: its outcome, for traces.
+    let span = tracing::Span::current();
+    span.record("state", summary.state.as_str());
+    if let Some(code) = summary.exit_code {
+        span.record("exit_code", code);
+    }
+    if matches!(summary.state, JobState::Failed | JobState::TimedOut) {
+        span.record("otel.status_code", "ERROR");
+    }
     // Recorded before the event goes out, so a Status call made on seeing `Exited` agrees.
     metrics::counter!(
         "sandbox_jobs_finished_total",

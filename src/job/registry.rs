@@ -315,11 +315,15 @@ impl Jobs {
             session_id = %spec.meta.session_id,
             sandbox_id = %spec.meta.sandbox_id,
             backend = self.backend.name(),
+            state = tracing::field::Empty,
+            exit_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
         let execution = match self.backend.start(&spec).instrument(span.clone()).await {
             Ok(execution) => execution,
             Err(e) => {
                 let e = Error::from(e);
+                span.record("otel.status_code", "ERROR");
                 span.in_scope(|| info!(error = %e, "job did not start"));
                 let (id, _) = self.ids.issue(
                     &spec.meta,
@@ -568,6 +572,9 @@ impl Jobs {
             sandbox_id = %location.sandbox_id,
             backend = self.backend.name(),
             followed_from = %location.replica,
+            state = tracing::field::Empty,
+            exit_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
         let execution = self
             .backend

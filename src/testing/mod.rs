@@ -1,7 +1,8 @@
 //! Test support shared by the integration tests and the benchmark (feature `testing`). Not
 //! part of the service.
 //!
-//! - `daytona`, `convex_ingest`: fakes of the HTTP services the runner talks to, on loopback.
+//! - `daytona`, `convex_ingest`: fakes of the HTTP services the runner talks to, on loopback;
+//!   `otlp`: a receiver of the traces it exports.
 //! - `fake_backend`: an in-memory `job::Backend` playing scripted jobs, and a sink recording
 //!   events, for unit tests of the job core.
 //! - `server_process`: the real binary as a child process, its address from its log.
@@ -16,6 +17,7 @@ pub mod contract;
 pub mod convex_ingest;
 pub mod daytona;
 pub mod fake_backend;
+pub mod otlp;
 pub mod procfs;
 pub mod server_process;
 
