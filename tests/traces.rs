@@ -209,3 +209,74 @@ async fn no_otel_variables_no_export() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(receiver.requests(), 0);
 }
+
+/// The chain of parents from `span` up, by name (the span's own name first).
+fn ancestry(spans: &[ReceivedSpan], span: &ReceivedSpan) -> Vec<String> {
+    let mut names = vec![span.span.name.clone()];
+    let mut parent = span.parent_span_id();
+    // Bounded: a trace is not deeper than the spans received.
+    for _ in 0..spans.len() {
+        let Some(next) = spans.iter().find(|s| s.span_id() == parent) else {
+            break;
+        };
+        names.push(next.span.name.clone());
+        parent = next.parent_span_id();
+    }
+    names
+}
+
+#[tokio::test]
+async fn mirror_deliveries_are_children_of_their_job() {
+    use sandbox_runner::testing::convex_ingest::FakeIngest;
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let ingest = FakeIngest::start("ingest-secret").await;
+    let site_url = ingest.site_url();
+    let server = traced_server(
+        &receiver,
+        &[
+            ("CONVEX_SITE_URL", &site_url),
+            ("CONVEX_INGEST_SECRET", "ingest-secret"),
+        ],
+    )
+    .await;
+    let mut client = SandboxServiceClient::new(server.channel().await.unwrap());
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = Request::new(sandbox_runner::proto::ExecRequest {
+        task_id: "task-traced".into(),
+        session_id: "session-traced".into(),
+        ..shell("echo mirrored")
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    let stream = client.exec(request).await.unwrap().into_inner();
+    let run = common::Job::from_stream(stream).await.finish().await;
+    assert_eq!(run.state(), JobState::Succeeded);
+
+    // The echo line, the output and the final record: each a delivery span under the job.
+    let deliveries = wait_for(&receiver, |spans| {
+        let deliveries: Vec<_> = spans
+            .iter()
+            .filter(|s| s.trace_id() == trace && s.span.name == "convex.deliver")
+            .cloned()
+            .collect();
+        (deliveries.len() >= 3).then_some(deliveries)
+    })
+    .await;
+    let spans = receiver.spans();
+    for delivery in &deliveries {
+        assert_eq!(delivery.attribute("outcome").as_deref(), Some("delivered"));
+        assert_eq!(delivery.attribute("retries").as_deref(), Some("0"));
+        let chain = ancestry(&spans, delivery);
+        assert_eq!(
+            chain,
+            [
+                "convex.deliver",
+                "convex_mirror",
+                "job",
+                "sandbox.v1.SandboxService/Exec"
+            ]
+        );
+    }
+}

@@ -351,7 +351,8 @@ impl Jobs {
             info!(pid = execution.pid(), ?env_names, cwd = ?spec.cwd, "job started");
         });
 
-        let sinks = self.sinks.open(&id, &spec);
+        // Inside the job's span, so the sinks' spans (a mirror's deliveries) are its children.
+        let sinks = span.in_scope(|| self.sinks.open(&id, &spec));
         let (record, job) = self.prepare(
             &id,
             RecordInit::started(&spec, handle),

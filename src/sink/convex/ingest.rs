@@ -11,6 +11,7 @@ use reqwest::{
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{
     config::ConvexSettings,
@@ -152,6 +153,42 @@ impl Ingest {
     /// the retry can duplicate its row. Once `retry_now` is cancelled, the next backoff ends at
     /// once (one per record, so a struggling ingest is not hammered).
     pub(crate) async fn send(
+        &self,
+        body: Bytes,
+        retry_now: &CancellationToken,
+        mut on_retry: impl FnMut(bool, &str),
+    ) -> SendOutcome {
+        // One span per record, its retries included (a child of the job's mirror span).
+        let span = tracing::info_span!(
+            "convex.deliver",
+            otel.kind = "client",
+            bytes = body.len(),
+            retries = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let mut retries = 0u32;
+        let outcome = self
+            .send_with_retries(body, retry_now, |ambiguous, reason| {
+                retries += 1;
+                on_retry(ambiguous, reason);
+            })
+            .instrument(span.clone())
+            .await;
+        span.record("retries", retries);
+        let name = match &outcome {
+            SendOutcome::Delivered => "delivered",
+            SendOutcome::Rejected { .. } => "rejected",
+            SendOutcome::GaveUp { .. } => "gave_up",
+        };
+        span.record("outcome", name);
+        if name != "delivered" {
+            span.record("otel.status_code", "ERROR");
+        }
+        outcome
+    }
+
+    async fn send_with_retries(
         &self,
         body: Bytes,
         retry_now: &CancellationToken,
