@@ -90,6 +90,9 @@ fn sample(jobs: &Jobs) {
     metrics::gauge!("sandbox_output_budget_in_use_bytes").set(budget.shared_in_use() as f64);
     metrics::gauge!("sandbox_output_budget_bytes").set(budget.shared_bytes() as f64);
     metrics::gauge!("sandbox_output_retained_bytes").set(budget.retained_bytes() as f64);
+    let attached = jobs.attached();
+    metrics::gauge!("sandbox_attached_clients", "kind" => "exec").set(attached.exec as f64);
+    metrics::gauge!("sandbox_attached_clients", "kind" => "attach").set(attached.attach as f64);
 }
 
 /// gRPC methods by service, the only values their labels take.
