@@ -93,6 +93,13 @@ fn sample(jobs: &Jobs) {
     let attached = jobs.attached();
     metrics::gauge!("sandbox_attached_clients", "kind" => "exec").set(attached.exec as f64);
     metrics::gauge!("sandbox_attached_clients", "kind" => "attach").set(attached.attach as f64);
+    for sink in jobs.sinks().iter() {
+        let healthy = if sink.health().healthy { 1.0 } else { 0.0 };
+        metrics::gauge!("sandbox_mirror_healthy", "sink" => sink.name()).set(healthy);
+        if let Some(bytes) = sink.pending_bytes() {
+            metrics::gauge!("sandbox_mirror_queue_bytes", "sink" => sink.name()).set(bytes as f64);
+        }
+    }
 }
 
 /// gRPC methods by service, the only values their labels take.
