@@ -134,6 +134,7 @@ impl Shared {
             victim.evict();
         }
         self.open.fetch_add(1, Ordering::SeqCst);
+        metrics::gauge!("sandbox_connections_open").increment(1.0);
         let state = Arc::new(ConnState::new());
         silent.push_back(Arc::clone(&state));
         Some(state)
@@ -214,11 +215,34 @@ impl Stream for Incoming {
                 }
                 None => {
                     drop(stream);
+                    refused(Closed::Limit);
                     self.complain("connection refused: --max-connections reached");
                 }
             }
         }
     }
+}
+
+/// Why the server refused or closed a connection (the `reason` of
+/// `sandbox_connections_refused_total`).
+#[derive(Debug, Clone, Copy)]
+enum Closed {
+    /// At `--max-connections`, with no silent connection to close instead.
+    Limit,
+    /// Closed to make room for a new one: it never spoke HTTP/2.
+    Evicted,
+    HandshakeTimeout,
+    Idle,
+}
+
+fn refused(why: Closed) {
+    let reason = match why {
+        Closed::Limit => "limit",
+        Closed::Evicted => "evicted",
+        Closed::HandshakeTimeout => "handshake_timeout",
+        Closed::Idle => "idle",
+    };
+    metrics::counter!("sandbox_connections_refused_total", "reason" => reason).increment(1);
 }
 
 fn is_out_of_descriptors(e: &io::Error) -> bool {
@@ -251,18 +275,24 @@ impl Conn {
     }
 
     /// Checks the timers while the connection waits for bytes; an error closes it.
-    fn poll_limits(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+    fn poll_limits(&mut self, cx: &mut Context<'_>) -> Result<(), (Closed, io::Error)> {
         if self.state.evicted.load(Ordering::SeqCst) {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "closed to make room: the connection never spoke HTTP/2",
+            return Err((
+                Closed::Evicted,
+                io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "closed to make room: the connection never spoke HTTP/2",
+                ),
             ));
         }
         if self.preface_left > 0 {
             if self.timer.as_mut().poll(cx).is_ready() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no HTTP/2 preface within the handshake timeout",
+                return Err((
+                    Closed::HandshakeTimeout,
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no HTTP/2 preface within the handshake timeout",
+                    ),
                 ));
             }
             return Ok(());
@@ -273,9 +303,9 @@ impl Conn {
         while self.timer.as_mut().poll(cx).is_ready() {
             let idle_until = self.state.idle_since() + idle_timeout;
             if self.state.streams.load(Ordering::SeqCst) == 0 && Instant::now() >= idle_until {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no stream within the idle timeout",
+                return Err((
+                    Closed::Idle,
+                    io::Error::new(io::ErrorKind::TimedOut, "no stream within the idle timeout"),
                 ));
             }
             let next = if self.state.streams.load(Ordering::SeqCst) == 0 {
@@ -307,6 +337,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         self.state.closed.store(true, Ordering::SeqCst);
         self.shared.open.fetch_sub(1, Ordering::SeqCst);
+        metrics::gauge!("sandbox_connections_open").decrement(1.0);
     }
 }
 
@@ -327,8 +358,9 @@ impl AsyncRead for Conn {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => match this.poll_limits(cx) {
                 Ok(()) => Poll::Pending,
-                Err(e) => {
+                Err((why, e)) => {
                     debug!(error = %e, "closing a connection");
+                    refused(why);
                     Poll::Ready(Err(e))
                 }
             },

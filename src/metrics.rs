@@ -1,19 +1,36 @@
 //! Prometheus metrics on a port of their own (`--metrics-port`, off by default): `/metrics` in
-//! the Prometheus text format.
+//! the Prometheus text format. Every metric, with its labels (each from a fixed list):
 //!
-//! - Per RPC, with the names gRPC dashboards already query (go-grpc-prometheus):
-//!   `grpc_server_started_total`, `grpc_server_handled_total` (with `grpc_code`) and
-//!   `grpc_server_handling_seconds` (to the end of the response: for a stream, to its last
-//!   event), labelled by service, method and type; the REST routes as `http_requests_total`
-//!   and `http_request_duration_seconds` by route template, method and status.
-//! - Per job (recorded by the job core through the `metrics` facade): started and finished by
-//!   backend and final state, duration, time to first output, output bytes by stream, stdin
-//!   bytes, gaps served and bytes lost; and, read when scraped, jobs running, the output
-//!   budget in use and what finished jobs retain.
+//! - Per RPC, under the names gRPC dashboards already query (go-grpc-prometheus), labelled
+//!   `grpc_service`, `grpc_method`, `grpc_type`: `grpc_server_started_total`,
+//!   `grpc_server_handled_total` (also `grpc_code`) and `grpc_server_handling_seconds` (to the
+//!   end of the response: for a stream, to its last event). REST: `http_requests_total`
+//!   (`route` template, `method`, `status`) and `http_request_duration_seconds`.
+//! - Jobs (`backend`): `sandbox_jobs_started_total`, `sandbox_jobs_start_failed_total`,
+//!   `sandbox_jobs_finished_total` (also `state`), `sandbox_job_start_seconds` (the backend's
+//!   start), `sandbox_job_duration_seconds`, `sandbox_job_first_output_seconds`;
+//!   `sandbox_job_output_bytes_total` (`stream`), `sandbox_job_stdin_bytes_total`,
+//!   `sandbox_gaps_total` and `sandbox_gap_lost_bytes_total` (served to readers). Gauges:
+//!   `sandbox_jobs_running`, `sandbox_jobs_max_concurrent`, `sandbox_attached_clients`
+//!   (`kind`: `exec` callers, `attach` streams).
+//! - Output budget: gauges `sandbox_output_budget_bytes`, `sandbox_output_budget_in_use_bytes`,
+//!   `sandbox_output_retained_bytes`; by `waiter` (a `job`'s read, a `watcher`'s next event),
+//!   `sandbox_output_budget_waits_total` (as each wait begins) and
+//!   `sandbox_output_budget_wait_seconds` (as it ends).
+//! - Connections: gauge `sandbox_connections_open`; `sandbox_connections_refused_total`
+//!   (`reason`: `limit`, `evicted`, `handshake_timeout`, `idle`).
+//! - Mirror (`sink`): `sandbox_mirror_records_delivered_total`,
+//!   `sandbox_mirror_delivered_bytes_total`, `sandbox_mirror_retries_total` (`ambiguous`:
+//!   whether the ingest may have stored the record already), `sandbox_mirror_records_failed_total`
+//!   (`reason`: `rejected`, `gave_up`), `sandbox_mirror_dropped_bytes_total`,
+//!   `sandbox_mirror_delivery_lag_seconds` (output to accepted record); gauges
+//!   `sandbox_mirror_queue_bytes` (queued or in flight) and `sandbox_mirror_healthy`.
+//! - Daytona API: `sandbox_daytona_requests_total` (`operation`, `outcome`) and
+//!   `sandbox_daytona_request_duration_seconds` (`operation`), per attempt.
 //!
-//! Label values are bounded: services, methods and routes come from fixed lists (anything else
-//! is `unknown`), never from job ids, tasks or commands. The recorder is the process's: servers
-//! started in one process (the tests) share it.
+//! Gauges are read from the server when scraped, except `sandbox_connections_open`. Label
+//! values never come from job ids, tasks, sandboxes or commands. The recorder is the
+//! process's: servers started in one process (the tests) share it.
 
 use std::{
     future::Future,
@@ -48,9 +65,71 @@ pub fn recorder() -> Option<PrometheusHandle> {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
                 .ok()?;
-            builder.install_recorder().ok()
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            Some(handle)
         })
         .clone()
+}
+
+/// The `# HELP` of each counter (a metric shows once it has a value).
+#[rustfmt::skip] // One metric a line.
+const COUNTERS: &[(&str, &str)] = &[
+    ("grpc_server_started_total", "RPCs started."),
+    ("grpc_server_handled_total", "RPCs completed, by gRPC status code."),
+    ("http_requests_total", "REST requests, by route template and status."),
+    ("sandbox_jobs_started_total", "Jobs started."),
+    ("sandbox_jobs_start_failed_total", "Jobs the backend could not start."),
+    ("sandbox_jobs_finished_total", "Jobs finished, by final state."),
+    ("sandbox_job_output_bytes_total", "Output bytes read from jobs."),
+    ("sandbox_job_stdin_bytes_total", "Bytes written to jobs' stdin."),
+    ("sandbox_gaps_total", "Gaps served to readers that fell behind."),
+    ("sandbox_gap_lost_bytes_total", "Output bytes the served gaps skipped."),
+    ("sandbox_output_budget_waits_total", "Waits for output budget begun."),
+    ("sandbox_connections_refused_total", "Connections refused or closed by the server."),
+    ("sandbox_mirror_records_delivered_total", "Records the mirror delivered."),
+    ("sandbox_mirror_delivered_bytes_total", "Output bytes in delivered records."),
+    ("sandbox_mirror_retries_total", "Record deliveries retried."),
+    ("sandbox_mirror_records_failed_total", "Records refused or given up on."),
+    ("sandbox_mirror_dropped_bytes_total", "Output bytes never to be mirrored."),
+    ("sandbox_daytona_requests_total", "Daytona API requests, by outcome."),
+];
+
+#[rustfmt::skip]
+const GAUGES: &[(&str, &str)] = &[
+    ("sandbox_jobs_running", "Jobs whose program runs."),
+    ("sandbox_jobs_max_concurrent", "Most jobs that may run at once."),
+    ("sandbox_attached_clients", "Streams following jobs (Exec callers, Attach)."),
+    ("sandbox_output_budget_bytes", "Shared output budget."),
+    ("sandbox_output_budget_in_use_bytes", "Shared output budget in use."),
+    ("sandbox_output_retained_bytes", "Output finished jobs keep, within the budget."),
+    ("sandbox_connections_open", "Client connections open."),
+    ("sandbox_mirror_queue_bytes", "Output bytes queued or in flight to the mirror."),
+    ("sandbox_mirror_healthy", "1 while the mirror's deliveries succeed."),
+];
+
+#[rustfmt::skip]
+const HISTOGRAMS: &[(&str, &str)] = &[
+    ("grpc_server_handling_seconds", "RPC time to the end of the response."),
+    ("http_request_duration_seconds", "REST time to the end of the response."),
+    ("sandbox_job_start_seconds", "Time the backend took to start a job."),
+    ("sandbox_job_duration_seconds", "Job run time."),
+    ("sandbox_job_first_output_seconds", "Time from start to first output."),
+    ("sandbox_output_budget_wait_seconds", "Waits for output budget ended."),
+    ("sandbox_mirror_delivery_lag_seconds", "Time from output to delivered record."),
+    ("sandbox_daytona_request_duration_seconds", "Daytona API request time."),
+];
+
+fn describe() {
+    for &(name, help) in COUNTERS {
+        metrics::describe_counter!(name, help);
+    }
+    for &(name, help) in GAUGES {
+        metrics::describe_gauge!(name, help);
+    }
+    for &(name, help) in HISTOGRAMS {
+        metrics::describe_histogram!(name, help);
+    }
 }
 
 /// Serves `/metrics` on `listener` until `shutdown`.
@@ -90,6 +169,16 @@ fn sample(jobs: &Jobs) {
     metrics::gauge!("sandbox_output_budget_in_use_bytes").set(budget.shared_in_use() as f64);
     metrics::gauge!("sandbox_output_budget_bytes").set(budget.shared_bytes() as f64);
     metrics::gauge!("sandbox_output_retained_bytes").set(budget.retained_bytes() as f64);
+    let attached = jobs.attached();
+    metrics::gauge!("sandbox_attached_clients", "kind" => "exec").set(attached.exec as f64);
+    metrics::gauge!("sandbox_attached_clients", "kind" => "attach").set(attached.attach as f64);
+    for sink in jobs.sinks().iter() {
+        let healthy = if sink.health().healthy { 1.0 } else { 0.0 };
+        metrics::gauge!("sandbox_mirror_healthy", "sink" => sink.name()).set(healthy);
+        if let Some(bytes) = sink.pending_bytes() {
+            metrics::gauge!("sandbox_mirror_queue_bytes", "sink" => sink.name()).set(bytes as f64);
+        }
+    }
 }
 
 /// gRPC methods by service, the only values their labels take.
@@ -336,6 +425,20 @@ fn code_name(code: tonic::Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_module_doc_lists_every_metric() {
+        let doc: String = include_str!("metrics.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .collect();
+        for (name, _) in COUNTERS.iter().chain(GAUGES).chain(HISTOGRAMS) {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} is not in the doc"
+            );
+        }
+    }
 
     fn request(path: &str, grpc: bool) -> http::Request<()> {
         let mut builder = http::Request::builder().uri(path).method("POST");

@@ -89,6 +89,10 @@ impl OutputBudget {
     /// output a watcher has in its transport, which no job's credit covers.
     pub async fn hold_shared(&self, bytes: usize) -> OwnedSemaphorePermit {
         let bytes = bytes.min(self.shared_bytes) as u32;
+        if let Ok(permit) = Arc::clone(&self.shared).try_acquire_many_owned(bytes) {
+            return permit;
+        }
+        let _wait = BudgetWait::start(Waiter::Watcher);
         Arc::clone(&self.shared)
             .acquire_many_owned(bytes)
             .await
@@ -176,6 +180,9 @@ impl JobBudget {
         }
         // Never more than the reserve alone can give, so the wait below always ends.
         let least = want.min(MIN_GRANT).min(self.reserve_bytes);
+        // One wait per call however often it wakes up; recorded when the call ends, or is
+        // dropped (a stopped job past its grace).
+        let mut wait = None;
         loop {
             // Registered before looking, so a reader moving on meanwhile is not missed.
             let progressed = self.log.progressed();
@@ -194,6 +201,7 @@ impl JobBudget {
             if self.log.release_history(want) > 0 {
                 continue;
             }
+            wait.get_or_insert_with(|| BudgetWait::start(Waiter::Job));
             let mut credit = tokio::select! {
                 permit = Arc::clone(&self.reserve).acquire_many_owned(least as u32) => {
                     Credit { reserve: permit.ok(), shared: None }
@@ -228,6 +236,48 @@ impl JobBudget {
                 .ok();
         }
         credit
+    }
+}
+
+/// Who waits for output budget: a job's read (its process blocks meanwhile), or a watcher's
+/// next event (it falls behind).
+#[derive(Debug, Clone, Copy)]
+enum Waiter {
+    Job,
+    Watcher,
+}
+
+impl Waiter {
+    fn as_str(self) -> &'static str {
+        match self {
+            Waiter::Job => "job",
+            Waiter::Watcher => "watcher",
+        }
+    }
+}
+
+/// One wait for output budget: counted as it starts (a job blocked for good by a caller that
+/// never reads still shows), and observed with its length as it ends.
+struct BudgetWait {
+    waiter: Waiter,
+    since: Instant,
+}
+
+impl BudgetWait {
+    fn start(waiter: Waiter) -> Self {
+        metrics::counter!("sandbox_output_budget_waits_total", "waiter" => waiter.as_str())
+            .increment(1);
+        BudgetWait {
+            waiter,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Drop for BudgetWait {
+    fn drop(&mut self) {
+        metrics::histogram!("sandbox_output_budget_wait_seconds", "waiter" => self.waiter.as_str())
+            .record(self.since.elapsed().as_secs_f64());
     }
 }
 

@@ -40,7 +40,7 @@ pub use log::{
 };
 pub use output::JobOutput;
 pub use record::JobSnapshot;
-pub use registry::{JobFilter, JobStream, Jobs, JobsConfig, ListCursor};
+pub use registry::{Attached, JobFilter, JobStream, Jobs, JobsConfig, ListCursor};
 pub use screen::{MAX_TERMINAL_CELLS, NoRoomForScreen, ScreenSnapshot};
 pub use sink::{DeliveryProgress, DeliveryReport, JobSink, Sink, SinkHealth, Sinks};
 pub use spec::{DisconnectPolicy, JobId, JobMeta, JobSpec, Program, TerminalSize, TtySpec};

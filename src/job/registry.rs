@@ -4,7 +4,7 @@ use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -82,6 +82,57 @@ pub struct Jobs {
     leave_root: CancellationToken,
     tracker: TaskTracker,
     draining: AtomicBool,
+    following: Arc<Following>,
+}
+
+/// Streams following jobs now (Exec callers and Attach streams), for `metrics`.
+#[derive(Debug, Default)]
+struct Following {
+    exec: AtomicUsize,
+    attach: AtomicUsize,
+}
+
+impl Following {
+    fn count(&self, exec_caller: bool) -> &AtomicUsize {
+        if exec_caller {
+            &self.exec
+        } else {
+            &self.attach
+        }
+    }
+}
+
+/// Counts its stream in [`Following`] while it lives.
+struct FollowGuard {
+    following: Arc<Following>,
+    exec_caller: bool,
+}
+
+impl FollowGuard {
+    fn new(following: &Arc<Following>, exec_caller: bool) -> Self {
+        following.count(exec_caller).fetch_add(1, Ordering::Relaxed);
+        FollowGuard {
+            following: Arc::clone(following),
+            exec_caller,
+        }
+    }
+}
+
+impl Drop for FollowGuard {
+    fn drop(&mut self) {
+        self.following
+            .count(self.exec_caller)
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Streams following jobs now, by who opened them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attached {
+    /// Exec callers still reading their job.
+    pub exec: usize,
+    /// Attach streams (gRPC, or REST events).
+    pub attach: usize,
 }
 
 #[derive(Default)]
@@ -193,6 +244,7 @@ impl Jobs {
             leave_root: CancellationToken::new(),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            following: Arc::default(),
         })
     }
 
@@ -319,8 +371,13 @@ impl Jobs {
             exit_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
+        let starting_at = Instant::now();
         let execution = match self.backend.start(&spec).instrument(span.clone()).await {
-            Ok(execution) => execution,
+            Ok(execution) => {
+                metrics::histogram!("sandbox_job_start_seconds", "backend" => self.backend.name())
+                    .record(starting_at.elapsed().as_secs_f64());
+                execution
+            }
             Err(e) => {
                 let e = Error::from(e);
                 span.record("otel.status_code", "ERROR");
@@ -492,6 +549,7 @@ impl Jobs {
             snapshot_due: false,
             keepalive: self.config.keepalive,
             _cancel_on_drop: cancel.then(|| CancelOnDrop(Arc::clone(record))),
+            _following: FollowGuard::new(&self.following, exec_caller),
         }
     }
 
@@ -954,6 +1012,14 @@ impl Jobs {
         self.config.max_concurrent as usize - self.permits.available_permits()
     }
 
+    /// Streams following jobs now.
+    pub fn attached(&self) -> Attached {
+        Attached {
+            exec: self.following.exec.load(Ordering::Relaxed),
+            attach: self.following.attach.load(Ordering::Relaxed),
+        }
+    }
+
     /// The server's output budget (what is in use, for Health and tests).
     pub fn output_budget(&self) -> &OutputBudget {
         &self.budget
@@ -1136,6 +1202,7 @@ pub struct JobStream {
     /// A `tty` job's screen is sent next (after a gap, or first when asked for).
     snapshot_due: bool,
     _cancel_on_drop: Option<CancelOnDrop>,
+    _following: FollowGuard,
 }
 
 impl JobStream {

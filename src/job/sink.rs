@@ -28,6 +28,12 @@ pub trait Sink: Send + Sync {
     fn health(&self) -> SinkHealth {
         SinkHealth::default()
     }
+
+    /// Output bytes of all jobs together queued or in flight here now, for `metrics`; `None`
+    /// when the sink queues nothing.
+    fn pending_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// One job's connection to one sink.
@@ -98,6 +104,11 @@ impl Sinks {
 
     pub fn names(&self) -> Vec<&'static str> {
         self.0.iter().map(|s| s.name()).collect()
+    }
+
+    /// The configured sinks.
+    pub fn iter(&self) -> impl Iterator<Item = &dyn Sink> {
+        self.0.iter().map(|s| s.as_ref())
     }
 
     /// Health of the sink called `name`, if it is configured.

@@ -19,6 +19,8 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+pub mod scrape;
+
 // Not every test crate uses every re-export.
 #[allow(unused_imports)]
 pub use pb::{JobState, OutputStream};

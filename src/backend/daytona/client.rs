@@ -5,7 +5,7 @@
 //! backoff. A POST is retried only when its connection failed before the request was sent,
 //! since a repeated POST could run a command twice.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use reqwest::{Method, StatusCode, header};
@@ -147,6 +147,104 @@ impl Toolbox {
     }
 }
 
+/// What a request to Daytona does: the `operation` label of its metrics (a fixed list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operation {
+    GetSandbox,
+    ListSandboxes,
+    StartSandbox,
+    ToolboxUrl,
+    ListSessions,
+    CreateSession,
+    Exec,
+    Input,
+    Status,
+    Logs,
+    FollowLogs,
+    DeleteSession,
+    PtyCreate,
+    PtyConnect,
+    PtyResize,
+    PtyDelete,
+}
+
+impl Operation {
+    #[cfg(test)]
+    const ALL: [Operation; 16] = [
+        Operation::GetSandbox,
+        Operation::ListSandboxes,
+        Operation::StartSandbox,
+        Operation::ToolboxUrl,
+        Operation::ListSessions,
+        Operation::CreateSession,
+        Operation::Exec,
+        Operation::Input,
+        Operation::Status,
+        Operation::Logs,
+        Operation::FollowLogs,
+        Operation::DeleteSession,
+        Operation::PtyCreate,
+        Operation::PtyConnect,
+        Operation::PtyResize,
+        Operation::PtyDelete,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Operation::GetSandbox => "get_sandbox",
+            Operation::ListSandboxes => "list_sandboxes",
+            Operation::StartSandbox => "start_sandbox",
+            Operation::ToolboxUrl => "toolbox_url",
+            Operation::ListSessions => "list_sessions",
+            Operation::CreateSession => "create_session",
+            Operation::Exec => "exec",
+            Operation::Input => "input",
+            Operation::Status => "status",
+            Operation::Logs => "logs",
+            Operation::FollowLogs => "follow_logs",
+            Operation::DeleteSession => "delete_session",
+            Operation::PtyCreate => "pty_create",
+            Operation::PtyConnect => "pty_connect",
+            Operation::PtyResize => "pty_resize",
+            Operation::PtyDelete => "pty_delete",
+        }
+    }
+}
+
+/// The `outcome` label of a request Daytona answered with `status`. Not found and gone stand
+/// apart from other client errors: the runner expects them (a session already deleted, input
+/// after the command ended).
+fn status_outcome(status: StatusCode) -> &'static str {
+    match status {
+        s if s.is_success() => "ok",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::GONE => "gone",
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "unauthorized",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+        s if s.is_server_error() => "server_error",
+        _ => "client_error",
+    }
+}
+
+/// The `outcome` label of a request that got no answer.
+fn transport_outcome(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else {
+        "transport_error"
+    }
+}
+
+/// Counts and times one request (one attempt: a retried request counts once per attempt).
+fn record(operation: Operation, started: Instant, outcome: &'static str) {
+    let operation = operation.as_str();
+    metrics::counter!("sandbox_daytona_requests_total",
+        "operation" => operation, "outcome" => outcome)
+    .increment(1);
+    metrics::histogram!("sandbox_daytona_request_duration_seconds", "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
+}
+
 /// Log follower over WebSocket.
 pub type LogSocket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -191,24 +289,36 @@ impl DaytonaClient {
     }
 
     pub async fn sandbox(&self, id: &str) -> Result<Sandbox, ApiError> {
-        self.get_json(&format!("{}/sandbox/{}", self.api_url, segment(id)))
-            .await
+        self.get_json(
+            Operation::GetSandbox,
+            &format!("{}/sandbox/{}", self.api_url, segment(id)),
+        )
+        .await
     }
 
     /// Every sandbox of the organisation (`GET /api/sandbox`: an array of SandboxDto).
     pub async fn sandboxes(&self) -> Result<Vec<Sandbox>, ApiError> {
-        self.get_json(&format!("{}/sandbox", self.api_url)).await
+        self.get_json(
+            Operation::ListSandboxes,
+            &format!("{}/sandbox", self.api_url),
+        )
+        .await
     }
 
     /// The sessions of a sandbox, with their commands.
     pub async fn sessions(&self, toolbox: &Toolbox) -> Result<Vec<SessionInfo>, ApiError> {
-        self.get_json(&format!("{}/process/session", toolbox.0))
-            .await
+        self.get_json(
+            Operation::ListSessions,
+            &format!("{}/process/session", toolbox.0),
+        )
+        .await
     }
 
     pub async fn start_sandbox(&self, id: &str) -> Result<Sandbox, ApiError> {
         let url = format!("{}/sandbox/{}/start", self.api_url, segment(id));
-        let response = self.posting(|| self.http.post(&url)).await?;
+        let response = self
+            .posting(Operation::StartSandbox, || self.http.post(&url))
+            .await?;
         json(response).await
     }
 
@@ -219,7 +329,7 @@ impl DaytonaClient {
             url: String,
         }
         let url = format!("{}/sandbox/{}/toolbox-proxy-url", self.api_url, segment(id));
-        Ok(self.get_json::<Url>(&url).await?.url)
+        Ok(self.get_json::<Url>(Operation::ToolboxUrl, &url).await?.url)
     }
 
     pub async fn create_session(
@@ -229,7 +339,10 @@ impl DaytonaClient {
     ) -> Result<(), ApiError> {
         let url = format!("{}/process/session", toolbox.0);
         let body = serde_json::json!({ "sessionId": session_id });
-        self.posting(|| self.http.post(&url).json(&body)).await?;
+        self.posting(Operation::CreateSession, || {
+            self.http.post(&url).json(&body)
+        })
+        .await?;
         Ok(())
     }
 
@@ -252,7 +365,9 @@ impl DaytonaClient {
         if suppress_input_echo {
             body["suppressInputEcho"] = true.into();
         }
-        let response = self.posting(|| self.http.post(&url).json(&body)).await?;
+        let response = self
+            .posting(Operation::Exec, || self.http.post(&url).json(&body))
+            .await?;
         Ok(json::<Started>(response).await?.cmd_id)
     }
 
@@ -267,7 +382,8 @@ impl DaytonaClient {
     ) -> Result<(), ApiError> {
         let url = format!("{}/input", toolbox.command(session_id, command_id));
         let body = serde_json::json!({ "data": data });
-        self.posting(|| self.http.post(&url).json(&body)).await?;
+        self.posting(Operation::Input, || self.http.post(&url).json(&body))
+            .await?;
         Ok(())
     }
 
@@ -278,7 +394,8 @@ impl DaytonaClient {
         pty: &PtyRequest<'_>,
     ) -> Result<(), ApiError> {
         let url = format!("{}/process/pty", toolbox.0);
-        self.posting(|| self.http.post(&url).json(pty)).await?;
+        self.posting(Operation::PtyCreate, || self.http.post(&url).json(pty))
+            .await?;
         Ok(())
     }
 
@@ -293,7 +410,8 @@ impl DaytonaClient {
         let url = format!("{}/resize", toolbox.pty(pty_id));
         let body = serde_json::json!({ "cols": cols, "rows": rows });
         // Setting a size twice is harmless, so transient failures are retried.
-        self.retrying(|| self.http.post(&url).json(&body)).await?;
+        self.retrying(Operation::PtyResize, || self.http.post(&url).json(&body))
+            .await?;
         Ok(())
     }
 
@@ -301,7 +419,9 @@ impl DaytonaClient {
     pub async fn delete_pty(&self, toolbox: &Toolbox, pty_id: &str) -> Result<(), ApiError> {
         let url = toolbox.pty(pty_id);
         match self
-            .retrying(|| self.http.request(Method::DELETE, &url))
+            .retrying(Operation::PtyDelete, || {
+                self.http.request(Method::DELETE, &url)
+            })
             .await
         {
             Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
@@ -316,7 +436,8 @@ impl DaytonaClient {
         pty_id: &str,
     ) -> Result<LogSocket, ApiError> {
         let url = format!("{}/connect", toolbox.pty(pty_id));
-        self.websocket(url, "terminal stream").await
+        self.websocket(Operation::PtyConnect, url, "terminal stream")
+            .await
     }
 
     /// The command's exit code, or `None` while it runs (Daytona omits the field until then).
@@ -327,7 +448,10 @@ impl DaytonaClient {
         command_id: &str,
     ) -> Result<Option<i32>, ApiError> {
         let url = toolbox.command(session_id, command_id);
-        Ok(self.get_json::<CommandInfo>(&url).await?.exit_code)
+        Ok(self
+            .get_json::<CommandInfo>(Operation::Status, &url)
+            .await?
+            .exit_code)
     }
 
     /// The command's whole log so far, markers included.
@@ -343,7 +467,7 @@ impl DaytonaClient {
         }
         let url = format!("{}/logs", toolbox.command(session_id, command_id));
         let response = self
-            .retrying(|| {
+            .retrying(Operation::Logs, || {
                 self.http
                     .get(&url)
                     .header("x-daytona-sdk-version", RAW_LOG_SDK_VERSION)
@@ -377,11 +501,17 @@ impl DaytonaClient {
             "{}/logs?follow=true",
             toolbox.command(session_id, command_id)
         );
-        self.websocket(url, "log stream").await
+        self.websocket(Operation::FollowLogs, url, "log stream")
+            .await
     }
 
     /// Opens a WebSocket to `url` (http or https) with this client's headers.
-    async fn websocket(&self, url: String, what: &str) -> Result<LogSocket, ApiError> {
+    async fn websocket(
+        &self,
+        operation: Operation,
+        url: String,
+        what: &str,
+    ) -> Result<LogSocket, ApiError> {
         let ws_url = if let Some(rest) = url.strip_prefix("https://") {
             format!("wss://{rest}")
         } else if let Some(rest) = url.strip_prefix("http://") {
@@ -399,19 +529,32 @@ impl DaytonaClient {
         request
             .headers_mut()
             .insert(header::AUTHORIZATION, self.auth.get());
+        let started = Instant::now();
         let connect =
             tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true);
-        match tokio::time::timeout(self.request_timeout, connect).await {
-            Err(_) => Err(ApiError::Unavailable(format!(
-                "timed out opening the {what}"
-            ))),
-            Ok(Ok((socket, _))) => Ok(socket),
-            Ok(Err(tungstenite::Error::Http(response))) => Err(status_error(
-                StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
-                what.into(),
-            )),
-            Ok(Err(e)) => Err(ApiError::Unavailable(format!("{what}: {e}"))),
-        }
+        let (outcome, result) = match tokio::time::timeout(self.request_timeout, connect).await {
+            Err(_) => (
+                "timeout",
+                Err(ApiError::Unavailable(format!(
+                    "timed out opening the {what}"
+                ))),
+            ),
+            Ok(Ok((socket, _))) => ("ok", Ok(socket)),
+            Ok(Err(tungstenite::Error::Http(response))) => {
+                let status = StatusCode::from_u16(response.status().as_u16())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
+                (
+                    status_outcome(status),
+                    Err(status_error(status, what.into())),
+                )
+            }
+            Ok(Err(e)) => (
+                "transport_error",
+                Err(ApiError::Unavailable(format!("{what}: {e}"))),
+            ),
+        };
+        record(operation, started, outcome);
+        result
     }
 
     /// Deletes the session, which kills every process it started. Deleting a session that is
@@ -424,7 +567,9 @@ impl DaytonaClient {
         let url = toolbox.session(session_id);
         // DELETE is idempotent, so transient failures are retried like GETs.
         match self
-            .retrying(|| self.http.request(Method::DELETE, &url))
+            .retrying(Operation::DeleteSession, || {
+                self.http.request(Method::DELETE, &url)
+            })
             .await
         {
             Ok(_) | Err(ApiError::NotFound(_)) => Ok(()),
@@ -432,39 +577,42 @@ impl DaytonaClient {
         }
     }
 
-    async fn get_json<T: DeserializeOwned>(&self, url: &str) -> Result<T, ApiError> {
-        json(self.get_with_retry(url).await?).await
-    }
-
-    async fn get_with_retry(&self, url: &str) -> Result<reqwest::Response, ApiError> {
-        self.retrying(|| self.http.get(url)).await
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        operation: Operation,
+        url: &str,
+    ) -> Result<T, ApiError> {
+        json(self.retrying(operation, || self.http.get(url)).await?).await
     }
 
     /// Sends an idempotent request, retrying transient failures with jittered backoff.
     async fn retrying(
         &self,
+        operation: Operation,
         request: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ApiError> {
-        self.with_retries(request, true).await
+        self.with_retries(operation, request, true).await
     }
 
     /// Sends a request that must not run twice, retrying only when it never left this host.
     async fn posting(
         &self,
+        operation: Operation,
         request: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ApiError> {
-        self.with_retries(request, false).await
+        self.with_retries(operation, request, false).await
     }
 
     async fn with_retries(
         &self,
+        operation: Operation,
         request: impl Fn() -> reqwest::RequestBuilder,
         idempotent: bool,
     ) -> Result<reqwest::Response, ApiError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.send(request()).await {
+            match self.send(operation, request()).await {
                 Err(e) if attempt < GET_ATTEMPTS && retryable(&e, idempotent) => {
                     let backoff = BACKOFF_BASE * 2u32.pow(attempt - 1);
                     let jittered = backoff.mul_f64(0.5 + fastrand::f64());
@@ -476,17 +624,32 @@ impl DaytonaClient {
         }
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
-        let response = request
+    /// Every HTTP request to Daytona goes out here (WebSockets open in `websocket`), which is
+    /// where they are counted and timed: to the response's head, or the end of an error's body.
+    async fn send(
+        &self,
+        operation: Operation,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ApiError> {
+        let started = Instant::now();
+        let response = match request
             .header(header::AUTHORIZATION, self.auth.get())
             .send()
             .await
-            .map_err(transport)?;
+        {
+            Ok(response) => response,
+            Err(e) => {
+                record(operation, started, transport_outcome(&e));
+                return Err(transport(e));
+            }
+        };
         let status = response.status();
         if status.is_success() {
+            record(operation, started, "ok");
             return Ok(response);
         }
         let body = response.text().await.unwrap_or_default();
+        record(operation, started, status_outcome(status));
         Err(status_error(status, error_message(&body)))
     }
 }
@@ -569,6 +732,42 @@ mod tests {
         assert_eq!(
             tb.session("a/b"),
             "http://proxy/toolbox/..%2Fx%3Fy%23z/process/session/a%2Fb"
+        );
+    }
+
+    #[test]
+    fn metric_labels_are_a_fixed_set() {
+        let names: std::collections::HashSet<_> =
+            Operation::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(
+            names.len(),
+            Operation::ALL.len(),
+            "operations share a label"
+        );
+        assert!(
+            names
+                .iter()
+                .all(|n| n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        );
+        let outcomes: Vec<_> = [200, 204, 400, 401, 403, 404, 409, 410, 429, 500, 502, 503]
+            .map(|code| status_outcome(StatusCode::from_u16(code).unwrap()))
+            .to_vec();
+        assert_eq!(
+            outcomes,
+            [
+                "ok",
+                "ok",
+                "client_error",
+                "unauthorized",
+                "unauthorized",
+                "not_found",
+                "client_error",
+                "gone",
+                "rate_limited",
+                "server_error",
+                "server_error",
+                "server_error"
+            ]
         );
     }
 

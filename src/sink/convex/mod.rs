@@ -17,10 +17,10 @@ mod test_support;
 mod utf8;
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -63,6 +63,9 @@ struct Inner {
     tasks: TaskTracker,
     health: Mutex<Health>,
     shutdown: Shutdown,
+    /// Jobs whose delivery task runs, by a key of their own, for the bytes pending in all.
+    live: Mutex<HashMap<u64, Arc<JobShared>>>,
+    next_key: AtomicU64,
 }
 
 /// What `flush` and the delivery tasks share at shutdown.
@@ -92,6 +95,10 @@ struct Lost {
 impl Inner {
     fn health(&self) -> MutexGuard<'_, Health> {
         self.health.lock().expect("sink lock poisoned")
+    }
+
+    fn live(&self) -> MutexGuard<'_, HashMap<u64, Arc<JobShared>>> {
+        self.live.lock().expect("sink lock poisoned")
     }
 
     /// A record was accepted.
@@ -172,6 +179,8 @@ impl ConvexSink {
                 tasks: TaskTracker::new(),
                 health: Mutex::new(Health::default()),
                 shutdown: Shutdown::default(),
+                live: Mutex::default(),
+                next_key: AtomicU64::new(0),
             }),
         })
     }
@@ -196,9 +205,17 @@ impl Sink for ConvexSink {
         });
         let span = info_span!("convex_mirror", job_id = %job_id, task_id = %spec.meta.task_id,
                               session_id = %spec.meta.session_id);
+        let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
+        self.inner.live().insert(key, Arc::clone(&job));
+        let inner = Arc::clone(&self.inner);
+        let deliver = deliver_job(Arc::clone(&inner), Arc::clone(&job), spec.meta.clone());
         self.inner.tasks.spawn(
-            deliver_job(Arc::clone(&self.inner), Arc::clone(&job), spec.meta.clone())
-                .instrument(span),
+            async move {
+                deliver.await;
+                // Nothing is pending once delivery ended (delivered, or dropped and counted).
+                inner.live().remove(&key);
+            }
+            .instrument(span),
         );
         Some(Box::new(ConvexJobSink { job }))
     }
@@ -247,6 +264,12 @@ impl Sink for ConvexSink {
 
     fn health(&self) -> SinkHealth {
         self.inner.health().report()
+    }
+
+    fn pending_bytes(&self) -> Option<u64> {
+        // One short lock per job with a delivery task: read when scraped, not per event.
+        let live: Vec<Arc<JobShared>> = self.inner.live().values().cloned().collect();
+        Some(live.iter().map(|job| job.lock().pending_bytes()).sum())
     }
 }
 
@@ -390,6 +413,9 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
             .ingest
             .send(body, &sink.shutdown.retry_now, |ambiguous, reason| {
                 job.lock().record_retry(ambiguous, reason);
+                metrics::counter!("sandbox_mirror_retries_total",
+                    "sink" => NAME, "ambiguous" => if ambiguous { "true" } else { "false" })
+                .increment(1);
                 sink.attempt_failed(reason, Failure::Transient);
             });
         let outcome = tokio::select! {
@@ -402,6 +428,7 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
         };
         match outcome {
             SendOutcome::Delivered => {
+                record_delivered(&item);
                 let mut q = job.lock();
                 q.delivered(item.text_len());
                 if ready.is_empty() {
@@ -411,6 +438,9 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                 sink.delivered();
             }
             SendOutcome::Rejected { status, reason } => {
+                metrics::counter!("sandbox_mirror_records_failed_total",
+                    "sink" => NAME, "reason" => "rejected")
+                .increment(1);
                 sink.attempt_failed(&reason, Failure::Refused);
                 let mut q = job.lock();
                 q.record_error(&reason);
@@ -432,6 +462,9 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
                 }
             }
             SendOutcome::GaveUp { reason } => {
+                metrics::counter!("sandbox_mirror_records_failed_total",
+                    "sink" => NAME, "reason" => "gave_up")
+                .increment(1);
                 sink.attempt_failed(&reason, Failure::GaveUp);
                 let mut q = job.lock();
                 q.lost(&item, &mut ready);
@@ -462,6 +495,18 @@ async fn deliver_job(sink: Arc<Inner>, job: Arc<JobShared>, meta: JobMeta) {
         final_record_ms = ended_at.map(|t| t.elapsed().as_millis() as u64),
         "Convex mirror of the job finished"
     );
+}
+
+/// Counts a record the ingest accepted, and how long after its output it got there: the
+/// record's time is the wall clock's, as Convex stores it, so a clock step skews one lag (never
+/// below zero).
+fn record_delivered(item: &Item) {
+    metrics::counter!("sandbox_mirror_records_delivered_total", "sink" => NAME).increment(1);
+    metrics::counter!("sandbox_mirror_delivered_bytes_total", "sink" => NAME)
+        .increment(item.text_len() as u64);
+    let lag_ms = epoch_ms(SystemTime::now()).saturating_sub(item.ts());
+    metrics::histogram!("sandbox_mirror_delivery_lag_seconds", "sink" => NAME)
+        .record(lag_ms as f64 / 1000.0);
 }
 
 /// Waits for the next output that is ready to send; `None` once the job's mirror is done.

@@ -292,7 +292,7 @@ impl Queue {
             return;
         }
         if self.closed {
-            self.stats.bytes_dropped += data.len() as u64;
+            self.count_dropped(data.len() as u64);
             return;
         }
         self.queued_bytes += data.len();
@@ -370,7 +370,7 @@ impl Queue {
 
     /// Counts `bytes` of output as lost just before the queued records and marks the spot.
     pub(crate) fn record_gap(&mut self, bytes: u64, ts: u64, stream: Option<StreamKind>) {
-        self.stats.bytes_dropped += bytes;
+        self.count_dropped(bytes);
         if self.closed {
             return;
         }
@@ -561,7 +561,7 @@ impl Queue {
     pub(crate) fn close(&mut self) {
         self.closed = true;
         self.stats.in_flight_bytes = 0;
-        self.stats.bytes_dropped += self.queued_bytes as u64;
+        self.count_dropped(self.queued_bytes as u64);
         self.queued_bytes = 0;
         self.entries = [0; 2];
         self.items.clear();

@@ -38,4 +38,11 @@ impl Item {
             _ => 0,
         }
     }
+
+    /// Epoch milliseconds of the output (or end) the record stands for.
+    pub(crate) fn ts(&self) -> u64 {
+        match self {
+            Item::Text { ts, .. } | Item::Gap { ts, .. } | Item::Final { ts, .. } => *ts,
+        }
+    }
 }

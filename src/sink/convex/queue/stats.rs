@@ -26,6 +26,14 @@ impl Queue {
         self.queued_bytes as u64 + self.stats.in_flight_bytes
     }
 
+    /// Counts output that will never be delivered, here for Status and in `metrics` for the
+    /// whole server.
+    pub(super) fn count_dropped(&mut self, bytes: u64) {
+        self.stats.bytes_dropped += bytes;
+        metrics::counter!("sandbox_mirror_dropped_bytes_total", "sink" => crate::sink::convex::NAME)
+            .increment(bytes);
+    }
+
     /// A record taken was accepted.
     pub(crate) fn delivered(&mut self, text_bytes: usize) {
         self.stats.in_flight_bytes = self.stats.in_flight_bytes.saturating_sub(text_bytes as u64);
@@ -45,7 +53,7 @@ impl Queue {
             self.record_gap(bytes, *ts, None);
             return;
         }
-        self.stats.bytes_dropped += bytes;
+        self.count_dropped(bytes);
         match ready.front_mut() {
             Some(Item::Gap { bytes: total, .. }) => *total += bytes,
             _ => ready.push_front(Item::Gap { bytes, ts: *ts }),
@@ -60,7 +68,7 @@ impl Queue {
     /// What the delivery task found while making records of the last batch.
     pub(crate) fn assembled(&mut self, made: &Assembled) {
         self.stats.invalid_bytes += made.invalid;
-        self.stats.bytes_dropped += made.dropped;
+        self.count_dropped(made.dropped);
     }
 
     /// A record is about to be sent again after `reason`; `ambiguous` when the server may have
@@ -80,7 +88,7 @@ impl Queue {
     /// dropped. Gap markers among them add nothing; their bytes were counted when dropped.
     pub(crate) fn drop_unsent(&mut self, unsent: impl IntoIterator<Item = Item>) {
         for item in unsent {
-            self.stats.bytes_dropped += item.text_len() as u64;
+            self.count_dropped(item.text_len() as u64);
         }
     }
 
