@@ -226,21 +226,24 @@ impl Stream for Incoming {
 /// Why the server refused or closed a connection (the `reason` of
 /// `sandbox_connections_refused_total`).
 #[derive(Debug, Clone, Copy)]
-enum Closed {
+pub(crate) enum Closed {
     /// At `--max-connections`, with no silent connection to close instead.
     Limit,
     /// Closed to make room for a new one: it never spoke HTTP/2.
     Evicted,
     HandshakeTimeout,
     Idle,
+    /// Its TLS handshake failed (no common protocol, an untrusted client certificate, ...).
+    Tls,
 }
 
-fn refused(why: Closed) {
+pub(crate) fn refused(why: Closed) {
     let reason = match why {
         Closed::Limit => "limit",
         Closed::Evicted => "evicted",
         Closed::HandshakeTimeout => "handshake_timeout",
         Closed::Idle => "idle",
+        Closed::Tls => "tls",
     };
     metrics::counter!("sandbox_connections_refused_total", "reason" => reason).increment(1);
 }

@@ -18,7 +18,7 @@
 //!   `sandbox_output_budget_waits_total` (as each wait begins) and
 //!   `sandbox_output_budget_wait_seconds` (as it ends).
 //! - Connections: gauge `sandbox_connections_open`; `sandbox_connections_refused_total`
-//!   (`reason`: `limit`, `evicted`, `handshake_timeout`, `idle`).
+//!   (`reason`: `limit`, `evicted`, `handshake_timeout`, `idle`, `tls`).
 //! - Mirror (`sink`): `sandbox_mirror_records_delivered_total`,
 //!   `sandbox_mirror_delivered_bytes_total`, `sandbox_mirror_retries_total` (`ambiguous`:
 //!   whether the ingest may have stored the record already), `sandbox_mirror_records_failed_total`
@@ -34,7 +34,7 @@
 
 use std::{
     future::Future,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
     time::Instant,
 };
 
@@ -56,6 +56,9 @@ const SECONDS_BUCKETS: &[f64] = &[
 ];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Held from sampling a server's gauges to rendering them (see `serve`).
+static SCRAPE_TURN: Mutex<()> = Mutex::new(());
 
 /// The process's recorder, installed on first use (`None` if another recorder was installed
 /// first, by an embedding program).
@@ -144,14 +147,20 @@ pub async fn serve(
         axum::routing::get(move || {
             let (handle, jobs) = (handle.clone(), Arc::clone(&jobs));
             async move {
-                sample(&jobs);
-                handle.run_upkeep();
+                // The gauges are the process's: servers sharing it (the tests, an embedding
+                // program) take turns, so each scrape shows its own server's values.
+                let text = {
+                    let _turn = SCRAPE_TURN.lock().unwrap_or_else(PoisonError::into_inner);
+                    sample(&jobs);
+                    handle.run_upkeep();
+                    handle.render()
+                };
                 (
                     [(
                         http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    handle.render(),
+                    text,
                 )
             }
         }),

@@ -38,7 +38,7 @@ use tonic::transport::server::Connected;
 use tracing::debug;
 
 use crate::{
-    connection::{Conn, ConnInfo, Incoming},
+    connection::{Closed, Conn, ConnInfo, Incoming, refused},
     secrets::Live,
 };
 
@@ -321,10 +321,18 @@ async fn handshake(acceptor: TlsAcceptor, conn: Conn, within: Duration) -> Optio
         }
         Ok(Err(error)) => {
             debug!(?peer, %error, "TLS handshake failed");
+            // Timeouts and evictions are the connection's own errors, counted where raised.
+            if !matches!(
+                error.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::ConnectionAborted
+            ) {
+                refused(Closed::Tls);
+            }
             None
         }
         Err(_) => {
             debug!(?peer, ?within, "TLS handshake timed out");
+            refused(Closed::HandshakeTimeout);
             None
         }
     }

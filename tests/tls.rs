@@ -210,7 +210,15 @@ async fn mtls_serves_clients_of_its_ca_and_refuses_the_rest() {
     let server_ca = Ca::new("server CA");
     let client_ca = Ca::new("client CA");
     let files = ServerFiles::new(&server_ca.server("server"), Some(&client_ca));
-    let server = common::start(&files.args()).await;
+    let metrics_port = common::scrape::free_port();
+    let mut args = files.args();
+    let metrics_port_arg = metrics_port.to_string();
+    args.extend(["--metrics-port", &metrics_port_arg]);
+    let server = common::start(&args).await;
+    let tls_refusals = |s: &common::scrape::Scrape| {
+        s.sum("sandbox_connections_refused_total", &["reason=\"tls\""])
+    };
+    let before = tls_refusals(&common::scrape::Scrape::get(metrics_port).await);
 
     let alice = client_ca.client("alice");
     let channel = tls_channel(server.addr, &server_ca, Some(&alice))
@@ -246,6 +254,9 @@ async fn mtls_serves_clients_of_its_ca_and_refuses_the_rest() {
             "REST served a client without a trusted certificate"
         );
     }
+    // Each refused handshake is counted (other tests of this process only add to the count).
+    let after = tls_refusals(&common::scrape::Scrape::get(metrics_port).await);
+    assert!(after >= before + 4.0, "{before} -> {after}");
     // And the server still serves its clients.
     let channel = tls_channel(server.addr, &server_ca, Some(&alice))
         .await

@@ -280,3 +280,63 @@ async fn mirror_deliveries_are_children_of_their_job() {
         );
     }
 }
+
+#[tokio::test]
+async fn daytona_api_calls_are_children_of_their_job() {
+    use sandbox_runner::testing::daytona::FakeDaytona;
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let daytona = FakeDaytona::start(common::DAYTONA_KEY).await;
+    daytona.add_sandbox("sbx-traced", "started");
+    let server = traced_server(
+        &receiver,
+        &[
+            ("SANDBOX_BACKEND", "daytona"),
+            ("DAYTONA_API_KEY", common::DAYTONA_KEY),
+            ("DAYTONA_API_URL", &daytona.api_url),
+            ("DAYTONA_POLL_INTERVAL", "50ms"),
+        ],
+    )
+    .await;
+    let mut client = SandboxServiceClient::new(server.channel().await.unwrap());
+    let trace = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = Request::new(sandbox_runner::proto::ExecRequest {
+        sandbox_id: "sbx-traced".into(),
+        ..shell("echo in-daytona")
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    let stream = client.exec(request).await.unwrap().into_inner();
+    let run = common::Job::from_stream(stream).await.finish().await;
+    assert_eq!(run.state(), JobState::Succeeded);
+    assert_eq!(run.stdout, b"in-daytona\n");
+
+    // Creating the session and running the command happen under the job's span; so does the
+    // session's deletion at the end.
+    let calls = wait_for(&receiver, |spans| {
+        let job = named(spans, trace, "job")?;
+        job.attribute("state")?;
+        let calls: Vec<_> = spans
+            .iter()
+            .filter(|s| s.trace_id() == trace && s.span.name.starts_with("daytona "))
+            .cloned()
+            .collect();
+        let has = |op: &str| calls.iter().any(|c| c.span.name == format!("daytona {op}"));
+        (has("create_session") && has("exec") && has("delete_session")).then_some(calls)
+    })
+    .await;
+    let spans = receiver.spans();
+    let job = named(&spans, trace, "job").unwrap();
+    assert_eq!(job.attribute("backend").as_deref(), Some("daytona"));
+    assert_eq!(job.attribute("sandbox_id").as_deref(), Some("sbx-traced"));
+    for call in &calls {
+        assert!(
+            ancestry(&spans, call).contains(&"job".to_owned()),
+            "{} is not under the job",
+            call.span.name
+        );
+        assert_eq!(call.span.kind, 3, "{}: a client span", call.span.name);
+        assert!(call.attribute("outcome").is_some());
+    }
+}

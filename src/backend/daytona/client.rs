@@ -235,14 +235,44 @@ fn transport_outcome(e: &reqwest::Error) -> &'static str {
     }
 }
 
-/// Counts and times one request (one attempt: a retried request counts once per attempt).
-fn record(operation: Operation, started: Instant, outcome: &'static str) {
-    let operation = operation.as_str();
-    metrics::counter!("sandbox_daytona_requests_total",
-        "operation" => operation, "outcome" => outcome)
-    .increment(1);
-    metrics::histogram!("sandbox_daytona_request_duration_seconds", "operation" => operation)
-        .record(started.elapsed().as_secs_f64());
+/// One request to Daytona (one attempt: a retried request is one per attempt), from its start
+/// to [`Call::end`]: counted and timed, and a span (a child of the job's, when made for a job).
+struct Call {
+    operation: Operation,
+    started: Instant,
+    span: tracing::Span,
+}
+
+impl Call {
+    fn start(operation: Operation) -> Call {
+        let span = tracing::info_span!(
+            "daytona.request",
+            otel.name = %format_args!("daytona {}", operation.as_str()),
+            otel.kind = "client",
+            operation = operation.as_str(),
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        Call {
+            operation,
+            started: Instant::now(),
+            span,
+        }
+    }
+
+    fn end(self, outcome: &'static str) {
+        let operation = self.operation.as_str();
+        metrics::counter!("sandbox_daytona_requests_total",
+            "operation" => operation, "outcome" => outcome)
+        .increment(1);
+        metrics::histogram!("sandbox_daytona_request_duration_seconds", "operation" => operation)
+            .record(self.started.elapsed().as_secs_f64());
+        self.span.record("outcome", outcome);
+        // Expected answers (a session already gone) are not errors of the call.
+        if !matches!(outcome, "ok" | "not_found" | "gone") {
+            self.span.record("otel.status_code", "ERROR");
+        }
+    }
 }
 
 /// Log follower over WebSocket.
@@ -529,7 +559,7 @@ impl DaytonaClient {
         request
             .headers_mut()
             .insert(header::AUTHORIZATION, self.auth.get());
-        let started = Instant::now();
+        let call = Call::start(operation);
         let connect =
             tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true);
         let (outcome, result) = match tokio::time::timeout(self.request_timeout, connect).await {
@@ -553,7 +583,7 @@ impl DaytonaClient {
                 Err(ApiError::Unavailable(format!("{what}: {e}"))),
             ),
         };
-        record(operation, started, outcome);
+        call.end(outcome);
         result
     }
 
@@ -631,7 +661,7 @@ impl DaytonaClient {
         operation: Operation,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ApiError> {
-        let started = Instant::now();
+        let call = Call::start(operation);
         let response = match request
             .header(header::AUTHORIZATION, self.auth.get())
             .send()
@@ -639,17 +669,17 @@ impl DaytonaClient {
         {
             Ok(response) => response,
             Err(e) => {
-                record(operation, started, transport_outcome(&e));
+                call.end(transport_outcome(&e));
                 return Err(transport(e));
             }
         };
         let status = response.status();
         if status.is_success() {
-            record(operation, started, "ok");
+            call.end("ok");
             return Ok(response);
         }
         let body = response.text().await.unwrap_or_default();
-        record(operation, started, status_outcome(status));
+        call.end(status_outcome(status));
         Err(status_error(status, error_message(&body)))
     }
 }
