@@ -2,7 +2,9 @@
 //!
 //! ```sh
 //! cargo run --release --features testing --bin sandbox-bench -- all
-//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|stalled-readers|mirror|replay|stdin|keystrokes
+//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|stalled-readers|mirror|replay|stdin|keystrokes|start-rate
+//! # issue 15: 10,000 concurrent streams (run as root: it raises the server's fd hard limit)
+//! cargo run --release --features testing --bin sandbox-bench -- load --streams 10000 --connections 10
 //! ```
 //!
 //! The server under test is the real `sandbox-runner` binary, run as a child process so its
@@ -21,10 +23,12 @@ mod concurrency;
 mod harness;
 mod keystrokes;
 mod latency;
+mod load;
 mod mirror;
 mod replay;
 mod slow_reader;
 mod stalled_readers;
+mod start_rate;
 mod stats;
 mod stdin;
 mod throughput;
@@ -36,10 +40,12 @@ use concurrency::{ConcurrencyArgs, concurrency};
 use harness::{ensure_server_built, machine_header, raise_fd_limit};
 use keystrokes::{KeystrokesArgs, keystrokes};
 use latency::{LatencyArgs, latency};
+use load::{LoadArgs, load};
 use mirror::{MirrorArgs, mirror};
 use replay::{ReplayArgs, replay};
 use slow_reader::{SlowReaderArgs, slow_reader};
 use stalled_readers::{StalledReadersArgs, stalled_readers};
+use start_rate::{StartRateArgs, start_rate};
 use stdin::{StdinArgs, stdin};
 use throughput::{ThroughputArgs, throughput};
 
@@ -76,6 +82,13 @@ enum Bench {
     /// Echo latency of single keystrokes through a `tty` job, against a local pseudo-terminal
     /// (issue 13).
     Keystrokes(KeystrokesArgs),
+    /// Many concurrent Exec streams of `sleep 5; echo done` over several connections, the
+    /// server's limits raised: correctness, server memory, fds and threads per stream, and a
+    /// Health loop's latency throughout (issue 15).
+    Load(LoadArgs),
+    /// `true` jobs per second from many concurrent clients, against direct spawns of the same
+    /// command from as many tasks (issue 15).
+    StartRate(StartRateArgs),
     /// Two server binaries (before/after a change) interleaved: latency and throughput.
     Compare(CompareArgs),
 }
@@ -110,6 +123,8 @@ fn main() -> anyhow::Result<()> {
             Bench::Replay(a) => replay(a).await,
             Bench::Stdin(a) => stdin(a).await,
             Bench::Keystrokes(a) => keystrokes(a).await,
+            Bench::Load(a) => load(a).await,
+            Bench::StartRate(a) => start_rate(a).await,
             Bench::Compare(a) => compare(a).await,
         }
     })
