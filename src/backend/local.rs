@@ -302,17 +302,16 @@ impl Backend for LocalBackend {
             source,
         };
         // Spawning blocks the thread (vfork), spawns take turns (one lock), and the job's
-        // cgroup and environment are made just before. On the runtime's workers, a burst of
-        // 1,000 Execs held both (one spawning, one waiting for the lock) and Health waited up
-        // to 1.2 s (BENCHMARKS.md, load). So a job waits for its turn asynchronously, holding
-        // nothing, then tells the runtime it blocks, and the workers go on serving.
+        // cgroup and environment are made just before. A burst of 1,000 Execs held both of
+        // the runtime's workers (one spawning, one waiting for the lock) and Health waited up
+        // to 1.2 s; 10,000 made their cgroups (holding fds) before waiting, and half failed
+        // with EMFILE (BENCHMARKS.md, load). So a job waits for its turn asynchronously,
+        // holding nothing, and at most one worker blocks. Not on a blocking-pool thread
+        // (`block_in_place`, `spawn_blocking`): the job's parent-death signal fires when the
+        // thread that spawned it exits, and those threads exit when idle (3,998 of 4,992
+        // `sleep 30` jobs were SIGKILLed so).
         let turn = self.spawn_turn.acquire().await.expect("never closed");
-        let spawn = || self.spawn(spec, cwd.as_deref());
-        let spawned = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(spawn),
-            // A current-thread runtime (tests) has no other worker to hand on to.
-            _ => spawn(),
-        };
+        let spawned = self.spawn(spec, cwd.as_deref());
         drop(turn);
         let (leader, spawned, tree) = spawned.map_err(spawn_error)?;
         let pid = leader.pid();
