@@ -201,14 +201,21 @@ pub(crate) async fn load(a: LoadArgs) -> anyhow::Result<()> {
                 let exited = t0.elapsed();
                 // The contract reader checked seq (from 0, no gaps), Started first, exactly one
                 // Exited last and the byte totals; the rest is this job's own.
+                let e = &run.exited;
                 anyhow::ensure!(
-                    run.stdout == b"done\n" && run.stderr.is_empty(),
-                    "output: stdout {:?}, stderr {:?}",
+                    run.stdout == b"done\n"
+                        && run.stderr.is_empty()
+                        && run.gaps.is_empty()
+                        && e.exit_code == Some(0),
+                    "{:?} exit code {:?} signal {:?} {:?}, stdout {:?}, stderr {:?}, {} gaps",
+                    pb::JobState::try_from(e.state).unwrap_or_default(),
+                    e.exit_code,
+                    e.signal,
+                    e.message,
                     String::from_utf8_lossy(&run.stdout),
-                    String::from_utf8_lossy(&run.stderr)
+                    String::from_utf8_lossy(&run.stderr),
+                    run.gaps.len()
                 );
-                anyhow::ensure!(run.gaps.is_empty(), "gaps: {:?}", run.gaps);
-                anyhow::ensure!(run.exited.exit_code == Some(0), "exit: {:?}", run.exited);
                 Ok(Stream { started, exited })
             })
             .await
