@@ -302,21 +302,25 @@ impl Backend for LocalBackend {
             source,
         };
         // Spawning blocks the thread (vfork), spawns take turns (one lock), and the job's
-        // cgroup and environment are made just before. A burst of 1,000 Execs held both of
-        // the runtime's workers (one spawning, one waiting for the lock) and Health waited up
-        // to 1.2 s; 10,000 made their cgroups (holding fds) before waiting, and half failed
-        // with EMFILE (BENCHMARKS.md, load). So a job waits for its turn asynchronously,
-        // holding nothing, and at most one worker blocks. Not on a blocking-pool thread
+        // cgroup is made just before. A burst of 1,000 Execs held both of the runtime's
+        // workers (one spawning, one waiting for the lock) and Health waited up to 1.2 s; of
+        // 10,000, a third failed with EMFILE (BENCHMARKS.md, load). So a job waits for its
+        // turn asynchronously, holding nothing, and at most one worker blocks, the other
+        // serving calls and ending jobs. Not on a blocking-pool thread
         // (`block_in_place`, `spawn_blocking`): the job's parent-death signal fires when the
         // thread that spawned it exits, and those threads exit when idle (3,998 of 4,992
         // `sleep 30` jobs were SIGKILLed so).
+        let mut env = self.job_env(&spec.env);
+        if let Some(tty) = &spec.tty {
+            env.insert("TERM".into(), tty.term.clone().into());
+        }
         let turn = self.spawn_turn.acquire().await.expect("never closed");
-        let spawned = self.spawn(spec, cwd.as_deref());
+        let spawned = self.spawn(spec, cwd.as_deref(), env);
         drop(turn);
-        let (leader, spawned, tree) = spawned.map_err(spawn_error)?;
+        let (leader, spawned, cgroup) = spawned.map_err(spawn_error)?;
         let pid = leader.pid();
         let mut process = LeaderProcess::new(leader);
-        let tree = Arc::new(tree);
+        let tree = Arc::new(self.processes.tree(pid, cgroup));
         let stdio = match JobStdio::open(spawned.stdio) {
             Ok(stdio) => stdio,
             Err(source) => {
@@ -343,13 +347,13 @@ impl Backend for LocalBackend {
 }
 
 impl LocalBackend {
-    /// Makes the job's cgroup and first process, and finds its tree: blocking work, done in
-    /// the job's spawn turn.
+    /// Makes the job's cgroup and first process: what needs the job's spawn turn.
     fn spawn(
         &self,
         spec: &JobSpec,
         cwd: Option<&Path>,
-    ) -> io::Result<(tree::Leader, spawn::Spawned, JobTree)> {
+        env: BTreeMap<OsString, OsString>,
+    ) -> io::Result<(tree::Leader, spawn::Spawned, Option<cgroup::JobCgroup>)> {
         let argv: Vec<OsString> = match &spec.program {
             Program::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.into()],
             Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
@@ -359,10 +363,6 @@ impl LocalBackend {
             Some(cgroup) => Some(cgroup.procs_file().try_clone()?),
             None => None,
         };
-        let mut env = self.job_env(&spec.env);
-        if let Some(tty) = &spec.tty {
-            env.insert("TERM".into(), tty.term.clone().into());
-        }
         let command = JobCommand::new(JobSetup {
             argv,
             env,
@@ -374,8 +374,7 @@ impl LocalBackend {
             tty: spec.tty.as_ref().map(|tty| tty.size),
         })?;
         let (leader, spawned) = self.processes.spawn_leader(&command)?;
-        let tree = self.processes.tree(leader.pid(), cgroup);
-        Ok((leader, spawned, tree))
+        Ok((leader, spawned, cgroup))
     }
 
     /// The job's environment: the server's, without the variables it withholds (its secrets),
