@@ -113,7 +113,7 @@ pub(crate) async fn load(a: LoadArgs) -> anyhow::Result<()> {
     let want_fds =
         SERVER_RESERVED_FDS + SERVER_FDS_PER_JOB * max_jobs as u64 + max_connections as u64 + 1024;
     let fd_note = match raise_fd_limit_to(want_fds) {
-        Ok(limit) if limit >= want_fds => format!("raised by the bench to hold {want_fds}"),
+        Ok(limit) if limit >= want_fds => format!("enough for the {want_fds} wanted"),
         Ok(limit) => format!("the bench wanted {want_fds}; the kernel's fs.nr_open allows {limit}"),
         Err(e) => format!(
             "the hard limit: raising it to the {want_fds} wanted failed ({e}; it needs \
