@@ -1,6 +1,6 @@
 //! The harness: the environment (fd limit, the server binary, the machine), the server under
-//! test as a child process, clients, jobs run with the stream contract checked, the pipe
-//! baseline, and the Daytona fake the Daytona measurements share.
+//! test as a child process and a sampler of its peaks, clients, jobs run with the stream
+//! contract checked, the pipe baseline, and the Daytona fake the Daytona measurements share.
 
 use std::{
     path::PathBuf,
@@ -18,6 +18,7 @@ use sandbox_runner::{
     },
 };
 use tokio::{io::AsyncReadExt, process::Command};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 // ---------------------------------------------------------------------------------------------
@@ -27,6 +28,33 @@ use tonic::transport::{Channel, Endpoint};
 /// the soft limit is raised to the hard one here and inherited by the server.
 pub(crate) fn raise_fd_limit() {
     let _ = sandbox_runner::connection::raise_open_file_limit();
+}
+
+/// Raises this process's `RLIMIT_NOFILE` (soft and hard) to at least `want`, for a server
+/// started from it to inherit: raising the hard limit needs root (CAP_SYS_RESOURCE), and the
+/// kernel caps it at `fs.nr_open`. Returns the soft limit in force afterwards.
+pub(crate) fn raise_fd_limit_to(want: u64) -> anyhow::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < want {
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(u64::MAX);
+        let target = want.min(nr_open).max(hard);
+        setrlimit(Resource::RLIMIT_NOFILE, target, target)?;
+    }
+    Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub(crate) fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub(crate) fn server_bin() -> PathBuf {
@@ -156,6 +184,10 @@ impl Server {
         procfs::fd_count(self.0.pid)
     }
 
+    pub(crate) fn threads(&self) -> u64 {
+        procfs::thread_count(self.0.pid)
+    }
+
     pub(crate) async fn client(
         &self,
         tuned: bool,
@@ -165,6 +197,42 @@ impl Server {
 
     pub(crate) async fn stop(self) {
         self.0.stop().await;
+    }
+}
+
+/// What the background sampler saw of the server, the machine and this process.
+#[derive(Default)]
+pub(crate) struct Peaks {
+    pub(crate) rss: u64,
+    pub(crate) fds: usize,
+    pub(crate) threads: u64,
+    /// The machine's lowest MemAvailable (KiB).
+    pub(crate) min_available: u64,
+    /// This process (the clients) at its largest.
+    pub(crate) bench_rss: u64,
+}
+
+/// Samples the server's RSS, fds and threads, the machine's MemAvailable and this process's
+/// RSS every `every` until `stop`.
+pub(crate) async fn sample(pid: u32, every: Duration, stop: CancellationToken) -> Peaks {
+    let mut peaks = Peaks {
+        min_available: u64::MAX,
+        ..Peaks::default()
+    };
+    loop {
+        peaks.rss = peaks.rss.max(procfs::memory_kib(pid).0);
+        peaks.fds = peaks.fds.max(procfs::fd_count(pid));
+        peaks.threads = peaks.threads.max(procfs::thread_count(pid));
+        peaks.bench_rss = peaks
+            .bench_rss
+            .max(procfs::memory_kib(std::process::id()).0);
+        if let Some(available) = procfs::meminfo_kib("MemAvailable") {
+            peaks.min_available = peaks.min_available.min(available);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return peaks,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 

@@ -2,8 +2,18 @@
 //!
 //! ```sh
 //! cargo run --release --features testing --bin sandbox-bench -- all
-//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|stalled-readers|mirror|replay|stdin|keystrokes
+//! cargo run --release --features testing --bin sandbox-bench -- throughput|latency|concurrency|slow-reader|stalled-readers|mirror|replay|stdin|keystrokes|start-rate
+//! # issue 15, not in `all`: 10,000 concurrent streams (as root, to raise the fd hard limit)
+//! cargo run --release --features testing --bin sandbox-bench -- load --streams 10000 --connections 10
 //! ```
+//!
+//! Issue 15: `load` opens N Exec streams of `sleep 5; echo done` at once, round robin over
+//! several connections, against a server with `--max-concurrent-jobs` and `--max-connections`
+//! raised and, where this process may (CAP_SYS_RESOURCE), an fd hard limit that holds 4 per job;
+//! it checks every stream (contract, `done\n`, exit 0), samples the server's RSS, fds and
+//! threads, and calls Health every 10 ms on a connection and thread of its own throughout.
+//! `start-rate` runs `true` jobs back to back from 64 clients (a connection each) for fixed
+//! rounds, interleaved with 64 tasks spawning `/bin/sh -c true` directly.
 //!
 //! The server under test is the real `sandbox-runner` binary, run as a child process so its
 //! memory and file descriptors are read from /proc apart from the client's. Under `cargo run` the
@@ -21,10 +31,12 @@ mod concurrency;
 mod harness;
 mod keystrokes;
 mod latency;
+mod load;
 mod mirror;
 mod replay;
 mod slow_reader;
 mod stalled_readers;
+mod start_rate;
 mod stats;
 mod stdin;
 mod throughput;
@@ -36,10 +48,12 @@ use concurrency::{ConcurrencyArgs, concurrency};
 use harness::{ensure_server_built, machine_header, raise_fd_limit};
 use keystrokes::{KeystrokesArgs, keystrokes};
 use latency::{LatencyArgs, latency};
+use load::{LoadArgs, load};
 use mirror::{MirrorArgs, mirror};
 use replay::{ReplayArgs, replay};
 use slow_reader::{SlowReaderArgs, slow_reader};
 use stalled_readers::{StalledReadersArgs, stalled_readers};
+use start_rate::{StartRateArgs, start_rate};
 use stdin::{StdinArgs, stdin};
 use throughput::{ThroughputArgs, throughput};
 
@@ -52,7 +66,7 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Every benchmark below with its defaults.
+    /// Every benchmark below with its defaults, except `load` and `compare`.
     All,
     /// Bytes of /dev/zero through Exec to a discarding client, against a plain pipe.
     Throughput(ThroughputArgs),
@@ -76,6 +90,13 @@ enum Bench {
     /// Echo latency of single keystrokes through a `tty` job, against a local pseudo-terminal
     /// (issue 13).
     Keystrokes(KeystrokesArgs),
+    /// Many concurrent Exec streams of `sleep 5; echo done` over several connections, the
+    /// server's limits raised: correctness, server memory, fds and threads per stream, and a
+    /// Health loop's latency throughout (issue 15).
+    Load(LoadArgs),
+    /// `true` jobs per second from many concurrent clients, against direct spawns of the same
+    /// command from as many tasks (issue 15).
+    StartRate(StartRateArgs),
     /// Two server binaries (before/after a change) interleaved: latency and throughput.
     Compare(CompareArgs),
 }
@@ -99,7 +120,10 @@ fn main() -> anyhow::Result<()> {
                 mirror(parse_args::<MirrorArgs>()).await?;
                 replay(parse_args::<ReplayArgs>()).await?;
                 stdin(parse_args::<StdinArgs>()).await?;
-                keystrokes(parse_args::<KeystrokesArgs>()).await
+                keystrokes(parse_args::<KeystrokesArgs>()).await?;
+                // Not `load`: its 10,000 streams need a raised fd limit (root) and 20,000
+                // processes, and take a minute of the whole machine.
+                start_rate(parse_args::<StartRateArgs>()).await
             }
             Bench::Throughput(a) => throughput(a).await,
             Bench::Latency(a) => latency(a).await,
@@ -110,6 +134,8 @@ fn main() -> anyhow::Result<()> {
             Bench::Replay(a) => replay(a).await,
             Bench::Stdin(a) => stdin(a).await,
             Bench::Keystrokes(a) => keystrokes(a).await,
+            Bench::Load(a) => load(a).await,
+            Bench::StartRate(a) => start_rate(a).await,
             Bench::Compare(a) => compare(a).await,
         }
     })

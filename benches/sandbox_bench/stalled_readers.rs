@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    harness::{Server, exec, request, server_bin},
+    harness::{Server, exec, loadavg, request, sample, server_bin},
     stats::{Samples, mib, ms},
 };
 
@@ -114,17 +114,6 @@ impl Moment {
     }
 }
 
-/// What the background sampler saw.
-#[derive(Default)]
-struct Peaks {
-    rss: u64,
-    fds: usize,
-    /// The machine's lowest MemAvailable (KiB).
-    min_available: u64,
-    /// This process (the clients) at its largest.
-    bench_rss: u64,
-}
-
 async fn run(a: &StalledReadersArgs, bin: &Path, label: &str) -> anyhow::Result<()> {
     let mut args: Vec<String> = a.server_args.split_whitespace().map(Into::into).collect();
     if !args.iter().any(|x| x.starts_with("--max-concurrent-jobs"))
@@ -162,7 +151,7 @@ async fn run(a: &StalledReadersArgs, bin: &Path, label: &str) -> anyhow::Result<
 
     let stop_sampling = CancellationToken::new();
     let _stop_on_error = stop_sampling.clone().drop_guard();
-    let sampler = tokio::spawn(sample(server.pid(), stop_sampling.clone()));
+    let sampler = tokio::spawn(sample(server.pid(), SAMPLE_EVERY, stop_sampling.clone()));
 
     // Open the streams, one connection each, in a bounded loop.
     let t_open = Instant::now();
@@ -567,37 +556,4 @@ async fn wait_idle(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     (active, None)
-}
-
-/// Samples the server's RSS and fds, the machine's MemAvailable and this process's RSS every
-/// SAMPLE_EVERY until `stop`.
-async fn sample(pid: u32, stop: CancellationToken) -> Peaks {
-    let mut peaks = Peaks {
-        min_available: u64::MAX,
-        ..Peaks::default()
-    };
-    loop {
-        peaks.rss = peaks.rss.max(procfs::memory_kib(pid).0);
-        peaks.fds = peaks.fds.max(procfs::fd_count(pid));
-        peaks.bench_rss = peaks
-            .bench_rss
-            .max(procfs::memory_kib(std::process::id()).0);
-        if let Some(available) = procfs::meminfo_kib("MemAvailable") {
-            peaks.min_available = peaks.min_available.min(available);
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return peaks,
-            _ = tokio::time::sleep(SAMPLE_EVERY) => {}
-        }
-    }
-}
-
-/// The 1, 5 and 15 minute load averages.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }

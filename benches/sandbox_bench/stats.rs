@@ -40,6 +40,17 @@ impl Samples {
 
     /// A throughput row: median, min..max, ratio of medians.
     pub(crate) fn rate_row(&self, baseline: Option<&Samples>, second: Option<&Samples>) {
+        self.rate_row_in("GB/s", 2, baseline, second);
+    }
+
+    /// A rate row in `unit` with `decimals`: median, min..max, ratio of medians.
+    pub(crate) fn rate_row_in(
+        &self,
+        unit: &str,
+        decimals: usize,
+        baseline: Option<&Samples>,
+        second: Option<&Samples>,
+    ) {
         let s = self.sorted();
         let ratio = |b: Option<&Samples>, none: &str| {
             b.map_or(none.to_owned(), |b| {
@@ -47,13 +58,14 @@ impl Samples {
             })
         };
         println!(
-            "| {} | {:.2} GB/s | {:.2}..{:.2} | {} | {} |",
+            "| {} | {:.d$} {unit} | {:.d$}..{:.d$} | {} | {} |",
             self.name,
             self.median(),
             s.first().unwrap_or(&f64::NAN),
             s.last().unwrap_or(&f64::NAN),
             ratio(baseline, "baseline"),
-            ratio(second, "")
+            ratio(second, ""),
+            d = decimals
         );
     }
 

@@ -28,7 +28,7 @@ use std::{
     ffi::OsString,
     io,
     os::unix::process::ExitStatusExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitStatus,
     sync::{Arc, atomic::AtomicBool},
     time::Duration,
@@ -211,6 +211,8 @@ pub struct LocalBackend {
     processes: Arc<Processes>,
     /// Whether moving a job into its cgroup failed before (warned once, then debug).
     cgroup_failed: AtomicBool,
+    /// One spawn at a time (they serialise on a lock anyway), waited for without blocking.
+    spawn_turn: tokio::sync::Semaphore,
 }
 
 impl LocalBackend {
@@ -246,6 +248,7 @@ impl LocalBackend {
             processes: Processes::new(config.subreaper, cgroups),
             config,
             cgroup_failed: AtomicBool::new(false),
+            spawn_turn: tokio::sync::Semaphore::new(1),
         }
     }
 
@@ -298,33 +301,23 @@ impl Backend for LocalBackend {
             program: spec.program.display_name().to_owned(),
             source,
         };
-        let argv: Vec<OsString> = match &spec.program {
-            Program::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.into()],
-            Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
-        };
-        let cgroup = self.job_cgroup();
-        let cgroup_procs = match &cgroup {
-            Some(cgroup) => Some(cgroup.procs_file().try_clone().map_err(spawn_error)?),
-            None => None,
-        };
+        // Spawning blocks the thread (vfork), spawns take turns (one lock), and the job's
+        // cgroup is made just before. A burst of 1,000 Execs held both of the runtime's
+        // workers (one spawning, one waiting for the lock) and Health waited up to 1.2 s; of
+        // 10,000, a third failed with EMFILE (BENCHMARKS.md, load). So a job waits for its
+        // turn asynchronously, holding nothing, and at most one worker blocks, the other
+        // serving calls and ending jobs. Not on a blocking-pool thread
+        // (`block_in_place`, `spawn_blocking`): the job's parent-death signal fires when the
+        // thread that spawned it exits, and those threads exit when idle (3,998 of 4,992
+        // `sleep 30` jobs were SIGKILLed so).
         let mut env = self.job_env(&spec.env);
         if let Some(tty) = &spec.tty {
             env.insert("TERM".into(), tty.term.clone().into());
         }
-        let command = JobCommand::new(JobSetup {
-            argv,
-            env,
-            cwd: cwd.as_deref(),
-            identity: self.config.identity.as_ref().map(|id| (id.uid, id.gid)),
-            cgroup_procs,
-            server_pid: std::process::id(),
-            stdin: spec.stdin,
-            tty: spec.tty.as_ref().map(|tty| tty.size),
-        })
-        .map_err(spawn_error)?;
-
-        let (leader, spawned) = self.processes.spawn_leader(&command).map_err(spawn_error)?;
-        drop(command);
+        let turn = self.spawn_turn.acquire().await.expect("never closed");
+        let spawned = self.spawn(spec, cwd.as_deref(), env);
+        drop(turn);
+        let (leader, spawned, cgroup) = spawned.map_err(spawn_error)?;
         let pid = leader.pid();
         let mut process = LeaderProcess::new(leader);
         let tree = Arc::new(self.processes.tree(pid, cgroup));
@@ -354,6 +347,36 @@ impl Backend for LocalBackend {
 }
 
 impl LocalBackend {
+    /// Makes the job's cgroup and first process: what needs the job's spawn turn.
+    fn spawn(
+        &self,
+        spec: &JobSpec,
+        cwd: Option<&Path>,
+        env: BTreeMap<OsString, OsString>,
+    ) -> io::Result<(tree::Leader, spawn::Spawned, Option<cgroup::JobCgroup>)> {
+        let argv: Vec<OsString> = match &spec.program {
+            Program::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.into()],
+            Program::Argv(argv) => argv.iter().map(OsString::from).collect(),
+        };
+        let cgroup = self.job_cgroup();
+        let cgroup_procs = match &cgroup {
+            Some(cgroup) => Some(cgroup.procs_file().try_clone()?),
+            None => None,
+        };
+        let command = JobCommand::new(JobSetup {
+            argv,
+            env,
+            cwd,
+            identity: self.config.identity.as_ref().map(|id| (id.uid, id.gid)),
+            cgroup_procs,
+            server_pid: std::process::id(),
+            stdin: spec.stdin,
+            tty: spec.tty.as_ref().map(|tty| tty.size),
+        })?;
+        let (leader, spawned) = self.processes.spawn_leader(&command)?;
+        Ok((leader, spawned, cgroup))
+    }
+
     /// The job's environment: the server's, without the variables it withholds (its secrets),
     /// with the job user's USER, LOGNAME and HOME, then the request's variables over all.
     fn job_env(&self, requested: &BTreeMap<String, String>) -> BTreeMap<OsString, OsString> {

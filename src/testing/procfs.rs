@@ -1,6 +1,6 @@
 //! What tests and benchmarks read about processes from /proc (Linux): the members of a process
 //! group, the live groups, processes carrying an environment marker, zombie children, CPU
-//! time, memory and open file descriptors. A process that is gone reads as nothing (no
+//! time, memory, threads and open file descriptors. A process that is gone reads as nothing (no
 //! members, zeros).
 
 /// Pids of live (non-zombie) processes whose process group is `pgid`.
@@ -119,6 +119,13 @@ pub fn memory_kib(pid: u32) -> (u64, u64) {
         field_kib(&text, "VmRSS").unwrap_or(0),
         field_kib(&text, "VmHWM").unwrap_or(0),
     )
+}
+
+/// Threads of process `pid`.
+pub fn thread_count(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    // Not in KiB, but the same `Key: number` shape.
+    field_kib(&text, "Threads").unwrap_or(0)
 }
 
 /// Open file descriptors of process `pid`.
