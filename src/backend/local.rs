@@ -20,6 +20,7 @@ mod identity;
 mod leader;
 mod procfs;
 mod spawn;
+mod spawner;
 mod terminal;
 mod tree;
 
@@ -211,8 +212,6 @@ pub struct LocalBackend {
     processes: Arc<Processes>,
     /// Whether moving a job into its cgroup failed before (warned once, then debug).
     cgroup_failed: AtomicBool,
-    /// One spawn at a time (they serialise on a lock anyway), waited for without blocking.
-    spawn_turn: tokio::sync::Semaphore,
 }
 
 impl LocalBackend {
@@ -248,7 +247,6 @@ impl LocalBackend {
             processes: Processes::new(config.subreaper, cgroups),
             config,
             cgroup_failed: AtomicBool::new(false),
-            spawn_turn: tokio::sync::Semaphore::new(1),
         }
     }
 
@@ -301,23 +299,14 @@ impl Backend for LocalBackend {
             program: spec.program.display_name().to_owned(),
             source,
         };
-        // Spawning blocks the thread (vfork), spawns take turns (one lock), and the job's
-        // cgroup is made just before. A burst of 1,000 Execs held both of the runtime's
-        // workers (one spawning, one waiting for the lock) and Health waited up to 1.2 s; of
-        // 10,000, a third failed with EMFILE (BENCHMARKS.md, load). So a job waits for its
-        // turn asynchronously, holding nothing, and at most one worker blocks, the other
-        // serving calls and ending jobs. Not on a blocking-pool thread
-        // (`block_in_place`, `spawn_blocking`): the job's parent-death signal fires when the
-        // thread that spawned it exits, and those threads exit when idle (3,998 of 4,992
-        // `sleep 30` jobs were SIGKILLed so).
         let mut env = self.job_env(&spec.env);
         if let Some(tty) = &spec.tty {
             env.insert("TERM".into(), tty.term.clone().into());
         }
-        let turn = self.spawn_turn.acquire().await.expect("never closed");
-        let spawned = self.spawn(spec, cwd.as_deref(), env);
-        drop(turn);
-        let (leader, spawned, cgroup) = spawned.map_err(spawn_error)?;
+        let (leader, spawned, cgroup) = self
+            .spawn(spec, cwd.as_deref(), env)
+            .await
+            .map_err(spawn_error)?;
         let pid = leader.pid();
         let mut process = LeaderProcess::new(leader);
         let tree = Arc::new(self.processes.tree(pid, cgroup));
@@ -347,8 +336,9 @@ impl Backend for LocalBackend {
 }
 
 impl LocalBackend {
-    /// Makes the job's cgroup and first process: what needs the job's spawn turn.
-    fn spawn(
+    /// Makes the job's cgroup, then its first process on the job-spawner thread (see
+    /// `spawner`).
+    async fn spawn(
         &self,
         spec: &JobSpec,
         cwd: Option<&Path>,
@@ -373,7 +363,20 @@ impl LocalBackend {
             stdin: spec.stdin,
             tty: spec.tty.as_ref().map(|tty| tty.size),
         })?;
-        let (leader, spawned) = self.processes.spawn_leader(&command)?;
+        self.processes.start_watcher();
+        let processes = Arc::clone(&self.processes);
+        let (leader, spawned) = spawner::on_spawner_thread(
+            move || processes.spawn_registered(&command),
+            // The caller left while its job was being spawned: nobody will run it. Killed and
+            // reaped while still registered, so the reaper leaves it to this wait.
+            |(leader, _spawned): (tree::Leader, spawn::Spawned)| {
+                let pid = nix::unistd::Pid::from_raw(leader.pid() as i32);
+                let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(pid, None);
+                drop(leader);
+            },
+        )
+        .await?;
         Ok((leader, spawned, cgroup))
     }
 

@@ -1503,7 +1503,11 @@ mod tests {
         assert_eq!((&chunks[0][..], &chunks[1][..]), (&b"ab"[..], &b"cde"[..]));
         assert_eq!(chunks[0].as_ptr().wrapping_add(2), chunks[1].as_ptr());
         drop((chunks, reader));
-        assert_eq!(retired.reclaim(5), 5, "evicting the chunks frees their credit");
+        assert_eq!(
+            retired.reclaim(5),
+            5,
+            "evicting the chunks frees their credit"
+        );
         assert_eq!(retired.held_bytes(), 0);
     }
 

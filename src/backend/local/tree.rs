@@ -124,11 +124,21 @@ impl Processes {
     /// Spawns a job's leader and registers it, under the lock the reaper takes, so that the
     /// reaper never waits for it (its `LeaderProcess` does). A child that failed before exec was
     /// reaped by the spawn, under the same lock.
+    #[cfg(test)]
     pub fn spawn_leader(
         self: &Arc<Self>,
         command: &JobCommand,
     ) -> std::io::Result<(Leader, Spawned)> {
         self.start_watcher();
+        self.spawn_registered(command)
+    }
+
+    /// [`Processes::spawn_leader`] once the watcher runs (it is started on the runtime; this
+    /// runs on any thread, the job-spawner's).
+    pub(super) fn spawn_registered(
+        self: &Arc<Self>,
+        command: &JobCommand,
+    ) -> std::io::Result<(Leader, Spawned)> {
         let mut leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
         let spawned = command.spawn()?;
         leaders.insert(spawned.pid);
@@ -191,7 +201,7 @@ impl Processes {
     }
 
     /// Starts the background scans (once; needs the runtime, so not in `new`).
-    fn start_watcher(self: &Arc<Self>) {
+    pub(super) fn start_watcher(self: &Arc<Self>) {
         self.watcher.call_once(|| {
             tokio::spawn(watch_processes(
                 Arc::downgrade(self),

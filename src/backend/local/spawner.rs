@@ -1,0 +1,117 @@
+//! The one thread jobs are spawned from.
+//!
+//! A spawn blocks its thread until the child has exec'd (vfork), and spawns take turns (the
+//! leaders' lock). On the runtime's workers a burst of Execs kept one of the two workers
+//! spawning while every call, Health included, queued on the other (Health 168 ms at the start
+//! of 10,000 streams). On tokio's blocking pool it is worse: a job's parent-death signal fires
+//! when the *thread* that spawned it exits, and idle pool threads exit (3,998 of 4,992 jobs were
+//! SIGKILLed so). So every spawn runs on one thread of its own that lives as long as the
+//! process: the workers only wait for its answer, and no job's parent-death signal fires while
+//! the server lives.
+
+use std::{io, panic::AssertUnwindSafe, sync::OnceLock};
+
+use tokio::sync::{mpsc, oneshot};
+
+type Task = Box<dyn FnOnce() + Send>;
+
+/// Spawns waiting for the thread; callers wait (without blocking) when it is full.
+const QUEUE: usize = 1024;
+
+fn queue() -> &'static mpsc::Sender<Task> {
+    static SPAWNER: OnceLock<mpsc::Sender<Task>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, mut rx) = mpsc::channel::<Task>(QUEUE);
+        // Never joined, never ends: the sender is the process's (see the module docs).
+        std::thread::Builder::new()
+            .name("job-spawner".into())
+            .spawn(move || {
+                while let Some(task) = rx.blocking_recv() {
+                    // A panic is the caller's error (its answer is dropped), not the thread's end.
+                    let _ = std::panic::catch_unwind(AssertUnwindSafe(task));
+                }
+            })
+            .expect("start the job-spawner thread");
+        tx
+    })
+}
+
+/// Runs `spawn` on the spawner thread and returns what it made. When the caller has gone by
+/// the time its turn comes, `spawn` does not run; when it goes while `spawn` runs, what was
+/// made is handed to `orphaned` (which must stop it), on the spawner thread.
+pub(super) async fn on_spawner_thread<T: Send + 'static>(
+    spawn: impl FnOnce() -> io::Result<T> + Send + 'static,
+    orphaned: impl FnOnce(T) + Send + 'static,
+) -> io::Result<T> {
+    let (answer, answered) = oneshot::channel();
+    let task: Task = Box::new(move || {
+        if answer.is_closed() {
+            return;
+        }
+        if let Err(Ok(made)) = answer.send(spawn()) {
+            orphaned(made);
+        }
+    });
+    let gone = || io::Error::other("the job-spawner thread is gone");
+    queue().send(task).await.map_err(|_| gone())?;
+    answered.await.map_err(|_| gone())?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use super::*;
+
+    #[tokio::test]
+    async fn runs_on_one_named_thread_and_answers() {
+        let name = on_spawner_thread(
+            || Ok(std::thread::current().name().map(str::to_owned)),
+            |_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(name.as_deref(), Some("job-spawner"));
+        let error = on_spawner_thread::<()>(|| Err(io::Error::other("no")), |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(error.to_string(), "no");
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_an_error_and_the_thread_goes_on() {
+        let panicked = on_spawner_thread::<()>(|| panic!("boom"), |_| {}).await;
+        assert!(panicked.is_err());
+        assert_eq!(on_spawner_thread(|| Ok(7), |_| {}).await.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn what_is_made_for_a_caller_that_left_is_handed_to_orphaned() {
+        let orphans = Arc::new(AtomicUsize::new(0));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let counted = Arc::clone(&orphans);
+        let call = tokio::spawn(on_spawner_thread(
+            move || {
+                started_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                Ok(1)
+            },
+            move |_| {
+                counted.fetch_add(1, Ordering::SeqCst);
+            },
+        ));
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+            .await
+            .unwrap();
+        call.abort();
+        let _ = call.await;
+        go_tx.send(()).unwrap();
+        // The thread runs tasks in order: once the next one answers, the orphan was handled.
+        on_spawner_thread(|| Ok(()), |_| {}).await.unwrap();
+        assert_eq!(orphans.load(Ordering::SeqCst), 1);
+    }
+}
