@@ -374,6 +374,27 @@ fn connection_limits(config: &Config) -> ConnectionLimits {
     }
 }
 
+/// Local jobs that may run at once when the open-file limit cannot hold
+/// `--max-concurrent-jobs` of them beside the server and its connections: jobs admitted
+/// beyond wait for one to end (a spawn would otherwise fail with EMFILE).
+fn running_slots(config: &Config) -> Option<usize> {
+    let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(u64::MAX, |(soft, _)| soft);
+    let connections = connection_limits(config).max_connections as u64;
+    let slots = fd_limit.saturating_sub(RESERVED_FDS + connections) / FDS_PER_JOB;
+    if slots >= u64::from(config.max_concurrent_jobs) {
+        return None;
+    }
+    warn!(
+        max_concurrent_jobs = config.max_concurrent_jobs,
+        fd_limit,
+        running_at_once = slots,
+        "the open-file limit cannot hold --max-concurrent-jobs running jobs; jobs beyond wait \
+         to be spawned"
+    );
+    Some(slots.max(1) as usize)
+}
+
 /// How many connections `fd_limit` descriptors hold beside `max_jobs` jobs and the server.
 fn connection_room(fd_limit: u64, max_jobs: u32) -> u64 {
     fd_limit
@@ -428,6 +449,7 @@ fn backend(config: &Config, secret_files: &mut Watcher) -> Result<Arc<dyn Backen
             identity: config.local.job_identity()?,
             cgroups: config.local.job_cgroups,
             subreaper: config.local.subreaper,
+            max_running: running_slots(config),
         })),
         BackendKind::Daytona => {
             let settings = config.daytona.settings().map_err(ConfigError::from)?;

@@ -204,6 +204,10 @@ pub struct LocalConfig {
     pub cgroups: JobCgroups,
     /// This process is a child subreaper that starts no children but jobs (see `LocalArgs`).
     pub subreaper: bool,
+    /// Jobs that may run at once, by the descriptors they hold (`None`: no bound here). A job
+    /// beyond waits for one to end before it is spawned, rather than failing for lack of
+    /// descriptors.
+    pub max_running: Option<usize>,
 }
 
 /// Runs jobs as local processes.
@@ -212,6 +216,8 @@ pub struct LocalBackend {
     processes: Arc<Processes>,
     /// Whether moving a job into its cgroup failed before (warned once, then debug).
     cgroup_failed: AtomicBool,
+    /// `LocalConfig::max_running`: a permit per running job.
+    running: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl LocalBackend {
@@ -245,6 +251,9 @@ impl LocalBackend {
         }
         LocalBackend {
             processes: Processes::new(config.subreaper, cgroups),
+            running: config
+                .max_running
+                .map(|slots| Arc::new(tokio::sync::Semaphore::new(slots.max(1)))),
             config,
             cgroup_failed: AtomicBool::new(false),
         }
@@ -303,6 +312,16 @@ impl Backend for LocalBackend {
         if let Some(tty) = &spec.tty {
             env.insert("TERM".into(), tty.term.clone().into());
         }
+        // Held until the job's descriptors are closed (with its execution).
+        let running = match &self.running {
+            Some(slots) => Some(
+                Arc::clone(slots)
+                    .acquire_owned()
+                    .await
+                    .expect("never closed"),
+            ),
+            None => None,
+        };
         let (leader, spawned, cgroup) = self
             .spawn(spec, cwd.as_deref(), env)
             .await
@@ -331,6 +350,7 @@ impl Backend for LocalBackend {
             stdio,
             grace: self.config.grace,
             chunk_bytes: self.config.chunk_bytes,
+            _running: running,
         }))
     }
 }
@@ -538,6 +558,8 @@ struct LocalExecution {
     stdio: JobStdio,
     grace: Duration,
     chunk_bytes: usize,
+    /// This job's place among those running (see `LocalConfig::max_running`).
+    _running: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What to do when the timer fires after the leader exits.
@@ -586,6 +608,8 @@ impl Execution for LocalExecution {
             stdio,
             grace,
             chunk_bytes,
+            // Held to the end of the job's run, its descriptors closed.
+            _running: _running_slot,
         } = *self;
         let JobStdio { stdout, stderr, .. } = stdio;
         let pid = process.pid();
@@ -800,6 +824,31 @@ mod tests {
 
     fn config() -> LocalConfig {
         crate::testing::local_config(false)
+    }
+
+    #[tokio::test]
+    async fn jobs_beyond_max_running_wait_for_a_running_one_to_end() {
+        let backend = LocalBackend::new(LocalConfig {
+            max_running: Some(1),
+            ..config()
+        });
+        let shell = |line: &str| JobSpec::new(Program::Shell(line.into()));
+        let first = backend.start(&shell("sleep 30")).await.unwrap();
+        let second_spec = shell("true");
+        let second = backend.start(&second_spec);
+        tokio::pin!(second);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut second)
+                .await
+                .is_err(),
+            "a second job started while the only slot was taken"
+        );
+        // The first job's end (here: its execution dropped, which kills it) frees the slot.
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(30), second)
+            .await
+            .expect("started once the slot was free")
+            .unwrap();
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub fn local_config(subreaper: bool) -> crate::backend::local::LocalConfig {
         identity: None,
         cgroups: crate::backend::local::JobCgroups::Off,
         subreaper,
+        max_running: None,
     }
 }
 
