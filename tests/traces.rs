@@ -60,6 +60,25 @@ fn named<'a>(spans: &'a [ReceivedSpan], trace: &str, name: &str) -> Option<&'a R
         .find(|s| s.trace_id() == trace && s.span.name == name)
 }
 
+/// Runs `request` through Exec with a `traceparent` of `trace` (parent span `parent`), to its
+/// end.
+async fn traced_exec(
+    client: &mut SandboxServiceClient<tonic::transport::Channel>,
+    trace: &str,
+    parent: &str,
+    request: sandbox_runner::proto::ExecRequest,
+) -> common::Run {
+    let mut request = Request::new(request);
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{parent}-01").parse().unwrap(),
+    );
+    let stream = client.exec(request).await.unwrap().into_inner();
+    let run = common::Job::from_stream(stream).await.finish().await;
+    assert_eq!(run.state(), JobState::Succeeded);
+    run
+}
+
 const SPAN_KIND_SERVER: i32 = 2;
 const STATUS_CODE_ERROR: i32 = 2;
 
@@ -71,14 +90,7 @@ async fn requests_and_jobs_are_spans_continuing_the_callers_trace() {
 
     // gRPC: Exec with the caller's trace context in its metadata.
     let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
-    let mut request = Request::new(shell("echo traced"));
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace}-{parent}-01").parse().unwrap(),
-    );
-    let stream = client.exec(request).await.unwrap().into_inner();
-    let run = common::Job::from_stream(stream).await.finish().await;
-    assert_eq!(run.state(), JobState::Succeeded);
+    let run = traced_exec(&mut client, trace, parent, shell("echo traced")).await;
 
     let (rpc, job) = wait_for(&receiver, |spans| {
         let rpc = named(spans, trace, "sandbox.v1.SandboxService/Exec")?;
@@ -241,18 +253,12 @@ async fn mirror_deliveries_are_children_of_their_job() {
     .await;
     let mut client = SandboxServiceClient::new(server.channel().await.unwrap());
     let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
-    let mut request = Request::new(sandbox_runner::proto::ExecRequest {
+    let request = sandbox_runner::proto::ExecRequest {
         task_id: "task-traced".into(),
         session_id: "session-traced".into(),
         ..shell("echo mirrored")
-    });
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
-    );
-    let stream = client.exec(request).await.unwrap().into_inner();
-    let run = common::Job::from_stream(stream).await.finish().await;
-    assert_eq!(run.state(), JobState::Succeeded);
+    };
+    traced_exec(&mut client, trace, "00f067aa0ba902b7", request).await;
 
     // The echo line, the output and the final record: each a delivery span under the job.
     let deliveries = wait_for(&receiver, |spans| {
@@ -299,17 +305,11 @@ async fn daytona_api_calls_are_children_of_their_job() {
     .await;
     let mut client = SandboxServiceClient::new(server.channel().await.unwrap());
     let trace = "6bf92f3577b34da6a3ce929d0e0e4736";
-    let mut request = Request::new(sandbox_runner::proto::ExecRequest {
+    let request = sandbox_runner::proto::ExecRequest {
         sandbox_id: "sbx-traced".into(),
         ..shell("echo in-daytona")
-    });
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
-    );
-    let stream = client.exec(request).await.unwrap().into_inner();
-    let run = common::Job::from_stream(stream).await.finish().await;
-    assert_eq!(run.state(), JobState::Succeeded);
+    };
+    let run = traced_exec(&mut client, trace, "00f067aa0ba902b7", request).await;
     assert_eq!(run.stdout, b"in-daytona\n");
 
     // Creating the session and running the command happen under the job's span; so does the
