@@ -417,7 +417,6 @@ fn running_slots(config: &Config) -> Option<usize> {
     Some(slots as usize)
 }
 
-/// Bearer authentication with the configured tokens; a tokens file is watched for rotation.
 /// The server's TLS, when configured; its files are watched so a rotation reaches new
 /// connections.
 fn server_tls(
@@ -442,6 +441,7 @@ fn server_tls(
     Ok(Some(tls))
 }
 
+/// Bearer authentication with the configured tokens; a tokens file is watched for rotation.
 fn auth(config: &Config, secret_files: &mut Watcher) -> Result<BearerAuth, ServerError> {
     let auth = BearerAuth::new(&config.auth_tokens()?);
     if let Some(path) = config.auth_tokens_source().file {

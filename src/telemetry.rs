@@ -95,11 +95,16 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// An exporter setting for traces: `OTEL_EXPORTER_OTLP_TRACES_<name>`, else the one for every
+/// signal, `OTEL_EXPORTER_OTLP_<name>` (the specification's precedence).
+fn traces_setting(name: &str) -> Option<String> {
+    env(&format!("OTEL_EXPORTER_OTLP_TRACES_{name}"))
+        .or_else(|| env(&format!("OTEL_EXPORTER_OTLP_{name}")))
+}
+
 /// Whether the environment asks for OTLP traces.
 fn otlp_requested() -> bool {
-    let endpoint = env("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-        .is_some();
+    let endpoint = traces_setting("ENDPOINT").is_some();
     let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let no_exporter = env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
     endpoint && !disabled && !no_exporter
@@ -123,10 +128,7 @@ impl Protocol {
 /// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`, else the
 /// specification's default, `http/protobuf`.
 fn protocol() -> Protocol {
-    match env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .as_deref()
-    {
+    match traces_setting("PROTOCOL").as_deref() {
         Some("grpc") => Protocol::Grpc,
         _ => Protocol::HttpProtobuf,
     }
@@ -138,9 +140,7 @@ fn protocol() -> Protocol {
 struct ExporterError(#[from] opentelemetry_otlp::ExporterBuildError);
 
 fn tracer_provider() -> Result<SdkTracerProvider, ExporterError> {
-    if let Some(asked) = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .filter(|p| p != "grpc" && p != "http/protobuf")
+    if let Some(asked) = traces_setting("PROTOCOL").filter(|p| p != "grpc" && p != "http/protobuf")
     {
         tracing::warn!(protocol = %asked, "unsupported OTLP protocol; using http/protobuf");
     }
@@ -178,8 +178,7 @@ fn tracer_provider() -> Result<SdkTracerProvider, ExporterError> {
 fn otlp_http_client() -> reqwest::Client {
     crate::tls::install_crypto_provider();
     // The client enforces the export timeout (the exporter leaves it to the client).
-    let timeout_ms = env("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
-        .or_else(|| env("OTEL_EXPORTER_OTLP_TIMEOUT"))
+    let timeout_ms = traces_setting("TIMEOUT")
         .and_then(|ms| ms.parse().ok())
         .unwrap_or(10_000);
     reqwest::Client::builder()
