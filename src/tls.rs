@@ -111,10 +111,6 @@ impl ServerTls {
         })
     }
 
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
-    }
-
     /// Rebuilds the configuration from the files as they are now; on failure the one in use
     /// stays.
     pub fn reload(&self) -> Result<(), TlsError> {
