@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use crate::{
     backend::{
         daytona::{ClientSetupError, DaytonaBackend},
-        local::{LocalBackend, LocalConfig},
+        local::{JobPriority, LocalBackend, LocalConfig},
     },
     config::{BackendKind, Config, ConfigError, tokens_of_file},
     connection::{ConnInfo, ConnectionLimits, Incoming, StreamCountLayer},
@@ -465,6 +465,7 @@ fn backend(config: &Config, secret_files: &mut Watcher) -> Result<Arc<dyn Backen
             cgroups: config.local.job_cgroups,
             subreaper: config.local.subreaper,
             max_running: running_slots(config),
+            priority: JobPriority::with_nice(config.local.job_nice),
         })),
         BackendKind::Daytona => {
             let settings = config.daytona.settings().map_err(ConfigError::from)?;

@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use self::identity::JobIdentity;
+pub use self::spawn::JobPriority;
 pub use self::terminal::{open_pty, winsize};
 use self::{
     cgroup::CgroupRoot,
@@ -95,6 +96,14 @@ pub struct LocalArgs {
     /// /proc only.
     #[arg(long, env = "JOB_CGROUPS", value_enum, default_value_t = JobCgroups::Auto)]
     pub job_cgroups: JobCgroups,
+
+    /// Nice value of jobs (0 to 19; the server's is 0): under CPU contention the server's own
+    /// work (Health, streaming output, starting jobs) goes first, and jobs still get every
+    /// cycle it does not use. Where the kernel schedules each session as a group (autogroup)
+    /// the job's session gets the same value. 0: jobs compete with the server as equals.
+    #[arg(long, env = "JOB_NICE", default_value_t = 10,
+          value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub job_nice: u8,
 
     /// Not a flag: set by the binary once it made itself a child subreaper, which it is the only
     /// spawner in (so every child that is not a job leader is a job's orphan).
@@ -208,6 +217,8 @@ pub struct LocalConfig {
     /// beyond waits for one to end before it is spawned, rather than failing for lack of
     /// descriptors.
     pub max_running: Option<usize>,
+    /// How jobs yield the CPU to the server.
+    pub priority: JobPriority,
 }
 
 /// Runs jobs as local processes.
@@ -308,10 +319,6 @@ impl Backend for LocalBackend {
             program: spec.program.display_name().to_owned(),
             source,
         };
-        let mut env = self.job_env(&spec.env);
-        if let Some(tty) = &spec.tty {
-            env.insert("TERM".into(), tty.term.clone().into());
-        }
         // Held until the job's descriptors are closed (with its execution).
         let running = match &self.running {
             Some(slots) => Some(
@@ -322,8 +329,14 @@ impl Backend for LocalBackend {
             ),
             None => None,
         };
+        // Nothing is prepared before the job's turn at the spawner (see `spawner::QUEUE`).
+        let turn = spawner::Turn::wait().await.map_err(spawn_error)?;
+        let mut env = self.job_env(&spec.env);
+        if let Some(tty) = &spec.tty {
+            env.insert("TERM".into(), tty.term.clone().into());
+        }
         let (leader, spawned, cgroup) = self
-            .spawn(spec, cwd.as_deref(), env)
+            .spawn(turn, spec, cwd.as_deref(), env)
             .await
             .map_err(spawn_error)?;
         let pid = leader.pid();
@@ -357,9 +370,10 @@ impl Backend for LocalBackend {
 
 impl LocalBackend {
     /// Makes the job's cgroup, then its first process on the job-spawner thread (see
-    /// `spawner`).
+    /// `spawner`), in `turn`.
     async fn spawn(
         &self,
+        turn: spawner::Turn,
         spec: &JobSpec,
         cwd: Option<&Path>,
         env: BTreeMap<OsString, OsString>,
@@ -382,21 +396,23 @@ impl LocalBackend {
             server_pid: std::process::id(),
             stdin: spec.stdin,
             tty: spec.tty.as_ref().map(|tty| tty.size),
+            priority: self.config.priority,
         })?;
         self.processes.start_watcher();
         let processes = Arc::clone(&self.processes);
-        let (leader, spawned) = spawner::on_spawner_thread(
-            move || processes.spawn_registered(&command),
-            // The caller left while its job was being spawned: nobody will run it. Killed and
-            // reaped while still registered, so the reaper leaves it to this wait.
-            |(leader, _spawned): (tree::Leader, spawn::Spawned)| {
-                let pid = nix::unistd::Pid::from_raw(leader.pid() as i32);
-                let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
-                let _ = nix::sys::wait::waitpid(pid, None);
-                drop(leader);
-            },
-        )
-        .await?;
+        let (leader, spawned) = turn
+            .spawn(
+                move || processes.spawn_registered(&command),
+                // The caller left while its job was being spawned: nobody will run it. Killed and
+                // reaped while still registered, so the reaper leaves it to this wait.
+                |(leader, _spawned): (tree::Leader, spawn::Spawned)| {
+                    let pid = nix::unistd::Pid::from_raw(leader.pid() as i32);
+                    let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::wait::waitpid(pid, None);
+                    drop(leader);
+                },
+            )
+            .await?;
         Ok((leader, spawned, cgroup))
     }
 
@@ -908,6 +924,7 @@ mod tests {
             server_pid: std::process::id(),
             stdin: false,
             tty: None,
+            priority: JobPriority::with_nice(0),
         })
         .unwrap()
     }
@@ -1174,6 +1191,48 @@ mod tests {
         assert!(!processes.is_leader(pid), "unregistered once reaped");
         drop(spawned);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn jobs_run_at_their_nice_value_and_so_does_their_session_group() {
+        const CAP_SYS_ADMIN: u32 = 21;
+        let report = |nice: u8| {
+            JobCommand::new(JobSetup {
+                argv: [
+                    "/bin/sh",
+                    "-c",
+                    "cut -d' ' -f19 /proc/self/stat; cat /proc/self/autogroup",
+                ]
+                .map(OsString::from)
+                .into(),
+                env: BTreeMap::new(),
+                cwd: None,
+                identity: None,
+                cgroup_procs: None,
+                server_pid: std::process::id(),
+                stdin: false,
+                tty: None,
+                priority: JobPriority::with_nice(nice),
+            })
+            .unwrap()
+        };
+        let session_groups = JobPriority::with_nice(10).session_groups;
+        // Without CAP_SYS_ADMIN the kernel lets a session group's nice value change ten times a
+        // second, machine-wide: another test's job may have just used the turn.
+        let may_set_groups =
+            procfs::own_effective_caps().is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0);
+        for nice in [10, 19, 0] {
+            let (stdout, stderr, status) = run(&report(nice)).await.unwrap();
+            assert!(status.success(), "{stderr}");
+            let mut lines = stdout.lines();
+            assert_eq!(lines.next(), Some(nice.to_string().as_str()), "{stdout}");
+            let group = lines.next().unwrap_or_default();
+            if session_groups && may_set_groups {
+                assert!(group.ends_with(&format!(" nice {nice}")), "{stdout}");
+            }
+        }
+        // The server itself keeps its own.
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), 0);
     }
 
     #[tokio::test]

@@ -33,6 +33,7 @@ pub fn local_config(subreaper: bool) -> crate::backend::local::LocalConfig {
         cgroups: crate::backend::local::JobCgroups::Off,
         subreaper,
         max_running: None,
+        priority: crate::backend::local::JobPriority::with_nice(0),
     }
 }
 

@@ -90,6 +90,11 @@ pub(super) struct JobCommand {
     /// On a new terminal of this size instead of pipes (and the terminal's owner, with a job
     /// user).
     tty: Option<TerminalSize>,
+    /// The job's nice value (0 to 19).
+    nice: i32,
+    /// The same value as text, for the job's session scheduling group (`/proc/self/autogroup`),
+    /// where the kernel makes one of each session.
+    autogroup_nice: Option<CString>,
 }
 
 /// What [`JobCommand::spawn`] started: the process and the server's ends of its stdio.
@@ -128,6 +133,33 @@ pub(super) struct JobSetup<'a> {
     /// Run the job on a new terminal of this size (its controlling terminal, and its stdin,
     /// stdout and stderr), rather than on pipes; `stdin` is then ignored.
     pub tty: Option<TerminalSize>,
+    /// How the job yields the CPU to the server.
+    pub priority: JobPriority,
+}
+
+/// How a job yields the CPU to the server, whose nice value is 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobPriority {
+    /// The nice value the job starts with, 0 to 19 (higher yields more). A job running as the
+    /// server's user, or as root, may lower it again; a job user cannot.
+    pub nice: u8,
+    /// The kernel gives each session a scheduling group of its own (autogroup: enabled, and
+    /// the server outside any cpu cgroup), so a job's nice value only ranks the processes
+    /// of its own session: its session's group gets the same nice value.
+    pub session_groups: bool,
+}
+
+impl JobPriority {
+    /// `nice`, with `session_groups` as this kernel has it: `kernel.sched_autogroup_enabled`
+    /// (only in effect for processes outside a cpu cgroup, which is cheap to set anyway).
+    pub fn with_nice(nice: u8) -> JobPriority {
+        let session_groups = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled")
+            .is_ok_and(|v| v.trim() == "1");
+        JobPriority {
+            nice,
+            session_groups,
+        }
+    }
 }
 
 impl JobCommand {
@@ -142,6 +174,7 @@ impl JobCommand {
             server_pid,
             stdin,
             tty,
+            priority,
         } = setup;
         let program = argv
             .first()
@@ -177,6 +210,10 @@ impl JobCommand {
             server_pid: server_pid as i32,
             stdin,
             tty,
+            nice: i32::from(priority.nice.min(19)),
+            autogroup_nice: (priority.session_groups && priority.nice > 0)
+                .then(|| c_string(priority.nice.min(19).to_string().into_bytes()))
+                .transpose()?,
         })
     }
 
@@ -189,7 +226,7 @@ impl JobCommand {
     /// spawned from the runtime's worker threads, which live as long as the server.
     ///
     /// Fails with the errno of the step that failed (ENOENT for a program not found), after
-    /// reaping the child. The caller holds the lock that keeps the orphan reaper off a pid
+    /// reaping the child. The caller holds the gate that keeps the orphan reaper off a pid
     /// that is not registered as a leader yet.
     #[allow(unsafe_code)]
     pub fn spawn(&self) -> io::Result<Spawned> {
@@ -244,6 +281,8 @@ impl JobCommand {
             stdio: [0; 3],
             keep_below: 0,
             controlling_terminal: self.tty.is_some(),
+            nice: self.nice,
+            autogroup_nice: self.autogroup_nice.as_ref().map(|n| n.as_bytes()),
         };
         // The child's ends go into the stdio slots: low descriptors, so that the child's
         // private descriptor table need hold nothing above them (see `run_child`).
@@ -252,6 +291,7 @@ impl JobCommand {
         let failure = Failure {
             errno: AtomicI32::new(0),
             step: AtomicU8::new(0),
+            autogroup_errno: AtomicI32::new(0),
         };
         let mut stack = Stack::new(STACK_BYTES)?;
         let cloned = {
@@ -279,6 +319,7 @@ impl JobCommand {
         // so the job holds the only copies (a terminal's master then reads EIO once the job's
         // last process has closed it).
         drop(child_ends);
+        warn_autogroup_failure(failure.autogroup_errno.load(Ordering::Acquire));
         let errno = failure.errno.load(Ordering::Acquire);
         if errno != 0 {
             reap(pid);
@@ -487,12 +528,35 @@ struct Plan<'a> {
     keep_below: RawFd,
     /// fd 0 is a terminal to make the job's controlling terminal.
     controlling_terminal: bool,
+    nice: i32,
+    /// Written to `/proc/self/autogroup` once the child leads its session.
+    autogroup_nice: Option<&'a [u8]>,
 }
 
 /// Where a child that failed before exec leaves its errno and step for the parent.
 struct Failure {
     errno: AtomicI32,
     step: AtomicU8,
+    /// Not a failure of the spawn: why the session's group kept nice 0 (see
+    /// [`warn_autogroup_failure`]).
+    autogroup_errno: AtomicI32,
+}
+
+/// Warns, once per server, that a job's session scheduling group could not be given the job's
+/// nice value (`errno`, 0: it was). Without CAP_SYS_ADMIN the kernel allows that change ten
+/// times a second for the whole machine (EAGAIN); the job then competes with the server as
+/// an equal whenever both want the CPU.
+fn warn_autogroup_failure(errno: i32) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if errno != 0 && !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            error = %io::Error::from_raw_os_error(errno),
+            "could not lower the CPU priority of a job's session group (the kernel groups each \
+             session for scheduling, kernel.sched_autogroup_enabled): such jobs compete with the \
+             server for CPU as equals; run the server with CAP_SYS_ADMIN, in a cpu cgroup, or \
+             with autogroup disabled (warned once)"
+        );
+    }
 }
 
 /// The child's steps that can fail, for the error message.
@@ -500,6 +564,7 @@ struct Failure {
 #[repr(u8)]
 enum Step {
     Setsid = 1,
+    Nice,
     Setgroups,
     Setgid,
     Setuid,
@@ -517,6 +582,7 @@ impl Step {
     fn from_u8(value: u8) -> Step {
         [
             Step::Setsid,
+            Step::Nice,
             Step::Setgroups,
             Step::Setgid,
             Step::Setuid,
@@ -536,6 +602,7 @@ impl Step {
     fn describe(self) -> &'static str {
         match self {
             Step::Setsid => "starting a session",
+            Step::Nice => "lowering the CPU priority",
             Step::Setgroups => "dropping supplementary groups",
             Step::Setgid => "changing to the job group",
             Step::Setuid => "changing to the job user",
@@ -557,9 +624,9 @@ impl Step {
 /// prepared by the parent, and ends in `execve` or `_exit`. libc's wrappers may set `errno`,
 /// which is the parent thread's: the parent reads nothing from it after a successful clone.
 ///
-/// In order: new session; join the job's cgroup (not fatal: the server checks and moves the
-/// process itself, or follows the job through /proc); with a job user, no supplementary
-/// groups, its gid and uid (raw system calls: glibc's wrappers signal every thread of the
+/// In order: new session; the job's nice value (and its session group's, see [`JobPriority`]);
+/// join the job's cgroup (not fatal: the server checks and moves the process itself, or follows
+/// the job through /proc); with a job user, no supplementary groups, its gid and uid (raw system calls: glibc's wrappers signal every thread of the
 /// process to change theirs too, which would act on the server's threads), no ambient
 /// capabilities, no_new_privs; SIGKILL on the parent's death and a check that the parent is
 /// still the server; a descriptor table of its own with only stdin, stdout and stderr (and, on
@@ -579,6 +646,31 @@ fn run_child(plan: &mut Plan<'_>, failure: &Failure) -> isize {
         // has no controlling terminal of the server's.
         if libc::setsid() == -1 {
             child_failed(failure, Step::Setsid, errno());
+        }
+        // Below the server, so that Health, streaming and starting jobs keep answering while
+        // jobs use every core. Raising a nice value needs no privilege.
+        if plan.nice != 0 && libc::setpriority(libc::PRIO_PROCESS, 0, plan.nice) == -1 {
+            child_failed(failure, Step::Nice, errno());
+        }
+        // setsid made a new scheduling group where the kernel groups sessions (autogroup),
+        // at nice 0 whatever the job's own value: given the job's. Before the credential
+        // change, after which the file is no longer the job's to write. Not fatal (see
+        // `warn_autogroup_failure`). The descriptor is briefly in the server's table
+        // (CLONE_FILES), close-on-exec.
+        if let Some(text) = plan.autogroup_nice {
+            let fd = libc::open(
+                c"/proc/self/autogroup".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            let written = fd >= 0 && libc::write(fd, text.as_ptr().cast(), text.len()) >= 0;
+            if !written {
+                failure
+                    .autogroup_errno
+                    .store(errno().max(1), Ordering::Release);
+            }
+            if fd >= 0 {
+                libc::close(fd);
+            }
         }
         if let Some(procs) = plan.cgroup_procs {
             // "0" moves the writer; done before the credential change, while the writer may

@@ -15,8 +15,12 @@ use tokio::sync::{mpsc, oneshot};
 
 type Task = Box<dyn FnOnce() + Send>;
 
-/// Spawns waiting for the thread; callers wait (without blocking) when it is full.
-const QUEUE: usize = 1024;
+/// Spawns waiting for the thread. Small on purpose: a caller prepares its job (environment,
+/// cgroup, C strings) only once it holds a place here (see [`Turn`]), so a burst of Execs is
+/// prepared at the pace the thread spawns (about a thousand a second), a few milliseconds
+/// ahead of it, instead of all at once on the runtime's workers, where that work queued ahead
+/// of every other call, Health included.
+const QUEUE: usize = 16;
 
 fn queue() -> &'static mpsc::Sender<Task> {
     static SPAWNER: OnceLock<mpsc::Sender<Task>> = OnceLock::new();
@@ -36,25 +40,50 @@ fn queue() -> &'static mpsc::Sender<Task> {
     })
 }
 
-/// Runs `spawn` on the spawner thread and returns what it made. When the caller has gone by
-/// the time its turn comes, `spawn` does not run; when it goes while `spawn` runs, what was
-/// made is handed to `orphaned` (which must stop it), on the spawner thread.
-pub(super) async fn on_spawner_thread<T: Send + 'static>(
+/// A place in the spawner thread's queue. Callers wait for one in the order they asked (without
+/// blocking), prepare their job, then [`spawn`](Turn::spawn) it; dropping the turn gives the
+/// place back.
+pub(super) struct Turn(mpsc::OwnedPermit<Task>);
+
+impl Turn {
+    /// Waits for a place in the queue.
+    pub async fn wait() -> io::Result<Turn> {
+        let permit = queue().clone().reserve_owned().await.map_err(|_| gone())?;
+        Ok(Turn(permit))
+    }
+
+    /// Runs `spawn` on the spawner thread and returns what it made. When the caller has gone
+    /// by the time its turn comes, `spawn` does not run; when it goes while `spawn` runs, what
+    /// was made is handed to `orphaned` (which must stop it), on the spawner thread.
+    pub async fn spawn<T: Send + 'static>(
+        self,
+        spawn: impl FnOnce() -> io::Result<T> + Send + 'static,
+        orphaned: impl FnOnce(T) + Send + 'static,
+    ) -> io::Result<T> {
+        let (answer, answered) = oneshot::channel();
+        self.0.send(Box::new(move || {
+            if answer.is_closed() {
+                return;
+            }
+            if let Err(Ok(made)) = answer.send(spawn()) {
+                orphaned(made);
+            }
+        }));
+        answered.await.map_err(|_| gone())?
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::other("the job-spawner thread is gone")
+}
+
+/// [`Turn::wait`], then [`Turn::spawn`]: for a job with nothing to prepare.
+#[cfg(test)]
+async fn on_spawner_thread<T: Send + 'static>(
     spawn: impl FnOnce() -> io::Result<T> + Send + 'static,
     orphaned: impl FnOnce(T) + Send + 'static,
 ) -> io::Result<T> {
-    let (answer, answered) = oneshot::channel();
-    let task: Task = Box::new(move || {
-        if answer.is_closed() {
-            return;
-        }
-        if let Err(Ok(made)) = answer.send(spawn()) {
-            orphaned(made);
-        }
-    });
-    let gone = || io::Error::other("the job-spawner thread is gone");
-    queue().send(task).await.map_err(|_| gone())?;
-    answered.await.map_err(|_| gone())?
+    Turn::wait().await?.spawn(spawn, orphaned).await
 }
 
 #[cfg(test)]

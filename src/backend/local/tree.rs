@@ -11,10 +11,13 @@
 //!
 //! The server's children that are not job leaders are orphans re-parented to it. They are
 //! reaped by pid (`waitpid(pid)`, never `waitpid(-1)`, which would take the exit status of a
-//! job leader from its `LeaderProcess`, which waits for it by its pid). Leaders are registered
-//! under a lock held across the spawn, so an orphan is never mistaken for a leader that has not
-//! been registered yet, and unregistered under the same lock as they are reaped, so a leader's
-//! pid is never registered for a process it no longer is.
+//! job leader from its `LeaderProcess`, which waits for it by its pid). A spawn holds a gate
+//! until its leader is registered, and the reaper decides which children are orphans only
+//! through that gate, so an orphan is never mistaken for a leader that has not been registered
+//! yet. Leaders are unregistered under the same lock as they are reaped, so a leader's pid is
+//! never registered for a process it no longer is. That lock is never held across a spawn: a
+//! spawn waits for its child to exec, which under load takes milliseconds, and the runtime's
+//! workers take the lock whenever a job ends.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -72,6 +75,9 @@ pub(super) struct Processes {
     cgroups: Option<CgroupRoot>,
     /// Pids of job leaders not yet waited for.
     leaders: Mutex<HashSet<u32>>,
+    /// Held across a spawn and the leader's registration, and by the reaper while it tells
+    /// orphans from leaders (on a blocking thread, never a worker).
+    spawning: Mutex<()>,
     tracked: Mutex<Tracked>,
     /// The server's children when it started, which it did not start (e.g. left by a shell
     /// that exec'd it): reaped when they exit, never stopped.
@@ -100,6 +106,7 @@ impl Processes {
             subreaper,
             cgroups,
             leaders: Mutex::default(),
+            spawning: Mutex::default(),
             tracked: Mutex::default(),
             preexisting,
             scans_requested: AtomicU64::new(0),
@@ -121,9 +128,9 @@ impl Processes {
         leaders.contains(&pid)
     }
 
-    /// Spawns a job's leader and registers it, under the lock the reaper takes, so that the
+    /// Spawns a job's leader and registers it, through the gate the reaper takes, so that the
     /// reaper never waits for it (its `LeaderProcess` does). A child that failed before exec was
-    /// reaped by the spawn, under the same lock.
+    /// reaped by the spawn, through the same gate.
     #[cfg(test)]
     pub fn spawn_leader(
         self: &Arc<Self>,
@@ -139,8 +146,9 @@ impl Processes {
         self: &Arc<Self>,
         command: &JobCommand,
     ) -> std::io::Result<(Leader, Spawned)> {
-        let mut leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
+        let _spawning = self.spawning.lock().unwrap_or_else(|e| e.into_inner());
         let spawned = command.spawn()?;
+        let mut leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
         leaders.insert(spawned.pid);
         Ok((
             Leader {
@@ -311,6 +319,9 @@ impl Processes {
     /// returns the live ones a job must adopt (not there before the server, not in a job's
     /// cgroup: those belong to that job, which stops them when it ends).
     fn reap_orphans(&self, processes: &[ProcStat]) -> Vec<ProcStat> {
+        // A child spawned when `processes` was read is registered by the time this is held;
+        // none is spawned until the zombies are reaped.
+        let _spawning = self.spawning.lock().unwrap_or_else(|e| e.into_inner());
         let (zombies, live): (Vec<ProcStat>, Vec<ProcStat>) = {
             let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
             processes
