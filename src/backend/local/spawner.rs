@@ -111,6 +111,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_caller_waits_for_a_place_before_it_prepares_anything() {
+        // Every place held (other tests of this binary may hold some as well: that only makes
+        // the next caller wait longer).
+        let mut held = Vec::new();
+        for _ in 0..QUEUE {
+            held.push(Turn::wait().await.unwrap());
+        }
+        let next = tokio::spawn(Turn::wait());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!next.is_finished(), "a place beyond the queue's {QUEUE}");
+        // A place given back (a caller that left before spawning) goes to the one waiting.
+        drop(held.pop());
+        let turn = tokio::time::timeout(std::time::Duration::from_secs(30), next)
+            .await
+            .expect("the freed place")
+            .unwrap()
+            .unwrap();
+        assert_eq!(turn.spawn(|| Ok(1), |_| {}).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
     async fn a_panic_is_an_error_and_the_thread_goes_on() {
         let panicked = on_spawner_thread::<()>(|| panic!("boom"), |_| {}).await;
         assert!(panicked.is_err());

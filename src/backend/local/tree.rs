@@ -745,6 +745,57 @@ mod tests {
 
     const SERVER: u32 = 100;
 
+    #[tokio::test]
+    async fn ending_or_signalling_a_job_never_waits_for_a_spawn_in_progress() {
+        use super::super::spawn::{JobPriority, JobSetup};
+        let processes = Processes::new(false, None);
+        let command = JobCommand::new(JobSetup {
+            argv: vec!["/bin/sleep".into(), "30".into()],
+            env: Default::default(),
+            cwd: None,
+            identity: None,
+            cgroup_procs: None,
+            server_pid: std::process::id(),
+            stdin: false,
+            tty: None,
+            priority: JobPriority::with_nice(0),
+        })
+        .unwrap();
+        let (mut leader, _stdio) = processes.spawn_leader(&command).unwrap();
+        let pid = leader.pid();
+        // Another spawn holds the gate (the spawner thread does, across its vfork wait) until
+        // told to let go, or 20 s passed: then the calls below had to wait for it.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn({
+            let processes = Arc::clone(&processes);
+            move || {
+                let _gate = processes.spawning.lock().unwrap();
+                held_tx.send(()).unwrap();
+                release_rx.recv_timeout(Duration::from_secs(20)).is_err()
+            }
+        });
+        held_rx.recv().unwrap();
+        assert!(processes.signal_group(pid, pid, Signal::SIGKILL).is_ok());
+        let mut status = None;
+        for _ in 0..1000 {
+            status = leader.try_reap().unwrap();
+            if status.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            matches!(status, Some(WaitStatus::Signaled(_, Signal::SIGKILL, _))),
+            "{status:?}"
+        );
+        release_tx.send(()).unwrap();
+        assert!(
+            !holder.join().unwrap(),
+            "signalling and reaping waited for the spawn gate"
+        );
+    }
+
     #[test]
     fn a_job_is_its_session_its_group_and_their_descendants() {
         let snapshot = [
