@@ -97,11 +97,13 @@ pub struct LocalArgs {
     #[arg(long, env = "JOB_CGROUPS", value_enum, default_value_t = JobCgroups::Auto)]
     pub job_cgroups: JobCgroups,
 
-    /// Nice value of jobs (0 to 19; the server's is 0): under CPU contention the server's own
-    /// work (Health, streaming output, starting jobs) goes first, and jobs still get every
-    /// cycle it does not use. Where the kernel schedules each session as a group (autogroup)
-    /// the job's session gets the same value. 0: jobs compete with the server as equals.
-    #[arg(long, env = "JOB_NICE", default_value_t = 10,
+    /// Nice value of jobs (0 to 19; the server's is 0). Above 0, under CPU contention the
+    /// server's own work (Health, streaming output, starting jobs) goes first, and jobs still
+    /// get every cycle it does not use; but a job that writes output flat out is slowed when
+    /// the cores are all busy (BENCHMARKS.md, Load). Where the kernel schedules each session as
+    /// a group (autogroup) the job's session gets the same value. 0: jobs compete with the
+    /// server as equals.
+    #[arg(long, env = "JOB_NICE", default_value_t = 0,
           value_parser = clap::value_parser!(u8).range(0..=19))]
     pub job_nice: u8,
 
