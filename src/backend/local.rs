@@ -915,18 +915,12 @@ mod tests {
     /// A job of `argv` with this environment and working directory, as `start` prepares it.
     fn command(argv: &[&str], env: &[(&str, &str)], cwd: Option<&Path>) -> JobCommand {
         JobCommand::new(JobSetup {
-            argv: argv.iter().map(OsString::from).collect(),
             env: env
                 .iter()
                 .map(|(k, v)| (OsString::from(k), OsString::from(v)))
                 .collect(),
             cwd,
-            identity: None,
-            cgroup_procs: None,
-            server_pid: std::process::id(),
-            stdin: false,
-            tty: None,
-            priority: JobPriority::with_nice(0),
+            ..JobSetup::plain(argv)
         })
         .unwrap()
     }
@@ -1200,21 +1194,12 @@ mod tests {
         const CAP_SYS_ADMIN: u32 = 21;
         let report = |nice: u8| {
             JobCommand::new(JobSetup {
-                argv: [
+                priority: JobPriority::with_nice(nice),
+                ..JobSetup::plain(&[
                     "/bin/sh",
                     "-c",
                     "cut -d' ' -f19 /proc/self/stat; cat /proc/self/autogroup",
-                ]
-                .map(OsString::from)
-                .into(),
-                env: BTreeMap::new(),
-                cwd: None,
-                identity: None,
-                cgroup_procs: None,
-                server_pid: std::process::id(),
-                stdin: false,
-                tty: None,
-                priority: JobPriority::with_nice(nice),
+                ])
             })
             .unwrap()
         };

@@ -137,6 +137,28 @@ pub(super) struct JobSetup<'a> {
     pub priority: JobPriority,
 }
 
+#[cfg(test)]
+impl JobSetup<'_> {
+    /// `argv` with no environment, in the server's directory, as the server's user, on pipes
+    /// with stdin on /dev/null, at the server's priority: for tests to change what they need.
+    pub fn plain(argv: &[&str]) -> Self {
+        JobSetup {
+            argv: argv.iter().map(OsString::from).collect(),
+            env: BTreeMap::new(),
+            cwd: None,
+            identity: None,
+            cgroup_procs: None,
+            server_pid: std::process::id(),
+            stdin: false,
+            tty: None,
+            priority: JobPriority {
+                nice: 0,
+                session_groups: false,
+            },
+        }
+    }
+}
+
 /// How a job yields the CPU to the server, whose nice value is 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JobPriority {

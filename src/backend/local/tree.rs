@@ -747,20 +747,9 @@ mod tests {
 
     #[tokio::test]
     async fn ending_or_signalling_a_job_never_waits_for_a_spawn_in_progress() {
-        use super::super::spawn::{JobPriority, JobSetup};
         let processes = Processes::new(false, None);
-        let command = JobCommand::new(JobSetup {
-            argv: vec!["/bin/sleep".into(), "30".into()],
-            env: Default::default(),
-            cwd: None,
-            identity: None,
-            cgroup_procs: None,
-            server_pid: std::process::id(),
-            stdin: false,
-            tty: None,
-            priority: JobPriority::with_nice(0),
-        })
-        .unwrap();
+        let command =
+            JobCommand::new(super::super::spawn::JobSetup::plain(&["/bin/sleep", "30"])).unwrap();
         let (mut leader, _stdio) = processes.spawn_leader(&command).unwrap();
         let pid = leader.pid();
         // Another spawn holds the gate (the spawner thread does, across its vfork wait) until
