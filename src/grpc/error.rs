@@ -7,6 +7,15 @@ use crate::{
     job::{BackendError, InputError, InputRefused, ResizeRefused},
 };
 
+/// Whether a spawn failed for lack of a resource the server or the host shares among jobs
+/// (EMFILE, ENFILE, EAGAIN from fork, ENOMEM), not for anything in the request.
+fn out_of_resources(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::EAGAIN | nix::libc::ENOMEM)
+    )
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
         let code = match &err {
@@ -16,6 +25,10 @@ impl From<Error> for Status {
             Error::ShuttingDown | Error::JobLeft { .. } => Code::Unavailable,
             Error::Backend(e) => match e {
                 BackendError::InvalidRequest(_) => Code::InvalidArgument,
+                // The machine ran out (descriptors, processes, memory): back off and retry.
+                BackendError::Spawn { source, .. } if out_of_resources(source) => {
+                    Code::ResourceExhausted
+                }
                 BackendError::Spawn { .. } => Code::FailedPrecondition,
                 BackendError::SandboxNotFound { .. } => Code::NotFound,
                 BackendError::SandboxNotReady { .. } => Code::FailedPrecondition,
@@ -108,6 +121,22 @@ mod tests {
                 }
                 .into(),
                 Code::FailedPrecondition,
+            ),
+            (
+                BackendError::Spawn {
+                    program: "p".into(),
+                    source: std::io::Error::from_raw_os_error(nix::libc::EMFILE),
+                }
+                .into(),
+                Code::ResourceExhausted,
+            ),
+            (
+                BackendError::Spawn {
+                    program: "p".into(),
+                    source: std::io::Error::from_raw_os_error(nix::libc::EAGAIN),
+                }
+                .into(),
+                Code::ResourceExhausted,
             ),
             (Error::Unauthenticated, Code::Unauthenticated),
             (
