@@ -248,7 +248,8 @@ pub(crate) fn refused(why: Closed) {
     metrics::counter!("sandbox_connections_refused_total", "reason" => reason).increment(1);
 }
 
-fn is_out_of_descriptors(e: &io::Error) -> bool {
+/// EMFILE or ENFILE: this process, or the host, has no descriptor left.
+pub(crate) fn is_out_of_descriptors(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE

@@ -10,10 +10,11 @@ use crate::{
 /// Whether a spawn failed for lack of a resource the server or the host shares among jobs
 /// (EMFILE, ENFILE, EAGAIN from fork, ENOMEM), not for anything in the request.
 fn out_of_resources(error: &std::io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::EAGAIN | nix::libc::ENOMEM)
-    )
+    crate::connection::is_out_of_descriptors(error)
+        || matches!(
+            error.raw_os_error(),
+            Some(nix::libc::EAGAIN | nix::libc::ENOMEM)
+        )
 }
 
 impl From<Error> for Status {

@@ -198,6 +198,7 @@ impl JobCommand {
             tty,
             priority,
         } = setup;
+        let nice = priority.nice.min(19);
         let program = argv
             .first()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
@@ -232,9 +233,9 @@ impl JobCommand {
             server_pid: server_pid as i32,
             stdin,
             tty,
-            nice: i32::from(priority.nice.min(19)),
-            autogroup_nice: (priority.session_groups && priority.nice > 0)
-                .then(|| c_string(priority.nice.min(19).to_string().into_bytes()))
+            nice: i32::from(nice),
+            autogroup_nice: (priority.session_groups && nice > 0)
+                .then(|| c_string(nice.to_string().into_bytes()))
                 .transpose()?,
         })
     }
@@ -245,7 +246,7 @@ impl JobCommand {
     /// terminal that is its controlling terminal, running the program.
     ///
     /// The parent-death signal follows the *thread* that spawned, not the process: jobs are
-    /// spawned from the runtime's worker threads, which live as long as the server.
+    /// spawned from the job-spawner thread, which lives as long as the server (`spawner.rs`).
     ///
     /// Fails with the errno of the step that failed (ENOENT for a program not found), after
     /// reaping the child. The caller holds the gate that keeps the orphan reaper off a pid
@@ -648,13 +649,13 @@ impl Step {
 ///
 /// In order: new session; the job's nice value (and its session group's, see [`JobPriority`]);
 /// join the job's cgroup (not fatal: the server checks and moves the process itself, or follows
-/// the job through /proc); with a job user, no supplementary groups, its gid and uid (raw system calls: glibc's wrappers signal every thread of the
-/// process to change theirs too, which would act on the server's threads), no ambient
-/// capabilities, no_new_privs; SIGKILL on the parent's death and a check that the parent is
-/// still the server; a descriptor table of its own with only stdin, stdout and stderr (and, on
-/// a terminal, that terminal as the session's controlling terminal); the working directory (as
-/// the job user); every signal back to its default disposition, then an empty signal mask;
-/// execve of each candidate.
+/// the job through /proc); with a job user, no supplementary groups, its gid and uid (raw
+/// system calls: glibc's wrappers signal every thread of the process to change theirs too,
+/// which would act on the server's threads), no ambient capabilities, no_new_privs; SIGKILL on
+/// the parent's death and a check that the parent is still the server; a descriptor table of
+/// its own with only stdin, stdout and stderr (and, on a terminal, that terminal as the
+/// session's controlling terminal); the working directory (as the job user); every signal back
+/// to its default disposition, then an empty signal mask; execve of each candidate.
 #[allow(unsafe_code)]
 fn run_child(plan: &mut Plan<'_>, failure: &Failure) -> isize {
     // SAFETY: glibc's errno of the calling thread (C, not Rust, thread-local storage).
